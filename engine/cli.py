@@ -1,0 +1,131 @@
+"""The ``kiln`` command line.
+
+    kiln train [RECIPE] [--steps N] [--out DIR] [--resume DIR] [--set a.b=c ...]
+    kiln model info PRESET [--resolution PX] [--text-tokens L]
+    kiln backends
+    kiln bench step [RECIPE] [--steps N] [--set a.b=c] [--out FILE.jsonl]
+
+Errors a user can fix (bad config value, missing file, corrupt checkpoint, existing run
+directory) print one line ``kiln: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from kiln import ConfigError, KilnError
+
+
+def _train(args) -> None:
+    from kiln.engine.config import apply_override
+    from kiln.engine.recipes import recipe
+    from kiln.engine.train import load_run_config, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        if args.recipe:
+            raise KilnError("give either a RECIPE or --resume RUN_DIR, not both")
+    else:
+        cfg = recipe(args.recipe or "tiny")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise KilnError(f"run directory {run_dir} already exists and is not empty: "
+                            f"use --resume {run_dir} to continue it, or another --out")
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    for assignment in args.set:
+        apply_override(cfg, assignment)
+    cfg.validate()
+    print(f"kiln: run directory {run_dir}", file=sys.stderr)
+    summary = train(cfg, run_dir, resume=bool(args.resume))
+    keys = ("steps", "final_loss", "images_per_second", "adherence", "stage_seconds")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+
+
+def _model_info(args) -> None:
+    from kiln.model.presets import count_params, forward_flops, preset
+
+    cfg = preset(args.preset)
+    res = args.resolution
+    # latent presets see res/8 (an 8x VAE); pixel presets (3 channels) see res itself
+    side = res // 8 if cfg.in_channels != 3 else res
+    fwd = forward_flops(cfg, side, side, args.text_tokens)
+    info = {
+        "preset": args.preset,
+        "params": count_params(cfg),
+        "resolution": res,
+        "model_input": f"{cfg.in_channels}x{side}x{side}",
+        "image_tokens": (side // cfg.patch_size) ** 2,
+        "text_tokens": args.text_tokens,
+        "forward_flops_per_image": fwd,
+        "train_flops_per_image": 3 * fwd,
+        "config": cfg.__dict__,
+    }
+    print(json.dumps(info, indent=2))
+
+
+def _backends(_args) -> None:
+    from kiln import kernels
+
+    print(json.dumps({"available": kernels.available_backends(), "ops": kernels.implemented_ops()}, indent=2))
+
+
+BENCHMARKS = {"step": "kiln.benchmarks.step"}
+
+
+def _bench(args) -> None:
+    import importlib
+
+    if args.name not in BENCHMARKS:
+        raise KilnError(f"benchmark {args.name!r} is not one of: {', '.join(BENCHMARKS)}")
+    importlib.import_module(BENCHMARKS[args.name]).main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="kiln: train text-to-image diffusion transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe (default: tiny, on the built-in data)")
+    t.add_argument("recipe", nargs="?", help="recipe name: tiny (default), small, base")
+    t.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
+    t.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="a.b=c", help="override a config field")
+    t.set_defaults(fn=_train)
+    m = sub.add_parser("model", help="model utilities")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    info = msub.add_parser("info", help="parameters and FLOPs of a preset")
+    info.add_argument("preset")
+    info.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    info.add_argument("--text-tokens", type=int, default=77)
+    info.set_defaults(fn=_model_info)
+    b = sub.add_parser("backends", help="which kernel backends can run here, and why not")
+    b.set_defaults(fn=_backends)
+    bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
+    bench.add_argument("name")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    bench.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="kiln: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, KilnError) as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kiln: interrupted; a checkpoint of the last finished step was saved", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The training loop: rectified flow on an MMDiT, AdamW on fp32 master weights, EMA, exact resume.
+
+One step: data -> caption dropout -> text encode (cached) -> t, noise -> forward (bf16
+autocast on CUDA) -> backward -> clip -> AdamW -> LR schedule -> EMA. Each arrow has a stage
+timer. Losses stay on the device until a flush every ``train.log_every`` steps.
+Run as ``kiln train ...`` or ``python -m kiln.engine.train ...`` (same arguments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kiln import kernels
+from kiln.engine import checkpoint
+from kiln.engine.config import RunConfig, from_dict
+from kiln.engine.data.loader import ShapesLoader, to_model_range
+from kiln.engine.ema import EMA
+from kiln.engine.evaluate import evaluate
+from kiln.engine.metrics import MetricsLog, StageTimer, device_name
+from kiln.engine.objective import drop_captions, interpolate, sample_timesteps
+from kiln.model.mmdit import MMDiT
+from kiln.model.text_encoder import build_text_encoder
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_factory(device: torch.device, precision: str):
+    bf16 = precision == "bf16-autocast" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lr_lambda(cfg: RunConfig):
+    o, total = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.seed)
+        self.encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
+        self.encoder.to(self.device)
+        cfg.model.text_dim, cfg.model.pooled_dim = self.encoder.width, self.encoder.pooled_dim
+        self.model = MMDiT(cfg.model).to(self.device)  # fp32 master weights
+        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                     weight_decay=o.weight_decay, fused=self.device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.loader = ShapesLoader(cfg.data, cfg.train.batch_size)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # t and noise
+        self.cpu_gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout
+        self.autocast = autocast_factory(self.device, cfg.train.precision)
+        self.timer = StageTimer(self.device)
+        self.step = 0
+
+    # -- checkpoint state --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": {"gen": self.gen.get_state(), "cpu_gen": self.cpu_gen.get_state(),
+                    "torch": torch.get_rng_state()},
+            "data": self.loader.state_dict(),
+            "stage_seconds": dict(self.timer.resolve()),
+            "config": self.cfg.to_json(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["rng"]["gen"])
+        self.cpu_gen.set_state(state["rng"]["cpu_gen"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.loader.load_state_dict(state["data"])
+        self.timer.seconds.update(state.get("stage_seconds", {}))
+
+    # -- one step ----------------------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        cfg, t = self.cfg, self.timer
+        with t.stage("data"):
+            batch = self.loader.next_batch()
+            captions = drop_captions(batch.captions, cfg.data.caption_dropout, self.cpu_gen)
+            x0 = to_model_range(batch.images.to(self.device, non_blocking=True))
+            micro = batch.micro.to(self.device, non_blocking=True)
+        with t.stage("text"):
+            text = self.encoder.encode(captions)
+        B, _, H, W = x0.shape
+        tokens = (H // cfg.model.patch_size) * (W // cfg.model.patch_size)
+        times = sample_timesteps(cfg.objective, B, tokens, self.gen, self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        xt, target = interpolate(x0, noise, times)
+        with t.stage("forward"), self.autocast():
+            pred = self.model(xt, times, text.tokens, text.mask, text.pooled, micro)
+            loss = F.mse_loss(pred.float(), target)
+        with t.stage("backward"):
+            loss.backward()
+        with t.stage("optimizer"):
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        return loss.detach()
+
+    def run_eval(self, tag: str) -> dict:
+        model = self.ema.model if self.ema is not None else self.model
+        with self.timer.stage("sampling"):
+            return evaluate(self.cfg, model, self.encoder, self.device, self.autocast,
+                            self.run_dir / "samples" / f"{tag}.png")
+
+
+def _flush(log: MetricsLog, trainer: Trainer, buffered: list, t_window: float, bar) -> list[float]:
+    losses = torch.stack([b[1] for b in buffered]).tolist()  # the one host sync per window
+    ips = len(buffered) * trainer.cfg.train.batch_size / max(t_window, 1e-9)
+    for (step, _, lr), loss in zip(buffered, losses, strict=True):
+        log.write({"step": step, "loss": loss, "lr": lr, "images_per_second": ips})
+    log.flush()
+    bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
+    return losses
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, fail_at_step: int | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``resume`` continues from its latest checkpoint.
+
+    ``fail_at_step`` raises inside that step (tests use it to simulate a crash).
+    """
+    run_dir = Path(run_dir)
+    cfg.validate()
+    backend_ctx = kernels.use_backend(None if cfg.train.kernel_backend == "auto" else cfg.train.kernel_backend)
+    with backend_ctx:
+        trainer = Trainer(cfg, run_dir)
+        if resume:
+            trainer.load_state_dict(checkpoint.load(checkpoint.latest(run_dir), map_location=trainer.device))
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+        return _loop(trainer, fail_at_step)
+
+
+def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    log = MetricsLog(run_dir, resume_step=trainer.step)
+    stop = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True)) \
+        if _main_thread() else None
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc=f"kiln train {cfg.recipe}", unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    buffered, all_losses, adherence_hist = [], [], {}
+    t_train, t_window = 0.0, time.perf_counter()
+    try:
+        while trainer.step < cfg.train.steps and not stop["flag"]:
+            if fail_at_step is not None and trainer.step + 1 == fail_at_step:
+                raise RuntimeError(f"simulated failure at step {fail_at_step}")
+            loss = trainer.train_step()
+            trainer.step += 1
+            buffered.append((trainer.step, loss, trainer.sched.get_last_lr()[0]))
+            bar.update(1)
+            at_end = trainer.step == cfg.train.steps
+            if len(buffered) >= cfg.train.log_every or at_end or _due(trainer.step, cfg.train.ckpt_every):
+                dt = time.perf_counter() - t_window
+                t_train += dt
+                all_losses += _flush(log, trainer, buffered, dt, bar)
+                buffered = []
+                if _due(trainer.step, cfg.train.ckpt_every) or at_end:
+                    with trainer.timer.stage("checkpoint"):
+                        checkpoint.save(run_dir, trainer.step, trainer.state_dict(), cfg.train.keep_ckpts)
+                if _due(trainer.step, cfg.sample.every) and not at_end:
+                    adherence_hist[trainer.step] = trainer.run_eval(f"step_{trainer.step:08d}")
+                    scores = adherence_hist[trainer.step]
+                    log.write({"step": trainer.step, **{f"adherence/{k}": v for k, v in scores.items()}})
+                t_window = time.perf_counter()
+        if stop["flag"] and buffered:
+            all_losses += _flush(log, trainer, buffered, time.perf_counter() - t_window, bar)
+            checkpoint.save(run_dir, trainer.step, trainer.state_dict(), cfg.train.keep_ckpts)
+            raise KeyboardInterrupt
+    finally:
+        bar.close()
+        log.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    final = trainer.run_eval("final")
+    summary = _summary(trainer, all_losses, t_train, final, adherence_hist)
+    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict, hist: dict) -> dict:
+    cfg = trainer.cfg
+    tail = losses[-max(1, min(50, len(losses) // 10)):] if losses else [float("nan")]
+    dev = trainer.device
+    return {
+        "steps": trainer.step,
+        "final_loss": sum(tail) / len(tail),  # mean over the last 10% of this run's steps (<= 50)
+        "images_per_second": len(losses) * cfg.train.batch_size / max(t_train, 1e-9),
+        "stage_seconds": {k: round(v, 3) for k, v in trainer.timer.resolve().items()},
+        "adherence": final,
+        "adherence_history": {str(k): v for k, v in hist.items()},
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "device": device_name(dev),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "config": json.loads(cfg.to_json()),
+    }
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        from kiln import KilnError
+
+        raise KilnError(f"resume: {path} not found (is {run_dir} a kiln run directory?)")
+    return from_dict(json.loads(path.read_text()))
+
+
+if __name__ == "__main__":
+    from kiln.engine.cli import main
+
+    main(["train", *__import__("sys").argv[1:]])

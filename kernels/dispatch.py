@@ -1,0 +1,142 @@
+"""The one dispatch point of kiln's ops.
+
+Every public op (``kiln.kernels.rms_norm`` & co.) is a call to :func:`dispatch` with the op's
+name. Backends register an implementation per op together with a ``not_supported_reasons``
+function that inspects the actual arguments (device, dtype, shapes) and returns why it cannot
+run them, as xformers' fmha dispatch does. Selection:
+
+- inside ``with use_backend("triton"):`` only that backend is tried; if it refuses, the error
+  lists every reason it gave (a forced backend never silently falls back);
+- otherwise the backends are tried in ``PRIORITY`` order and the first that accepts runs.
+
+Backend availability (is Triton importable, is there a GPU or ``TRITON_INTERPRET=1``, is the
+compiled extension loaded) is reported by :func:`available_backends`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+# Fastest first; "torch" (the plain-PyTorch reference) accepts everything and comes last.
+PRIORITY = ("triton", "csrc", "torch")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kiln_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot run the given arguments; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    not_supported_reasons: Callable[..., list[str]]
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+
+
+def _accept_all(*args, **kwargs) -> list[str]:
+    return []
+
+
+def register(op: str, backend: str, fn: Callable, reasons: Callable | None = None) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in PRIORITY:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(PRIORITY)}")
+    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, reasons or _accept_all)
+
+
+def triton_unavailable_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device and TRITON_INTERPRET is not set to 1"
+    return None
+
+
+def csrc_unavailable_reason() -> str | None:
+    # The compiled extension arrives with the csrc issue; until it is built and loaded, say so.
+    try:
+        torch.ops.kiln_ext.__getattr__("group_norm_fwd")
+    except (AttributeError, RuntimeError):
+        return "the kiln_ext C++/CUDA extension is not built or not loaded"
+    return None
+
+
+_AVAILABILITY: dict[str, Callable[[], str | None]] = {
+    "torch": lambda: None,
+    "triton": triton_unavailable_reason,
+    "csrc": csrc_unavailable_reason,
+}
+
+
+def available_backends() -> dict[str, str | None]:
+    """Map each backend to ``None`` when it can run here, else the reason it cannot."""
+    return {name: _AVAILABILITY[name]() for name in PRIORITY}
+
+
+def implemented_ops() -> dict[str, list[str]]:
+    """Map each registered op to the backends that implement it."""
+    return {op: [b for b in PRIORITY if b in impls] for op, impls in sorted(_REGISTRY.items())}
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every op inside the block onto backend ``name`` (``None`` restores auto)."""
+    if name is not None and name not in PRIORITY:
+        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(PRIORITY)}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str | None:
+    return _forced.get()
+
+
+def _refusals(op: str, backend: str, args: tuple, kwargs: dict) -> list[str]:
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return [f"{backend} has no implementation of {op}"]
+    down = _AVAILABILITY[backend]()
+    if down is not None:
+        return [down]
+    return impl.not_supported_reasons(*args, **kwargs)
+
+
+def select(op: str, *args, **kwargs) -> str:
+    """Name of the backend that would run ``op`` on these arguments."""
+    forced = _forced.get()
+    if forced is not None:
+        reasons = _refusals(op, forced, args, kwargs)
+        if reasons:
+            raise BackendError(f"backend {forced!r} cannot run {op}: " + "; ".join(reasons))
+        return forced
+    collected = []
+    for backend in PRIORITY:
+        reasons = _refusals(op, backend, args, kwargs)
+        if not reasons:
+            return backend
+        collected.append(f"{backend}: " + "; ".join(reasons))
+    raise BackendError(f"no backend can run {op}: " + " | ".join(collected))
+
+
+def dispatch(op: str, *args, **kwargs):
+    """Run ``op`` on the selected backend."""
+    backend = select(op, *args, **kwargs)
+    return _REGISTRY[op][backend].fn(*args, **kwargs)
+
+
+def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
+    """The dtype a reference computes in: at least fp32 when upcasting (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32) if upcast else dtype

@@ -1,0 +1,219 @@
+"""MMDiT denoiser (SD3 / Flux lineage).
+
+Double-stream blocks keep separate text and image weights and attend jointly over the
+concatenated [text, image] sequence; optional single-stream blocks (Flux) then process the
+concatenation with one set of weights. Conditioning vector c = timestep + pooled text +
+SDXL micro-conditioning (original size, crop top-left, target size) drives adaLN-Zero
+modulation. Q and K get a per-head RMSNorm (text and image rows of a (2, D) weight in the
+double-stream blocks) and 2D RoPE on image tokens. The output layer is zero-initialised so the
+untrained model predicts v = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kiln import ConfigError
+from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention
+from kiln.model.layers import MLP, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
+
+TEXT_GROUP, IMAGE_GROUP = 0, 1
+
+
+@dataclass
+class MMDiTConfig:
+    width: int = 128
+    depth: int = 2  # double-stream blocks
+    single_depth: int = 2  # single-stream blocks after them
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    in_channels: int = 3  # 3 in pixel space, the VAE's latent channels otherwise
+    text_dim: int = 192  # per-token text features (set from the text encoder at build time)
+    pooled_dim: int = 192  # pooled text vector
+    qk_norm: bool = True
+    adaln_zero: bool = True
+    rope_theta: float = 10000.0
+    abs_pos: bool = True  # add fixed 2D sin-cos positions to image tokens (SD3) besides RoPE
+
+    def validate(self) -> None:
+        for name in ("width", "heads", "patch_size", "in_channels", "text_dim", "pooled_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.depth < 0 or self.single_depth < 0 or self.depth + self.single_depth == 0:
+            raise ConfigError("model.depth + model.single_depth must be >= 1 (both >= 0)")
+        if self.width % self.heads:
+            raise ConfigError(f"model.width ({self.width}) must be divisible by model.heads ({self.heads})")
+        if (self.width // self.heads) % 4:
+            raise ConfigError(
+                f"model head dim width/heads = {self.width // self.heads} must be a multiple of 4 (2D RoPE)"
+            )
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+def _attend(q, k, v, qw, kw, rope, token_group, key_mask, qk_norm):
+    """Joint attention on (B, S, H, D) views; QK-norm through the fused op when enabled."""
+    cos, sin = rope
+    if qk_norm:
+        return qk_norm_attention(
+            q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask
+        )
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
+    )
+    return out.transpose(1, 2)
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        w, self.cfg = cfg.width, cfg
+        self.img_mod, self.txt_mod = nn.Linear(w, 6 * w), nn.Linear(w, 6 * w)
+        self.img_qkv, self.txt_qkv = nn.Linear(w, 3 * w), nn.Linear(w, 3 * w)
+        self.img_proj, self.txt_proj = nn.Linear(w, w), nn.Linear(w, w)
+        self.img_mlp = MLP(w, cfg.mlp_hidden, w)
+        self.txt_mlp = MLP(w, cfg.mlp_hidden, w)
+        # rows: TEXT_GROUP, IMAGE_GROUP (separate text and image QK-norm weights, SD3)
+        self.q_norm = nn.Parameter(torch.ones(2, cfg.head_dim))
+        self.k_norm = nn.Parameter(torch.ones(2, cfg.head_dim))
+
+    def forward(self, img, txt, c, rope, token_group, key_mask):
+        B, N, W = img.shape
+        L, H = txt.shape[1], self.cfg.heads
+        im = self.img_mod(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, W)
+        tm = self.txt_mod(F.silu(c)).chunk(6, dim=-1)
+        qkv = torch.cat(
+            [self.txt_qkv(adaln_modulate(txt, tm[0], tm[1])), self.img_qkv(adaln_modulate(img, im[0], im[1]))],
+            dim=1,
+        ).view(B, L + N, 3, H, W // H)  # packed (B, S, 3, H, D)
+        q, k, v = qkv.unbind(2)  # views, no copy
+        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
+        txt_a, img_a = attn.reshape(B, L + N, W).split([L, N], dim=1)
+        img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N, W)
+        img = img + im[5][:, None] * self.img_mlp(adaln_modulate(img, im[3], im[4]))
+        txt = txt + tm[2][:, None] * self.txt_proj(txt_a)  # (B, L, W)
+        txt = txt + tm[5][:, None] * self.txt_mlp(adaln_modulate(txt, tm[3], tm[4]))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux single-stream block: parallel attention and MLP from one fused input projection."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        w, self.cfg = cfg.width, cfg
+        self.mod = nn.Linear(w, 3 * w)
+        self.lin1 = nn.Linear(w, 3 * w + cfg.mlp_hidden)
+        self.lin2 = nn.Linear(w + cfg.mlp_hidden, w)
+        self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+
+    def forward(self, x, c, rope, token_group, key_mask):
+        B, S, W = x.shape
+        H = self.cfg.heads
+        shift, scale, gate = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, W)
+        qkv, hidden = self.lin1(adaln_modulate(x, shift, scale)).split([3 * W, self.cfg.mlp_hidden], -1)
+        q, k, v = qkv.view(B, S, 3, H, W // H).unbind(2)
+        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
+        out = self.lin2(torch.cat([attn.reshape(B, S, W), F.gelu(hidden, approximate="tanh")], -1))
+        return x + gate[:, None] * out  # (B, S, W)
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        w, p = cfg.width, cfg.patch_size
+        self.img_in = nn.Linear(cfg.in_channels * p * p, w)
+        self.txt_in = nn.Linear(cfg.text_dim, w)
+        self.t_embed = ScalarEmbedder(1, w, scale=1000.0)
+        self.size_embed = ScalarEmbedder(6, w, freq_dim=64)
+        self.pooled_embed = MLP(cfg.pooled_dim, w, w)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.single_depth))
+        self.final_mod = nn.Linear(w, 2 * w)
+        self.final = nn.Linear(w, cfg.in_channels * p * p)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DiT init: xavier linears, N(0, 0.02) embedders; adaLN-Zero zeroes every modulation
+        and the output layer, so each block starts as the identity and the model predicts 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in (self.t_embed.mlp, self.size_embed.mlp, self.pooled_embed):
+            nn.init.normal_(emb.fc1.weight, std=0.02)
+            nn.init.normal_(emb.fc2.weight, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("q_norm") or name.endswith("k_norm"):
+                nn.init.ones_(p)
+        if self.cfg.adaln_zero:
+            mods = [b.img_mod for b in self.double_blocks] + [b.txt_mod for b in self.double_blocks]
+            mods += [b.mod for b in self.single_blocks] + [self.final_mod, self.final]
+            for m in mods:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def conditioning(self, t, pooled, micro):
+        # t (B,), pooled (B, Dp), micro (B, 6) -> c (B, W)
+        return self.t_embed(t[:, None]) + self.pooled_embed(pooled) + self.size_embed(micro)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled: torch.Tensor,
+        micro: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the velocity for noisy input ``x`` (B, C, H, W) at times ``t`` (B,) in [0, 1].
+
+        text (B, L, text_dim) per-token states, text_mask (B, L) bool (True = real token),
+        pooled (B, pooled_dim), micro (B, 6) = (orig_h, orig_w, crop_top, crop_left,
+        target_h, target_w) in pixels. Returns (B, C, H, W).
+        """
+        cfg = self.cfg
+        B, C, Hpx, Wpx = x.shape
+        h, w = Hpx // cfg.patch_size, Wpx // cfg.patch_size
+        L = text.shape[1]
+        img = self.img_in(patchify(x, cfg.patch_size))  # (B, N, W), N = h*w
+        if cfg.abs_pos:
+            img = img + sincos_2d(h, w, cfg.width, device=x.device).to(img.dtype)
+        txt = self.txt_in(text)  # (B, L, W)
+        c = self.conditioning(t, pooled, micro)  # (B, W)
+        cos_i, sin_i = rope_2d(h, w, cfg.head_dim, cfg.rope_theta, device=x.device)  # (N, D)
+        # text tokens are not rotated: cos = 1, sin = 0 (rows 0..L-1 of the joint sequence)
+        cos = torch.cat([torch.ones(L, cfg.head_dim, device=x.device), cos_i])  # (S, D)
+        sin = torch.cat([torch.zeros(L, cfg.head_dim, device=x.device), sin_i])
+        token_group = torch.cat([
+            torch.full((L,), TEXT_GROUP, device=x.device), torch.full((h * w,), IMAGE_GROUP, device=x.device)
+        ])  # (S,)
+        key_mask = torch.cat([text_mask, torch.ones(B, h * w, dtype=torch.bool, device=x.device)], 1)
+        rope = (cos.to(img.dtype), sin.to(img.dtype))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, c, rope, token_group, key_mask)
+        if len(self.single_blocks):
+            xs = torch.cat([txt, img], dim=1)  # (B, S, W)
+            for block in self.single_blocks:
+                xs = block(xs, c, rope, token_group, key_mask)
+            img = xs[:, L:]
+        shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
+        out = self.final(adaln_modulate(img, shift, scale))  # (B, N, C*p*p)
+        return unpatchify(out, cfg.patch_size, C, h, w)  # (B, C, H, W)

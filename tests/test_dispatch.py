@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from kiln import kernels
+from kiln.kernels import dispatch
+
+
+def test_torch_backend_always_available():
+    avail = kernels.available_backends()
+    assert avail["torch"] is None
+    assert set(avail) == {"torch", "triton", "csrc"}
+
+
+def test_every_op_has_a_reference_backend():
+    ops = kernels.implemented_ops()
+    for op in ("rms_norm", "apply_rope", "qk_norm_attention", "group_norm", "adaln_modulate"):
+        assert "torch" in ops[op]
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    x = torch.randn(2, 4, 8)
+    with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError) as e:
+        kernels.rms_norm(x, None)
+    assert "csrc" in str(e.value) and "rms_norm" in str(e.value)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="allowed: triton, csrc, torch"):
+        with kernels.use_backend("cuda-magic"):
+            pass
+
+
+def test_use_backend_restores_previous_choice():
+    with kernels.use_backend("torch"):
+        assert kernels.current_backend() == "torch"
+        with kernels.use_backend(None):
+            assert kernels.current_backend() is None
+        assert kernels.current_backend() == "torch"
+    assert kernels.current_backend() is None
+
+
+def test_auto_selection_skips_refusing_backends():
+    calls = []
+    dispatch.register("_probe", "torch", lambda x: calls.append("torch") or x)
+    dispatch.register("_probe", "csrc", lambda x: calls.append("csrc") or x,
+                      reasons=lambda x: ["only even sizes"] if x % 2 else [])
+    try:
+        dispatch.dispatch("_probe", 3)
+        assert calls == ["torch"]
+        with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError):
+            dispatch.dispatch("_probe", 3)
+    finally:
+        dispatch._REGISTRY.pop("_probe")

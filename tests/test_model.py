@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from kiln.model import MMDiT, MMDiTConfig, count_params, forward_flops, preset
+from kiln.model.layers import patchify, unpatchify
+
+
+def _inputs(cfg, B, H, W, L=7):
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 4:] = False
+    return (torch.randn(B, cfg.in_channels, H, W), torch.rand(B), torch.randn(B, L, cfg.text_dim), mask,
+            torch.randn(B, cfg.pooled_dim), torch.tensor([[H, W, 0, 0, H, W]] * B, dtype=torch.float32))
+
+
+def _small(**kw):
+    return MMDiTConfig(width=64, depth=1, single_depth=1, heads=4, patch_size=4, text_dim=24, pooled_dim=20, **kw)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (32, 64), (64, 32), (48, 80), (16, 112)])
+@pytest.mark.parametrize("channels", [3, 4, 16])
+def test_output_shape_any_aspect_ratio_and_channels(hw, channels):
+    cfg = _small(in_channels=channels, adaln_zero=False)
+    out = MMDiT(cfg)(*_inputs(cfg, 2, *hw))
+    assert out.shape == (2, channels, *hw)
+    assert torch.isfinite(out).all()
+
+
+def test_adaln_zero_init_predicts_zero_and_blocks_are_identity():
+    cfg = _small()
+    model = MMDiT(cfg)
+    assert model(*_inputs(cfg, 2, 32, 32)).abs().max() == 0
+    for block in model.double_blocks:
+        assert block.img_mod.weight.abs().sum() == 0 and block.txt_mod.weight.abs().sum() == 0
+    assert model.final.weight.abs().sum() == 0
+
+
+def test_default_init_is_not_zero():
+    cfg = _small(adaln_zero=False)
+    assert MMDiT(cfg)(*_inputs(cfg, 2, 32, 32)).abs().max() > 0
+
+
+def test_all_parameters_get_gradients_within_four_updates():
+    cfg = _small()
+    model = MMDiT(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = _inputs(cfg, 2, 32, 32)
+    target = torch.randn_like(inputs[0])
+    for _ in range(4):  # adaLN-Zero opens one layer of gates per step, back from the output
+        opt.zero_grad()
+        (model(*inputs) - target).square().mean().backward()
+        opt.step()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_padded_text_tokens_do_not_change_output():
+    cfg = _small(adaln_zero=False)
+    model = MMDiT(cfg).eval()
+    x, t, text, mask, pooled, micro = _inputs(cfg, 2, 32, 32)
+    out = model(x, t, text, mask, pooled, micro)
+    text2 = text.clone()
+    text2[0, 4:] = torch.randn_like(text2[0, 4:]) * 100  # row 0 tokens 4.. are padding
+    out2 = model(x, t, text2, mask, pooled, micro)
+    torch.testing.assert_close(out[0], out2[0])
+    assert not torch.allclose(out[1], model(x, t, text2.roll(1, 0), mask.roll(1, 0), pooled, micro)[1])
+
+
+def test_qk_norm_off_runs_the_plain_path():
+    cfg = _small(qk_norm=False, adaln_zero=False)
+    assert torch.isfinite(MMDiT(cfg)(*_inputs(cfg, 2, 32, 48))).all()
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 5, 24, 40)
+    torch.testing.assert_close(unpatchify(patchify(x, 4), 4, 5, 6, 10), x)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        patchify(torch.randn(1, 3, 30, 32), 4)
+
+
+@pytest.mark.parametrize("hw,L", [((32, 32), 7), ((48, 80), 16)])
+def test_flop_formula_matches_flop_counter(hw, L):
+    cfg = _small()
+    model = MMDiT(cfg)
+    # the math SDPA backend decomposes into counted matmuls (CPU flash attention is not counted)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*_inputs(cfg, 1, *hw, L=L))
+    assert forward_flops(cfg, *hw, L) == counter.get_total_flops()
+
+
+def test_presets_have_their_advertised_sizes():
+    sizes = {name: count_params(preset(name)) for name in ("tiny", "small", "base", "large", "xl")}
+    assert 1e6 < sizes["tiny"] < 3e6
+    assert 0.9e9 < sizes["base"] < 1.2e9
+    assert 2.2e9 < sizes["large"] < 2.8e9
+    assert 7.5e9 < sizes["xl"] < 9e9
+
+
+def test_invalid_model_config_names_the_field():
+    from kiln import ConfigError
+
+    with pytest.raises(ConfigError, match="model.width"):
+        MMDiT(MMDiTConfig(width=130, heads=4))
