@@ -10,7 +10,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kiln-site .; then
   # no usable setuptools there: lay out the namespace by hand (kiln.engine <- engine/, ...)
-  mkdir -p /tmp/kiln-site/kiln && cp kiln/__init__.py /tmp/kiln-site/kiln/
+  mkdir -p /tmp/kiln-site/kiln
   for d in engine kernels model benchmarks; do ln -sfn "$PWD/$d" /tmp/kiln-site/kiln/$d; done
 fi
 export PYTHONPATH=/tmp/kiln-site:${PYTHONPATH:-}

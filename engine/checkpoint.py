@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kiln import KilnError
+from kiln.engine.errors import KilnError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln import ConfigError, KilnError
+from kiln.engine.errors import ConfigError, KilnError
 
 
 def _train(args) -> None:

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from kiln import ConfigError
+from kiln.engine.errors import ConfigError
 from kiln.model.mmdit import MMDiTConfig
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln import ConfigError
+from kiln.engine.errors import ConfigError
 from kiln.engine.config import DataConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
 from kiln.model.presets import preset
 

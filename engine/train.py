@@ -253,7 +253,7 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
 def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        from kiln import KilnError
+        from kiln.engine.errors import KilnError
 
         raise KilnError(f"resume: {path} not found (is {run_dir} a kiln run directory?)")
     return from_dict(json.loads(path.read_text()))

@@ -46,7 +46,7 @@ PRESETS: dict[str, Callable[[], MMDiTConfig]] = {
 
 def preset(name: str) -> MMDiTConfig:
     if name not in PRESETS:
-        from kiln import ConfigError
+        from kiln.engine.errors import ConfigError
 
         raise ConfigError(f"model preset {name!r} is not one of: {', '.join(PRESETS)}")
     return PRESETS[name]()

@@ -25,7 +25,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from kiln import KilnError
+from kiln.engine.errors import KilnError
 
 log = logging.getLogger("kiln")
 _CONFIG_DIR = Path(__file__).parent / "configs"

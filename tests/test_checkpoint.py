@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kiln import KilnError
+from kiln.engine.errors import KilnError
 from kiln.engine import checkpoint
 
 

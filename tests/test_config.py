@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from kiln import ConfigError
+from kiln.engine.errors import ConfigError
 from kiln.engine.config import RunConfig, apply_override, from_dict
 from kiln.engine.recipes import RECIPES, recipe
 

@@ -98,7 +98,7 @@ def test_presets_have_their_advertised_sizes():
 
 
 def test_invalid_model_config_names_the_field():
-    from kiln import ConfigError
+    from kiln.engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.width"):
         MMDiT(MMDiTConfig(width=130, heads=4))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kiln import KilnError
+from kiln.engine.errors import KilnError
 from kiln.model.text_encoder import OpenCLIPTextEncoder, build_text_encoder
 
 
