@@ -144,6 +144,9 @@ class TrainConfig:
     keep_ckpts: int = 2
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     kernel_backend: str = "auto"  # auto | torch | triton | csrc (kiln.kernels.use_backend)
+    # Bit-exact reruns and resumes on CUDA (deterministic kernels, cuBLAS workspace config);
+    # CPU runs are deterministic already.
+    deterministic: bool = False
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)

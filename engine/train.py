@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import signal
 import time
@@ -65,6 +66,9 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
         self.encoder.to(self.device)

@@ -21,6 +21,7 @@ def small_run_config(steps: int = 6) -> RunConfig:
     """A run that takes a few seconds on 2 CPU cores: width 32, 2 blocks, batch 8."""
     cfg = RunConfig(recipe="test", model=MMDiTConfig(width=32, depth=1, single_depth=1, heads=2, patch_size=8))
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = steps, 8, 2
+    cfg.train.device = "cpu"  # CPU tests stay on the CPU on GPU machines too (test_gpu.py covers CUDA)
     cfg.train.ckpt_every, cfg.train.keep_ckpts = 4, 3
     cfg.optim.warmup_steps = 2
     cfg.sample.num_prompts, cfg.sample.steps, cfg.sample.grid_size = 4, 2, 4

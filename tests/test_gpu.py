@@ -28,6 +28,21 @@ def test_cuda_forward_matches_cpu_fp32():
     assert (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
 
 
+def test_cuda_resume_is_exact_in_deterministic_mode(tmp_path, run_config):
+    def cfg():
+        c = run_config(steps=8)
+        c.train.device, c.train.deterministic = "cuda", True
+        return c
+
+    train(cfg(), tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(cfg(), tmp_path / "crashed", fail_at_step=6)
+    train(cfg(), tmp_path / "crashed", resume=True)
+    a = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "full") if "loss" in r]
+    b = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "crashed") if "loss" in r]
+    assert a == b and len(a) == 8
+
+
 def test_cuda_training_run_bf16_autocast(tmp_path, run_config):
     cfg = run_config(steps=20)
     cfg.train.device = "cuda"
