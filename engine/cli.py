@@ -77,7 +77,7 @@ def _backends(_args) -> None:
     print(json.dumps({"available": kernels.available_backends(), "ops": kernels.implemented_ops()}, indent=2))
 
 
-BENCHMARKS = {"step": "kiln.benchmarks.step"}
+BENCHMARKS = {"step": "kiln.benchmarks.step", "group_norm": "kiln.benchmarks.group_norm"}
 
 
 def _bench(args) -> None:

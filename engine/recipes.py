@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.engine.errors import ConfigError
 from kiln.engine.config import DataConfig, RunConfig, SampleConfig, TextConfig, TrainConfig
+from kiln.engine.errors import ConfigError
 from kiln.model.presets import preset
 
 

@@ -211,8 +211,9 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
                     scores = adherence_hist[trainer.step]
                     log.write({"step": trainer.step, **{f"adherence/{k}": v for k, v in scores.items()}})
                 t_window = time.perf_counter()
-        if stop["flag"] and buffered:
-            all_losses += _flush(log, trainer, buffered, time.perf_counter() - t_window, bar)
+        if stop["flag"]:  # Ctrl-C: the step in flight finished; keep it and stop
+            if buffered:
+                all_losses += _flush(log, trainer, buffered, time.perf_counter() - t_window, bar)
             checkpoint.save(run_dir, trainer.step, trainer.state_dict(), cfg.train.keep_ckpts)
             raise KeyboardInterrupt
     finally:

@@ -15,13 +15,15 @@ from kiln.kernels.dispatch import (
     select,
     use_backend,
 )
-from kiln.kernels.group_norm import group_norm, group_norm_ref
+from kiln.kernels.group_norm import GroupNorm, group_norm, group_norm_ref, patch_group_norm
 from kiln.kernels.qk_norm_attention import qk_norm_attention, qk_norm_attention_ref
 from kiln.kernels.rms_norm import rms_norm, rms_norm_ref
 from kiln.kernels.rope import apply_rope, apply_rope_ref, rotate_half
 
 __all__ = [
     "BackendError",
+    "GroupNorm",
+    "patch_group_norm",
     "adaln_modulate",
     "adaln_modulate_ref",
     "apply_rope",

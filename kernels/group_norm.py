@@ -6,7 +6,9 @@ Forward: x (N, C, *spatial) with 1-3 spatial dims, G groups of C/G channels;
     y = y * (1 + scale[n, c]) + shift[n, c]             (when scale/shift are given)
     y = silu(y)                                         (when activation == "silu")
 Dtype policy: statistics and arithmetic in fp32, output in x's dtype and memory format.
-Backends: torch (this file); Triton and csrc arrive with their own issues.
+Backends: torch (this file's reference) and triton (kernels/group_norm_triton.py, wrapped here
+as the custom ops ``kiln::group_norm_fwd`` / ``kiln::group_norm_bwd`` with fake implementations
+and autograd, so opcheck and torch.compile(fullgraph=True) see through them).
 """
 
 from __future__ import annotations
@@ -93,3 +95,132 @@ def group_norm(
 
 
 register("group_norm", "torch", group_norm_ref)
+
+
+# --- Triton backend -----------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("kiln::group_norm_fwd", mutates_args=())
+def _gn_fwd_op(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    scale: torch.Tensor | None, shift: torch.Tensor | None, eps: float, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels.group_norm_triton import group_norm_fwd
+
+    return group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation)
+
+
+@_gn_fwd_op.register_fake
+def _(x, num_groups, weight, bias, scale, shift, eps, activation):
+    from kiln.kernels.group_norm_triton import memory_format_of
+
+    stats = x.new_empty(x.shape[0], num_groups, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=memory_format_of(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("kiln::group_norm_bwd", mutates_args=())
+def _gn_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, num_groups: int,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels.group_norm_triton import group_norm_bwd
+
+    return group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+
+
+@_gn_bwd_op.register_fake
+def _(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+    from kiln.kernels.group_norm_triton import memory_format_of
+
+    sums = x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=memory_format_of(x)), sums, torch.empty_like(sums)
+
+
+def _gn_setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, scale, shift, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
+    ctx.num_groups, ctx.activation = num_groups, activation
+
+
+def _gn_backward(ctx, dy, _dmean, _drstd):
+    x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+    dx, a, b = _gn_bwd_op(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation)
+    # Parameter gradients from the per-(n, c) sums A = Σ_s dm, B = Σ_s dm·x̂ (O(N·C) work).
+    f = 1 + scale.float() if scale is not None else 1.0
+    w = weight.float()[None] if weight is not None else 1.0
+    grads = [dx, None, None, None, None, None, None, None]
+    if weight is not None and ctx.needs_input_grad[2]:
+        grads[2] = (f * b).sum(0).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[3]:
+        grads[3] = (f * a).sum(0).to(bias.dtype)
+    if scale is not None and ctx.needs_input_grad[4]:
+        d_scale = w * b + (bias.float()[None] * a if bias is not None else 0.0)
+        grads[4] = d_scale.to(scale.dtype)
+    if shift is not None and ctx.needs_input_grad[5]:
+        grads[5] = a.to(shift.dtype)
+    return tuple(grads)
+
+
+_gn_fwd_op.register_autograd(_gn_backward, setup_context=_gn_setup_context)
+
+
+def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
+    """Triton backend of :func:`group_norm` (same contract)."""
+    _check(x, num_groups, activation)
+    if (scale is None) != (shift is None):  # the kernel modulates with both; fill the missing one
+        scale = torch.zeros_like(shift) if scale is None else scale
+        shift = torch.zeros_like(scale) if shift is None else shift
+    y, _, _ = _gn_fwd_op(x, num_groups, weight, bias, scale, shift, eps, activation or "none")
+    return y
+
+
+def _triton_reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
+                    activation=None) -> list[str]:
+    import os
+
+    reasons = []
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append(f"x is on {x.device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+    if x.dtype not in _FLOATS:
+        reasons.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
+    if not 3 <= x.dim() <= 5:
+        reasons.append(f"x has {x.dim()} dims; needs (N, C, *spatial) with 1-3 spatial dims")
+    if x.dim() >= 2 and x.shape[1] % num_groups:
+        reasons.append(f"channels {x.shape[1]} not divisible by num_groups {num_groups}")
+    if activation not in ACTIVATIONS:
+        reasons.append(f"activation {activation!r} not in {ACTIVATIONS}")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
+        if t is not None and t.device != x.device:
+            reasons.append(f"{name} is on {t.device}, x on {x.device}")
+    return reasons
+
+
+register("group_norm", "triton", group_norm_triton, _triton_reasons)
+
+
+# --- drop-in module -------------------------------------------------------------------------
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """``nn.GroupNorm`` (same constructor and state_dict) whose forward is kiln's group_norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def patch_group_norm(module: torch.nn.Module) -> int:
+    """Swap every ``nn.GroupNorm`` inside ``module`` for :class:`GroupNorm` in place.
+
+    Parameters are kept (same objects), so optimizers and state dicts stay valid. Returns the
+    number of modules swapped.
+    """
+    count = 0
+    for m in module.modules():
+        if type(m) is torch.nn.GroupNorm:
+            m.__class__ = GroupNorm
+            count += 1
+    return count

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kiln.engine.errors import KilnError
 from kiln.engine import checkpoint
+from kiln.engine.errors import KilnError
 
 
 def _state(step):

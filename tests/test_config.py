@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from kiln.engine.errors import ConfigError
 from kiln.engine.config import RunConfig, apply_override, from_dict
+from kiln.engine.errors import ConfigError
 from kiln.engine.recipes import RECIPES, recipe
 
 

@@ -51,3 +51,19 @@ def test_cuda_training_run_bf16_autocast(tmp_path, run_config):
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
     assert summary["device"] == torch.cuda.get_device_name()
+
+
+GPU_CASES = [
+    ((1, 128, 96, 80), 32, False, True, False, None),
+    ((1, 128, 96, 80), 32, True, True, True, "silu"),
+    ((2, 320, 33, 17), 32, True, True, False, "silu"),
+    ((4, 64, 7, 9, 5), 8, False, True, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
+def test_triton_group_norm_on_cuda(case, dtype):
+    from test_group_norm_triton import check_against_reference
+
+    check_against_reference(case, dtype, device="cuda")

@@ -82,3 +82,26 @@ def test_cli_missing_text_weights_is_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"kiln: error: text.weights: file '{tmp_path}/missing.pt' does not exist"
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, run_config):
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    here = str(__import__("pathlib").Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); from conftest import small_run_config; "
+            f"from kiln.engine.train import train; train(small_run_config(steps=400), {str(run)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0  # KeyboardInterrupt after saving
+    step = int(checkpoint.latest(run).name[5:13])
+    assert 2 <= step < 400 and not (run / "summary.json").exists()
+    rows = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert rows == list(range(1, step + 1))

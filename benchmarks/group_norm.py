@@ -1,0 +1,115 @@
+"""GroupNorm benchmark: GB/s and % of measured copy bandwidth, forward and backward.
+
+    kiln bench group_norm [--out FILE.jsonl] [--quick]
+
+Bytes (the traffic floor, CONVENTIONS.md): forward reads x and writes y (2·numel·itemsize);
+backward reads x and dy and writes dx (3·numel·itemsize); parameters and statistics are
+O(N·C) and ignored. Providers: torch native (F.group_norm), torch.compile of the reference,
+apex when installed, kiln triton. bf16, G = 32, VAE shapes, NCHW and channels-last.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kiln import kernels
+from kiln.benchmarks.common import append_rows, print_table, provenance
+
+SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
+
+
+def providers():
+    compiled_ref = torch.compile(lambda x, w, b: kernels.group_norm_ref(x, 32, w, b))
+
+    def triton_gn(x, w, b):
+        with kernels.use_backend("triton"):
+            return kernels.group_norm(x, 32, w, b)
+
+    out = {"torch": lambda x, w, b: F.group_norm(x, 32, w, b), "compile": compiled_ref, "triton": triton_gn}
+    try:
+        from apex.contrib.group_norm import GroupNorm as ApexGN  # noqa: F401
+    except ImportError:
+        pass
+    return out
+
+
+def _rotation(x: torch.Tensor, min_bytes: float = 4 * 50e6) -> list[torch.Tensor]:
+    """Copies of x spanning > 4x the H100's 50 MB L2, cycled so each call reads from HBM."""
+    k = max(1, int(-(-min_bytes // (x.numel() * x.element_size()))))
+    return [x.clone() for _ in range(k)]
+
+
+def bench_one(fn, x, w, b, mode):
+    from triton.testing import do_bench
+
+    xs, i = _rotation(x), [0]
+
+    def nxt():
+        i[0] = (i[0] + 1) % len(xs)
+        return i[0]
+
+    if mode == "fwd":
+        return do_bench(lambda: fn(xs[nxt()], w, b), quantiles=[0.2, 0.5, 0.8])
+    leaves = [xi.detach().requires_grad_() for xi in xs]
+    ys = [fn(xi, w, b) for xi in leaves]
+    dys = [torch.randn_like(y) for y in ys]
+
+    def step():
+        j = nxt()
+        return torch.autograd.grad(ys[j], (leaves[j], w, b), dys[j], retain_graph=True)
+
+    return do_bench(step, quantiles=[0.2, 0.5, 0.8])
+
+
+def run(shapes, copy_gbps: float) -> list[dict]:
+    dev = torch.device("cuda")
+    prov = provenance(dev)
+    rows = []
+    for shape in shapes:
+        for layout in ("nchw", "channels_last"):
+            x = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
+            b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for name, fn in providers().items():
+                for mode, passes in (("fwd", 2), ("bwd", 3)):
+                    try:
+                        q = bench_one(fn, x, w, b, mode)
+                    except Exception as e:  # a provider that cannot run a case reports why
+                        rows.append({"op": "group_norm", "provider": name, "mode": mode, "shape": list(shape),
+                                     "layout": layout, "error": f"{type(e).__name__}: {e}"[:200], **prov})
+                        continue
+                    gbps = passes * x.numel() * x.element_size() / (q[1] / 1e3) / 1e9
+                    rows.append({"op": "group_norm", "provider": name, "mode": mode, "shape": list(shape),
+                                 "layout": layout, "dtype": "bf16", "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2],
+                                 "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps, **prov})
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="kiln bench group_norm", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
+    args = p.parse_args(argv)
+    if args.copy_gbps is None:
+        from kiln.benchmarks.ceilings import measure
+
+        args.copy_gbps = measure()[0]["gbps"]
+    rows = run(SHAPES, args.copy_gbps)
+    append_rows(args.out, rows)
+    ok = [r for r in rows if "gbps" in r]
+    for r in ok:
+        r["shape"] = "x".join(map(str, r["shape"]))
+    print_table(ok, ["shape", "layout", "mode", "provider", "p50_ms", "gbps", "pct_copy"])
+    for r in rows:
+        if "error" in r:
+            print("error:", r["provider"], r["mode"], r["shape"], r["layout"], r["error"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# GPU session for kernels: install, CUDA tests (real Triton, not the interpreter), kernel benchmarks.
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kiln-site . || exit 1
+export PYTHONPATH=/tmp/kiln-site:${PYTHONPATH:-}
+TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+python3 -m kiln.engine.cli bench group_norm --out "$OUT/results.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench-group-norm.log"
