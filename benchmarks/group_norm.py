@@ -23,6 +23,9 @@ SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 6
 
 
 def providers():
+    torch._dynamo.reset()  # one compile per case: shapes and layouts would hit the recompile limit (8)
+    # the timed backward replays one graph (retain_graph=True), which donated buffers forbid
+    torch._functorch.config.donated_buffer = False
     compiled_ref = torch.compile(lambda x, w, b: kernels.group_norm_ref(x, 32, w, b))
 
     def triton_gn(x, w, b):

@@ -9,5 +9,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/kiln-site . || exit 1
 export PYTHONPATH=/tmp/kiln-site:${PYTHONPATH:-}
-TRITON_INTERPRET=0 timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+TRITON_INTERPRET=0 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
 timeout 290 python3 -m kiln.engine.cli bench group_norm --out "$OUT/results.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench-group-norm.log"

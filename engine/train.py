@@ -108,9 +108,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self.gen.set_state(state["rng"]["gen"])
-        self.cpu_gen.set_state(state["rng"]["cpu_gen"])
-        torch.set_rng_state(state["rng"]["torch"])
+        # RNG states are CPU byte tensors even for a CUDA generator; map_location moved them
+        self.gen.set_state(state["rng"]["gen"].cpu())
+        self.cpu_gen.set_state(state["rng"]["cpu_gen"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         self.loader.load_state_dict(state["data"])
         self.timer.seconds.update(state.get("stage_seconds", {}))
 

@@ -6,8 +6,9 @@ Group (n, g) holds M = (C/G)·S elements; its reduction is split over SPLIT prog
 so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all.
 
 Forward, two launches:
-  1. _gn_stats_kernel  (N·G, SPLIT): per chunk count / mean / M2 (Chan's parallel variance,
-     exact for any mean, unlike E[x²] - E[x]²), written to a small fp32 buffer;
+  1. _gn_stats_kernel  (N·G, SPLIT): per chunk count and the sums of d and d² for
+     d = x - pivot (the group's first element: E[d²] - E[d]² keeps its digits when
+     |mean| >> std, where E[x²] - E[x]² would cancel), written to a small fp32 buffer;
   2. _gn_fwd_kernel    (N·G, SPLIT): combines its group's SPLIT partials into mean and rstd,
      then y = act((x̂·w + b)·(1 + scale) + shift). Programs run in reverse order of pass 1,
      so the chunks read last by pass 1 (still in L2, 50 MB on H100) are re-read first.
@@ -51,43 +52,35 @@ def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride
     cg = C // G
     s_begin = sp * CHUNK
     s_end = tl.minimum(s_begin + CHUNK, S)
-    cnt = 0.0
-    mean = 0.0
-    m2 = 0.0
+    # Shifted sums around a pivot (the group's first element, the same for every chunk):
+    # var = E[d²] - E[d]² with d = x - pivot stays exact when |mean| >> std, and the loop is
+    # pure loads + FMAs (one reduction at the end), so loads of consecutive tiles overlap.
+    pivot = tl.load(x_ptr + n * stride_n + g * cg * stride_c).to(tl.float32)
+    acc_s = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    acc_q = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
-            t_cnt = tl.sum(mask.to(tl.float32), axis=1)
-            t_cnt = tl.sum(t_cnt, axis=0)
-            t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tl.maximum(t_cnt, 1.0)
-            d = tl.where(mask, x - t_mean, 0.0)
-            t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            tot = cnt + t_cnt
-            delta = t_mean - mean
-            mean = mean + delta * t_cnt / tl.maximum(tot, 1.0)
-            m2 = m2 + t_m2 + delta * delta * cnt * t_cnt / tl.maximum(tot, 1.0)
-            cnt = tot
+            d = tl.where(mask, x - pivot, 0.0)
+            acc_s += d
+            acc_q += d * d
     base = part_ptr + (ng * split + sp) * 3
-    tl.store(base, cnt)
-    tl.store(base + 1, mean)
-    tl.store(base + 2, m2)
+    tl.store(base, (cg * (s_end - s_begin)).to(tl.float32))
+    tl.store(base + 1, tl.sum(tl.sum(acc_s, axis=1), axis=0))
+    tl.store(base + 2, tl.sum(tl.sum(acc_q, axis=1), axis=0))
 
 
 @triton.jit
-def _group_stats(part_ptr, ng, split, eps, SPLIT_P2: tl.constexpr):
+def _group_stats(x_ptr, part_ptr, n, g, cg, ng, split, eps, stride_n, stride_c, SPLIT_P2: tl.constexpr):
     offs = tl.arange(0, SPLIT_P2)
     m = offs < split
     base = part_ptr + (ng * split + offs) * 3
-    cnt = tl.load(base, mask=m, other=0.0)
-    mean_i = tl.load(base + 1, mask=m, other=0.0)
-    m2_i = tl.load(base + 2, mask=m, other=0.0)
-    total = tl.sum(cnt, axis=0)
-    mean = tl.sum(cnt * mean_i, axis=0) / total
-    d = mean_i - mean
-    m2 = tl.sum(m2_i + cnt * d * d, axis=0)
-    rstd = 1.0 / tl.sqrt(m2 / total + eps)
-    return mean, rstd, total
+    total = tl.sum(tl.load(base, mask=m, other=0.0), axis=0)
+    mean_d = tl.sum(tl.load(base + 1, mask=m, other=0.0), axis=0) / total
+    var = tl.maximum(tl.sum(tl.load(base + 2, mask=m, other=0.0), axis=0) / total - mean_d * mean_d, 0.0)
+    pivot = tl.load(x_ptr + n * stride_n + g * cg * stride_c).to(tl.float32)
+    return pivot + mean_d, 1.0 / tl.sqrt(var + eps)
 
 
 @triton.jit
@@ -120,7 +113,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sca
     sp = split - 1 - tl.program_id(1)
     n, g = ng // G, ng % G
     cg = C // G
-    mean, rstd, count = _group_stats(part_ptr, ng, split, eps, SPLIT_P2)
+    mean, rstd = _group_stats(x_ptr, part_ptr, n, g, cg, ng, split, eps, stride_n, stride_c, SPLIT_P2)
     if sp == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
@@ -160,8 +153,8 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
     s_begin = sp * CHUNK
     s_end = tl.minimum(s_begin + CHUNK, S)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
-        acc_a = tl.zeros((BLOCK_C,), tl.float32)
-        acc_b = tl.zeros((BLOCK_C,), tl.float32)
+        acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)  # reduced once per channel block
+        acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
@@ -170,13 +163,13 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
             xhat, m, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
                                        HAS_W, HAS_B, HAS_MOD)
             dm = tl.where(mask, _dm(dy, m, SILU), 0.0)
-            acc_a += tl.sum(dm, axis=1)
-            acc_b += tl.sum(dm * xhat, axis=1)
+            acc_a += dm
+            acc_b += dm * xhat
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < (g + 1) * cg
         base = part_ptr + ((n * C + offs_c) * split + sp) * 2
-        tl.store(base, acc_a, mask=cmask)
-        tl.store(base + 1, acc_b, mask=cmask)
+        tl.store(base, tl.sum(acc_a, axis=1), mask=cmask)
+        tl.store(base + 1, tl.sum(acc_b, axis=1), mask=cmask)
 
 
 @triton.jit
