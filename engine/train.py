@@ -72,6 +72,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
         self.encoder.to(self.device)
+        self.encoder.batch_invariant = cfg.train.deterministic
         cfg.model.text_dim, cfg.model.pooled_dim = self.encoder.width, self.encoder.pooled_dim
         self.model = MMDiT(cfg.model).to(self.device)  # fp32 master weights
         self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None

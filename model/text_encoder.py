@@ -65,6 +65,11 @@ class OpenCLIPTextEncoder(nn.Module):
         self.requires_grad_(False).eval()
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.cache_size = cache_size
+        # Batch-invariant mode: encode uncached captions in fixed chunks of 32 (padded with ""),
+        # so a caption's features never depend on how many others missed the cache with it.
+        # On CUDA, cuBLAS picks kernels by shape and a different batch size changed the 7th
+        # digit of a resumed run's loss; deterministic runs turn this on.
+        self.batch_invariant = False
 
     def train(self, mode: bool = True):  # frozen: always in eval mode
         return super().train(False)
@@ -87,9 +92,11 @@ class OpenCLIPTextEncoder(nn.Module):
     def encode(self, captions: list[str]) -> TextBatch:
         """Encode captions to per-token states, pooled vector and mask (cached per caption)."""
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            x, pooled, valid = self._run(missing)
-            for i, cap in enumerate(missing):
+        chunk = 32 if self.batch_invariant else max(1, len(missing))
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            x, pooled, valid = self._run(part + [""] * (chunk - len(part)))
+            for i, cap in enumerate(part):
                 self._cache[cap] = (x[i], pooled[i], valid[i])
         rows = [self._cache[c] for c in captions]
         for c in captions:
