@@ -1,0 +1,60 @@
+"""Sweep the Triton GroupNorm launch knobs (tile size, warps, programs per SM) on a GPU.
+
+    python -m kiln.benchmarks.tune_group_norm [--out FILE.jsonl]
+
+Prints the median time of forward and backward per shape and layout for every setting, and the
+best setting per case; rows carry the knobs so a chosen default can be traced to its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from kiln import kernels
+from kiln.benchmarks.common import append_rows, provenance
+from kiln.benchmarks.group_norm import SHAPES, bench_one
+from kiln.kernels import group_norm_triton as gnt
+
+
+def _triton(x, w, b):
+    with kernels.use_backend("triton"):
+        return kernels.group_norm(x, 32, w, b)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    prov = provenance(dev)
+    knobs = list(itertools.product((1024, 2048, 4096), (4, 8), (4, 8)))
+    best = {}
+    for shape, layout in itertools.product(SHAPES, ("nchw", "channels_last")):
+        x = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
+        b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
+        for tile, warps, pps in knobs:
+            gnt.TILE, gnt.NUM_WARPS, gnt.PROGRAMS_PER_SM = tile, warps, pps
+            for mode, passes in (("fwd", 2), ("bwd", 3)):
+                q = bench_one(_triton, x, w, b, mode)
+                gbps = passes * x.numel() * x.element_size() / (q[1] / 1e3) / 1e9
+                row = {"op": "group_norm", "provider": "triton", "mode": mode, "shape": "x".join(map(str, shape)),
+                       "layout": layout, "tile": tile, "num_warps": warps, "programs_per_sm": pps,
+                       "p50_ms": q[1], "gbps": gbps, **prov}
+                append_rows(args.out, [row])
+                key = (row["shape"], layout, mode)
+                if key not in best or gbps > best[key]["gbps"]:
+                    best[key] = row
+    for (shape, layout, mode), r in sorted(best.items()):
+        print(f"{shape:14s} {layout:13s} {mode}  best {r['gbps']:7.0f} GB/s  tile={r['tile']} "
+              f"warps={r['num_warps']} programs/SM={r['programs_per_sm']}")
+
+
+if __name__ == "__main__":
+    main()
