@@ -45,14 +45,27 @@ def _load_tile(ptr, n, c0, s0, C_END, S_END, stride_n, stride_c, stride_s,
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    ng, sp = tl.program_id(0), tl.program_id(1)
+def _program(C, S, G, CHUNK, REVERSE: tl.constexpr):
+    """This program's (split, ng, sp, n, g, cg, s_begin, s_end): group ng = n·G + g, chunk sp of
+    SPLIT along S. REVERSE walks the grid backwards, so a second pass re-reads first the chunks
+    the first pass read last (still in L2, 50 MB on an H100)."""
     split = tl.num_programs(1)
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    if REVERSE:
+        ng = tl.num_programs(0) - 1 - ng
+        sp = split - 1 - sp
     n, g = ng // G, ng % G
     cg = C // G
     s_begin = sp * CHUNK
     s_end = tl.minimum(s_begin + CHUNK, S)
+    return split, ng, sp, n, g, cg, s_begin, s_end
+
+
+@triton.jit
+def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, False)
     # Shifted sums around a pivot (the group's first element, the same for every chunk):
     # var = E[d²] - E[d]² with d = x - pivot stays exact when |mean| >> std, and the loop is
     # pure loads + FMAs (one reduction at the end), so loads of consecutive tiles overlap.
@@ -109,17 +122,11 @@ def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sca
                    C, S, G, CHUNK, eps, stride_n, stride_c, stride_s,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                    SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split = tl.num_programs(1)
-    ng = tl.num_programs(0) - 1 - tl.program_id(0)  # reverse of the stats pass: L2 reuse
-    sp = split - 1 - tl.program_id(1)
-    n, g = ng // G, ng % G
-    cg = C // G
+    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, True)
     mean, rstd = _group_stats(x_ptr, part_ptr, n, g, cg, ng, split, eps, stride_n, stride_c, SPLIT_P2)
     if sp == 0:
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
-    s_begin = sp * CHUNK
-    s_end = tl.minimum(s_begin + CHUNK, S)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
@@ -141,29 +148,36 @@ def _dm(dy, m, SILU: tl.constexpr):
 
 
 @triton.jit
+def _bwd_tile(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c0, s0, C_END, S_END, C,
+              stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Load x and dy tiles; return x̂, dm = dy·act'(m) (0 outside the tile), f, w and the tile."""
+    x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, C_END, S_END, stride_n, stride_c, stride_s,
+                                         BLOCK_C, BLOCK_S)
+    dy, offs_c2, offs_s2, mask2 = _load_tile(dy_ptr, n, c0, s0, C_END, S_END, dstride_n, dstride_c, dstride_s,
+                                             BLOCK_C, BLOCK_S)
+    xhat, m, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                               HAS_W, HAS_B, HAS_MOD)
+    return xhat, tl.where(mask, _dm(dy, m, SILU), 0.0), f, w, offs_c, offs_s, mask
+
+
+@triton.jit
 def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                           C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    ng, sp = tl.program_id(0), tl.program_id(1)
-    split = tl.num_programs(1)
-    n, g = ng // G, ng % G
-    cg = C // G
+    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, False)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
-    s_begin = sp * CHUNK
-    s_end = tl.minimum(s_begin + CHUNK, S)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)  # reduced once per channel block
         acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
-                                                 stride_s, BLOCK_C, BLOCK_S)
-            dy, offs_c2, offs_s2, mask2 = _load_tile(dy_ptr, n, c0, s0, (g + 1) * cg, s_end, dstride_n, dstride_c,
-                                                     dstride_s, BLOCK_C, BLOCK_S)
-            xhat, m, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                       HAS_W, HAS_B, HAS_MOD)
-            dm = tl.where(mask, _dm(dy, m, SILU), 0.0)
+            xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
+                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c0, s0, (g + 1) * cg, s_end, C,
+                stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
             acc_a += dm
             acc_b += dm * xhat
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -178,11 +192,7 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
                       suma_ptr, sumb_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                       SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split = tl.num_programs(1)
-    ng = tl.num_programs(0) - 1 - tl.program_id(0)  # reverse of the reduce pass: L2 reuse
-    sp = split - 1 - tl.program_id(1)
-    n, g = ng // G, ng % G
-    cg = C // G
+    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, True)
     mean = tl.load(mean_ptr + ng)
     rstd = tl.load(rstd_ptr + ng)
     # group sums of dxhat and dxhat·xhat from the per-channel partials of pass 1
@@ -206,17 +216,13 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
         g1 += tl.sum(w * f * a, axis=0)
         g2 += tl.sum(w * f * b, axis=0)
     inv_m = 1.0 / (cg * S).to(tl.float32)
-    s_begin = sp * CHUNK
-    s_end = tl.minimum(s_begin + CHUNK, S)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
-            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
-                                                 stride_s, BLOCK_C, BLOCK_S)
-            dy, offs_c2, offs_s2, mask2 = _load_tile(dy_ptr, n, c0, s0, (g + 1) * cg, s_end, dstride_n, dstride_c,
-                                                     dstride_s, BLOCK_C, BLOCK_S)
-            xhat, m, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                       HAS_W, HAS_B, HAS_MOD)
-            dxhat = _dm(dy, m, SILU) * (f * w)[:, None]
+            xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
+                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c0, s0, (g + 1) * cg, s_end, C,
+                stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+            dxhat = dm * (f * w)[:, None]
             dx = rstd * (dxhat - g1 * inv_m - xhat * (g2 * inv_m))
             ptrs = dx_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
             tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
