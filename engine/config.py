@@ -179,6 +179,14 @@ class RunConfig:
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
                 sub.validate()
+        from kiln.engine.data.shapes import CAPTION_TOKENS
+
+        need = CAPTION_TOKENS[self.data.captions]
+        if self.data.source == "shapes" and self.text.max_length < need:
+            raise ConfigError(
+                f"text.max_length ({self.text.max_length}) would cut {self.data.captions} captions "
+                f"(up to {need} tokens); set text.max_length={need} or more"
+            )
         if self.data.resolution % self.model.patch_size:
             raise ConfigError(
                 f"data.resolution ({self.data.resolution}) must be a multiple of "

@@ -26,7 +26,7 @@ def small() -> RunConfig:
     return RunConfig(
         recipe="small",
         model=model,
-        text=TextConfig(name="ViT-B-32", max_length=32),
+        text=TextConfig(name="ViT-B-32", max_length=40),
         data=DataConfig(resolution=128, max_count=3, captions="mixed"),
         train=TrainConfig(steps=20_000, batch_size=128, ckpt_every=1000),
         sample=SampleConfig(every=2000),

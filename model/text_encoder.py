@@ -50,7 +50,11 @@ class OpenCLIPTextEncoder(nn.Module):
         if weights is None and name not in _warned:
             _warned.add(name)
             log.warning("text encoder %s: no weights file given (text.weights); using random init", name)
-        clip = open_clip.create_model(name, pretrained=weights, pretrained_text=False)
+        logging.disable(logging.WARNING)  # open_clip repeats the random-init warning on every build
+        try:
+            clip = open_clip.create_model(name, pretrained=weights, pretrained_text=False)
+        finally:
+            logging.disable(logging.NOTSET)
         if not hasattr(clip, "token_embedding"):
             raise KilnError(f"text.name: {name!r} has a custom (HF) text tower, not supported yet")
         self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding

@@ -36,6 +36,7 @@ def test_overrides_coerce_types():
     ("model.heads=3", r"model.width \(128\) must be divisible by model.heads \(3\)"),
     ("train.device=tpu", "train.device: 'tpu' is not one of"),
     ("train.precision=fp8", "train.precision: 'fp8' is not one of: auto, fp32, bf16-autocast"),
+    ("data.captions=long", r"text.max_length \(16\) would cut long captions \(up to 37 tokens\)"),
 ])
 def test_invalid_values_name_the_field(assignment, match):
     cfg = RunConfig()

@@ -87,3 +87,17 @@ def test_ema_update_is_exponential_average_with_warmup():
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 1001
     torch.testing.assert_close(restored.model.weight, ema.model.weight)
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    from kiln.engine.config import RunConfig
+    from kiln.engine.train import lr_lambda
+
+    cfg = RunConfig()
+    cfg.train.steps, cfg.optim.warmup_steps = 100, 10
+    f = lr_lambda(cfg)
+    assert f(0) == 0.1 and f(9) == 1.0 and f(50) == 1.0 and f(99) == 1.0
+    cfg.optim.schedule, cfg.optim.min_lr_ratio = "cosine", 0.1
+    f = lr_lambda(cfg)
+    assert f(10) == 1.0 and abs(f(55) - 0.55) < 1e-9 and abs(f(100) - 0.1) < 1e-9
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
