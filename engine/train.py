@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -234,8 +235,6 @@ def _due(step: int, every: int) -> bool:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

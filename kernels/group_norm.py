@@ -30,6 +30,15 @@ def _check(x, num_groups, activation):
         raise ValueError(f"group_norm: activation {activation!r} not in {ACTIVATIONS}")
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last(-3d) when x is stored that way (and not also plain contiguous), else NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _per_channel(t, x, cdt):
     # (C,) or (N, C) -> broadcastable against (N, C, *spatial)
     return t.to(cdt).reshape(*t.shape, *([1] * (x.dim() - 2)))
@@ -61,11 +70,7 @@ def group_norm_ref(
         y = y + _per_channel(shift, x, cdt)
     if activation == "silu":
         y = F.silu(y)
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        fmt = torch.channels_last_3d
-    return y.to(x.dtype).contiguous(memory_format=fmt)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def group_norm(
@@ -114,8 +119,6 @@ def _gn_fwd_op(
 
 @_gn_fwd_op.register_fake
 def _(x, num_groups, weight, bias, scale, shift, eps, activation):
-    from kiln.kernels.group_norm_triton import memory_format_of
-
     stats = x.new_empty(x.shape[0], num_groups, dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format_of(x)), stats, torch.empty_like(stats)
 
@@ -133,8 +136,6 @@ def _gn_bwd_op(
 
 @_gn_bwd_op.register_fake
 def _(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
-    from kiln.kernels.group_norm_triton import memory_format_of
-
     sums = x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format_of(x)), sums, torch.empty_like(sums)
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.group_norm import memory_format_of
+
 STATS_BUFFER_DTYPE = torch.float32
 # Launch knobs (benchmarks/tune_group_norm.py sweeps them on a GPU)
 TILE, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
@@ -231,14 +233,6 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
 # ---------------------------------------------------------------------------------------
 # Launch configuration and launchers
 # ---------------------------------------------------------------------------------------
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _as_ncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
