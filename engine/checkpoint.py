@@ -22,6 +22,7 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
@@ -76,7 +77,7 @@ def load(path: Path, map_location="cpu") -> dict:
     except Exception as e:  # torch raises several types for corrupt zip/pickle data
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
         raise KilnError(f"checkpoint {path} is corrupt or unreadable ({why})") from e
-    missing = {"step", "model", "optimizer", "scheduler", "rng", "data"} - set(state)
+    missing = {"step", "model", "optimizer", "rng", "data"} - set(state)
     if missing:
         raise KilnError(f"checkpoint {path} is incomplete: missing {', '.join(sorted(missing))}")
     return state

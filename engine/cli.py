@@ -1,6 +1,8 @@
 """The ``kiln`` command line.
 
-    kiln train [RECIPE] [--steps N] [--out DIR] [--resume DIR] [--set a.b=c ...]
+    kiln train [RECIPE | --config FILE.json] [--steps N] [--out DIR] [--resume DIR] [--set a.b=c ...]
+    kiln eval RUN_DIR [--set sample.cfg_scale=2 ...] [--out FILE.json]
+    kiln ablate STUDY [--steps N] [--out DIR] [--jobs N] | kiln ablate --list
     kiln model info PRESET [--resolution PX] [--text-tokens L]
     kiln backends
     kiln bench step [RECIPE] [--steps N] [--set a.b=c] [--out FILE.jsonl]
@@ -26,13 +28,13 @@ def _train(args) -> None:
     from kiln.engine.recipes import recipe
     from kiln.engine.train import load_run_config, train
 
+    if sum(map(bool, (args.resume, args.recipe, args.config))) > 1:
+        raise KilnError("give one of RECIPE, --config FILE.json or --resume RUN_DIR")
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
-        if args.recipe:
-            raise KilnError("give either a RECIPE or --resume RUN_DIR, not both")
     else:
-        cfg = recipe(args.recipe or "tiny")
+        cfg = config_file(args.config) if args.config else recipe(args.recipe or "tiny")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -45,8 +47,46 @@ def _train(args) -> None:
     cfg.validate()
     print(f"kiln: run directory {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=bool(args.resume))
-    keys = ("steps", "final_loss", "images_per_second", "adherence", "stage_seconds")
+    keys = ("steps", "final_loss", "heldout_loss", "images_per_second", "adherence", "stage_seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    if summary["diverged_at_step"] is not None:
+        print(f"kiln: training diverged (non-finite loss) at step {summary['diverged_at_step']}; "
+              f"the last good checkpoint in {run_dir} is kept", file=sys.stderr)
+        sys.exit(3)
+
+
+def config_file(path: str):
+    from kiln.engine.config import from_dict
+
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError as e:
+        raise KilnError(f"--config: {path} not found") from e
+    except json.JSONDecodeError as e:
+        raise KilnError(f"--config: {path} is not valid JSON ({e})") from e
+
+
+def _eval(args) -> None:
+    from kiln.engine.evaluate import evaluate_run
+
+    scores = evaluate_run(Path(args.run_dir), args.set)
+    text = json.dumps(scores, indent=2)
+    if args.out:
+        from kiln.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+
+
+def _ablate(args) -> None:
+    from kiln.engine import ablate
+
+    if args.list:
+        ablate.print_studies()
+        return
+    if not args.study:
+        raise KilnError("ablate: name a STUDY (kiln ablate --list shows them) or a study .py file")
+    ablate.run_study(args.study, steps=args.steps, out=args.out, jobs=args.jobs)
 
 
 def _model_info(args) -> None:
@@ -93,11 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a recipe (default: tiny, on the built-in data)")
     t.add_argument("recipe", nargs="?", help="recipe name: tiny (default), small, base")
+    t.add_argument("--config", help="a full run config as JSON (e.g. another run's config.json)")
     t.add_argument("--steps", type=int, help="total training steps (overrides train.steps)")
     t.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="a.b=c", help="override a config field")
     t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="held-out adherence and loss of a run's latest checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--set", action="append", default=[], metavar="sample.x=y",
+                   help="override a sample.* field (cfg_scale, use_ema, captions, num_prompts, steps)")
+    e.add_argument("--out", help="also write the scores to this JSON file")
+    e.set_defaults(fn=_eval)
+    a = sub.add_parser("ablate", help="run an ablation study and write report.md")
+    a.add_argument("study", nargs="?", help="a built-in study name, or a .py file defining STUDY")
+    a.add_argument("--list", action="store_true", help="list the built-in studies")
+    a.add_argument("--steps", type=int, help="baseline step budget (default: the study's)")
+    a.add_argument("--out", help="output folder (default ablations/<study>)")
+    a.add_argument("--jobs", type=int, help="runs at once (default: one per CUDA device, 1 on CPU)")
+    a.set_defaults(fn=_ablate)
     m = sub.add_parser("model", help="model utilities")
     msub = m.add_subparsers(dest="model_command", required=True)
     info = msub.add_parser("info", help="parameters and FLOPs of a preset")

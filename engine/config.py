@@ -60,11 +60,7 @@ class DataConfig:
         _choice("data.source", self.source, ("shapes",))
         _choice("data.captions", self.captions, ("short", "long", "mixed"))
         _choice("data.max_count", self.max_count, (1, 2, 3))
-        if self.resolution < 32 or self.resolution % 8:
-            raise ConfigError(
-                f"data.resolution must be a multiple of 8 and >= 32 (the scorer reads shapes exactly "
-                f"from 32 px up), got {self.resolution}"
-            )
+        _check_resolution("data.resolution", self.resolution)
         _positive("data.num_samples", self.num_samples)
         _unit("data.caption_dropout", self.caption_dropout, high_open=True)
 
@@ -94,9 +90,19 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # adamw everywhere, or muon for the 2-D weights inside the transformer blocks (AdamW for
+    # embeddings, norms, biases and the output layer; torch.optim.Muon with Moonshot's RMS
+    # matching, so the AdamW learning rate carries over)
+    name: str = "adamw"
+    # fp32: fp32 master weights. bf16: every weight is rounded to bf16 after each update, which
+    # is what storing weights in bf16 keeps (updates below half a bf16 ulp, ~0.4% of |w|, are
+    # lost); compute is unchanged, so the ablation isolates storage precision.
+    weight_storage: str = "fp32"
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
+        _choice("optim.name", self.name, ("adamw", "muon"))
+        _choice("optim.weight_storage", self.weight_storage, ("fp32", "bf16"))
         _choice("optim.schedule", self.schedule, ("constant", "cosine"))
         for i, b in enumerate(self.betas):
             _unit(f"optim.betas[{i}]", b, high_open=True)
@@ -124,6 +130,10 @@ class SampleConfig:
     num_prompts: int = 64  # held-out prompts scored for adherence
     every: int = 0  # sample + score every N train steps (0 = only at the end)
     grid_size: int = 16  # images in the PNG grid
+    use_ema: bool = True  # sample from the EMA weights (when ema.enabled) or the raw weights
+    captions: str = "same"  # held-out prompt style: same (as data.captions) | short | long
+    # held-out loss: each of num_prompts held-out images at this many fixed, evenly spaced t
+    heldout_timesteps: int = 8
 
     def validate(self) -> None:
         _positive("sample.steps", self.steps)
@@ -131,6 +141,8 @@ class SampleConfig:
         _positive("sample.num_prompts", self.num_prompts)
         _positive("sample.every", self.every, strict=False)
         _positive("sample.grid_size", self.grid_size, strict=False)
+        _choice("sample.captions", self.captions, ("same", "short", "long"))
+        _positive("sample.heldout_timesteps", self.heldout_timesteps)
 
 
 @dataclass
@@ -147,6 +159,9 @@ class TrainConfig:
     # Bit-exact reruns and resumes on CUDA (deterministic kernels, cuBLAS workspace config);
     # CPU runs are deterministic already.
     deterministic: bool = False
+    # A non-finite loss ends the run (summary.json records diverged_at_step) before any
+    # checkpoint of the broken weights is written; false keeps training through it.
+    stop_on_divergence: bool = True
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -162,6 +177,27 @@ class TrainConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of multi-stage training: ``steps`` steps at ``resolution`` with ``batch_size``."""
+
+    steps: int
+    resolution: int
+    batch_size: int
+
+    def validate(self, i: int = 0) -> None:
+        _positive(f"stages[{i}].steps", self.steps)
+        _positive(f"stages[{i}].batch_size", self.batch_size)
+        _check_resolution(f"stages[{i}].resolution", self.resolution)
+
+
+def _check_resolution(name: str, value: int) -> None:
+    if value < 32 or value % 8:
+        raise ConfigError(
+            f"{name} must be a multiple of 8 and >= 32 (the scorer reads shapes exactly from 32 px up), got {value}"
+        )
+
+
+@dataclass
 class RunConfig:
     recipe: str = "tiny"
     seed: int = 0
@@ -173,18 +209,33 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Multi-stage training (e.g. 32 px then 48 px); empty = one stage at data.resolution with
+    # train.batch_size. Stage steps must add up to train.steps; sampling uses the current stage's
+    # resolution. Set from the command line as JSON:
+    # --set 'stages=[{"steps":600,"resolution":32,"batch_size":32},{"steps":400,...}]'
+    stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
                 sub.validate()
+        for i, stage in enumerate(self.stages):
+            stage.validate(i)
+            if stage.resolution % self.model.patch_size:
+                raise ConfigError(f"stages[{i}].resolution ({stage.resolution}) must be a multiple of "
+                                  f"model.patch_size ({self.model.patch_size})")
+        if self.stages and sum(s.steps for s in self.stages) != self.train.steps:
+            raise ConfigError(f"stages: steps add up to {sum(s.steps for s in self.stages)}, "
+                              f"but train.steps is {self.train.steps}")
         from kiln.engine.data.shapes import CAPTION_TOKENS
 
-        need = CAPTION_TOKENS[self.data.captions]
+        styles = {self.data.captions, self.sample.captions} - {"same"}
+        style = max(styles, key=CAPTION_TOKENS.get)
+        need = CAPTION_TOKENS[style]
         if self.data.source == "shapes" and self.text.max_length < need:
             raise ConfigError(
-                f"text.max_length ({self.text.max_length}) would cut {self.data.captions} captions "
+                f"text.max_length ({self.text.max_length}) would cut {style} captions "
                 f"(up to {need} tokens); set text.max_length={need} or more"
             )
         if self.data.resolution % self.model.patch_size:
@@ -193,6 +244,17 @@ class RunConfig:
                 f"model.patch_size ({self.model.patch_size})"
             )
         return self
+
+    def stage_at(self, step: int) -> StageConfig:
+        """The stage that optimizer step ``step`` (0-based) belongs to."""
+        if not self.stages:
+            return StageConfig(self.train.steps, self.data.resolution, self.train.batch_size)
+        end = 0
+        for stage in self.stages:
+            end += stage.steps
+            if step < end:
+                return stage
+        return self.stages[-1]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,7 +282,12 @@ def _coerce(path: str, text: str, tp):
         if origin is tuple:
             items = json.loads(text) if text.startswith("[") else text.split(",")
             return tuple(_coerce(path, str(v), a) for v, a in zip(items, args, strict=True))
-    except (ValueError, json.JSONDecodeError) as e:
+        if origin is list and dataclasses.is_dataclass(args[0]):
+            items = json.loads(text)
+            if not isinstance(items, list):
+                raise ValueError
+            return [from_dict(item, args[0]) for item in items]
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot parse {text!r} as {getattr(tp, '__name__', tp)}") from e
     raise ConfigError(f"{path}: fields of type {tp} cannot be set from the command line")
 
@@ -261,7 +328,12 @@ def from_dict(data: dict, cls=RunConfig):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             value = from_dict(value, tp)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            value = [from_dict(v, typing.get_args(tp)[0]) for v in value]
         elif typing.get_origin(tp) is tuple:
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{cls.__name__}: {e}") from e

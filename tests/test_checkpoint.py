@@ -6,7 +6,7 @@ from kiln.engine.errors import KilnError
 
 
 def _state(step):
-    return {"step": step, "model": {"w": torch.randn(3)}, "optimizer": {}, "scheduler": {}, "rng": {}, "data": {}}
+    return {"step": step, "model": {"w": torch.randn(3)}, "optimizer": {}, "rng": {}, "data": {}}
 
 
 def test_save_load_latest_and_prune(tmp_path):
@@ -43,7 +43,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
 def test_incomplete_checkpoint_and_missing_run(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"step": 1}, path)
-    with pytest.raises(KilnError, match="incomplete: missing data, model, optimizer, rng, scheduler"):
+    with pytest.raises(KilnError, match="incomplete: missing data, model, optimizer, rng"):
         checkpoint.load(path)
     with pytest.raises(KilnError, match="has no checkpoint"):
         checkpoint.latest(tmp_path / "empty")

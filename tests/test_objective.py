@@ -91,7 +91,7 @@ def test_ema_update_is_exponential_average_with_warmup():
 
 def test_lr_schedule_warmup_then_constant_or_cosine():
     from kiln.engine.config import RunConfig
-    from kiln.engine.train import lr_lambda
+    from kiln.engine.optim import lr_lambda
 
     cfg = RunConfig()
     cfg.train.steps, cfg.optim.warmup_steps = 100, 10
