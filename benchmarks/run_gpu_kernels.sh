@@ -11,3 +11,4 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
 export PYTHONPATH=/tmp/kiln-site:${PYTHONPATH:-}
 TRITON_INTERPRET=0 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
 timeout 290 python3 -m kiln.engine.cli bench group_norm --out "$OUT/results.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench-group-norm.log"
+timeout 290 python3 -m kiln.engine.cli bench attention --out "$OUT/results.jsonl" 2>&1 | grep -v -i warn | tee "$OUT/bench-attention.log"

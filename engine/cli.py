@@ -117,7 +117,8 @@ def _backends(_args) -> None:
     print(json.dumps({"available": kernels.available_backends(), "ops": kernels.implemented_ops()}, indent=2))
 
 
-BENCHMARKS = {"step": "kiln.benchmarks.step", "group_norm": "kiln.benchmarks.group_norm"}
+BENCHMARKS = {"step": "kiln.benchmarks.step", "group_norm": "kiln.benchmarks.group_norm",
+              "attention": "kiln.benchmarks.attention"}
 
 
 def _bench(args) -> None:

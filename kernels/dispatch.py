@@ -5,8 +5,10 @@ name. Backends register an implementation per op together with a ``not_supported
 function that inspects the actual arguments (device, dtype, shapes) and returns why it cannot
 run them, as xformers' fmha dispatch does. Selection:
 
-- inside ``with use_backend("triton"):`` only that backend is tried; if it refuses, the error
-  lists every reason it gave (a forced backend never silently falls back);
+- inside ``with use_backend("triton"):`` every op that backend implements runs on it; if it
+  refuses the arguments, the error lists every reason it gave (a forced backend never silently
+  falls back). Ops it does not implement at all take the automatic choice, so a whole model can
+  run "on triton" while only some of its ops have Triton kernels;
 - otherwise the backends are tried in ``PRIORITY`` order and the first that accepts runs.
 
 Backend availability (is Triton importable, is there a GPU or ``TRITON_INTERPRET=1``, is the
@@ -59,6 +61,22 @@ def triton_unavailable_reason() -> str | None:
         return "triton is not installed"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA device and TRITON_INTERPRET is not set to 1"
+    return None
+
+
+def triton_device_reason(t: torch.Tensor) -> str | None:
+    """Why the Triton backend will not take tensor ``t`` (None when it will).
+
+    CUDA tensors always; CPU tensors only under TRITON_INTERPRET=1 *and* when ``triton`` is
+    forced with ``use_backend`` (how CI tests the kernels): in automatic selection the plain
+    PyTorch reference stays the CPU path, the interpreter being ~1000x slower.
+    """
+    if t.is_cuda:
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return f"tensors are on {t.device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    if _forced.get() != "triton":
+        return "CPU tensors run on the reference unless use_backend('triton') forces the interpreter"
     return None
 
 
@@ -117,7 +135,7 @@ def _refusals(op: str, backend: str, args: tuple, kwargs: dict) -> list[str]:
 def select(op: str, *args, **kwargs) -> str:
     """Name of the backend that would run ``op`` on these arguments."""
     forced = _forced.get()
-    if forced is not None:
+    if forced is not None and forced in _REGISTRY.get(op, {}):
         reasons = _refusals(op, forced, args, kwargs)
         if reasons:
             raise BackendError(f"backend {forced!r} cannot run {op}: " + "; ".join(reasons))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.dispatch import compute_dtype, dispatch, register
+from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
 
 ACTIVATIONS = (None, "silu")
 
@@ -181,11 +181,7 @@ def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=
 
 def _triton_reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
                     activation=None) -> list[str]:
-    import os
-
-    reasons = []
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        reasons.append(f"x is on {x.device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 on the CPU)")
+    reasons = [r for r in [triton_device_reason(x)] if r]
     if x.dtype not in _FLOATS:
         reasons.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
     if not 3 <= x.dim() <= 5:

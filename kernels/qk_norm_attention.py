@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.dispatch import compute_dtype, dispatch, register
+from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
 from kiln.kernels.rope import rotate_half
 
 
@@ -129,3 +129,98 @@ def _torch_backend(q, k, v, q_weight, k_weight, **kw):
 
 
 register("qk_norm_attention", "torch", _torch_backend)
+
+
+# --- Triton backend (kernels in qk_norm_attention_triton.py) ----------------------------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("kiln::qk_norm_attention_fwd", mutates_args=())
+def _qkna_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, token_group: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, eps: float, scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels import qk_norm_attention_triton as T
+
+    qn, rstd_q = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+    kn, rstd_k = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+    out, lse = T.attention_fwd(qn, kn, v, key_padding_mask, scale, causal)
+    return out, lse, rstd_q, rstd_k
+
+
+@_qkna_fwd_op.register_fake
+def _(q, k, v, q_weight, k_weight, cos, sin, token_group, key_padding_mask, eps, scale, causal):
+    B, S, H, D = q.shape
+    stats = q.new_empty((B, S, H), dtype=torch.float32)
+    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("kiln::qk_norm_attention_bwd", mutates_args=())
+def _qkna_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    rstd_q: torch.Tensor, rstd_k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, token_group: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, eps: float, scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels import qk_norm_attention_triton as T
+
+    # Q̂, K̂ are recomputed (one bandwidth-bound pass) rather than kept alive from the forward
+    qn, _ = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+    kn, _ = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+    dqn, dkn, dv = T.attention_bwd(dout, qn, kn, v, out, lse, key_padding_mask, scale, causal)
+    dq, dqw = T.norm_rope_bwd(dqn, q, q_weight, token_group, cos, sin, rstd_q)
+    dk, dkw = T.norm_rope_bwd(dkn, k, k_weight, token_group, cos, sin, rstd_k)
+    return dq, dk, dv.contiguous(), dqw, dkw
+
+
+@_qkna_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, rstd_q, rstd_k, q_weight, k_weight, cos, sin, token_group, key_padding_mask,
+      eps, scale, causal):
+    shape = tuple(q.shape)
+    return (q.new_empty(shape), k.new_empty(shape), v.new_empty(shape), torch.empty_like(q_weight),
+            torch.empty_like(k_weight))
+
+
+def _qkna_setup_context(ctx, inputs, output):
+    q, k, v, q_weight, k_weight, cos, sin, token_group, key_padding_mask, eps, scale, causal = inputs
+    out, lse, rstd_q, rstd_k = output
+    ctx.save_for_backward(q, k, v, out, lse, rstd_q, rstd_k, q_weight, k_weight, cos, sin, token_group,
+                          key_padding_mask)
+    ctx.eps, ctx.scale, ctx.causal = eps, scale, causal
+
+
+def _qkna_backward(ctx, dout, _dlse, _drq, _drk):
+    q, k, v, out, lse, rstd_q, rstd_k, q_weight, k_weight, cos, sin, token_group, mask = ctx.saved_tensors
+    dq, dk, dv, dqw, dkw = _qkna_bwd_op(dout, q, k, v, out, lse, rstd_q, rstd_k, q_weight, k_weight, cos, sin,
+                                        token_group, mask, ctx.eps, ctx.scale, ctx.causal)
+    return dq, dk, dv, dqw, dkw, None, None, None, None, None, None, None
+
+
+_qkna_fwd_op.register_autograd(_qkna_backward, setup_context=_qkna_setup_context)
+
+
+def _triton_backend(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_group=None, key_padding_mask=None,
+                    eps=1e-6, scale=None, causal=False):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _, _, _ = _qkna_fwd_op(q, k, v, q_weight, k_weight, cos, sin, token_group, key_padding_mask, eps, scale,
+                                causal)
+    return out
+
+
+def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_group=None, key_padding_mask=None,
+                    eps=1e-6, scale=None, causal=False) -> list[str]:
+    reasons = [r for r in [triton_device_reason(q)] if r]
+    if q.dtype not in _FLOATS or not (q.dtype == k.dtype == v.dtype):
+        reasons.append(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp32/fp16/bf16 for all three")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        reasons.append(f"q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}: need equal (B, S, H, D)")
+    elif q.shape[-1] % 16 or q.shape[-1] > 256:
+        reasons.append(f"head dim {q.shape[-1]} is not a multiple of 16 up to 256")
+    if any(t.stride(-1) != 1 for t in (q, k, v) if t.dim() == 4):
+        reasons.append("the head dimension of q, k, v must have stride 1")
+    return reasons
+
+
+register("qk_norm_attention", "triton", _triton_backend, _triton_reasons)

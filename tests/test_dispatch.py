@@ -18,10 +18,21 @@ def test_every_op_has_a_reference_backend():
 
 
 def test_forced_backend_that_cannot_run_lists_reasons():
+    dispatch.register("_probe2", "torch", lambda x: x)
+    dispatch.register("_probe2", "csrc", lambda x: x, reasons=lambda x: ["needs a GPU", "needs fp16"])
+    try:
+        with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError) as e:
+            dispatch.dispatch("_probe2", torch.randn(2))
+        assert "csrc" in str(e.value) and "_probe2" in str(e.value)
+    finally:
+        dispatch._REGISTRY.pop("_probe2")
+
+
+def test_ops_a_forced_backend_lacks_take_the_automatic_choice():
     x = torch.randn(2, 4, 8)
-    with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError) as e:
-        kernels.rms_norm(x, None)
-    assert "csrc" in str(e.value) and "rms_norm" in str(e.value)
+    assert "csrc" not in kernels.implemented_ops()["rms_norm"]
+    with kernels.use_backend("csrc"):
+        torch.testing.assert_close(kernels.rms_norm(x, None), kernels.rms_norm_ref(x, None))
 
 
 def test_unknown_backend_is_rejected():

@@ -67,3 +67,12 @@ def test_triton_group_norm_on_cuda(case, dtype):
     from test_group_norm_triton import check_against_reference
 
     check_against_reference(case, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True, True, False), (1, 1100, 2, 128, 2, True, False, True),
+                                  (2, 200, 3, 80, 0, False, True, False)], ids=["mmdit", "causal-1100", "d80"])
+def test_triton_qk_norm_attention_on_cuda(case, dtype):
+    from test_qk_norm_attention_triton import check
+
+    check(*case, dtype, seed=1, device="cuda")

@@ -1,0 +1,163 @@
+"""QK-norm + RoPE attention benchmark: TFLOP/s forward, backward and forward+backward.
+
+    kiln bench attention [--out FILE.jsonl] [--quick]
+
+FLOPs (attention matmuls only, CONVENTIONS.md): forward 4·B·H·S²·D (QKᵀ and PV), backward
+2.5x that (five matmuls against two), halved for causal; the norm and RoPE are O(B·S·H·D) and
+count as zero, so a provider that spends time on them scores lower — that is the point.
+Providers:
+  eager       kiln.kernels.qk_norm_attention_ref (norm + RoPE in fp32 eager ops, then SDPA)
+  compile     torch.compile of the same reference
+  sdpa-flash  SDPA (flash backend) on pre-normalised Q, K: the attention-only lower bound
+  sdpa-cudnn  SDPA (cuDNN backend) on pre-normalised Q, K
+  flash-attn  flash_attn_func on pre-normalised Q, K (when installed)
+  triton      kiln's whole op (pre-pass + flash attention), use_backend("triton")
+  triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target)
+Shapes: DiT sequence lengths 1k-16k including 4096 image + 77 text tokens, D = 64 and 128,
+H·D = 1536 and 3072, bf16, ~16k tokens per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kiln import kernels
+from kiln.benchmarks.common import append_rows, print_table, provenance
+
+# (S, H, D): B = max(1, 16384 // S)
+SHAPES = [(1024, 24, 64), (4173, 24, 64), (4173, 24, 128), (4173, 12, 128), (8192, 24, 128), (16384, 24, 128)]
+QUICK = [(4173, 24, 128)]
+
+
+def make_inputs(S, H, D, device, dtype=torch.bfloat16):
+    B = max(1, 16384 // S)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+    n_text = 77 if S % 1024 else 0
+    q_weight = torch.ones(2, D, device=device, dtype=dtype)
+    k_weight = torch.ones(2, D, device=device, dtype=dtype)
+    token_group = (torch.arange(S, device=device) >= n_text).long()
+    ang = torch.rand(S, D // 2, device=device) * 6.28
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    kw = {"cos": cos, "sin": sin, "token_group": token_group}
+    return (q, k, v, q_weight, k_weight), kw
+
+
+def providers(kw):
+    torch._dynamo.reset()
+    torch._functorch.config.donated_buffer = False  # the timed backward replays one graph
+
+    def whole(backend):
+        def fn(q, k, v, qw, kw_):
+            with kernels.use_backend(backend):
+                return kernels.qk_norm_attention(q, k, v, qw, kw_, **kw)
+        return fn
+
+    def sdpa(backend):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+        def fn(q, k, v, qw, kw_):  # q, k already normalised: attention only
+            with sdpa_kernel([which]):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+        return fn
+
+    def triton_core(q, k, v, qw, kw_):
+        from kiln.kernels.qk_norm_attention_triton import attention_fwd
+        return _CoreAttention.apply(q, k, v, attention_fwd)
+
+    out = {"triton": whole("triton"), "triton-core": triton_core, "eager": whole("torch"),
+           "sdpa-flash": sdpa("flash"), "sdpa-cudnn": sdpa("cudnn")}
+    try:
+        from flash_attn import flash_attn_func
+
+        out["flash-attn"] = lambda q, k, v, qw, kw_: flash_attn_func(q, k, v)
+    except ImportError:
+        pass
+    ref = torch.compile(lambda q, k, v, qw, kw_: kernels.qk_norm_attention_ref(q, k, v, qw, kw_, upcast=False, **kw))
+    out["compile"] = ref  # last: its first call per shape compiles
+    return out
+
+
+class _CoreAttention(torch.autograd.Function):
+    """kiln's attention kernels without the norm pre-pass (for the attention-core number)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fwd):
+        out, lse = fwd(q, k, v, None, 1 / math.sqrt(q.shape[-1]), False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from kiln.kernels.qk_norm_attention_triton import attention_bwd
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, None, 1 / math.sqrt(q.shape[-1]), False)
+        return dq, dk, dv, None
+
+
+def bench_one(fn, args, mode):
+    from triton.testing import do_bench
+
+    if mode == "fwd":
+        return do_bench(lambda: fn(*args), quantiles=[0.2, 0.5, 0.8])
+    leaves = [a.detach().requires_grad_() for a in args]
+    if mode == "fwd+bwd":
+        def step():
+            out = fn(*leaves)
+            return torch.autograd.grad(out, leaves[:3], torch.ones_like(out))
+        return do_bench(step, quantiles=[0.2, 0.5, 0.8])
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    return do_bench(lambda: torch.autograd.grad(out, leaves[:3], dout, retain_graph=True), quantiles=[0.2, 0.5, 0.8])
+
+
+def flops(B, S, H, D, mode):
+    fwd = 4 * B * H * S * S * D
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def run(shapes, out: Path | None = None) -> list[dict]:
+    dev = torch.device("cuda")
+    prov, rows = provenance(dev), []
+    for S, H, D in shapes:
+        args, kw = make_inputs(S, H, D, dev)
+        B = args[0].shape[0]
+        for name, fn in providers(kw).items():
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                base = {"op": "qk_norm_attention", "provider": name, "mode": mode, "B": B, "S": S, "H": H, "D": D,
+                        "dtype": "bf16", **prov}
+                try:
+                    q = bench_one(fn, args, mode)
+                except Exception as e:  # a provider that cannot run a case says why
+                    rows.append({**base, "error": f"{type(e).__name__}: {e}"[:200]})
+                    append_rows(out, rows[-1:])
+                    continue
+                tflops = flops(B, S, H, D, mode) / (q[1] / 1e3) / 1e12
+                rows.append({**base, "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "tflops": tflops})
+                append_rows(out, rows[-1:])
+                print(f"{name:12s} {mode:8s} B{B} S{S} H{H} D{D} {q[1]:.3f} ms {tflops:6.1f} TFLOP/s", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="kiln bench attention", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="one shape (S = 4096 + 77, H 24, D 128)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kiln bench attention: needs a CUDA device")
+    rows = run(QUICK if args.quick else SHAPES, args.out)
+    ok = [r for r in rows if "tflops" in r]
+    print_table(ok, ["S", "H", "D", "mode", "provider", "p50_ms", "tflops"])
+    for r in rows:
+        if "error" in r:
+            print("error:", r["provider"], r["mode"], r["S"], r["error"])

@@ -1,0 +1,440 @@
+"""Triton kernels of :func:`kiln.kernels.qk_norm_attention`: a norm+RoPE pre-pass and flash attention.
+
+Structure (forward):
+  1. ``_norm_rope_fwd_kernel`` — one bandwidth-bound pass over Q and K: per-head RMSNorm with the
+     token's weight row, rotate-half RoPE, written in the input dtype, plus 1/rms per
+     (token, head) in fp32 (4 bytes per 2·D bytes of input) for the backward.
+  2. ``_attn_fwd_kernel`` — FlashAttention-2 forward on the normalised tensors: one program per
+     (BLOCK_M queries, batch·head), online softmax in base 2 with fp32 statistics, key padding and
+     causal masks, log-sum-exp saved for the backward.
+Backward: ``_attn_bwd_dkdv_kernel`` (one program per key block, loops over queries) and
+``_attn_bwd_dq_kernel`` (one per query block, loops over keys) — no atomics, so gradients are
+deterministic — then ``_norm_rope_bwd_kernel`` maps dQ̂, dK̂ back through RoPE and the norm and
+writes per-program partial sums of the norm-weight gradients (reduced over tokens in torch).
+The normalised Q̂, K̂ are recomputed by the pre-pass in the backward instead of being saved: one
+more bandwidth-bound pass saves 2·B·S·H·D elements of activation memory per attention.
+
+Why a pre-pass rather than fusing the norm into the attention prologue: every K tile is read by
+S/BLOCK_M query programs, so a fused K norm would redo the norm and the rotate-half gather that
+many times, while the pre-pass reads and writes Q and K once (~4·B·S·H·D·2 bytes; at S=4096,
+H·D=3072, B=1 that is ~0.1 GB, ~35 µs at 3 TB/s, against ~1.2 ms of attention FLOPs at
+450 TFLOP/s). This is the design's arithmetic, not yet a measurement on a GPU: the benchmark
+(benchmarks/attention.py) has the providers to check it.
+
+Masked scores use a finite -1e30 (not -inf) and masked probabilities are zeroed explicitly, so a
+block whose keys are all masked cannot produce inf - inf = NaN; a query with no valid key at all
+ends with l = 0 and is written as zeros (the reference's definition).
+
+Interpreter note: under TRITON_INTERPRET=1, bf16 tl.dot and bf16 arithmetic are wrong
+(ENVIRONMENT.md), so bf16 inputs are upcast to fp32 before every dot there (``UPCAST``); on a GPU
+the dots run in the input dtype on tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked scores (a constexpr: kernels read it)
+BLOCK_T = 16  # tokens per pre-pass program
+
+
+def attn_config(dtype: torch.dtype, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, forward warps, backward warps) for a dtype and head dim.
+
+    From ptxas on sm_90a (compile_for_sm90; no GPU timing yet): 16-bit, D <= 128 at 64x64 and 4
+    warps fits the forward in <= 255 registers without spills, but the D = 128 backward spilled
+    944 bytes (dK, dV and the K, V tiles live together) -> 8 warps there. D = 256 halves the
+    tiles. fp32 takes full-precision FMA dots (no tensor cores) that spilled 47-135 KB at 64x64:
+    it is the correctness path, 32x32 tiles (its backward spilled 1.7 KB at 4 warps, 32 bytes at 8).
+    """
+    if dtype == torch.float32:
+        return 32, 32, 4, 8
+    if D > 128:
+        return 32, 32, 4, 8
+    return 64, 64, 4, (8 if D > 64 else 4)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dots (tl.dot's default TF32 keeps 10 mantissa bits, ~1e-3
+    # relative, 100x PyTorch's fp32 attention error); fp16/bf16 dots are exact products anyway
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-pass: RMSNorm (weight row per token) + rotate-half RoPE
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _rot_index(d, HALF: tl.constexpr):
+    # rotate_half([a, b]) = [-b, a]: position d reads d + HALF (negated) or d - HALF
+    return tl.where(d < HALF, d + HALF, d - HALF), tl.where(d < HALF, -1.0, 1.0)
+
+
+@triton.jit
+def _norm_rope_fwd_kernel(
+    x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
+    n_tok, S, sxb, sxs, sxh, sxd, sob, sos, soh, sod, swg, sc_s, eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_GROUP: tl.constexpr, HAS_ROPE: tl.constexpr,
+):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # flat (b, s) token index
+    d = tl.arange(0, BLOCK_D)
+    tm, dm = t < n_tok, d < D
+    m2 = tm[:, None] & dm[None, :]
+    b, s = t // S, t % S
+    base = b * sxb + s * sxs + h * sxh
+    x = tl.load(x_ptr + base[:, None] + d[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_T,)
+    g = tl.load(g_ptr + s, mask=tm, other=0) if HAS_GROUP else tl.zeros_like(s)
+    w = tl.load(w_ptr + g[:, None] * swg + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w
+    if HAS_ROPE:
+        dr, sign = _rot_index(d, D // 2)
+        xr = tl.load(x_ptr + base[:, None] + dr[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
+        wr = tl.load(w_ptr + g[:, None] * swg + dr[None, :], mask=m2, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + s[:, None] * sc_s + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + s[:, None] * sc_s + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = y * c + sign[None, :] * (xr * rstd[:, None] * wr) * sn
+    obase = b * sob + s * sos + h * soh
+    tl.store(out_ptr + obase[:, None] + d[None, :] * sod, y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(rstd_ptr + t * tl.num_programs(1) + h, rstd, mask=tm)
+
+
+@triton.jit
+def _norm_rope_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr, dw_ptr,
+    n_tok, S, G, sxb, sxs, sxh, sxd, sdb, sds, sdh, sdd, swg, sc_s,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_GROUP: tl.constexpr, HAS_ROPE: tl.constexpr,
+):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    H = tl.num_programs(1)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    tm, dm = t < n_tok, d < D
+    m2 = tm[:, None] & dm[None, :]
+    b, s = t // S, t % S
+    dbase = b * sdb + s * sds + h * sdh
+    dy = tl.load(dy_ptr + dbase[:, None] + d[None, :] * sdd, mask=m2, other=0.0).to(tl.float32)
+    if HAS_ROPE:
+        # y_out = y·cos + R(y)·sin, R^T z = -sign · z[rot]  =>  dy = g·cos - sign · (g·sin)[rot]
+        dr, sign = _rot_index(d, D // 2)
+        dyr = tl.load(dy_ptr + dbase[:, None] + dr[None, :] * sdd, mask=m2, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + s[:, None] * sc_s + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        snr = tl.load(sin_ptr + s[:, None] * sc_s + dr[None, :], mask=m2, other=0.0).to(tl.float32)
+        dy = dy * c - sign[None, :] * dyr * snr
+    xbase = b * sxb + s * sxs + h * sxh
+    x = tl.load(x_ptr + xbase[:, None] + d[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + t * H + h, mask=tm, other=0.0)
+    g = tl.load(g_ptr + s, mask=tm, other=0) if HAS_GROUP else tl.zeros_like(s)
+    w = tl.load(w_ptr + g[:, None] * swg + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    xhat = x * rstd[:, None]
+    dxhat = dy * w
+    dx = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
+    tl.store(dx_ptr + t[:, None] * (H * D) + h * D + d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m2)
+    # partial weight gradients of this program, one row per group: dw_ptr (programs, H, G, D)
+    prog = pid * H + h
+    for gi in range(G):
+        part = tl.sum(tl.where((g == gi)[:, None], dy * xhat, 0.0), axis=0)
+        tl.store(dw_ptr + (prog * G + gi) * D + d, part, mask=dm)
+
+
+def _strides4(x):
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _group_args(weight: torch.Tensor, token_group: torch.Tensor | None, x: torch.Tensor):
+    w2 = weight if weight.dim() == 2 else weight[None]
+    has_group = w2.shape[0] > 1 and token_group is not None
+    g = token_group.to(torch.int32).contiguous() if has_group else torch.zeros(1, dtype=torch.int32, device=x.device)
+    return w2.contiguous(), g, has_group
+
+
+def norm_rope_fwd(x, weight, token_group, cos, sin, eps):
+    """(B, S, H, D) -> normalised + rotated (B, S, H, D) in x.dtype, and rstd (B, S, H) fp32."""
+    B, S, H, D = x.shape
+    out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+    rstd = torch.empty((B, S, H), dtype=torch.float32, device=x.device)
+    w2, g, has_group = _group_args(weight, token_group, x)
+    has_rope = cos is not None
+    c = cos.contiguous() if has_rope else w2
+    sn = sin.contiguous() if has_rope else w2
+    grid = (triton.cdiv(B * S, BLOCK_T), H)
+    _norm_rope_fwd_kernel[grid](
+        x, w2, g, c, sn, out, rstd, B * S, S, *_strides4(x), *_strides4(out), w2.stride(0),
+        c.stride(0) if has_rope else 0, eps, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=BLOCK_T,
+        HAS_GROUP=has_group, HAS_ROPE=has_rope,
+    )
+    return out, rstd
+
+
+def norm_rope_bwd(dy, x, weight, token_group, cos, sin, rstd):
+    """Gradients of :func:`norm_rope_fwd`: dx (B, S, H, D) in x.dtype and dweight (like weight)."""
+    B, S, H, D = x.shape
+    w2, g, has_group = _group_args(weight, token_group, x)
+    G = w2.shape[0] if has_group else 1
+    has_rope = cos is not None
+    c = cos.contiguous() if has_rope else w2
+    sn = sin.contiguous() if has_rope else w2
+    dx = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+    n_prog = triton.cdiv(B * S, BLOCK_T)
+    dw_part = torch.empty((n_prog, H, G, D), dtype=torch.float32, device=x.device)
+    _norm_rope_bwd_kernel[(n_prog, H)](
+        dy, x, w2, g, c, sn, rstd, dx, dw_part, B * S, S, G, *_strides4(x), *_strides4(dy), w2.stride(0),
+        c.stride(0) if has_rope else 0, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=BLOCK_T,
+        HAS_GROUP=has_group, HAS_ROPE=has_rope,
+    )
+    dw = dw_part.sum((0, 1))  # (G, D)
+    if weight.dim() == 1:
+        dw = dw[0]
+    elif not has_group:  # (G, D) weight without token_group: every token used row 0
+        dw = torch.cat([dw, dw.new_zeros(weight.shape[0] - 1, D)])
+    return dx, dw.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash attention on the normalised tensors
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(q, k_t, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    """Scaled scores in base 2 for a (BLOCK_M, BLOCK_N) tile and its validity mask."""
+    s = tl.dot(q, k_t, input_precision=PREC) * scale_log2
+    valid = (offs_n < S)[None, :]
+    if HAS_PAD:
+        keep = tl.load(pad_ptr + b * S + offs_n, mask=offs_n < S, other=0)
+        valid = valid & (keep != 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(valid, s, NEG), valid
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
+    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                mask=(offs_m < S)[:, None] & dm[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), NEG, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < S)[:, None] & dm[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    seen = l_i > 0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_m < S)[:, None] & dm[None, :])
+    # log-sum-exp in base 2; rows with no valid key get +1e30 so that every p recomputes to 0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -NEG)
+    tl.store(lse_ptr + bh * S + offs_m, lse, mask=offs_m < S)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr,
+    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, scale, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = offs_d < D
+    kv_mask = (offs_n < S)[:, None] & dm[None, :]
+    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, S, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m < S)[:, None] & dm[None, :]
+        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
+        delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    out_mask = (offs_n < S)[:, None] & dm[None, :]
+    base = bh * S * D  # dk, dv are (B, H, S, D) contiguous scratch, transposed by the caller
+    tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=out_mask)
+    tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dq_ptr,
+    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, scale, scale_log2,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = offs_d < D
+    q_mask = (offs_m < S)[:, None] & dm[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
+    delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < S)[:, None] & dm[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(dq_ptr + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=q_mask)
+
+
+def _pad_arg(key_padding_mask, q):
+    if key_padding_mask is None:
+        return torch.zeros(1, dtype=torch.int8, device=q.device), False
+    return key_padding_mask.to(torch.int8).contiguous(), True
+
+
+def _qkv_strides(q, k, v):
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+
+
+def _check_last_dim(*ts):
+    for t in ts:
+        if t.stride(-1) != 1:
+            raise ValueError("qk_norm_attention (triton): the head dimension must be contiguous (stride 1)")
+
+
+def attention_fwd(q, k, v, key_padding_mask, scale, causal):
+    """Flash attention on (B, S, H, D) views; returns out (B, S, H, D) and lse (B, H, S) fp32 (base 2)."""
+    _check_last_dim(q, k, v)
+    B, S, H, D = q.shape
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    pad, has_pad = _pad_arg(key_padding_mask, q)
+    block_m, block_n, warps, _ = attn_config(q.dtype, D)
+    grid = (triton.cdiv(S, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
+        scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), num_warps=warps,
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
+    """dq, dk, dv (B, S, H, D) of :func:`attention_fwd`."""
+    _check_last_dim(q, k, v)
+    B, S, H, D = q.shape
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S)
+    pad, has_pad = _pad_arg(key_padding_mask, q)
+    dq = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    block_m, block_n, _, warps = attn_config(q.dtype, D)
+    common = dict(D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+                  HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype),
+                  num_warps=warps)
+    strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * H)](
+        q, k, v, do, lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(S, block_m), B * H)](
+        q, k, v, do, lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def default_scale(D: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
+CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64)]
+_TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
+    """Compile every kernel for sm_90a in the configurations the launchers pick (CI check)."""
+    from kiln.kernels.sm90 import compile_sm90
+
+    reports = []
+    i32 = "i32"
+    for dt, D in configs:
+        flags = {"D": D, "BLOCK_D": D, "BLOCK_T": BLOCK_T, "HAS_GROUP": True, "HAS_ROPE": True}
+        ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "g_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+        pre_strides = {f"s{a}{b}": i32 for a in ("x", "o") for b in "bshd"}
+        reports.append(compile_sm90(_norm_rope_fwd_kernel, {
+            **ptrs, "out_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_tok": i32, "S": i32, **pre_strides,
+            "swg": i32, "sc_s": i32, "eps": "fp32"}, flags))
+        bwd_strides = {f"s{a}{b}": i32 for a in ("x", "d") for b in "bshd"}
+        reports.append(compile_sm90(_norm_rope_bwd_kernel, {
+            "dy_ptr": f"*{dt}", **ptrs, "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dw_ptr": "*fp32",
+            "n_tok": i32, "S": i32, "G": i32, **bwd_strides, "swg": i32, "sc_s": i32}, flags))
+        block_m, block_n, warps_fwd, warps_bwd = attn_config(_TORCH_DT[dt], D)
+        attn = {"D": D, "BLOCK_D": D, "BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_PAD": True,
+                "CAUSAL": False, "UPCAST": False, "PREC": _precision(_TORCH_DT[dt])}
+        qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
+        strides = {f"s{a}{b}": i32 for a in "qkv" for b in "bsh"}
+        reports.append(compile_sm90(_attn_fwd_kernel, {
+            **qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32, "H": i32, **strides,
+            "sob": i32, "sos": i32, "soh": i32, "scale_log2": "fp32"}, attn, warps_fwd))
+        common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
+        tail = {"S": i32, "H": i32, **strides, "sdb": i32, "sds": i32, "sdh": i32, "scale": "fp32",
+                "scale_log2": "fp32"}
+        reports.append(compile_sm90(_attn_bwd_dkdv_kernel, {
+            **common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}, attn, warps_bwd))
+        reports.append(compile_sm90(_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}, attn, warps_bwd))
+    for r, (dt, D) in zip(reports, [c for c in configs for _ in range(5)], strict=True):
+        r["dtype"], r["head_dim"] = dt, D
+    return reports

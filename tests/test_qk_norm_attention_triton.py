@@ -1,0 +1,188 @@
+"""Triton QK-norm + RoPE attention under TRITON_INTERPRET=1 (CPU): FlashAttention's 2x rule for the
+output and all five gradients (q, k, v, q_weight, k_weight), on shapes that are not multiples of
+the 64x64 blocks, with G = 1 and 2, with and without RoPE and padding, causal and not."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_rule import assert_within_twice_torch
+
+from kiln import kernels
+from kiln.kernels.qk_norm_attention import _qkna_bwd_op, _qkna_fwd_op
+
+
+def _rope_tables(S, D, n_text, g):
+    ang = torch.rand(S, D // 2, generator=g) * 2 * math.pi
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cos[:n_text], sin[:n_text] = 1.0, 0.0  # text tokens stay unrotated
+    return cos, sin
+
+
+def make_case(B, S, H, D, G, rope, pad, causal, dtype, seed, n_text=None):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = ((torch.randn(B, S, H, D, generator=g) * s).to(dtype) for s in (1.0, 2.0, 1.0))
+    shape = (D,) if G == 0 else (G, D)  # G = 0 means a plain (D,) weight
+    q_weight, k_weight = ((1 + 0.2 * torch.randn(*shape, generator=g)).to(dtype) for _ in range(2))
+    n_text = S // 4 if n_text is None else n_text
+    kw = {"causal": causal}
+    if G >= 2:
+        kw["token_group"] = torch.cat([torch.zeros(n_text, dtype=torch.long),
+                                       torch.randint(1, G, (S - n_text,), generator=g)])
+    if rope:
+        kw["cos"], kw["sin"] = _rope_tables(S, D, n_text, g)
+    if pad:
+        mask = torch.ones(B, S, dtype=torch.bool)
+        for b in range(1, B):
+            mask[b, S - (S * b) // (B + 1):] = False  # later rows lose more keys
+        kw["key_padding_mask"] = mask
+    return (q, k, v, q_weight, k_weight), kw
+
+
+def _run(fn, tensors, kw, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return [out.detach(), *grads]
+
+
+def _triton(*a, **kw):
+    with kernels.use_backend("triton"):
+        return kernels.qk_norm_attention(*a, **kw)
+
+
+def check(B, S, H, D, G, rope, pad, causal, dtype, seed=0, n_text=None, device="cpu"):
+    tensors, kw = make_case(B, S, H, D, G, rope, pad, causal, dtype, seed, n_text)
+    tensors, kw = [t.to(device) for t in tensors], {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    dout = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(device)
+    ref = _run(lambda *a, **k: kernels.qk_norm_attention_ref(*a, upcast=True, **k),
+               [t.double() for t in tensors], {k: (v.double() if k in ("cos", "sin") else v) for k, v in kw.items()},
+               dout.double())
+    lowp = _run(lambda *a, **k: kernels.qk_norm_attention_ref(*a, upcast=False, **k), tensors, kw, dout)
+    ours = _run(_triton, tensors, kw, dout)
+    assert ours[0].dtype == dtype and ours[4].dtype == tensors[3].dtype
+    assert_within_twice_torch(["out", "dq", "dk", "dv", "dq_weight", "dk_weight"], ours, ref, lowp, dtype)
+    return ours
+
+
+CASES = [
+    # B, S, H, D, G, rope, pad, causal, dtypes
+    (2, 117, 2, 64, 2, True, True, False, (torch.float32, torch.float16, torch.bfloat16)),  # 77 text + 40 image
+    (2, 50, 3, 128, 0, False, True, True, (torch.float16, torch.bfloat16)),
+    (1, 19, 2, 80, 1, True, False, True, (torch.float32,)),  # D = 80: a masked head dimension
+    (3, 70, 1, 32, 2, True, False, False, (torch.float16,)),
+    (1, 130, 2, 128, 2, False, False, False, (torch.bfloat16,)),
+]
+PARAMS = [(*c[:8], dt) for c in CASES for dt in c[8]]
+
+
+@pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype", PARAMS,
+                         ids=[f"B{p[0]}S{p[1]}H{p[2]}D{p[3]}G{p[4]}{'-rope' * p[5]}{'-pad' * p[6]}"
+                              f"{'-causal' * p[7]}-{str(p[8])[6:]}" for p in PARAMS])
+def test_matches_fp64_reference_within_twice_torch_error(B, S, H, D, G, rope, pad, causal, dtype):
+    check(B, S, H, D, G, rope, pad, causal, dtype, seed=S * 7 + D)
+
+
+def test_mmdit_shape_77_text_plus_256_image_tokens():
+    check(1, 333, 1, 64, 2, True, True, False, torch.float16, seed=11, n_text=77)
+
+
+def test_queries_without_any_valid_key_are_zero_and_gradients_finite():
+    # causal + padding where row 1's first keys are invalid: its first queries see no key at all
+    tensors, kw = make_case(2, 40, 2, 32, 2, True, False, True, torch.float32, seed=5)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :9] = False
+    kw["key_padding_mask"] = mask
+    ours = _run(_triton, tensors, kw, torch.ones(2, 40, 2, 32))
+    assert all(torch.isfinite(t).all() for t in ours)
+    assert (ours[0][1, :9] == 0).all()
+    ref = _run(lambda *a, **k: kernels.qk_norm_attention_ref(*a, **k), tensors, kw, torch.ones(2, 40, 2, 32))
+    for o, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
+
+
+def test_packed_qkv_views_work_without_a_copy_and_match_separate_tensors():
+    tensors, kw = make_case(2, 45, 2, 32, 2, True, True, False, torch.float32, seed=3)
+    q, k, v, qw, kw_ = tensors
+    qkv = torch.stack([q, k, v], dim=2).requires_grad_()  # (B, S, 3, H, D)
+    out = _triton(*qkv.unbind(2), qw, kw_, **kw)
+    (g_packed,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    sep = _run(_triton, tensors, kw, torch.ones_like(out))
+    torch.testing.assert_close(out, sep[0])
+    torch.testing.assert_close(g_packed, torch.stack(sep[1:4], dim=2))
+
+
+def test_opcheck_forward_and_backward_ops():
+    (q, k, v, qw, kw_), kw = make_case(1, 24, 2, 32, 2, True, True, False, torch.float32, seed=9)
+    args = (q, k, v, qw, kw_, kw["cos"], kw["sin"], kw["token_group"], kw["key_padding_mask"], 1e-6, 0.2, False)
+    torch.library.opcheck(_qkna_fwd_op, args)
+    out, lse, rq, rk = _qkna_fwd_op(*args)
+    torch.library.opcheck(_qkna_bwd_op, (torch.randn_like(out), q, k, v, out, lse, rq, rk, qw, kw_, kw["cos"],
+                                         kw["sin"], kw["token_group"], kw["key_padding_mask"], 1e-6, 0.2, False))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, qw, kw_)]
+    torch.library.opcheck(_qkna_fwd_op, (*leaves, None, None, None, None, 1e-6, 0.2, True))
+
+
+def test_torch_compile_fullgraph():
+    tensors, kw = make_case(1, 33, 2, 32, 2, True, True, False, torch.float32, seed=4)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    seen = []
+
+    def backend(gm, example_inputs):  # record the captured graph's ops, then run it eagerly
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    def f(q, k, v, qw, kw_):
+        return kernels.qk_norm_attention(q, k, v, qw, kw_, **kw)
+
+    with kernels.use_backend("triton"):  # chosen outside the graph; dispatch runs at trace time
+        out = torch.compile(f, fullgraph=True, backend=backend)(*leaves)
+        ref = f(*leaves)
+    torch.testing.assert_close(out, ref)
+    gc = torch.autograd.grad(out.sum(), leaves)
+    gr = torch.autograd.grad(ref.sum(), leaves)
+    for a, b in zip(gc, gr, strict=True):
+        torch.testing.assert_close(a, b)
+    assert "kiln.qk_norm_attention_fwd.default" in seen
+
+
+def test_model_trains_on_the_triton_backend_with_the_reference_losses(tmp_path, run_config):
+    from kiln.engine.metrics import read_metrics
+    from kiln.engine.train import train
+
+    losses = {}
+    for backend in ("torch", "triton"):
+        cfg = run_config(steps=3)
+        cfg.model.heads = 2  # width 32 -> head dim 16, the smallest the kernel takes
+        cfg.train.kernel_backend = backend
+        cfg.sample.num_prompts, cfg.sample.steps = 2, 1
+        train(cfg, tmp_path / backend)
+        losses[backend] = [r["loss"] for r in read_metrics(tmp_path / backend) if "loss" in r]
+    assert len(losses["triton"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-6)
+
+
+def test_reasons_name_what_the_triton_backend_cannot_run():
+    q = torch.randn(1, 8, 2, 24)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="head dim 24 is not a multiple"):
+        kernels.qk_norm_attention(q, q, q, torch.ones(24), torch.ones(24))
+
+
+def test_sm90_compile_check():
+    """Every kernel compiles for Hopper (sm_90a) without a GPU; registers, shared memory and spills
+    are printed (pytest -s). In a subprocess without TRITON_INTERPRET."""
+    code = ("import json; from kiln.kernels.qk_norm_attention_triton import compile_for_sm90; "
+            "print(json.dumps(compile_for_sm90()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(reports) == 5 * 5  # 5 kernels x (bf16 D64/128/256, fp16 D128, fp32 D64)
+    for r in reports:
+        print(r)
+        # 16-bit (the training path): no spills; fp32 (correctness path, FMA dots): 32 bytes seen
+        assert r["registers"] and r["registers"] <= 255 and r["spills"] <= (64 if r["dtype"] == "fp32" else 0), r
