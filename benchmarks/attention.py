@@ -13,6 +13,8 @@ Providers:
   flash-attn  flash_attn_func on pre-normalised Q, K (when installed)
   triton      kiln's whole op (pre-pass + flash attention), use_backend("triton")
   triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target)
+  prepass+cudnn  kiln's Triton norm+RoPE pre-pass (kiln.kernels.qk_norm_rope) then cuDNN SDPA:
+              the other whole-op design; whichever of it and "triton" wins is the one to ship
 Shapes: DiT sequence lengths 1k-16k including 4096 image + 77 text tokens, D = 64 and 128,
 H·D = 1536 and 3072, bf16, ~16k tokens per batch.
 """
@@ -73,7 +75,13 @@ def providers(kw):
         from kiln.kernels.qk_norm_attention_triton import attention_fwd
         return _CoreAttention.apply(q, k, v, attention_fwd)
 
-    out = {"triton": whole("triton"), "triton-core": triton_core, "eager": whole("torch"),
+    def prepass_cudnn(q, k, v, qw, kw_):
+        with kernels.use_backend("triton"):
+            qn, kn = kernels.qk_norm_rope(q, k, qw, kw_, **kw)
+        return sdpa("cudnn")(qn, kn, v, qw, kw_)
+
+    out = {"triton": whole("triton"), "triton-core": triton_core, "prepass+cudnn": prepass_cudnn,
+           "eager": whole("torch"),
            "sdpa-flash": sdpa("flash"), "sdpa-cudnn": sdpa("cudnn")}
     try:
         from flash_attn import flash_attn_func

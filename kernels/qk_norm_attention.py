@@ -11,8 +11,9 @@ outputs at padded positions stay finite. Packed QKV (B, S, 3, H, D) works throug
 (``qkv.unbind(2)``): nothing here needs contiguous inputs.
 
 Dtype policy: norm and RoPE in fp32, attention in the input dtype (fp32 accumulation inside
-SDPA), output in the input dtype. Backends: torch (this file). The Triton kernel arrives with
-its own issue and registers here through the same dispatch point.
+SDPA), output in the input dtype. Backends: torch (this file's reference with upcast=False) and
+triton (``qk_norm_attention_triton.py``: norm+RoPE pre-pass, flash attention forward/backward,
+wrapped below as the ``kiln::qk_norm_attention_fwd/bwd`` custom ops).
 """
 
 from __future__ import annotations
@@ -23,21 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
-from kiln.kernels.rope import rotate_half
-
-
-def _norm_rope(x, weight, token_group, cos, sin, eps, cdt):
-    # x (B, S, H, D) -> normalised and rotated, in dtype cdt
-    xc = x.to(cdt)
-    w = weight.to(cdt)
-    if w.dim() == 2:
-        w = w[token_group] if token_group is not None else w[0].expand(x.shape[1], -1)
-        w = w[:, None, :]  # (S, 1, D)
-    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * w
-    if cos is not None:
-        c, s = cos.to(cdt)[:, None, :], sin.to(cdt)[:, None, :]
-        y = y * c + rotate_half(y) * s
-    return y
+from kiln.kernels.qk_norm_rope import norm_rope
 
 
 def _attention_mask(key_padding_mask, causal, s_q, s_k, device):
@@ -75,8 +62,8 @@ def qk_norm_attention_ref(
     ndt = compute_dtype(q.dtype)  # the norm's statistics are at least fp32 either way
     B, S, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qn = _norm_rope(q, q_weight, token_group, cos, sin, eps, ndt).to(cdt)
-    kn = _norm_rope(k, k_weight, token_group, cos, sin, eps, ndt).to(cdt)
+    qn = norm_rope(q, q_weight, token_group, cos, sin, eps, ndt).to(cdt)
+    kn = norm_rope(k, k_weight, token_group, cos, sin, eps, ndt).to(cdt)
     mask = _attention_mask(key_padding_mask, causal, S, k.shape[1], q.device)
     out = F.scaled_dot_product_attention(
         qn.transpose(1, 2), kn.transpose(1, 2), v.to(cdt).transpose(1, 2), attn_mask=mask,
@@ -172,7 +159,7 @@ def _qkna_bwd_op(
     dqn, dkn, dv = T.attention_bwd(dout, qn, kn, v, out, lse, key_padding_mask, scale, causal)
     dq, dqw = T.norm_rope_bwd(dqn, q, q_weight, token_group, cos, sin, rstd_q)
     dk, dkw = T.norm_rope_bwd(dkn, k, k_weight, token_group, cos, sin, rstd_k)
-    return dq, dk, dv.contiguous(), dqw, dkw
+    return dq, dk, dv, dqw, dkw
 
 
 @_qkna_bwd_op.register_fake

@@ -265,7 +265,7 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr,
-    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, scale, scale_log2,
+    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -298,16 +298,15 @@ def _attn_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     out_mask = (offs_n < S)[:, None] & dm[None, :]
-    base = bh * S * D  # dk, dv are (B, H, S, D) contiguous scratch, transposed by the caller
-    tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=out_mask)
-    tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+    g_off = b * sgb + h * sgh + offs_n[:, None] * sgs + offs_d[None, :]  # dk, dv: (B, S, H, D)
+    tl.store(dk_ptr + g_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptr + g_off, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dq_ptr,
-    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, scale, scale_log2,
+    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -337,8 +336,8 @@ def _attn_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(dq_ptr + bh * S * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=q_mask)
+    tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 def _pad_arg(key_padding_mask, q):
@@ -382,18 +381,18 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S)
     pad, has_pad = _pad_arg(key_padding_mask, q)
-    dq = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+    dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
     block_m, block_n, _, warps = attn_config(q.dtype, D)
     common = dict(D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
                   HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype),
                   num_warps=warps)
-    strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2))
+    strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2), *dq.stride()[:3])
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * H)](
         q, k, v, do, lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common)
     _attn_bwd_dq_kernel[(triton.cdiv(S, block_m), B * H)](
         q, k, v, do, lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    return dq, dk, dv
 
 
 def default_scale(D: int, scale: float | None) -> float:
@@ -430,8 +429,8 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
             **qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32, "H": i32, **strides,
             "sob": i32, "sos": i32, "soh": i32, "scale_log2": "fp32"}, attn, warps_fwd))
         common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
-        tail = {"S": i32, "H": i32, **strides, "sdb": i32, "sds": i32, "sdh": i32, "scale": "fp32",
-                "scale_log2": "fp32"}
+        tail = {"S": i32, "H": i32, **strides, "sdb": i32, "sds": i32, "sdh": i32, "sgb": i32, "sgs": i32,
+                "sgh": i32, "scale": "fp32", "scale_log2": "fp32"}
         reports.append(compile_sm90(_attn_bwd_dkdv_kernel, {
             **common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}, attn, warps_bwd))
         reports.append(compile_sm90(_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}, attn, warps_bwd))

@@ -1,0 +1,120 @@
+"""QK RMSNorm + RoPE without the attention: the pre-kernel that feeds SDPA or flash-attn.
+
+Forward, q and k (B, S, H, D) (views of a packed (B, S, 3, H, D) work; V is untouched):
+    q_out = rope(rmsnorm(q) * q_weight[g(s)]),  k_out likewise with k_weight
+with the conventions of :func:`kiln.kernels.qk_norm_attention` ((D,) or (G, D) weights,
+``token_group`` (S,), rotate-half ``cos``/``sin`` (S, D) or None). Dtype policy: statistics and
+rotation in fp32, outputs in the input dtype.
+Backends: torch (this reference), triton (the pre-pass of the attention kernel,
+``kernels/qk_norm_attention_triton.py``; forward and backward with the weight gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
+from kiln.kernels.rope import rotate_half
+
+
+def norm_rope(x, weight, token_group, cos, sin, eps, cdt):
+    """x (B, S, H, D) -> RMS-normalised with the token's weight row, then rotated, in dtype cdt."""
+    xc = x.to(cdt)
+    w = weight.to(cdt)
+    if w.dim() == 2:
+        w = w[token_group] if token_group is not None else w[0].expand(x.shape[1], -1)
+        w = w[:, None, :]  # (S, 1, D)
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * w
+    if cos is not None:
+        c, s = cos.to(cdt)[:, None, :], sin.to(cdt)[:, None, :]
+        y = y * c + rotate_half(y) * s
+    return y
+
+
+def qk_norm_rope_ref(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6,
+                     upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch definition of :func:`qk_norm_rope`; ``upcast=False`` computes in the input dtype."""
+    cdt = compute_dtype(q.dtype, upcast)
+    qo = norm_rope(q, q_weight, token_group, cos, sin, eps, cdt).to(q.dtype)
+    ko = norm_rope(k, k_weight, token_group, cos, sin, eps, cdt).to(k.dtype)
+    return qo, ko
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, *,
+                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                 token_group: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm + rotate-half RoPE of q and k (B, S, H, D); returns (q_out, k_out)."""
+    return dispatch("qk_norm_rope", q, k, q_weight, k_weight, cos=cos, sin=sin, token_group=token_group, eps=eps)
+
+
+register("qk_norm_rope", "torch", qk_norm_rope_ref)
+
+
+# --- Triton backend ----------------------------------------------------------------------------
+@torch.library.custom_op("kiln::qk_norm_rope_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+            cos: torch.Tensor | None, sin: torch.Tensor | None, token_group: torch.Tensor | None, eps: float,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels.qk_norm_attention_triton import norm_rope_fwd
+
+    qo, rq = norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+    ko, rk = norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+    return qo, ko, rq, rk
+
+
+@_fwd_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, token_group, eps):
+    B, S, H, D = q.shape
+    stats = q.new_empty((B, S, H), dtype=torch.float32)
+    return q.new_empty((B, S, H, D)), k.new_empty((B, S, H, D)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("kiln::qk_norm_rope_bwd", mutates_args=())
+def _bwd_op(dqo: torch.Tensor, dko: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+            k_weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            token_group: torch.Tensor | None, rstd_q: torch.Tensor, rstd_k: torch.Tensor,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kiln.kernels.qk_norm_attention_triton import norm_rope_bwd
+
+    dq, dqw = norm_rope_bwd(dqo, q, q_weight, token_group, cos, sin, rstd_q)
+    dk, dkw = norm_rope_bwd(dko, k, k_weight, token_group, cos, sin, rstd_k)
+    return dq, dk, dqw, dkw
+
+
+@_bwd_op.register_fake
+def _(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k):
+    shape = tuple(q.shape)
+    return q.new_empty(shape), k.new_empty(shape), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+def _setup(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, token_group, eps = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, token_group, output[2], output[3])
+
+
+def _backward(ctx, dqo, dko, _drq, _drk):
+    q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k = ctx.saved_tensors
+    dq, dk, dqw, dkw = _bwd_op(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k)
+    return dq, dk, dqw, dkw, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _triton_backend(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6):
+    qo, ko, _, _ = _fwd_op(q, k, q_weight, k_weight, cos, sin, token_group, eps)
+    return qo, ko
+
+
+def _triton_reasons(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6) -> list[str]:
+    reasons = [r for r in [triton_device_reason(q)] if r]
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.dtype != k.dtype:
+        reasons.append(f"q, k dtypes {q.dtype}, {k.dtype}: need one of fp32/fp16/bf16 for both")
+    if q.dim() != 4 or q.shape != k.shape:
+        reasons.append(f"q, k shapes {tuple(q.shape)}, {tuple(k.shape)}: need equal (B, S, H, D)")
+    elif q.shape[-1] % 2 or q.shape[-1] > 256:
+        reasons.append(f"head dim {q.shape[-1]} must be even and at most 256")
+    return reasons
+
+
+register("qk_norm_rope", "triton", _triton_backend, _triton_reasons)
