@@ -121,15 +121,42 @@ def _run_one(name: str, cfg: RunConfig, out: Path, sweep, device: str | None) ->
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
         for value in (sweep[1] if sweep else []):
             dest = run_dir / "evals" / f"{sweep[0]}={value}.json"
-            if (run_dir / "summary.json").is_file() and not dest.is_file() and not _diverged(run_dir):
-                subprocess.run(_kiln("eval", str(run_dir), "--set", f"{sweep[0]}={value}", "--out", str(dest)),
-                               stdout=log, stderr=subprocess.STDOUT, check=False)
+            if not (run_dir / "summary.json").is_file() or dest.is_file() or _diverged(run_dir):
+                continue
+            if _same_as_trained(cfg, sweep[0], value):  # the final evaluation already scored it
+                _eval_from_summary(run_dir, f"{sweep[0]}={value}", dest)
+                continue
+            subprocess.run(_kiln("eval", str(run_dir), "--set", f"{sweep[0]}={value}", "--out", str(dest)),
+                           stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - t0
     timing_path = run_dir / "ablate_timing.json"
     previous = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.is_file() else 0.0
     if run_dir.is_dir():
         atomic_write_text(timing_path, json.dumps({"wall_seconds": previous + wall}) + "\n")
     return {"name": name, "wall_seconds": previous + wall, "ok": (run_dir / "summary.json").is_file()}
+
+
+def _effective_sample(cfg: RunConfig) -> dict:
+    sample = dict(cfg.to_dict()["sample"])
+    if sample["captions"] == "same":
+        sample["captions"] = cfg.data.captions
+    return sample
+
+
+def _same_as_trained(cfg: RunConfig, key: str, value) -> bool:
+    """Would ``kiln eval --set key=value`` score exactly what the run's final evaluation did?"""
+    from kiln.engine.config import from_dict
+
+    other = from_dict(cfg.to_dict())
+    apply_override(other, f"{key}={value}")
+    return _effective_sample(other) == _effective_sample(cfg)
+
+
+def _eval_from_summary(run_dir: Path, override: str, dest: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scores = {"step": summary["steps"], "overrides": [override], **summary["adherence"],
+              "heldout_loss": summary["heldout_loss"], "from_final_evaluation": True}
+    atomic_write_text(dest, json.dumps(scores, indent=2) + "\n")
 
 
 def _diverged(run_dir: Path) -> bool:

@@ -21,7 +21,7 @@ STUDY = Study(
     question="Does uniform t differ from logit-normal in 4 steps?",
     common=SHRINK,
     variants={"logit-normal": [], "uniform t": ["objective.timesteps=uniform"]},
-    sweep=("sample.cfg_scale", [1.0, 3.0]),
+    sweep=("sample.cfg_scale", [1.0, 4.0]),
     steps=4,
 )
 '''
@@ -35,7 +35,7 @@ def test_two_variant_study_runs_reports_and_skips_finished_runs(tmp_path):
     assert [r["variant"] for r in report["runs"]] == ["logit-normal", "uniform t"]
     for run in report["runs"]:
         assert not run["failed"] and run["diverged_at_step"] is None
-        assert [row["label"].split(", ")[-1] for row in run["rows"]] == ["cfg_scale=1.0", "cfg_scale=3.0"]
+        assert [row["label"].split(", ")[-1] for row in run["rows"]] == ["cfg_scale=1.0", "cfg_scale=4.0"]
         for row in run["rows"]:
             assert math.isfinite(row["heldout_loss"]) and 0 <= row["adherence"]["colors"] <= 1
         assert [e[1] for e in run["eval_curve"]] == [8, 16, 24, 32]  # every steps // 4, images seen
@@ -46,7 +46,12 @@ def test_two_variant_study_runs_reports_and_skips_finished_runs(tmp_path):
     rows = report["runs"][0]["rows"]
     assert rows[0]["heldout_loss"] == pytest.approx(rows[1]["heldout_loss"])
     md = (out / "report.md").read_text()
-    assert "| logit-normal, cfg_scale=1.0 |" in md and "| uniform t, cfg_scale=3.0 |" in md
+    assert "| logit-normal, cfg_scale=1.0 |" in md and "| uniform t, cfg_scale=4.0 |" in md
+    # 4.0 is the trained config's own scale: taken from the final evaluation, not re-sampled
+    reused = json.loads((out / "runs" / "uniform-t" / "evals" / "sample.cfg_scale=4.0.json").read_text())
+    assert reused["from_final_evaluation"] is True
+    assert "from_final_evaluation" not in json.loads(
+        (out / "runs" / "uniform-t" / "evals" / "sample.cfg_scale=1.0.json").read_text())
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adherence.png").is_file()
     assert json.loads((out / "report.json").read_text())["study"] == "tiny_test"
 

@@ -13,7 +13,7 @@ def test_torch_backend_always_available():
 
 def test_every_op_has_a_reference_backend():
     ops = kernels.implemented_ops()
-    for op in ("rms_norm", "apply_rope", "qk_norm_attention", "group_norm", "adaln_modulate"):
+    for op in ("rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_attention", "group_norm", "adaln_modulate"):
         assert "torch" in ops[op]
 
 
