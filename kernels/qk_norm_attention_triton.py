@@ -206,6 +206,22 @@ def norm_rope_bwd(dy, x, weight, token_group, cos, sin, rstd):
 # Flash attention on the normalised tensors
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _tile(ptr, b, h, sb, ss, sh, offs, offs_d, S, dm, UPCAST: tl.constexpr):
+    """The (len(offs), BLOCK_D) tile of tokens ``offs`` of (batch b, head h); zeros outside."""
+    x = tl.load(ptr + b * sb + h * sh + offs[:, None] * ss + offs_d[None, :],
+                mask=(offs < S)[:, None] & dm[None, :], other=0.0)
+    return x.to(tl.float32) if UPCAST else x
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, bh, S, offs_m):
+    """Forward log-sum-exp (base 2) and rowsum(dO * O) of queries ``offs_m``."""
+    lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
+    delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+    return lse, delta
+
+
+@triton.jit
 def _scores(q, k_t, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
             PREC: tl.constexpr):
     """Scaled scores in base 2 for a (BLOCK_M, BLOCK_N) tile and its validity mask."""
@@ -231,21 +247,15 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dm = offs_d < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
-                mask=(offs_m < S)[:, None] & dm[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
     m_i = tl.full((BLOCK_M,), NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < S)[:, None] & dm[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
+        v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
         s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -274,23 +284,16 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dm = offs_d < D
-    kv_mask = (offs_n < S)[:, None] & dm[None, :]
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
+    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
+    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_mask = (offs_m < S)[:, None] & dm[None, :]
-        q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            q, do = q.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
-        delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+        q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
+        do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
         s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
@@ -316,21 +319,15 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dm = offs_d < D
     q_mask = (offs_m < S)[:, None] & dm[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q, do = q.to(tl.float32), do.to(tl.float32)
-    lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
-    delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+    q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
+    do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < S)[:, None] & dm[None, :]
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
+        v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
         s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)

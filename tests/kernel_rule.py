@@ -4,6 +4,11 @@ max|ours - ref_fp64| <= 2 * max|torch_lowp - ref_fp64| + floor · (1 + max|ref|)
 and every gradient, where torch_lowp is the plain-PyTorch op in the same low precision.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -16,3 +21,16 @@ def assert_within_twice_torch(names, ours, ref, lowp, dtype):
         err = (o.double() - r).abs().max().item()
         bound = 2 * (lo.double() - r).abs().max().item() + FLOOR[dtype] * (1 + r.abs().max().item())
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def sm90_reports(module: str) -> list[dict]:
+    """``module.compile_for_sm90()`` in a subprocess without TRITON_INTERPRET (the interpreter's
+    kernels cannot be compiled); returns its per-kernel reports, printed for ``pytest -s``."""
+    code = f"import json; from {module} import compile_for_sm90; print(json.dumps(compile_for_sm90()))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in reports:
+        print(r)
+    return reports

@@ -1,14 +1,10 @@
 """Triton GroupNorm under TRITON_INTERPRET=1 (CPU) — FlashAttention's 2x rule for the output and
 every gradient: max|out - ref_fp64| <= 2 * max|torch_lowp - ref_fp64| + floor."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from kernel_rule import assert_within_twice_torch
+from kernel_rule import assert_within_twice_torch, sm90_reports
 
 from kiln import kernels
 from kiln.kernels.group_norm import _gn_bwd_op, _gn_fwd_op
@@ -143,13 +139,7 @@ def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, with at most a few spilled bytes.
 
     In a subprocess without TRITON_INTERPRET (the interpreter's kernels cannot be compiled)."""
-    code = ("import json; from kiln.kernels.group_norm_triton import compile_for_sm90; "
-            "print(json.dumps(compile_for_sm90()))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = sm90_reports("kiln.kernels.group_norm_triton")
     assert len(reports) == 24
     for r in reports:
-        print(r)  # registers / shared memory / spills per kernel and block config (pytest -s)
         assert r["spills"] <= 64 and r["registers"] and r["registers"] <= 255, r  # 8-byte spills seen in fp32 fwd

@@ -2,15 +2,11 @@
 output and all five gradients (q, k, v, q_weight, k_weight), on shapes that are not multiples of
 the 64x64 blocks, with G = 1 and 2, with and without RoPE and padding, causal and not."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from kernel_rule import assert_within_twice_torch
+from kernel_rule import assert_within_twice_torch, sm90_reports
 
 from kiln import kernels
 from kiln.kernels.qk_norm_attention import _qkna_bwd_op, _qkna_fwd_op
@@ -175,14 +171,8 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU; registers, shared memory and spills
     are printed (pytest -s). In a subprocess without TRITON_INTERPRET."""
-    code = ("import json; from kiln.kernels.qk_norm_attention_triton import compile_for_sm90; "
-            "print(json.dumps(compile_for_sm90()))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = sm90_reports("kiln.kernels.qk_norm_attention_triton")
     assert len(reports) == 5 * 5  # 5 kernels x (bf16 D64/128/256, fp16 D128, fp32 D64)
     for r in reports:
-        print(r)
         # 16-bit (the training path): no spills; fp32 (correctness path, FMA dots): 32 bytes seen
         assert r["registers"] and r["registers"] <= 255 and r["spills"] <= (64 if r["dtype"] == "fp32" else 0), r
