@@ -4,6 +4,7 @@
     kiln eval RUN_DIR [--set sample.cfg_scale=2 ...] [--out FILE.json]
     kiln ablate STUDY [--steps N] [--out DIR] [--jobs N] | kiln ablate --list
     kiln model info PRESET [--resolution PX] [--text-tokens L]
+    kiln model scaling PRESET [--gpus 8,64,512] [--batch-per-gpu N] [--resolution PX] [--ac MODE]
     kiln backends
     kiln bench step [RECIPE] [--steps N] [--set a.b=c] [--out FILE.jsonl]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +39,11 @@ def _train(args) -> None:
         cfg = config_file(args.config) if args.config else recipe(args.recipe or "tiny")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.recipe}-{stamp}"
-        if run_dir.exists() and any(run_dir.iterdir()):
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if restarted and _has_checkpoint(run_dir):  # torchrun --max-restarts: continue the run
+            args.resume, cfg = str(run_dir), load_run_config(run_dir)
+        elif os.environ.get("RANK", "0") == "0" and run_dir.exists() and any(run_dir.iterdir()):
+            # rank 0 alone: other torchrun ranks may start after rank 0 has created the folder
             raise KilnError(f"run directory {run_dir} already exists and is not empty: "
                             f"use --resume {run_dir} to continue it, or another --out")
     if args.steps is not None:
@@ -46,13 +52,30 @@ def _train(args) -> None:
         apply_override(cfg, assignment)
     cfg.validate()
     print(f"kiln: run directory {run_dir}", file=sys.stderr)
-    summary = train(cfg, run_dir, resume=bool(args.resume))
+    summary = train(cfg, run_dir, resume=bool(args.resume), fail_at_step=_injected_failure(args))
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
+        return
     keys = ("steps", "final_loss", "heldout_loss", "images_per_second", "adherence", "stage_seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     if summary["diverged_at_step"] is not None:
         print(f"kiln: training diverged (non-finite loss) at step {summary['diverged_at_step']}; "
               f"the last good checkpoint in {run_dir} is kept", file=sys.stderr)
         sys.exit(3)
+
+
+def _injected_failure(args) -> int | None:
+    """--fail-at-step applies to one rank (the last) and to torchrun's first attempt only, so
+    that a restart (--max-restarts) can show that the run resumes."""
+    if args.fail_at_step is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return None
+    last = int(os.environ.get("WORLD_SIZE", "1")) - 1
+    return args.fail_at_step if int(os.environ.get("RANK", "0")) == last else None
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from kiln.engine import checkpoint
+
+    return bool(checkpoint.list_checkpoints(run_dir))
 
 
 def config_file(path: str):
@@ -111,6 +134,14 @@ def _model_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _model_scaling(args) -> None:
+    from kiln.engine.scaling import table
+    from kiln.model.presets import preset
+
+    gpus = tuple(int(g) for g in args.gpus.split(","))
+    print(table(args.preset, preset(args.preset), gpus, args.batch_per_gpu, args.resolution, args.ac))
+
+
 def _backends(_args) -> None:
     from kiln import kernels
 
@@ -139,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<recipe>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="a.b=c", help="override a config field")
+    t.add_argument("--fail-at-step", type=int, metavar="N",
+                   help="fault injection: raise in step N (under torchrun: on the last rank, first attempt only)")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="held-out adherence and loss of a run's latest checkpoint")
     e.add_argument("run_dir")
@@ -160,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
     info.add_argument("--text-tokens", type=int, default=77)
     info.set_defaults(fn=_model_info)
+    sc = msub.add_parser("scaling", help="memory, communication and the layout to use at N GPUs")
+    sc.add_argument("preset")
+    sc.add_argument("--gpus", default="8,64,512", help="comma-separated GPU counts")
+    sc.add_argument("--batch-per-gpu", type=int, default=4, help="global batch = this x GPUs")
+    sc.add_argument("--resolution", type=int, default=1024)
+    sc.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
+    sc.set_defaults(fn=_model_scaling)
     b = sub.add_parser("backends", help="which kernel backends can run here, and why not")
     b.set_defaults(fn=_backends)
     bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))

@@ -127,7 +127,7 @@ class EMAConfig:
 class SampleConfig:
     steps: int = 25  # Euler steps
     cfg_scale: float = 4.0
-    num_prompts: int = 64  # held-out prompts scored for adherence
+    num_prompts: int = 64  # held-out prompts scored for adherence (0 = no evaluation)
     every: int = 0  # sample + score every N train steps (0 = only at the end)
     grid_size: int = 16  # images in the PNG grid
     use_ema: bool = True  # sample from the EMA weights (when ema.enabled) or the raw weights
@@ -138,7 +138,7 @@ class SampleConfig:
     def validate(self) -> None:
         _positive("sample.steps", self.steps)
         _positive("sample.cfg_scale", self.cfg_scale, strict=False)
-        _positive("sample.num_prompts", self.num_prompts)
+        _positive("sample.num_prompts", self.num_prompts, strict=False)
         _positive("sample.every", self.every, strict=False)
         _positive("sample.grid_size", self.grid_size, strict=False)
         _choice("sample.captions", self.captions, ("same", "short", "long"))
@@ -176,6 +176,62 @@ class TrainConfig:
         _choice("train.kernel_backend", self.kernel_backend, ("auto", "torch", "triton", "csrc"))
 
 
+AXES = ("dp_replicate", "dp_shard", "tp", "pp")
+
+
+@dataclass
+class ParallelConfig:
+    """Layout over ``torchrun`` processes: the product of the four axes is the world size.
+
+    Mesh order (outer to inner) is pp, dp_replicate, dp_shard, tp: TP talks most and stays
+    within a node (8 GPUs on NVLink), FSDP next, pipeline and replicas cross nodes.
+    """
+
+    dp_replicate: int = 1  # HSDP replicas (each holds a full shard set; gradients all-reduced)
+    dp_shard: int = -1  # FSDP2 shards; -1 fills whatever the other axes leave of the world
+    tp: int = 1  # tensor + sequence parallel degree (heads, MLP hidden, modulation sharded)
+    pp: int = 1  # pipeline stages (blocks split by FLOPs)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
+    microbatches: int = 0  # per step and data-parallel rank; 0 = one per pipeline stage
+    virtual_stages: int = 2  # stages per rank for interleaved-1f1b
+    activation_checkpoint: str = "none"  # none | selective (every other block) | full
+    compile: bool = False  # torch.compile each block (after AC, before FSDP)
+    shard_text_encoder: bool = False  # FSDP-shard the frozen text encoder over dp (big towers)
+    async_checkpoint: bool = False  # torch.distributed.checkpoint.async_save
+    timeout_s: int = 600  # collective timeout: a hung or dead rank ends the run after this
+
+    def validate(self) -> None:
+        fills = [a for a in AXES if getattr(self, a) == -1]
+        if len(fills) > 1:
+            raise ConfigError(f"parallel: only one of {', '.join(AXES)} may be -1, got {', '.join(fills)}")
+        for a in AXES:
+            if getattr(self, a) != -1:
+                _positive(f"parallel.{a}", getattr(self, a))
+        _choice("parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved-1f1b"))
+        _positive("parallel.microbatches", self.microbatches, strict=False)
+        _positive("parallel.virtual_stages", self.virtual_stages)
+        _choice("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
+        _positive("parallel.timeout_s", self.timeout_s)
+
+    def sizes(self, world: int) -> dict[str, int]:
+        """The four axis sizes for ``world`` processes (-1 filled); errors name the fields."""
+        fixed = 1
+        for a in AXES:
+            fixed *= max(1, getattr(self, a))
+        sizes = {a: getattr(self, a) for a in AXES}
+        for a in AXES:
+            if sizes[a] == -1:
+                if world % fixed:
+                    raise ConfigError(f"parallel: world size {world} is not divisible by the fixed axes "
+                                      f"({fixed}), so parallel.{a}=-1 cannot fill it")
+                sizes[a] = world // fixed
+        product = sizes["dp_replicate"] * sizes["dp_shard"] * sizes["tp"] * sizes["pp"]
+        if product != world:
+            raise ConfigError(f"parallel: dp_replicate x dp_shard x tp x pp = {product} but the world size is "
+                              f"{world}; set one axis to -1 or make the product {world}")
+        return sizes
+
+
 @dataclass
 class StageConfig:
     """One stage of multi-stage training: ``steps`` steps at ``resolution`` with ``batch_size``."""
@@ -209,6 +265,7 @@ class RunConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Multi-stage training (e.g. 32 px then 48 px); empty = one stage at data.resolution with
     # train.batch_size. Stage steps must add up to train.steps; sampling uses the current stage's
     # resolution. Set from the command line as JSON:

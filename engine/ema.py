@@ -8,30 +8,46 @@ draw shapes.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    """fp32 copies of the parameters, named as in the full model.
+
+    Under FSDP / TP the copies are DTensors with the parameters' placements, so each rank keeps
+    and updates only its own shard (no gather); checkpoints reshard them like the weights.
+    """
+
+    def __init__(self, parts: nn.Module | list[nn.Module], decay: float):
         self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.params = {n: p.detach().clone() for n, p in _named(parts)}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, parts: nn.Module | list[nn.Module]) -> None:
         weight = 1.0 - self.current_decay()
         self.updates += 1
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], weight)
+        named = _named(parts)
+        torch._foreach_lerp_([_local(self.params[n]) for n, _ in named], [_local(p.detach()) for _, p in named], weight)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates}
+        return {"params": self.params, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
         self.updates = int(state["updates"])
+
+
+def _named(parts: nn.Module | list[nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    parts = parts if isinstance(parts, list) else [parts]
+    return [(n, p) for part in parts for n, p in part.named_parameters()]

@@ -104,7 +104,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """
     from kiln import kernels
     from kiln.engine import checkpoint
-    from kiln.engine.config import apply_override
+    from kiln.engine.config import ParallelConfig, apply_override
     from kiln.engine.errors import ConfigError
     from kiln.engine.train import Trainer, load_run_config
 
@@ -116,7 +116,8 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     cfg.validate()
     backend = None if cfg.train.kernel_backend == "auto" else cfg.train.kernel_backend
     with kernels.use_backend(backend):
+        cfg.parallel = ParallelConfig()  # scoring runs in one process, whatever layout trained the run
         trainer = Trainer(cfg, run_dir)
-        trainer.load_state_dict(checkpoint.load(checkpoint.latest(run_dir), map_location=trainer.device))
+        trainer.resume_from(checkpoint.latest(run_dir))
         scores = trainer.run_eval(None)
     return {"step": trainer.step, "overrides": list(overrides), **scores}

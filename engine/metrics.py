@@ -25,7 +25,7 @@ def device_name(device: torch.device) -> str:
 
 
 class StageTimer:
-    STAGES = ("data", "text", "forward", "backward", "optimizer", "sampling", "checkpoint")
+    STAGES = ("data", "text", "forward", "backward", "pipeline", "optimizer", "sampling", "checkpoint")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

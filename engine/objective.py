@@ -40,9 +40,14 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple
     return (1 - tb) * x0 + tb * noise, noise - x0
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by "" with probability p (the unconditional branch of CFG)."""
+def caption_drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which captions become "" (the unconditional branch of CFG), each with probability p.
+
+    Drawn for the whole global batch so that every data-parallel layout drops the same samples."""
     if p == 0:
-        return list(captions)
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.rand(n, generator=generator) < p
+
+
+def drop_captions(captions: list[str], drop: torch.Tensor) -> list[str]:
+    return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]

@@ -42,21 +42,29 @@ def muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 
 
 class Optimizers:
-    """One or two torch optimizers with one LR schedule, stepped and checkpointed together."""
+    """The torch optimizers of one run with one LR schedule, stepped and checkpointed together.
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device):
+    One AdamW per model part (pipeline stages held by this rank; one part otherwise), or AdamW
+    plus Muon on a single part. Per-part optimizers keep the distributed checkpoint keyed by
+    parameter name, so it loads into any other layout.
+    """
+
+    def __init__(self, cfg: RunConfig, parts: nn.Module | list[nn.Module], device: torch.device):
         o = cfg.optim
+        self.parts = parts if isinstance(parts, list) else [parts]
         adamw = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                      fused=device.type == "cuda")
         if o.name == "muon":
-            matrices, rest = muon_params(model)
+            if len(self.parts) != 1:
+                raise ValueError("optim.name=muon trains one model part (no pipeline stages)")
+            matrices, rest = muon_params(self.parts[0])
             self.opts = [torch.optim.AdamW(rest, **adamw),
                          torch.optim.Muon(matrices, lr=o.lr, weight_decay=o.weight_decay,
                                           adjust_lr_fn="match_rms_adamw")]
         else:
-            self.opts = [torch.optim.AdamW(model.parameters(), **adamw)]
+            self.opts = [torch.optim.AdamW(part.parameters(), **adamw) for part in self.parts]
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)) for opt in self.opts]
-        self.params = [p for p in model.parameters()]
+        self.params = [p for part in self.parts for p in part.parameters()]
         self.bf16_storage = o.weight_storage == "bf16"
 
     def step(self) -> None:
@@ -78,8 +86,35 @@ class Optimizers:
     def load_state_dict(self, state: dict) -> None:
         for opt, s in zip(self.opts, state["optimizers"], strict=True):
             opt.load_state_dict(s)
-        for sched, s in zip(self.scheds, state["schedulers"], strict=True):
-            sched.load_state_dict(s)
+        self.load_schedulers(state["schedulers"])
+
+    def load_schedulers(self, states: list[dict]) -> None:
+        for sched in self.scheds:  # every scheduler follows the same schedule
+            sched.load_state_dict(states[0])
+
+    # distributed checkpoints: optimizer state keyed by parameter name, schedules apart
+    def sharded_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        out = {}
+        for part, opt in zip(self.parts, self.opts, strict=True):
+            out.update(get_optimizer_state_dict(part, opt, options=_FLAT))
+        return out
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        for part, opt in zip(self.parts, self.opts, strict=True):
+            set_optimizer_state_dict(part, opt, state, options=_FLAT)
+
+
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+_FLAT = _flat_options()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,15 +25,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kiln import kernels
-from kiln.engine import checkpoint
+from kiln.engine import checkpoint, parallel
 from kiln.engine.config import RunConfig, from_dict
 from kiln.engine.data.loader import ShapesLoader, to_model_range
 from kiln.engine.ema import EMA
+from kiln.engine.errors import KilnError
 from kiln.engine.evaluate import evaluate, heldout_loss
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name
-from kiln.engine.objective import drop_captions, interpolate, sample_timesteps
+from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
 from kiln.engine.optim import Optimizers
 from kiln.model.mmdit import MMDiT
+from kiln.model.presets import count_params
 from kiln.model.text_encoder import build_text_encoder
 
 
@@ -52,31 +55,47 @@ def autocast_factory(device: torch.device, precision: str):
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = resolve_device(cfg.train.device)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = parallel.device_for_rank(cfg.train.device) if distributed else resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        self.dist = d = parallel.init(cfg, self.device)
+        self.is_main = d.rank == 0
         torch.manual_seed(cfg.seed)
         self.encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
         self.encoder.to(self.device)
         self.encoder.batch_invariant = cfg.train.deterministic
+        if cfg.parallel.shard_text_encoder and d.dp_mesh() is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.encoder, mesh=d.dp_mesh())  # frozen: gathered per forward, never reduced
         cfg.model.text_dim, cfg.model.pooled_dim = self.encoder.width, self.encoder.pooled_dim
-        self.model = MMDiT(cfg.model).to(self.device)  # fp32 master weights
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
-        self.opt = Optimizers(cfg, self.model, self.device)
+        self.autocast = autocast_factory(self.device, cfg.train.precision)
+        bf16 = self.autocast is not contextlib.nullcontext
+        self.parts = parallel.build_parts(cfg, d, self.device, bf16)  # fp32 master weights
+        self.model = self.parts[0]
+        self.ema = EMA(self.parts, cfg.ema.decay) if cfg.ema.enabled else None
+        self.opt = Optimizers(cfg, self.parts, self.device)
+        self.schedule = self._build_schedule() if d.sizes["pp"] > 1 else None
         self.stage = cfg.stage_at(0)
         self.loader = self._make_loader(self.stage)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # t and noise
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # t
         self.cpu_gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout
-        self.autocast = autocast_factory(self.device, cfg.train.precision)
+        self.noise_gen = torch.Generator(device=self.device)  # reseeded per sample
         self.timer = StageTimer(self.device)
         self.step = 0
+        self._eval_copy: MMDiT | None = None
+        self._pending_save: checkpoint.ShardedSave | None = None  # async_checkpoint in flight
+
+    def _build_schedule(self):
+        return parallel.build_schedule(self.cfg, self.dist, self.parts, self.device, _loss)
 
     def _make_loader(self, stage) -> ShapesLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
-        return ShapesLoader(data, stage.batch_size)
+        return ShapesLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
 
     def enter_stage(self) -> None:
         """Switch resolution / batch size at a stage boundary; the sample order carries on."""
@@ -85,6 +104,8 @@ class Trainer:
             state = self.loader.state_dict()
             self.stage, self.loader = stage, self._make_loader(stage)
             self.loader.load_state_dict(state)
+            if self.schedule is not None:  # stages learn activation shapes on their first step
+                self.schedule = self._build_schedule()
 
     def images_seen(self, step: int) -> int:
         """Training images consumed by the first ``step`` steps (stages may change the batch)."""
@@ -97,12 +118,10 @@ class Trainer:
         return seen
 
     # -- checkpoint state --------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _extra_state(self) -> dict:
+        """Everything but tensors sharded by the layout; the same on every rank."""
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "optimizer": self.opt.state_dict(),
             "rng": {"gen": self.gen.get_state(), "cpu_gen": self.cpu_gen.get_state(),
                     "torch": torch.get_rng_state()},
             "data": self.loader.state_dict(),
@@ -110,12 +129,26 @@ class Trainer:
             "config": self.cfg.to_json(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """Single-process checkpoint (one file)."""
+        return {**self._extra_state(), "model": self.model.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "optimizer": self.opt.state_dict()}
+
+    def sharded_state(self) -> tuple[dict, dict]:
+        """Distributed checkpoint: (tensors keyed by parameter name, resharded on load; extras)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        model = {}
+        for part in self.parts:
+            model.update(get_model_state_dict(part))
+        tensors = {"model": model, "optimizer": self.opt.sharded_state_dict(),
+                   "ema": self.ema.params if self.ema else {}}
+        extra = {**self._extra_state(), "schedulers": [s.state_dict() for s in self.opt.scheds],
+                 "ema_updates": self.ema.updates if self.ema else 0, "layout": self.dist.sizes}
+        return tensors, extra
+
+    def _load_extra(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
         # RNG states are CPU byte tensors even for a CUDA generator; map_location moved them
         self.gen.set_state(state["rng"]["gen"].cpu())
         self.cpu_gen.set_state(state["rng"]["cpu_gen"].cpu())
@@ -123,48 +156,158 @@ class Trainer:
         self.stage = self.cfg.stage_at(self.step)
         self.loader = self._make_loader(self.stage)
         self.loader.load_state_dict(state["data"])
+        if self.schedule is not None:
+            self.schedule = self._build_schedule()
         self.timer.seconds.update(state.get("stage_seconds", {}))
 
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self._load_extra(state)
+
+    def resume_from(self, path: Path) -> None:
+        """Load a checkpoint: a single-process file, or a distributed one (any layout)."""
+        if path.is_file():
+            if self.dist.enabled:
+                raise KilnError(f"{path} is a single-process checkpoint; resume it with one process "
+                                "(multi-process runs read torch.distributed.checkpoint folders)")
+            self.load_state_dict(checkpoint.load(path, map_location=self.device))
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        tensors, _ = self.sharded_state()
+        extra = checkpoint.load_sharded(path, tensors)
+        for part in self.parts:
+            set_model_state_dict(part, tensors["model"], options=_NON_STRICT)
+        self.opt.load_sharded_state_dict(tensors["optimizer"])
+        self.opt.load_schedulers(extra["schedulers"])
+        if self.ema is not None:
+            self.ema.updates = int(extra["ema_updates"])
+        self._load_extra(extra)
+
+    def save_checkpoint(self) -> None:
+        with self.timer.stage("checkpoint"):
+            if self.dist.enabled:
+                self.finish_checkpoint()
+                tensors, extra = self.sharded_state()
+                background = self.cfg.parallel.async_checkpoint
+                pending = checkpoint.save_sharded(self.run_dir, self.step, tensors, extra,
+                                                  self.cfg.train.keep_ckpts, self.is_main, background)
+                self._pending_save = pending if background else None
+            else:
+                checkpoint.save(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_ckpts)
+
+    def finish_checkpoint(self) -> None:
+        """Publish a checkpoint still being written in the background (async_checkpoint)."""
+        if self._pending_save is not None:
+            self._pending_save.finish()
+            self._pending_save = None
+
     # -- one step ----------------------------------------------------------------------
+    def _noise(self, shape: tuple, first: int) -> torch.Tensor:
+        """Noise for this rank's samples, each drawn from its own position in the data stream:
+        the same numbers in every layout, and a resume needs no generator state for them."""
+        d = self.dist
+        rows = []
+        for j in range(shape[0]):
+            position = first + d.dp_rank + j * d.dp_size  # global index of local sample j
+            self.noise_gen.manual_seed((self.cfg.seed * 1_000_003 + position) % (2**63))
+            rows.append(torch.randn(shape[1:], generator=self.noise_gen, device=self.device))
+        return torch.stack(rows)
+
     def train_step(self) -> torch.Tensor:
-        cfg, t = self.cfg, self.timer
+        cfg, t, d = self.cfg, self.timer, self.dist
+        B = self.stage.batch_size  # global batch; this rank holds every dp-th sample
+        local = slice(d.dp_rank, None, d.dp_size)
+        # per-sample randomness is drawn for the global batch, then sliced: identical in every layout
+        drop = caption_drop_mask(B, cfg.data.caption_dropout, self.cpu_gen)[local]
+        side = self.stage.resolution // cfg.model.patch_size
+        times = sample_timesteps(cfg.objective, B, side * side, self.gen, self.device)[local]
+        first = self.images_seen(self.step)
+        for part in self.parts:
+            part.grid = (side, side)
+        needs_data = d.first_stage or d.last_stage
         with t.stage("data"):
-            batch = self.loader.next_batch()
-            captions = drop_captions(batch.captions, cfg.data.caption_dropout, self.cpu_gen)
+            batch = self.loader.next_batch() if needs_data else self.loader.next_indices()
+        if needs_data:
             x0 = to_model_range(batch.images.to(self.device, non_blocking=True))
-            micro = batch.micro.to(self.device, non_blocking=True)
-        with t.stage("text"):
-            text = self.encoder.encode(captions)
-        B, _, H, W = x0.shape
-        tokens = (H // cfg.model.patch_size) * (W // cfg.model.patch_size)
-        times = sample_timesteps(cfg.objective, B, tokens, self.gen, self.device)
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
-        xt, target = interpolate(x0, noise, times)
-        with t.stage("forward"), self.autocast():
-            pred = self.model(xt, times, text.tokens, text.mask, text.pooled, micro)
-            loss = F.mse_loss(pred.float(), target)
-        with t.stage("backward"):
-            loss.backward()
+            xt, target = interpolate(x0, self._noise(tuple(x0.shape), first), times)
+        if d.first_stage:
+            with t.stage("text"):
+                text = self.encoder.encode(drop_captions(batch.captions, drop))
+            inputs = (xt, times, text.tokens, text.mask, text.pooled, batch.micro.to(self.device))
+        if self.schedule is None:
+            with t.stage("forward"), self.autocast():
+                loss = _loss(self.model(*inputs), target)
+            with t.stage("backward"):
+                loss.backward()
+        else:
+            with t.stage("pipeline"), self.autocast():
+                loss = self._pipeline_step(inputs if d.first_stage else (), target if d.last_stage else None)
         with t.stage("optimizer"):
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                parallel.clip_grad_norm_(self.parts, cfg.optim.grad_clip, d)
             self.opt.step()
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self.parts)
         return loss.detach()
 
-    def eval_model(self) -> torch.nn.Module:
-        return self.ema.model if self.ema is not None and self.cfg.sample.use_ema else self.model
+    def _pipeline_step(self, inputs: tuple, target: torch.Tensor | None) -> torch.Tensor:
+        """One pipelined forward + backward over the microbatches; the last stage's mean loss."""
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*inputs, target=target, losses=losses if target is not None else None)
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+
+    # -- evaluation --------------------------------------------------------------------
+    def eval_model(self) -> torch.nn.Module | None:
+        """The weights to sample from (EMA or raw) as one plain model on rank 0; None elsewhere.
+
+        Sharded or pipelined weights are gathered to rank 0, which evaluates alone."""
+        use_ema = self.ema is not None and self.cfg.sample.use_ema
+        if not use_ema and not self.dist.enabled:
+            return self.model
+        named = self.ema.params if use_ema else {n: p for part in self.parts for n, p in part.named_parameters()}
+        full = parallel.full_weights(named, self.dist)
+        if full is None:
+            return None
+        if self._eval_copy is None:  # built on meta: no init work, no draw from the global RNG
+            with torch.device("meta"):
+                model = MMDiT(dataclasses.replace(self.cfg.model)).requires_grad_(False)
+            self._eval_copy = model.to_empty(device=self.device)
+        self._eval_copy.load_state_dict(full)
+        return self._eval_copy
 
     def run_eval(self, tag: str | None) -> dict:
-        """Adherence per attribute and the held-out loss (key ``heldout_loss``) at the current stage."""
+        """Adherence per attribute and the held-out loss (key ``heldout_loss``) at the current stage.
+
+        Every rank takes part (weights are gathered); rank 0 scores, the others get {}."""
         res = self.stage.resolution
         png = self.run_dir / "samples" / f"{tag}.png" if tag else None
-        with self.timer.stage("sampling"):
-            scores = evaluate(self.cfg, self.eval_model(), self.encoder, self.device, self.autocast, png, res)
-            scores["heldout_loss"] = heldout_loss(self.cfg, self.eval_model(), self.encoder, self.device,
-                                                  self.autocast, res)
+        scores = {}
+        if self.cfg.sample.num_prompts:
+            with self.timer.stage("sampling"):
+                model = self.eval_model()
+                if model is not None:
+                    scores = evaluate(self.cfg, model, self.encoder, self.device, self.autocast, png, res)
+                    scores["heldout_loss"] = heldout_loss(self.cfg, model, self.encoder, self.device,
+                                                          self.autocast, res)
+        parallel.barrier(self.dist)
         return scores
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.float(), target)
+
+
+def _non_strict():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)  # a pipeline stage holds some of the names
+
+
+_NON_STRICT = _non_strict()
 
 
 class Diverged(Exception):
@@ -173,13 +316,15 @@ class Diverged(Exception):
         self.step = step
 
 
-def _flush(log: MetricsLog, trainer: Trainer, buffered: list, t_window: float, bar) -> list[float]:
-    losses = torch.stack([b[1] for b in buffered]).tolist()  # the one host sync per window
+def _flush(log: MetricsLog | None, trainer: Trainer, buffered: list, t_window: float, bar) -> list[float]:
+    # the one host sync per window; on several ranks, the global (data-parallel mean) losses
+    losses = parallel.global_mean(torch.stack([b[1] for b in buffered]), trainer.dist).tolist()
     ips = len(buffered) * trainer.stage.batch_size / max(t_window, 1e-9)
-    for (step, _, lr), loss in zip(buffered, losses, strict=True):
-        log.write({"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
-                   "images_seen": trainer.images_seen(step)})
-    log.flush()
+    if log is not None:
+        for (step, _, lr), loss in zip(buffered, losses, strict=True):
+            log.write({"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
+                       "images_seen": trainer.images_seen(step)})
+        log.flush()
     bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
     bad = [step for (step, _, _), loss in zip(buffered, losses, strict=True) if not math.isfinite(loss)]
     if bad and trainer.cfg.train.stop_on_divergence:
@@ -190,33 +335,56 @@ def _flush(log: MetricsLog, trainer: Trainer, buffered: list, t_window: float, b
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, fail_at_step: int | None = None) -> dict:
     """Train ``cfg`` into ``run_dir``; ``resume`` continues from its latest checkpoint.
 
-    ``fail_at_step`` raises inside that step (tests use it to simulate a crash).
+    ``fail_at_step`` raises inside that step (tests use it to simulate a crash). Under torchrun
+    every rank calls this; rank 0 alone writes the run directory.
     """
     run_dir = Path(run_dir)
     cfg.validate()
     backend_ctx = kernels.use_backend(None if cfg.train.kernel_backend == "auto" else cfg.train.kernel_backend)
     with backend_ctx:
         trainer = Trainer(cfg, run_dir)
-        if resume:
-            trainer.load_state_dict(checkpoint.load(checkpoint.latest(run_dir), map_location=trainer.device))
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-        return _loop(trainer, fail_at_step)
+        try:
+            if resume:
+                trainer.resume_from(checkpoint.latest(run_dir))
+            elif trainer.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            if trainer.is_main:
+                checkpoint.atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+            parallel.barrier(trainer.dist)
+            summary = _loop(trainer, fail_at_step)
+        except Exception as e:
+            if trainer.dist.enabled:  # torchrun prints every rank's traceback; this line names ours
+                print(f"kiln: rank {trainer.dist.rank} failed at step {trainer.step + 1}: {_why(e, cfg)}",
+                      file=sys.stderr, flush=True)
+            # no process-group teardown here: peers may sit in a collective, and tearing down would
+            # wait for them; exiting lets torchrun stop (or restart) the whole group at once
+            raise
+        parallel.shutdown(trainer.dist)
+        return summary
+
+
+def _why(e: Exception, cfg: RunConfig) -> str:
+    text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"a collective timed out after parallel.timeout_s={cfg.parallel.timeout_s} s: another rank "
+                f"has probably died or hung; its own 'kiln: rank N failed' line names it ({text})")
+    return f"{type(e).__name__}: {text}"
 
 
 def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    log = MetricsLog(run_dir, resume_step=trainer.step)
+    cfg, run_dir, d = trainer.cfg, trainer.run_dir, trainer.dist
+    log = MetricsLog(run_dir, resume_step=trainer.step) if trainer.is_main else None
     stop = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True)) \
         if _main_thread() else None
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc=f"kiln train {cfg.recipe}", unit="step",
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not trainer.is_main)
     buffered, all_losses, adherence_hist = [], [], {}
     t_train, t_window = 0.0, time.perf_counter()
+    # several ranks must agree on stopping: they compare their Ctrl-C flags at each flush
+    stopping = (lambda: stop["flag"]) if not d.enabled else (lambda: False)
     try:
-        while trainer.step < cfg.train.steps and not stop["flag"]:
+        while trainer.step < cfg.train.steps and not stopping():
             if fail_at_step is not None and trainer.step + 1 == fail_at_step:
                 raise RuntimeError(f"simulated failure at step {fail_at_step}")
             trainer.enter_stage()
@@ -231,33 +399,48 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
                 all_losses += _flush(log, trainer, buffered, dt, bar)
                 buffered = []
                 if _due(trainer.step, cfg.train.ckpt_every) or at_end:
-                    with trainer.timer.stage("checkpoint"):
-                        checkpoint.save(run_dir, trainer.step, trainer.state_dict(), cfg.train.keep_ckpts)
+                    trainer.save_checkpoint()
                 if _due(trainer.step, cfg.sample.every) and not at_end:
                     adherence_hist[trainer.step] = scores = trainer.run_eval(f"step_{trainer.step:08d}")
-                    log.write({"step": trainer.step, "images_seen": trainer.images_seen(trainer.step),
-                               **_eval_metrics(scores)})
+                    if log is not None:
+                        log.write({"step": trainer.step, "images_seen": trainer.images_seen(trainer.step),
+                                   **_eval_metrics(scores)})
+                if d.enabled and parallel.any_rank(stop["flag"], d):
+                    stop["flag"] = True
+                    break
                 t_window = time.perf_counter()
         if stop["flag"]:  # Ctrl-C: the step in flight finished; keep it and stop
             if buffered:
                 all_losses += _flush(log, trainer, buffered, time.perf_counter() - t_window, bar)
-            checkpoint.save(run_dir, trainer.step, trainer.state_dict(), cfg.train.keep_ckpts)
+            trainer.save_checkpoint()
+            trainer.finish_checkpoint()
             raise KeyboardInterrupt
+        trainer.finish_checkpoint()
         final = trainer.run_eval("final")
-        log.write({"step": trainer.step, "images_seen": trainer.images_seen(trainer.step), **_eval_metrics(final)})
-    except Diverged as d:  # nothing of the broken weights is saved; the last checkpoint stays
-        summary = _summary(trainer, all_losses, t_train, {}, adherence_hist, diverged_at=d.step)
-        checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        log.write({"step": d.step, "diverged": True})
+        if log is not None:
+            log.write({"step": trainer.step, "images_seen": trainer.images_seen(trainer.step),
+                       **_eval_metrics(final)})
+    except Diverged as e:  # nothing of the broken weights is saved; the last checkpoint stays
+        trainer.finish_checkpoint()
+        summary = _summary(trainer, all_losses, t_train, {}, adherence_hist, diverged_at=e.step)
+        _write_summary(trainer, summary)
+        if log is not None:
+            log.write({"step": e.step, "diverged": True})
         return summary
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     summary = _summary(trainer, all_losses, t_train, final, adherence_hist)
-    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_summary(trainer, summary)
     return summary
+
+
+def _write_summary(trainer: Trainer, summary: dict) -> None:
+    if trainer.is_main:
+        checkpoint.atomic_write_text(trainer.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _due(step: int, every: int) -> bool:
@@ -296,7 +479,8 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
         "adherence": adherence,
         "adherence_history": {str(k): _split_heldout(v)[0] for k, v in hist.items()},
         "heldout_loss_history": {str(k): _split_heldout(v)[1] for k, v in hist.items()},
-        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "params": count_params(cfg.model),
+        "layout": trainer.dist.sizes,
         "device": device_name(dev),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "config": json.loads(cfg.to_json()),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention
 from kiln.model.layers import MLP, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
+from kiln.model.sequence_parallel import gather_seq, gathered_input, local_replicated, scatter_seq
 
 TEXT_GROUP, IMAGE_GROUP = 0, 1
 
@@ -68,6 +69,7 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, qk_norm):
     """Joint attention on (B, S, H, D) views; QK-norm through the fused op when enabled."""
     cos, sin = rope
     if qk_norm:
+        qw, kw = local_replicated(qw), local_replicated(kw)
         return qk_norm_attention(
             q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask
         )
@@ -78,10 +80,21 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, qk_norm):
     return out.transpose(1, 2)
 
 
+def _heads(qkv: torch.Tensor, head_dim: int):
+    """(B, S, heads*3*D) -> q, k, v views (B, S, heads, D).
+
+    The QKV projections' output features are ordered (head, q|k|v, D), so a column-parallel
+    shard of them (tensor parallelism) holds whole heads with their q, k and v.
+    """
+    B, S, _ = qkv.shape
+    return qkv.view(B, S, -1, 3, head_dim).unbind(3)
+
+
 class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
+        self.tp = None  # tensor-parallel DeviceMesh, set by kiln.engine.parallel
         self.img_mod, self.txt_mod = nn.Linear(w, 6 * w), nn.Linear(w, 6 * w)
         self.img_qkv, self.txt_qkv = nn.Linear(w, 3 * w), nn.Linear(w, 3 * w)
         self.img_proj, self.txt_proj = nn.Linear(w, w), nn.Linear(w, w)
@@ -92,48 +105,62 @@ class DoubleStreamBlock(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(2, cfg.head_dim))
 
     def forward(self, img, txt, c, rope, token_group, key_mask):
-        B, N, W = img.shape
-        L, H = txt.shape[1], self.cfg.heads
-        im = self.img_mod(F.silu(c)).chunk(6, dim=-1)  # 6 x (B, W)
-        tm = self.txt_mod(F.silu(c)).chunk(6, dim=-1)
-        qkv = torch.cat(
-            [self.txt_qkv(adaln_modulate(txt, tm[0], tm[1])), self.img_qkv(adaln_modulate(img, im[0], im[1]))],
-            dim=1,
-        ).view(B, L + N, 3, H, W // H)  # packed (B, S, 3, H, D)
-        q, k, v = qkv.unbind(2)  # views, no copy
+        # img (B, N', W), txt (B, L', W): N' = N/tp, L' = L/tp tokens of this rank under TP
+        L = txt.shape[1] * (self.tp.size() if self.tp is not None else 1)
+        im = local_replicated(self.img_mod(F.silu(c))).chunk(6, dim=-1)  # 6 x (B, W)
+        tm = local_replicated(self.txt_mod(F.silu(c))).chunk(6, dim=-1)
+        qkv = torch.cat([self.txt_qkv(gathered_input(adaln_modulate(txt, tm[0], tm[1]), self.tp)),
+                         self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
+        q, k, v = _heads(qkv, self.cfg.head_dim)  # (B, S, H', D) views of the joint sequence
         attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
-        txt_a, img_a = attn.reshape(B, L + N, W).split([L, N], dim=1)
-        img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N, W)
-        img = img + im[5][:, None] * self.img_mlp(adaln_modulate(img, im[3], im[4]))
-        txt = txt + tm[2][:, None] * self.txt_proj(txt_a)  # (B, L, W)
-        txt = txt + tm[5][:, None] * self.txt_mlp(adaln_modulate(txt, tm[3], tm[4]))
+        txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
+        img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
+        img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
+        txt = txt + tm[2][:, None] * self.txt_proj(txt_a)  # (B, L', W)
+        txt = txt + tm[5][:, None] * self.txt_mlp(gathered_input(adaln_modulate(txt, tm[3], tm[4]), self.tp))
         return img, txt
 
 
 class SingleStreamBlock(nn.Module):
-    """Flux single-stream block: parallel attention and MLP from one fused input projection."""
+    """Flux single-stream block: attention and MLP in parallel from one modulated input.
+
+    Flux fuses QKV with MLP-in and attention-out with MLP-out; kiln keeps four linears (same
+    function, same FLOPs) so that each can be column- or row-parallel on its own.
+    """
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
+        self.tp = None
         self.mod = nn.Linear(w, 3 * w)
-        self.lin1 = nn.Linear(w, 3 * w + cfg.mlp_hidden)
-        self.lin2 = nn.Linear(w + cfg.mlp_hidden, w)
+        self.qkv = nn.Linear(w, 3 * w)
+        self.mlp_in = nn.Linear(w, cfg.mlp_hidden)
+        self.proj = nn.Linear(w, w)
+        self.mlp_out = nn.Linear(cfg.mlp_hidden, w, bias=False)  # one bias for the sum (proj's)
         self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
         self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
 
     def forward(self, x, c, rope, token_group, key_mask):
-        B, S, W = x.shape
-        H = self.cfg.heads
-        shift, scale, gate = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, W)
-        qkv, hidden = self.lin1(adaln_modulate(x, shift, scale)).split([3 * W, self.cfg.mlp_hidden], -1)
-        q, k, v = qkv.view(B, S, 3, H, W // H).unbind(2)
+        # x (B, S', W), S' = S/tp under TP
+        shift, scale, gate = local_replicated(self.mod(F.silu(c))).chunk(3, dim=-1)  # 3 x (B, W)
+        h = gathered_input(adaln_modulate(x, shift, scale), self.tp)
+        q, k, v = _heads(self.qkv(h), self.cfg.head_dim)  # (B, S, H', D)
         attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
-        out = self.lin2(torch.cat([attn.reshape(B, S, W), F.gelu(hidden, approximate="tanh")], -1))
-        return x + gate[:, None] * out  # (B, S, W)
+        out = self.proj(attn.flatten(2)) + self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh"))
+        return x + gate[:, None] * out  # (B, S', W)
 
 
 class MMDiT(nn.Module):
+    """The denoiser; also one pipeline stage of itself.
+
+    ``forward(x, t, text, text_mask, pooled, micro)`` runs the whole model. A pipeline stage
+    (kiln.engine.parallel) is this module with some parts set to ``None`` and some blocks
+    dropped: a stage without the input embedders takes the carrier ``(xs, c, key_mask)`` from the
+    previous stage, and a stage without the output layer hands the carrier on. Blocks live in
+    ModuleDicts keyed by their index, so parameter names are the same in every layout and a
+    checkpoint moves between layouts.
+    """
+
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         cfg.validate()
@@ -144,10 +171,12 @@ class MMDiT(nn.Module):
         self.t_embed = ScalarEmbedder(1, w, scale=1000.0)
         self.size_embed = ScalarEmbedder(6, w, freq_dim=64)
         self.pooled_embed = MLP(cfg.pooled_dim, w, w)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.single_depth))
+        self.double_blocks = nn.ModuleDict({str(i): DoubleStreamBlock(cfg) for i in range(cfg.depth)})
+        self.single_blocks = nn.ModuleDict({str(i): SingleStreamBlock(cfg) for i in range(cfg.single_depth)})
         self.final_mod = nn.Linear(w, 2 * w)
         self.final = nn.Linear(w, cfg.in_channels * p * p)
+        self.grid = (0, 0)  # (h, w) patches of the current batch; set by embed() or the trainer
+        self.tp = None  # tensor-parallel DeviceMesh, set by kiln.engine.parallel
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -156,7 +185,8 @@ class MMDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for emb in (self.t_embed.mlp, self.size_embed.mlp, self.pooled_embed):
             nn.init.normal_(emb.fc1.weight, std=0.02)
             nn.init.normal_(emb.fc2.weight, std=0.02)
@@ -164,8 +194,9 @@ class MMDiT(nn.Module):
             if name.endswith("q_norm") or name.endswith("k_norm"):
                 nn.init.ones_(p)
         if self.cfg.adaln_zero:
-            mods = [b.img_mod for b in self.double_blocks] + [b.txt_mod for b in self.double_blocks]
-            mods += [b.mod for b in self.single_blocks] + [self.final_mod, self.final]
+            doubles = list(self.double_blocks.values())
+            mods = [b.img_mod for b in doubles] + [b.txt_mod for b in doubles]
+            mods += [b.mod for b in self.single_blocks.values()] + [self.final_mod, self.final]
             for m in mods:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -174,46 +205,66 @@ class MMDiT(nn.Module):
         # t (B,), pooled (B, Dp), micro (B, 6) -> c (B, W)
         return self.t_embed(t[:, None]) + self.pooled_embed(pooled) + self.size_embed(micro)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        pooled: torch.Tensor,
-        micro: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor):
         """Predict the velocity for noisy input ``x`` (B, C, H, W) at times ``t`` (B,) in [0, 1].
 
-        text (B, L, text_dim) per-token states, text_mask (B, L) bool (True = real token),
-        pooled (B, pooled_dim), micro (B, 6) = (orig_h, orig_w, crop_top, crop_left,
-        target_h, target_w) in pixels. Returns (B, C, H, W).
+        Inputs ``(x, t, text, text_mask, pooled, micro)``: text (B, L, text_dim) per-token
+        states, text_mask (B, L) bool (True = real token), pooled (B, pooled_dim), micro (B, 6) =
+        (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels. Returns (B, C, H, W).
+        Pipeline stages take / return the carrier instead (see the class docstring).
         """
+        carrier = self.embed(*inputs) if self.img_in is not None else inputs
+        xs = self.run_blocks(*carrier)
+        if self.final is None:
+            return (xs, *carrier[1:])
+        return self.head(xs, carrier[1])
+
+    def embed(self, x, t, text, text_mask, pooled, micro):
+        """-> carrier: xs (B, L+N, W) = [text tokens, image tokens], c (B, W), key_mask (B, L+N) float."""
         cfg = self.cfg
-        B, C, Hpx, Wpx = x.shape
-        h, w = Hpx // cfg.patch_size, Wpx // cfg.patch_size
-        L = text.shape[1]
+        B, _, Hpx, Wpx = x.shape
+        self.grid = h, w = Hpx // cfg.patch_size, Wpx // cfg.patch_size
         img = self.img_in(patchify(x, cfg.patch_size))  # (B, N, W), N = h*w
         if cfg.abs_pos:
             img = img + sincos_2d(h, w, cfg.width, device=x.device).to(img.dtype)
         txt = self.txt_in(text)  # (B, L, W)
         c = self.conditioning(t, pooled, micro)  # (B, W)
-        cos_i, sin_i = rope_2d(h, w, cfg.head_dim, cfg.rope_theta, device=x.device)  # (N, D)
+        # float, not bool: the carrier crosses pipeline stages, whose transport sends float tensors
+        key_mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], 1).to(img.dtype)
+        return torch.cat([txt, img], dim=1), c, key_mask
+
+    def run_blocks(self, xs, c, key_mask):
+        """This module's blocks on the carrier; xs (B, L+N, W) in and out."""
+        cfg = self.cfg
+        h, w = self.grid
+        S, N = xs.shape[1], h * w
+        L = S - N
+        cos_i, sin_i = rope_2d(h, w, cfg.head_dim, cfg.rope_theta, device=xs.device)  # (N, D)
         # text tokens are not rotated: cos = 1, sin = 0 (rows 0..L-1 of the joint sequence)
-        cos = torch.cat([torch.ones(L, cfg.head_dim, device=x.device), cos_i])  # (S, D)
-        sin = torch.cat([torch.zeros(L, cfg.head_dim, device=x.device), sin_i])
+        cos = torch.cat([torch.ones(L, cfg.head_dim, device=xs.device), cos_i])  # (S, D)
+        sin = torch.cat([torch.zeros(L, cfg.head_dim, device=xs.device), sin_i])
         token_group = torch.cat([
-            torch.full((L,), TEXT_GROUP, device=x.device), torch.full((h * w,), IMAGE_GROUP, device=x.device)
+            torch.full((L,), TEXT_GROUP, device=xs.device), torch.full((N,), IMAGE_GROUP, device=xs.device)
         ])  # (S,)
-        key_mask = torch.cat([text_mask, torch.ones(B, h * w, dtype=torch.bool, device=x.device)], 1)
-        rope = (cos.to(img.dtype), sin.to(img.dtype))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, c, rope, token_group, key_mask)
+        rope, mask = (cos.to(xs.dtype), sin.to(xs.dtype)), key_mask > 0.5
+        if len(self.double_blocks):
+            # each stream is split along its own tokens under TP; joined again for single blocks
+            txt, img = scatter_seq(xs[:, :L], self.tp), scatter_seq(xs[:, L:], self.tp)
+            for block in self.double_blocks.values():
+                img, txt = block(img, txt, c, rope, token_group, mask)
+            xs = torch.cat([gather_seq(txt, self.tp), gather_seq(img, self.tp)], dim=1)
         if len(self.single_blocks):
-            xs = torch.cat([txt, img], dim=1)  # (B, S, W)
-            for block in self.single_blocks:
-                xs = block(xs, c, rope, token_group, key_mask)
-            img = xs[:, L:]
+            xs = scatter_seq(xs, self.tp)
+            for block in self.single_blocks.values():
+                xs = block(xs, c, rope, token_group, mask)
+            xs = gather_seq(xs, self.tp)
+        return xs  # (B, S, W)
+
+    def head(self, xs, c):
+        """Carrier -> velocity (B, C, H, W) from the image tokens."""
+        cfg = self.cfg
+        h, w = self.grid
+        img = xs[:, xs.shape[1] - h * w:]  # (B, N, W)
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
         out = self.final(adaln_modulate(img, shift, scale))  # (B, N, C*p*p)
-        return unpatchify(out, cfg.patch_size, C, h, w)  # (B, C, H, W)
+        return unpatchify(out, cfg.patch_size, cfg.in_channels, h, w)  # (B, C, H, W)

@@ -31,7 +31,7 @@ def test_adaln_zero_init_predicts_zero_and_blocks_are_identity():
     cfg = _small()
     model = MMDiT(cfg)
     assert model(*_inputs(cfg, 2, 32, 32)).abs().max() == 0
-    for block in model.double_blocks:
+    for block in model.double_blocks.values():
         assert block.img_mod.weight.abs().sum() == 0 and block.txt_mod.weight.abs().sum() == 0
     assert model.final.weight.abs().sum() == 0
 

@@ -2,7 +2,14 @@ import torch
 
 from kiln.engine.config import ObjectiveConfig
 from kiln.engine.ema import EMA
-from kiln.engine.objective import drop_captions, interpolate, resolution_shift, sample_timesteps, shift_timesteps
+from kiln.engine.objective import (
+    caption_drop_mask,
+    drop_captions,
+    interpolate,
+    resolution_shift,
+    sample_timesteps,
+    shift_timesteps,
+)
 from kiln.engine.sampler import euler_sample
 from kiln.model.text_encoder import TextBatch
 
@@ -37,11 +44,11 @@ def test_resolution_shift_moves_timesteps_toward_noise():
 
 def test_caption_dropout_rate_and_determinism():
     caps = [f"c{i}" for i in range(10000)]
-    a = drop_captions(caps, 0.1, torch.Generator().manual_seed(5))
-    b = drop_captions(caps, 0.1, torch.Generator().manual_seed(5))
+    a = drop_captions(caps, caption_drop_mask(len(caps), 0.1, torch.Generator().manual_seed(5)))
+    b = drop_captions(caps, caption_drop_mask(len(caps), 0.1, torch.Generator().manual_seed(5)))
     assert a == b
     assert abs(sum(c == "" for c in a) / len(a) - 0.1) < 0.01
-    assert drop_captions(caps[:5], 0.0, torch.Generator()) == caps[:5]
+    assert drop_captions(caps[:5], caption_drop_mask(5, 0.0, torch.Generator())) == caps[:5]
 
 
 def _text(b):
@@ -78,15 +85,15 @@ def test_ema_update_is_exponential_average_with_warmup():
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)  # first update: decay min(0.9, 1/10) = 0.1
-    torch.testing.assert_close(ema.model.weight, start + 0.9)
+    torch.testing.assert_close(ema.params["weight"], start + 0.9)
     ema.updates = 1000  # warm: decay 0.9
     ema.update(model)
-    torch.testing.assert_close(ema.model.weight, start + 0.9 + 0.1 * 0.1)
-    assert not ema.model.weight.requires_grad
+    torch.testing.assert_close(ema.params["weight"], start + 0.9 + 0.1 * 0.1)
+    assert not ema.params["weight"].requires_grad
     restored = EMA(torch.nn.Linear(3, 2), decay=0.9)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 1001
-    torch.testing.assert_close(restored.model.weight, ema.model.weight)
+    torch.testing.assert_close(restored.params["weight"], ema.params["weight"])
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():

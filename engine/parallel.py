@@ -1,0 +1,397 @@
+"""Parallel layouts on PyTorch's distributed engine: DeviceMesh, DTensor TP/SP, FSDP2, pipelining.
+
+Launched by ``torchrun`` (``python -m kiln.engine.train`` or ``kiln train``); one process is the
+plain single-device path. Every rank builds the full model from the seed (so every layout
+starts from the weights a single process would), then:
+
+1. pipeline: keeps its stages' blocks (split by FLOPs, parameter names unchanged);
+2. tensor parallel: per block, heads / MLP hidden / modulation outputs column-parallel, the
+   output projections row-parallel, activations sequence-parallel between them
+   (model/sequence_parallel.py); the QK-norm attention op runs on the local heads;
+3. activation checkpointing, then ``torch.compile`` per block, then
+4. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``), bf16 compute
+   params with fp32 master weights and fp32 gradient reduction when training in bf16.
+
+That order (TP -> AC -> compile -> FSDP) is the one that composes (torchtitan). Data: the
+global batch is the single-process batch; data-parallel rank r takes samples r, r+dp, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from kiln.engine.config import RunConfig
+from kiln.engine.errors import ConfigError
+from kiln.model.mmdit import MMDiT
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class Dist:
+    """Where this process sits in the layout. A single process has world 1 and no mesh."""
+
+    sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))
+    rank: int = 0
+    world: int = 1
+    mesh: DeviceMesh | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def coord(self, dim: str) -> int:
+        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+
+    def sub(self, dim: str) -> DeviceMesh | None:
+        return self.mesh[dim] if self.mesh is not None and self.sizes[dim] > 1 else None
+
+    @property
+    def dp_size(self) -> int:
+        return self.sizes["dp_replicate"] * self.sizes["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord("dp_replicate") * self.sizes["dp_shard"] + self.coord("dp_shard")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord("pp")
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.sizes["pp"] - 1
+
+    def dp_mesh(self) -> DeviceMesh | None:
+        """FSDP's mesh: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP; None if dp = 1."""
+        if self.mesh is None or self.dp_size == 1:
+            return None
+        if self.sizes["dp_replicate"] > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.mesh["dp_shard"]
+
+
+def device_for_rank(requested: str) -> torch.device:
+    """torchrun's LOCAL_RANK picks the GPU; CPU runs stay on the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(cfg: RunConfig, device: torch.device) -> Dist:
+    """Join the torchrun process group and build the 4-D mesh (pp, dp_replicate, dp_shard, tp)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = cfg.parallel.sizes(world)
+    check_layout(cfg, sizes)
+    if world == 1:
+        return Dist(sizes)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    mesh = init_device_mesh(device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    return Dist(sizes, dist.get_rank(), world, mesh)
+
+
+def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
+    """Errors for layouts the model or batch cannot be split into, naming the fields."""
+    m, tp, pp = cfg.model, sizes["tp"], sizes["pp"]
+    for name, value in (("model.heads", m.heads), ("model.mlp_hidden (width x mlp_ratio)", m.mlp_hidden),
+                        ("text.max_length", cfg.text.max_length)):
+        if value % tp:
+            raise ConfigError(f"parallel.tp={tp} must divide {name} = {value}")
+    stages = pp * (cfg.parallel.virtual_stages if cfg.parallel.pp_schedule == "interleaved-1f1b" else 1)
+    if pp > 1 and m.depth + m.single_depth < stages:
+        raise ConfigError(f"parallel.pp: {stages} pipeline stages need at least as many blocks, "
+                          f"the model has {m.depth + m.single_depth}")
+    if cfg.optim.name == "muon" and max(sizes.values()) > 1:
+        raise ConfigError("optim.name=muon trains in one process: torch.optim.Muon needs whole, unsharded "
+                          "matrices (use optim.name=adamw with parallel layouts)")
+    dp = sizes["dp_replicate"] * sizes["dp_shard"]
+    for i, stage in enumerate(cfg.stages or [cfg.stage_at(0)]):
+        if stage.batch_size % dp:
+            where = f"stages[{i}].batch_size" if cfg.stages else "train.batch_size"
+            raise ConfigError(f"{where} = {stage.batch_size} must be divisible by the {dp} data-parallel ranks")
+        if pp > 1 and (stage.batch_size // dp) % microbatches(cfg, sizes):
+            raise ConfigError(f"parallel.microbatches = {microbatches(cfg, sizes)} must divide the per-rank "
+                              f"batch {stage.batch_size // dp}")
+        tokens = (stage.resolution // m.patch_size) ** 2
+        if tokens % tp:
+            raise ConfigError(f"parallel.tp={tp} must divide the {tokens} image tokens at {stage.resolution} px")
+
+
+def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
+    p = cfg.parallel
+    stages = sizes["pp"] * (p.virtual_stages if p.pp_schedule == "interleaved-1f1b" else 1)
+    return p.microbatches or stages
+
+
+# -- pipeline split -------------------------------------------------------------------------
+def block_names(model: MMDiT) -> list[tuple[str, str]]:
+    return [("double_blocks", k) for k in model.double_blocks] + [("single_blocks", k) for k in model.single_blocks]
+
+
+def split_points(costs: list[float], n: int) -> list[int]:
+    """Cut a list of block costs into n contiguous groups of ~equal cost; returns n+1 bounds."""
+    total, bounds, acc = sum(costs), [0], 0.0
+    for i, c in enumerate(costs):
+        acc += c
+        want = len(bounds)  # next boundary index
+        left = len(costs) - (i + 1)
+        if want < n and (acc >= total * want / n or left == n - want):
+            bounds.append(i + 1)
+    bounds += [len(costs)] * (n + 1 - len(bounds))
+    return bounds
+
+
+def stage_module(model: MMDiT, stage: int, n: int) -> MMDiT:
+    """A copy of ``model`` keeping stage ``stage`` of ``n``: its blocks, plus the embedders on the
+    first stage and the output layer on the last. Parameter names stay those of the full model.
+
+    Double- and single-stream blocks cost the same per token (4·W² + 2·W·M multiply-adds for the
+    projections and MLP, plus attention), so equal FLOPs means equal block counts."""
+    names = block_names(model)
+    bounds = split_points([1.0] * len(names), n)
+    keep = set(names[bounds[stage]:bounds[stage + 1]])
+    part = copy.deepcopy(model)
+    for kind, key in names:
+        if (kind, key) not in keep:
+            del getattr(part, kind)[key]
+    if stage > 0:
+        part.img_in = part.txt_in = part.t_embed = part.size_embed = part.pooled_embed = None
+    if stage < n - 1:
+        part.final_mod = part.final = None
+    return part
+
+
+def stage_ids(d: Dist, cfg: RunConfig) -> list[int]:
+    """Stages held by this rank: r, r+pp, ... (loop order; interleaved schedules hold several)."""
+    v = cfg.parallel.virtual_stages if cfg.parallel.pp_schedule == "interleaved-1f1b" else 1
+    return [d.pp_rank + i * d.sizes["pp"] for i in range(v)]
+
+
+# -- tensor parallel -----------------------------------------------------------------------
+def apply_tp(model: MMDiT, tp: DeviceMesh) -> None:
+    """Shard every block over ``tp`` (see model/sequence_parallel.py for the activations)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    # modulation: column-parallel compute, replicated (B, 6W) result (a small all-gather)
+    mod = ColwiseParallel(output_layouts=Replicate(), use_local_output=False)
+    col, row = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1))
+    plans = {
+        "double_blocks": {"img_mod": mod, "txt_mod": mod, "img_qkv": col, "txt_qkv": col,
+                          "img_proj": row, "txt_proj": row, "img_mlp.fc1": col, "img_mlp.fc2": row,
+                          "txt_mlp.fc1": col, "txt_mlp.fc2": row},
+        "single_blocks": {"mod": mod, "qkv": col, "mlp_in": col, "proj": row, "mlp_out": row},
+    }
+    model.tp = tp
+    for kind, plan in plans.items():
+        for block in getattr(model, kind).values():
+            parallelize_module(block, tp, plan)
+            for name in ("q_norm", "k_norm"):  # replicated; gradients summed over the heads' ranks
+                p = getattr(block, name)
+                setattr(block, name, nn.Parameter(distribute_tensor(p.data, tp, [Replicate()])))
+            block.tp = tp
+
+
+# -- activation checkpointing and compile ----------------------------------------------------
+def _save_matmuls_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten._scaled_dot_product_efficient_attention.default,
+           torch.ops.aten._scaled_dot_product_flash_attention.default,
+           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+    kiln_attn = getattr(torch.ops.kiln, "qk_norm_attention_fwd", None)
+    if kiln_attn is not None:
+        ops.add(kiln_attn.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_ac(model: MMDiT, mode: str) -> None:
+    """full: keep only each block's inputs, recompute the block in backward. selective: keep
+    matmul and attention outputs, recompute norms, modulation and activations (cheap, and most
+    of the activation bytes at large width)."""
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
+    for kind in ("double_blocks", "single_blocks"):
+        for block in getattr(model, kind).values():
+            # forward is replaced on the instance, not wrapped in a module: parameter names stay
+            block.forward = partial(checkpoint, block.forward, **kwargs)
+
+
+def apply_compile(model: MMDiT) -> None:
+    for kind in ("double_blocks", "single_blocks"):
+        for block in getattr(model, kind).values():
+            block.compile()  # in place: parameter names stay
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------
+def apply_fsdp(model: MMDiT, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for kind in ("double_blocks", "single_blocks"):
+        for block in getattr(model, kind).values():
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def build_parts(cfg: RunConfig, d: Dist, device: torch.device, bf16: bool) -> list[MMDiT]:
+    """The model pieces this rank trains: the whole model, or its pipeline stages; sharded."""
+    torch.manual_seed(cfg.seed)
+    full = MMDiT(cfg.model)  # same init on every rank and in a single process
+    if d.sizes["pp"] > 1:
+        n = d.sizes["pp"] * len(stage_ids(d, cfg))
+        parts = [stage_module(full, s, n) for s in stage_ids(d, cfg)]
+    else:
+        parts = [full]
+    for part in parts:
+        part.to(device)
+        if d.sub("tp") is not None:
+            apply_tp(part, d.sub("tp"))
+        apply_ac(part, cfg.parallel.activation_checkpoint)
+        if cfg.parallel.compile:
+            apply_compile(part)
+        if d.dp_mesh() is not None:
+            apply_fsdp(part, d.dp_mesh(), bf16, reshard_after_forward=d.sizes["pp"] == 1)
+    return parts
+
+
+# -- pipeline schedule -------------------------------------------------------------------------
+def build_schedule(cfg: RunConfig, d: Dist, parts: list[MMDiT], device: torch.device, loss_fn):
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    ids = stage_ids(d, cfg)
+    n = d.sizes["pp"] * len(ids)
+    group = d.mesh["pp"].get_group()
+    stages = [PipelineStage(part, sid, n, device, group=group) for part, sid in zip(parts, ids, strict=True)]
+    mb = microbatches(cfg, d.sizes)
+    if cfg.parallel.pp_schedule == "interleaved-1f1b":
+        return ScheduleInterleaved1F1B(stages, n_microbatches=mb, loss_fn=loss_fn)
+    kind = ScheduleGPipe if cfg.parallel.pp_schedule == "gpipe" else Schedule1F1B
+    return kind(stages[0], n_microbatches=mb, loss_fn=loss_fn)
+
+
+# -- gradients across the layout -----------------------------------------------------------------
+def _local_sq_norm(g: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Squared norm of this rank's piece, and the mesh groups it must be summed over."""
+    if not isinstance(g, DTensor):
+        return g.detach().float().pow(2).sum(), ()
+    if any(isinstance(p, Partial) for p in g.placements):  # a partial sum: finish it first
+        g = g.redistribute(g.device_mesh, [Replicate() if isinstance(p, Partial) else p for p in g.placements])
+    groups = tuple(g.device_mesh.get_group(i) for i, p in enumerate(g.placements) if isinstance(p, Shard))
+    return g.to_local().detach().float().pow(2).sum(), groups
+
+
+@torch.no_grad()
+def clip_grad_norm_(parts: list[nn.Module], max_norm: float, d: Dist) -> torch.Tensor:
+    """Global gradient norm over every shard, stage and TP piece; scales gradients to max_norm."""
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    if not d.enabled:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sums: dict[tuple, list] = {}  # mesh groups to sum over -> this rank's squared norms
+    for p in params:
+        sq, groups = _local_sq_norm(p.grad)
+        sums.setdefault(groups, []).append(sq)
+    total = torch.zeros((), device=params[0].grad.device if params else "cpu")
+    for groups, squares in sums.items():  # one all-reduce per kind of sharding, not per tensor
+        value = torch.stack(squares).sum()
+        for g in groups:
+            dist.all_reduce(value, group=g)
+        total = total + value
+    if d.sizes["pp"] > 1:  # each stage holds different parameters
+        dist.all_reduce(total, group=d.mesh["pp"].get_group())
+    norm = total.sqrt()
+    coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return norm
+
+
+def global_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Losses averaged over data-parallel ranks; on pipeline layouts sent from the last stage."""
+    if not d.enabled:
+        return values
+    v = values.detach().clone() if d.last_stage else torch.zeros_like(values)
+    dist.all_reduce(v)  # sum over every rank: dp ranks of the last stage x tp copies
+    return v / (d.dp_size * d.sizes["tp"])
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when it is true on one (a Ctrl-C seen by some ranks stops all)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(t.item())
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for small host-side values (NCCL only moves GPU tensors)."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+@torch.no_grad()
+def full_weights(named: dict[str, torch.Tensor], d: Dist) -> dict[str, torch.Tensor] | None:
+    """Unsharded copies of ``named`` (parameter name -> tensor, possibly DTensor) on rank 0.
+
+    Every rank must call it. Shards are all-gathered within each stage; stages other than the
+    first send theirs to rank 0 from their (dp 0, tp 0) rank. Returns None on other ranks."""
+    full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for n, t in named.items()}
+    if not d.enabled:
+        return full
+    if d.sizes["pp"] > 1 and d.dp_rank == 0 and d.coord("tp") == 0:
+        pieces = [None] * d.sizes["pp"] if d.rank == 0 else None
+        dist.gather_object({n: t.cpu() for n, t in full.items()}, pieces, dst=0, group=d.mesh["pp"].get_group())
+        if d.rank == 0:
+            device = next(iter(full.values())).device
+            full = {n: t.to(device) for piece in pieces for n, t in piece.items()}
+    return full if d.rank == 0 else None
+
+
+def shutdown(d: Dist) -> None:
+    global _CPU_GROUP
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+        _CPU_GROUP = None

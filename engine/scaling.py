@@ -1,0 +1,138 @@
+"""Scaling model: memory per GPU, traffic per step and a modelled step time for any layout.
+
+``kiln model scaling PRESET`` prints, per GPU count, the layout with the shortest modelled step
+that fits in 80 GiB. These are formulas with stated constants, not measurements.
+
+Memory (bytes per GPU), with P parameters sharded over dp_shard·tp·pp:
+  weights fp32 4P + gradients fp32 4P + AdamW 8P + EMA fp32 4P, all / (dp_shard·tp·pp)
+  + two blocks of bf16 parameters gathered at once (FSDP prefetch): 2·2·P_block/tp
+  + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
+    W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
+    22·W selective (matmul outputs kept), 2·W full (block input only); / tp (sequence- or
+    head-sharded); for the micro-batch and the blocks of the stage (1F1B keeps pp micro-batches
+    in flight on stage 0, each over 1/pp of the blocks).
+Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data):
+  FSDP  all-gather bf16 params in forward and again in backward, reduce-scatter fp32 grads:
+        (2 + 2 + 4)·P/(tp·pp)·(d-1)/d, d = dp_shard
+  HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(d·tp·pp)·(r-1)/r
+  TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
+        4 backward: 16·S·W·(t-1)/t
+  PP    per image and stage boundary: the carrier S·W bf16 forward and its gradient back.
+A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
+dp_shard, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
+Step time: compute at 50% of 989 TFLOP/s (H100 bf16); FSDP/HSDP traffic overlaps compute
+(prefetch), TP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
+(3pp-1) slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from kiln.model.mmdit import MMDiTConfig
+from kiln.model.presets import count_params, forward_flops
+
+GIB = 2**30
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": 34, "selective": 22, "full": 2}
+# H100 SXM: 989 TFLOP/s dense bf16 at an assumed 50% MFU; NVLink 450 GB/s per GPU per direction
+# inside a node of 8; InfiniBand 400 Gb/s = 50 GB/s per GPU between nodes.
+GPU_FLOPS, MFU, NVLINK, IB, NODE = 989e12, 0.5, 450e9, 50e9, 8
+
+
+@dataclass
+class Estimate:
+    layout: dict[str, int]
+    memory_gib: float
+    intra_gib: float  # bytes per GPU per step over NVLink
+    inter_gib: float  # bytes per GPU per step between nodes
+    seconds: float  # modelled step time
+    images: int  # global batch
+
+    def row(self, gpus: int) -> str:
+        lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
+        return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
+                f"{self.seconds:.2f} | {self.images / self.seconds / gpus:.2f} |")
+
+
+def tokens(cfg: MMDiTConfig, resolution: int, text_tokens: int) -> tuple[int, int]:
+    side = resolution // 8 if cfg.in_channels != 3 else resolution  # latent presets: 8x VAE
+    n = (side // cfg.patch_size) ** 2
+    return n + text_tokens, side
+
+
+def _crosses_nodes(stride: int, size: int) -> bool:
+    """Does a mesh dimension with this stride and size span more than one node of 8 GPUs?"""
+    return size > 1 and stride * size > NODE
+
+
+def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
+             text_tokens: int = 77, ac: str = "selective", params: int | None = None) -> Estimate:
+    """One layout; ``dp_batch`` images per data-parallel rank (shared by its tp·pp GPUs)."""
+    P = params or count_params(cfg)
+    blocks = cfg.depth + cfg.single_depth
+    p_block = P / max(1, blocks)  # embedders and output layer are <1% of the larger presets
+    r, d, t, pp = (layout[k] for k in ("dp_replicate", "dp_shard", "tp", "pp"))
+    S, side = tokens(cfg, resolution, text_tokens)
+    W = cfg.width
+    master = (4 + 4 + 8 + 4) * P / (d * t * pp)
+    gathered = 2 * 2 * p_block / t
+    micro = dp_batch if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
+    in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
+    acts = micro * in_flight * S * (blocks / pp) * ACT_BYTES_PER_TOKEN_WIDTH[ac] * W / t
+    # mesh (pp, dp_replicate, dp_shard, tp): strides t·d·r, t·d, t, 1
+    fsdp = (8 * P / (t * pp)) * (d - 1) / d
+    hsdp = 2 * 4 * P / (d * t * pp) * (r - 1) / r
+    tp_bytes = dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
+    pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
+    comm = [(fsdp, _crosses_nodes(t, d)), (hsdp, _crosses_nodes(t * d, r)), (tp_bytes, False),
+            (pp_bytes, _crosses_nodes(t * d * r, pp))]
+    inter = sum(b for b, x in comm if x)
+    intra = sum(b for b, x in comm if not x)
+    compute = 3 * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp) / (GPU_FLOPS * MFU)
+    # FSDP / HSDP traffic overlaps compute (prefetch); TP sits on the critical path; 1F1B idles
+    # (pp - 1) of (micro-batches + pp - 1) slots
+    dp_time = (fsdp if _crosses_nodes(t, d) else 0) / IB + (fsdp if not _crosses_nodes(t, d) else 0) / NVLINK \
+        + hsdp / (IB if _crosses_nodes(t * d, r) else NVLINK)
+    bubble = (pp - 1) / (2 * pp + pp - 1) if pp > 1 else 0.0
+    seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK + pp_bytes / IB
+    images = dp_batch * d * r
+    return Estimate(layout, (master + gathered + acts) / GIB, intra / GIB, inter / GIB, seconds, images)
+
+
+def layouts(gpus: int):
+    """Every layout of ``gpus`` with tp inside a node and powers of two elsewhere."""
+    for t, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
+        if gpus % (t * pp):
+            continue
+        dp = gpus // (t * pp)
+        for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+            if dp % r == 0:
+                yield {"dp_replicate": r, "dp_shard": dp // r, "tp": t, "pp": pp}
+
+
+def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
+              ac: str = "selective") -> tuple[Estimate | None, list[Estimate]]:
+    """The layout to use: fits in ``gpu_gib`` with 10% headroom, then the shortest modelled step."""
+    fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
+    for lay in layouts(gpus):
+        dp = lay["dp_replicate"] * lay["dp_shard"]
+        if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
+            continue
+        est = estimate(cfg, lay, global_batch // dp, resolution, ac=ac, params=params)
+        if est.memory_gib <= 0.9 * gpu_gib:
+            fits.append(est)
+    fits.sort(key=lambda e: (round(e.seconds, 3), e.layout["tp"] * e.layout["pp"], e.inter_gib))
+    return (fits[0] if fits else None), fits
+
+
+def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,
+          resolution: int = 1024, ac: str = "selective") -> str:
+    lines = [f"{name}: {count_params(cfg) / 1e9:.2f} B parameters, {resolution} px, global batch "
+             f"{batch_per_gpu} x GPUs, activation checkpointing {ac}", "",
+             "| GPUs | layout | memory GiB/GPU | NVLink GiB/GPU/step | inter-node GiB/GPU/step | "
+             "modelled step s | images/s/GPU |", "|---|---|---|---|---|---|---|"]
+    for g in gpu_counts:
+        best, _ = recommend(cfg, g, g * batch_per_gpu, resolution=resolution, ac=ac)
+        lines.append(best.row(g) if best else f"| {g} | nothing fits in 80 GiB | | | | | |")
+    return "\n".join(lines)
