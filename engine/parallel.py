@@ -45,13 +45,14 @@ class Dist:
     rank: int = 0
     world: int = 1
     mesh: DeviceMesh | None = None
+    coords: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 0))  # read once at init
 
     @property
     def enabled(self) -> bool:
         return self.world > 1
 
     def coord(self, dim: str) -> int:
-        return self.mesh[dim].get_local_rank() if self.mesh is not None else 0
+        return self.coords[dim]
 
     def sub(self, dim: str) -> DeviceMesh | None:
         return self.mesh[dim] if self.mesh is not None and self.sizes[dim] > 1 else None
@@ -107,7 +108,8 @@ def init(cfg: RunConfig, device: torch.device) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     mesh = init_device_mesh(device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-    return Dist(sizes, dist.get_rank(), world, mesh)
+    coords = {d: mesh[d].get_local_rank() for d in MESH_DIMS}
+    return Dist(sizes, dist.get_rank(), world, mesh, coords)
 
 
 def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
@@ -331,10 +333,8 @@ def clip_grad_norm_(parts: list[nn.Module], max_norm: float, d: Dist) -> torch.T
     if d.sizes["pp"] > 1:  # each stage holds different parameters
         dist.all_reduce(total, group=d.mesh["pp"].get_group())
     norm = total.sqrt()
-    coef = float((max_norm / (norm + 1e-6)).clamp(max=1.0))
-    if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on the device: no host sync per step
+    torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)], coef)
     return norm
 
 
