@@ -15,6 +15,8 @@ Providers:
   triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target)
   prepass+cudnn  kiln's Triton norm+RoPE pre-pass (kiln.kernels.qk_norm_rope) then cuDNN SDPA:
               the other whole-op design; whichever of it and "triton" wins is the one to ship
+  csrc+cudnn  the compiled (csrc) norm+RoPE pre-kernel then cuDNN SDPA: the model's
+              attention="norm_rope_sdpa" path with train.kernel_backend=csrc
 Shapes: DiT sequence lengths 1k-16k including 4096 image + 77 text tokens, D = 64 and 128,
 H·D = 1536 and 3072, bf16, ~16k tokens per batch.
 """
@@ -75,14 +77,18 @@ def providers(kw):
         from kiln.kernels.qk_norm_attention_triton import attention_fwd
         return _CoreAttention.apply(q, k, v, attention_fwd)
 
-    def prepass_cudnn(q, k, v, qw, kw_):
-        with kernels.use_backend("triton"):
-            qn, kn = kernels.qk_norm_rope(q, k, qw, kw_, **kw)
-        return sdpa("cudnn")(qn, kn, v, qw, kw_)
+    def prepass_cudnn(backend):
+        def fn(q, k, v, qw, kw_):
+            with kernels.use_backend(backend):
+                qn, kn = kernels.qk_norm_rope(q, k, qw, kw_, **kw)
+            return sdpa("cudnn")(qn, kn, v, qw, kw_)
+        return fn
 
-    out = {"triton": whole("triton"), "triton-core": triton_core, "prepass+cudnn": prepass_cudnn,
+    out = {"triton": whole("triton"), "triton-core": triton_core, "prepass+cudnn": prepass_cudnn("triton"),
            "eager": whole("torch"),
            "sdpa-flash": sdpa("flash"), "sdpa-cudnn": sdpa("cudnn")}
+    if kernels.available_backends()["csrc"] is None:
+        out["csrc+cudnn"] = prepass_cudnn("csrc")
     try:
         from flash_attn import flash_attn_func
 

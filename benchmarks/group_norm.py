@@ -5,7 +5,8 @@
 Bytes (the traffic floor, CONVENTIONS.md): forward reads x and writes y (2·numel·itemsize);
 backward reads x and dy and writes dx (3·numel·itemsize); parameters and statistics are
 O(N·C) and ignored. Providers: torch native (F.group_norm), torch.compile of the reference,
-apex when installed, kiln triton. bf16, G = 32, VAE shapes, NCHW and channels-last.
+apex when installed, kiln triton, kiln csrc (the compiled CUDA kernels,
+when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ def providers():
     torch._functorch.config.donated_buffer = False
     compiled_ref = torch.compile(lambda x, w, b: kernels.group_norm_ref(x, 32, w, b))
 
-    def triton_gn(x, w, b):
-        with kernels.use_backend("triton"):
-            return kernels.group_norm(x, 32, w, b)
+    def on(backend):
+        def fn(x, w, b):
+            with kernels.use_backend(backend):
+                return kernels.group_norm(x, 32, w, b)
+        return fn
 
     # compile last: its first call per shape compiles (tens of seconds)
-    out = {"triton": triton_gn, "torch": lambda x, w, b: F.group_norm(x, 32, w, b), "compile": compiled_ref}
+    out = {"triton": on("triton"), "torch": lambda x, w, b: F.group_norm(x, 32, w, b), "compile": compiled_ref}
+    if kernels.available_backends()["csrc"] is None:
+        out = {"csrc": on("csrc"), **out}
     try:
         from apex.contrib.group_norm import GroupNorm as ApexGN  # noqa: F401
     except ImportError:

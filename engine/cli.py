@@ -6,7 +6,9 @@
     kiln model info PRESET [--resolution PX] [--text-tokens L]
     kiln model scaling PRESET [--gpus 8,64,512] [--batch-per-gpu N] [--resolution PX] [--ac MODE]
     kiln backends
+    kiln data prepare SRC OUT [--shard-size N] [--workers N] | kiln data preview DATASET [--out grid.png]
     kiln bench step [RECIPE] [--steps N] [--set a.b=c] [--out FILE.jsonl]
+    kiln bench group_norm|attention|qk_norm_rope [--out FILE.jsonl]   (CUDA)
 
 Errors a user can fix (bad config value, missing file, corrupt checkpoint, existing run
 directory) print one line ``kiln: error: ...`` and exit with status 2.
@@ -144,12 +146,37 @@ def _model_scaling(args) -> None:
 
 def _backends(_args) -> None:
     from kiln import kernels
+    from kiln.kernels import csrc
 
-    print(json.dumps({"available": kernels.available_backends(), "ops": kernels.implemented_ops()}, indent=2))
+    out = {"available": kernels.available_backends(), "ops": kernels.implemented_ops(), "csrc_build": csrc.build_info()}
+    print(json.dumps(out, indent=2))
+
+
+def _data_prepare(args) -> None:
+    from kiln.engine.data.prepare import prepare
+
+    report = prepare(args.src, args.out, shard_size=args.shard_size, workers=args.workers, max_side=args.max_side)
+    print(json.dumps({k: v for k, v in report.items() if k != "skip_examples"}, indent=2))
+
+
+def _data_preview(args) -> None:
+    from kiln.engine.config import DataConfig
+    from kiln.engine.data.preview import preview
+
+    cfg = DataConfig(source="shards", path=args.dataset, resolution=args.resolution, decoder=args.decoder,
+                     flip=args.flip)
+    cfg.validate()
+    print(json.dumps(preview(cfg, args.out, args.batches, args.batch_size)))
+
+
+def _data_bench(args) -> None:
+    from kiln.benchmarks.data import main as bench
+
+    bench(args.rest)
 
 
 BENCHMARKS = {"step": "kiln.benchmarks.step", "group_norm": "kiln.benchmarks.group_norm",
-              "attention": "kiln.benchmarks.attention"}
+              "attention": "kiln.benchmarks.attention", "qk_norm_rope": "kiln.benchmarks.qk_norm_rope"}
 
 
 def _bench(args) -> None:
@@ -200,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--resolution", type=int, default=1024)
     sc.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
     sc.set_defaults(fn=_model_scaling)
+    data = sub.add_parser("data", help="prepare and inspect image-text datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="folder / manifest / synthetic:N -> webdataset shards + DALI indexes")
+    prep.add_argument("src", help="image folder with .txt captions, a .jsonl/.csv manifest, or synthetic:N")
+    prep.add_argument("out", help="output dataset folder")
+    prep.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
+    prep.add_argument("--workers", type=int, help="processes (default: all cores, at most 16)")
+    prep.add_argument("--max-side", type=int, default=4096, help="downscale images whose long side exceeds this")
+    prep.set_defaults(fn=_data_prepare)
+    pv = dsub.add_parser("preview", help="a grid of decoded, bucketed, cropped samples with their captions")
+    pv.add_argument("dataset")
+    pv.add_argument("--out", default="preview.png")
+    pv.add_argument("--resolution", type=int, default=256, help="bucket base resolution")
+    pv.add_argument("--batches", type=int, default=4)
+    pv.add_argument("--batch-size", type=int, default=4)
+    pv.add_argument("--decoder", default="dali", choices=("dali", "pillow"))
+    pv.add_argument("--flip", action="store_true")
+    pv.set_defaults(fn=_data_preview)
+    db = dsub.add_parser("bench", help="images/s of the DALI loader vs a Pillow + DataLoader baseline")
+    db.add_argument("rest", nargs=argparse.REMAINDER, help="DATASET [--batches N] [--batch-size N] [--threads N] ...")
+    db.set_defaults(fn=_data_bench)
     b = sub.add_parser("backends", help="which kernel backends can run here, and why not")
     b.set_defaults(fn=_backends)
     bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))

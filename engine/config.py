@@ -55,9 +55,31 @@ class DataConfig:
     num_samples: int = 1_000_000  # epoch size of the procedural set
     caption_dropout: float = 0.1  # replace the caption by "" (the CFG unconditional)
     seed: int = 0
+    # --- source = "shards": a folder written by `kiln data prepare` (engine/data/shards.py) ---
+    path: str = ""
+    buckets: bool = True  # aspect-ratio buckets around resolution² (else one square bucket)
+    aspect_ratios: tuple[float, ...] = (0.5, 0.5625, 0.6667, 0.75, 1.0, 1.3333, 1.5, 1.7778, 2.0)  # width/height
+    random_crop: bool = True  # else center crop after resize-to-cover
+    flip: bool = False  # horizontal flip; off by default: captions may say "left" / "right"
+    min_side: int = 0  # filters, applied at load time from the metadata
+    max_aspect: float = 0.0  # keep width/height within [1/max_aspect, max_aspect]; 0 = any
+    min_clip_score: float | None = None  # needs `kiln data score`
+    min_aesthetic: float | None = None
+    decoder: str = "dali"  # dali (GPU "mixed" decode with CUDA, CPU otherwise) | pillow
+    workers: int = 2  # reader threads per rank
+    decode_threads: int = 2  # DALI CPU threads
 
     def validate(self) -> None:
-        _choice("data.source", self.source, ("shapes",))
+        _choice("data.source", self.source, ("shapes", "shards"))
+        if self.source == "shards" and not self.path:
+            raise ConfigError("data.path must name a prepared dataset folder when data.source=shards")
+        _choice("data.decoder", self.decoder, ("dali", "pillow"))
+        _positive("data.workers", self.workers)
+        _positive("data.decode_threads", self.decode_threads)
+        if self.max_aspect and self.max_aspect < 1:
+            raise ConfigError(f"data.max_aspect must be 0 (any) or >= 1, got {self.max_aspect}")
+        if not self.aspect_ratios or any(a <= 0 for a in self.aspect_ratios):
+            raise ConfigError(f"data.aspect_ratios must be positive width/height ratios, got {self.aspect_ratios}")
         _choice("data.captions", self.captions, ("short", "long", "mixed"))
         _choice("data.max_count", self.max_count, (1, 2, 3))
         _check_resolution("data.resolution", self.resolution)
@@ -338,6 +360,8 @@ def _coerce(path: str, text: str, tp):
             return tp(text)
         if origin is tuple:
             items = json.loads(text) if text.startswith("[") else text.split(",")
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[float, ...]
+                args = (args[0],) * len(items)
             return tuple(_coerce(path, str(v), a) for v, a in zip(items, args, strict=True))
         if origin is list and dataclasses.is_dataclass(args[0]):
             items = json.loads(text)

@@ -60,6 +60,8 @@ def evaluate(cfg: RunConfig, model, encoder, device: torch.device, autocast, out
         k = min(cfg.sample.grid_size, len(images))
         save_grid(images[:k], out_png)
         out_png.with_suffix(".txt").write_text("".join(c + "\n" for c in prompts.captions[:k]))
+    if any(a is None for a in prompts.attributes):  # real captions: no attribute scorer
+        return {}
     return adherence(list(images), prompts.attributes)
 
 

@@ -28,6 +28,7 @@ from kiln import kernels
 from kiln.engine import checkpoint, parallel
 from kiln.engine.config import RunConfig, from_dict
 from kiln.engine.data.loader import ShapesLoader, to_model_range
+from kiln.engine.data.shards import ShardsLoader
 from kiln.engine.ema import EMA
 from kiln.engine.errors import KilnError
 from kiln.engine.evaluate import evaluate, heldout_loss
@@ -93,8 +94,11 @@ class Trainer:
     def _build_schedule(self):
         return parallel.build_schedule(self.cfg, self.dist, self.parts, self.device, _loss)
 
-    def _make_loader(self, stage) -> ShapesLoader:
+    def _make_loader(self, stage) -> ShapesLoader | ShardsLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
+        if data.source == "shards":
+            return ShardsLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size,
+                                multiple=self.cfg.model.patch_size, device=self.device)
         return ShapesLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
 
     def enter_stage(self) -> None:
@@ -223,11 +227,12 @@ class Trainer:
         local = slice(d.dp_rank, None, d.dp_size)
         # per-sample randomness is drawn for the global batch, then sliced: identical in every layout
         drop = caption_drop_mask(B, cfg.data.caption_dropout, self.cpu_gen)[local]
-        side = self.stage.resolution // cfg.model.patch_size
-        times = sample_timesteps(cfg.objective, B, side * side, self.gen, self.device)[local]
+        H, W = self.loader.next_shape()  # this batch's bucket (square for the shapes set)
+        grid = (H // cfg.model.patch_size, W // cfg.model.patch_size)
+        times = sample_timesteps(cfg.objective, B, grid[0] * grid[1], self.gen, self.device)[local]
         first = self.images_seen(self.step)
         for part in self.parts:
-            part.grid = (side, side)
+            part.grid = grid
         needs_data = d.first_stage or d.last_stage
         with t.stage("data"):
             batch = self.loader.next_batch() if needs_data else self.loader.next_indices()

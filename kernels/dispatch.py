@@ -81,12 +81,16 @@ def triton_device_reason(t: torch.Tensor) -> str | None:
 
 
 def csrc_unavailable_reason() -> str | None:
-    # The compiled extension arrives with the csrc issue; until it is built and loaded, say so.
-    try:
-        torch.ops.kiln_ext.__getattr__("group_norm_fwd")
-    except (AttributeError, RuntimeError):
-        return "the kiln_ext C++/CUDA extension is not built or not loaded"
-    return None
+    from kiln.kernels import csrc
+
+    return csrc.load_error()
+
+
+def csrc_device_reason(t: torch.Tensor, op: str) -> str | None:
+    """Why the csrc backend will not take tensor ``t`` for ``op`` (None when it will)."""
+    from kiln.kernels import csrc
+
+    return csrc.device_reason(t, op, forced=_forced.get() == "csrc")
 
 
 _AVAILABILITY: dict[str, Callable[[], str | None]] = {

@@ -6,9 +6,11 @@ Forward: x (N, C, *spatial) with 1-3 spatial dims, G groups of C/G channels;
     y = y * (1 + scale[n, c]) + shift[n, c]             (when scale/shift are given)
     y = silu(y)                                         (when activation == "silu")
 Dtype policy: statistics and arithmetic in fp32, output in x's dtype and memory format.
-Backends: torch (this file's reference) and triton (kernels/group_norm_triton.py, wrapped here
-as the custom ops ``kiln::group_norm_fwd`` / ``kiln::group_norm_bwd`` with fake implementations
-and autograd, so opcheck and torch.compile(fullgraph=True) see through them).
+Backends: torch (this file's reference); triton (kernels/group_norm_triton.py, wrapped here
+as the custom ops ``kiln::group_norm_fwd`` / ``kiln::group_norm_bwd``); csrc (the compiled
+``kiln_ext::group_norm_fwd/bwd``, csrc/group_norm_*.{cpp,cu}). Both kernel backends share this
+file's fake implementations and autograd, so opcheck and torch.compile(fullgraph=True) see
+through them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
+from kiln.kernels import csrc
+from kiln.kernels.dispatch import compute_dtype, csrc_device_reason, dispatch, register, triton_device_reason
 
 ACTIVATIONS = (None, "silu")
 
@@ -118,7 +121,7 @@ def _gn_fwd_op(
 
 
 @_gn_fwd_op.register_fake
-def _(x, num_groups, weight, bias, scale, shift, eps, activation):
+def _gn_fwd_fake(x, num_groups, weight, bias, scale, shift, eps, activation):
     stats = x.new_empty(x.shape[0], num_groups, dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format_of(x)), stats, torch.empty_like(stats)
 
@@ -135,7 +138,7 @@ def _gn_bwd_op(
 
 
 @_gn_bwd_op.register_fake
-def _(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
+def _gn_bwd_fake(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     sums = x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
     return torch.empty_like(x, memory_format=memory_format_of(x)), sums, torch.empty_like(sums)
 
@@ -147,56 +150,86 @@ def _gn_setup_context(ctx, inputs, output):
     ctx.num_groups, ctx.activation = num_groups, activation
 
 
-def _gn_backward(ctx, dy, _dmean, _drstd):
-    x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-    dx, a, b = _gn_bwd_op(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation)
-    # Parameter gradients from the per-(n, c) sums A = Σ_s dm, B = Σ_s dm·x̂ (O(N·C) work).
-    f = 1 + scale.float() if scale is not None else 1.0
-    w = weight.float()[None] if weight is not None else 1.0
-    grads = [dx, None, None, None, None, None, None, None]
-    if weight is not None and ctx.needs_input_grad[2]:
-        grads[2] = (f * b).sum(0).to(weight.dtype)
-    if bias is not None and ctx.needs_input_grad[3]:
-        grads[3] = (f * a).sum(0).to(bias.dtype)
-    if scale is not None and ctx.needs_input_grad[4]:
-        d_scale = w * b + (bias.float()[None] * a if bias is not None else 0.0)
-        grads[4] = d_scale.to(scale.dtype)
-    if shift is not None and ctx.needs_input_grad[5]:
-        grads[5] = a.to(shift.dtype)
-    return tuple(grads)
+def _gn_autograd(bwd_op):
+    """The backward of a group_norm_fwd op (Triton's or kiln_ext's) given its bwd op."""
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        dx, a, b = bwd_op(dy, x, mean, rstd, weight, bias, scale, shift, ctx.num_groups, ctx.activation)
+        # Parameter gradients from the per-(n, c) sums A = Σ_s dm, B = Σ_s dm·x̂ (O(N·C) work).
+        f = 1 + scale.float() if scale is not None else 1.0
+        w = weight.float()[None] if weight is not None else 1.0
+        grads = [dx, None, None, None, None, None, None, None]
+        if weight is not None and ctx.needs_input_grad[2]:
+            grads[2] = (f * b).sum(0).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grads[3] = (f * a).sum(0).to(bias.dtype)
+        if scale is not None and ctx.needs_input_grad[4]:
+            d_scale = w * b + (bias.float()[None] * a if bias is not None else 0.0)
+            grads[4] = d_scale.to(scale.dtype)
+        if shift is not None and ctx.needs_input_grad[5]:
+            grads[5] = a.to(shift.dtype)
+        return tuple(grads)
+
+    return backward
 
 
-_gn_fwd_op.register_autograd(_gn_backward, setup_context=_gn_setup_context)
+_gn_fwd_op.register_autograd(_gn_autograd(_gn_bwd_op), setup_context=_gn_setup_context)
+
+
+def _gn_run(fwd_op, x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
+    _check(x, num_groups, activation)
+    if (scale is None) != (shift is None):  # the kernels modulate with both; fill the missing one
+        scale = torch.zeros_like(shift) if scale is None else scale
+        shift = torch.zeros_like(scale) if shift is None else shift
+    y, _, _ = fwd_op(x, num_groups, weight, bias, scale, shift, eps, activation or "none")
+    return y
 
 
 def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
     """Triton backend of :func:`group_norm` (same contract)."""
-    _check(x, num_groups, activation)
-    if (scale is None) != (shift is None):  # the kernel modulates with both; fill the missing one
-        scale = torch.zeros_like(shift) if scale is None else scale
-        shift = torch.zeros_like(scale) if shift is None else shift
-    y, _, _ = _gn_fwd_op(x, num_groups, weight, bias, scale, shift, eps, activation or "none")
-    return y
+    return _gn_run(_gn_fwd_op, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
 
 
-def _triton_reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
-                    activation=None) -> list[str]:
-    reasons = [r for r in [triton_device_reason(x)] if r]
-    if x.dtype not in _FLOATS:
-        reasons.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
-    if not 3 <= x.dim() <= 5:
-        reasons.append(f"x has {x.dim()} dims; needs (N, C, *spatial) with 1-3 spatial dims")
-    if x.dim() >= 2 and x.shape[1] % num_groups:
-        reasons.append(f"channels {x.shape[1]} not divisible by num_groups {num_groups}")
-    if activation not in ACTIVATIONS:
-        reasons.append(f"activation {activation!r} not in {ACTIVATIONS}")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
-        if t is not None and t.device != x.device:
-            reasons.append(f"{name} is on {t.device}, x on {x.device}")
+def _reasons(device_reason):
+    def reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
+        out = [r for r in [device_reason(x)] if r]
+        if x.dtype not in _FLOATS:
+            out.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
+        if not 3 <= x.dim() <= 5:
+            out.append(f"x has {x.dim()} dims; needs (N, C, *spatial) with 1-3 spatial dims")
+        if x.dim() >= 2 and x.shape[1] % num_groups:
+            out.append(f"channels {x.shape[1]} not divisible by num_groups {num_groups}")
+        if activation not in ACTIVATIONS:
+            out.append(f"activation {activation!r} not in {ACTIVATIONS}")
+        for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
+            if t is not None and t.device != x.device:
+                out.append(f"{name} is on {t.device}, x on {x.device}")
+        return out
+
     return reasons
 
 
-register("group_norm", "triton", group_norm_triton, _triton_reasons)
+register("group_norm", "triton", group_norm_triton, _reasons(triton_device_reason))
+
+
+# --- csrc backend (csrc/group_norm_cpu.cpp, csrc/group_norm_cuda.cu) ---------------------------
+
+if csrc.loaded():
+    torch.library.register_fake("kiln_ext::group_norm_fwd")(_gn_fwd_fake)
+    torch.library.register_fake("kiln_ext::group_norm_bwd")(_gn_bwd_fake)
+    torch.library.register_autograd(
+        "kiln_ext::group_norm_fwd", _gn_autograd(torch.ops.kiln_ext.group_norm_bwd), setup_context=_gn_setup_context
+    )
+
+
+def group_norm_csrc(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
+    """C++/CUDA backend of :func:`group_norm` (same contract)."""
+    fwd = torch.ops.kiln_ext.group_norm_fwd
+    return _gn_run(fwd, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
+
+
+register("group_norm", "csrc", group_norm_csrc, _reasons(lambda x: csrc_device_reason(x, "group_norm_fwd")))
 
 
 # --- drop-in module -------------------------------------------------------------------------

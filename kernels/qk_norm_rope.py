@@ -6,14 +6,19 @@ with the conventions of :func:`kiln.kernels.qk_norm_attention` ((D,) or (G, D) w
 ``token_group`` (S,), rotate-half ``cos``/``sin`` (S, D) or None). Dtype policy: statistics and
 rotation in fp32, outputs in the input dtype.
 Backends: torch (this reference), triton (the pre-pass of the attention kernel,
-``kernels/qk_norm_attention_triton.py``; forward and backward with the weight gradients).
+``kernels/qk_norm_attention_triton.py``; forward and backward with the weight gradients), csrc
+(``kiln_ext::qk_norm_rope_fwd/bwd``, csrc/qk_norm_rope_*.{cpp,cu}). Both kernel backends share
+this file's fake implementations and autograd.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
+from kiln.kernels import csrc
+from kiln.kernels.dispatch import compute_dtype, csrc_device_reason, dispatch, register, triton_device_reason
 from kiln.kernels.rope import rotate_half
 
 
@@ -63,7 +68,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: 
 
 
 @_fwd_op.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, token_group, eps):
+def _fwd_fake(q, k, q_weight, k_weight, cos, sin, token_group, eps):
     B, S, H, D = q.shape
     stats = q.new_empty((B, S, H), dtype=torch.float32)
     return q.new_empty((B, S, H, D)), k.new_empty((B, S, H, D)), stats, torch.empty_like(stats)
@@ -82,7 +87,7 @@ def _bwd_op(dqo: torch.Tensor, dko: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @_bwd_op.register_fake
-def _(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k):
+def _bwd_fake(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k):
     shape = tuple(q.shape)
     return q.new_empty(shape), k.new_empty(shape), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
@@ -92,29 +97,54 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, token_group, output[2], output[3])
 
 
-def _backward(ctx, dqo, dko, _drq, _drk):
-    q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k = ctx.saved_tensors
-    dq, dk, dqw, dkw = _bwd_op(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k)
-    return dq, dk, dqw, dkw, None, None, None, None
+def _autograd(bwd_op):
+    """The backward of a qk_norm_rope_fwd op (Triton's or kiln_ext's) given its bwd op."""
+
+    def backward(ctx, dqo, dko, _drq, _drk):
+        q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k = ctx.saved_tensors
+        dq, dk, dqw, dkw = bwd_op(dqo, dko, q, k, q_weight, k_weight, cos, sin, token_group, rstd_q, rstd_k)
+        return dq, dk, dqw, dkw, None, None, None, None
+
+    return backward
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op.register_autograd(_autograd(_bwd_op), setup_context=_setup)
 
 
-def _triton_backend(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6):
-    qo, ko, _, _ = _fwd_op(q, k, q_weight, k_weight, cos, sin, token_group, eps)
+def _run(fwd_op, q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6):
+    qo, ko, _, _ = fwd_op(q, k, q_weight, k_weight, cos, sin, token_group, eps)
     return qo, ko
 
 
-def _triton_reasons(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6) -> list[str]:
-    reasons = [r for r in [triton_device_reason(q)] if r]
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.dtype != k.dtype:
-        reasons.append(f"q, k dtypes {q.dtype}, {k.dtype}: need one of fp32/fp16/bf16 for both")
-    if q.dim() != 4 or q.shape != k.shape:
-        reasons.append(f"q, k shapes {tuple(q.shape)}, {tuple(k.shape)}: need equal (B, S, H, D)")
-    elif q.shape[-1] % 2 or q.shape[-1] > 256:
-        reasons.append(f"head dim {q.shape[-1]} must be even and at most 256")
+def _reasons(device_reason):
+    def reasons(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6) -> list[str]:
+        out = [r for r in [device_reason(q)] if r]
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.dtype != k.dtype:
+            out.append(f"q, k dtypes {q.dtype}, {k.dtype}: need one of fp32/fp16/bf16 for both")
+        if q.dim() != 4 or q.shape != k.shape:
+            out.append(f"q, k shapes {tuple(q.shape)}, {tuple(k.shape)}: need equal (B, S, H, D)")
+        elif q.shape[-1] % 2 or q.shape[-1] > 256:
+            out.append(f"head dim {q.shape[-1]} must be even and at most 256")
+        return out
+
     return reasons
 
 
-register("qk_norm_rope", "triton", _triton_backend, _triton_reasons)
+register("qk_norm_rope", "triton", functools.partial(_run, _fwd_op), _reasons(triton_device_reason))
+
+
+# --- csrc backend (csrc/qk_norm_rope_cpu.cpp, csrc/qk_norm_rope_cuda.cu) ------------------------
+
+if csrc.loaded():
+    torch.library.register_fake("kiln_ext::qk_norm_rope_fwd")(_fwd_fake)
+    torch.library.register_fake("kiln_ext::qk_norm_rope_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "kiln_ext::qk_norm_rope_fwd", _autograd(torch.ops.kiln_ext.qk_norm_rope_bwd), setup_context=_setup
+    )
+
+
+def _csrc_backend(*args, **kwargs):
+    return _run(torch.ops.kiln_ext.qk_norm_rope_fwd, *args, **kwargs)
+
+
+register("qk_norm_rope", "csrc", _csrc_backend, _reasons(lambda q: csrc_device_reason(q, "qk_norm_rope_fwd")))

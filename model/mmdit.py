@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kiln.engine.errors import ConfigError
-from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention
+from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
 from kiln.model.layers import MLP, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
 from kiln.model.sequence_parallel import gather_seq, gathered_input, local_replicated, scatter_seq
 
 TEXT_GROUP, IMAGE_GROUP = 0, 1
+ATTENTION_PATHS = ("fused", "norm_rope_sdpa")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class MMDiTConfig:
     text_dim: int = 192  # per-token text features (set from the text encoder at build time)
     pooled_dim: int = 192  # pooled text vector
     qk_norm: bool = True
+    # How QK-norm attention runs: "fused" = kiln.kernels.qk_norm_attention (norm + RoPE + flash
+    # attention in one op); "norm_rope_sdpa" = the kiln.kernels.qk_norm_rope pre-kernel (e.g. the
+    # csrc backend) feeding torch's SDPA (cuDNN/flash on GPU).
+    attention: str = "fused"
     adaln_zero: bool = True
     rope_theta: float = 10000.0
     abs_pos: bool = True  # add fixed 2D sin-cos positions to image tokens (SD3) besides RoPE
@@ -53,6 +58,8 @@ class MMDiTConfig:
             raise ConfigError(
                 f"model head dim width/heads = {self.width // self.heads} must be a multiple of 4 (2D RoPE)"
             )
+        if self.attention not in ATTENTION_PATHS:
+            raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_PATHS)}, got {self.attention!r}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
 
@@ -65,19 +72,23 @@ class MMDiTConfig:
         return int(self.width * self.mlp_ratio)
 
 
-def _attend(q, k, v, qw, kw, rope, token_group, key_mask, qk_norm):
-    """Joint attention on (B, S, H, D) views; QK-norm through the fused op when enabled."""
-    cos, sin = rope
-    if qk_norm:
-        qw, kw = local_replicated(qw), local_replicated(kw)
-        return qk_norm_attention(
-            q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask
-        )
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+def _sdpa(q, k, v, key_mask):
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
     )
     return out.transpose(1, 2)
+
+
+def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig):
+    """Joint attention on (B, S, H, D) views; QK-norm through kiln's ops when enabled."""
+    cos, sin = rope
+    if not cfg.qk_norm:
+        return _sdpa(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask)
+    qw, kw = local_replicated(qw), local_replicated(kw)
+    if cfg.attention == "norm_rope_sdpa":
+        q, k = qk_norm_rope(q, k, qw, kw, cos=cos, sin=sin, token_group=token_group)
+        return _sdpa(q, k, v, key_mask)
+    return qk_norm_attention(q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask)
 
 
 def _heads(qkv: torch.Tensor, head_dim: int):
@@ -112,7 +123,7 @@ class DoubleStreamBlock(nn.Module):
         qkv = torch.cat([self.txt_qkv(gathered_input(adaln_modulate(txt, tm[0], tm[1]), self.tp)),
                          self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
         q, k, v = _heads(qkv, self.cfg.head_dim)  # (B, S, H', D) views of the joint sequence
-        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
+        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg)
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
         img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
         img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
@@ -145,7 +156,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = local_replicated(self.mod(F.silu(c))).chunk(3, dim=-1)  # 3 x (B, W)
         h = gathered_input(adaln_modulate(x, shift, scale), self.tp)
         q, k, v = _heads(self.qkv(h), self.cfg.head_dim)  # (B, S, H', D)
-        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg.qk_norm)
+        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg)
         out = self.proj(attn.flatten(2)) + self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh"))
         return x + gate[:, None] * out  # (B, S', W)
 

@@ -23,8 +23,9 @@ def test_model_info_reports_params_and_flops():
 def test_backends_lists_ops_and_reasons():
     proc = _run("-m", "kiln.engine.cli", "backends")
     out = json.loads(proc.stdout)
-    assert out["available"]["torch"] is None and out["available"]["csrc"]
-    assert "triton" in out["ops"]["group_norm"]
+    assert out["available"]["torch"] is None and out["available"]["csrc"] is None  # pip install built it
+    assert out["csrc_build"].startswith("cpu")
+    assert {"triton", "csrc"} <= set(out["ops"]["group_norm"])
 
 
 def test_step_benchmark_writes_a_row(tmp_path):

@@ -76,3 +76,21 @@ def test_triton_qk_norm_attention_on_cuda(case, dtype):
     from test_qk_norm_attention_triton import check
 
     check(*case, dtype, seed=1, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
+def test_csrc_group_norm_on_cuda(case, dtype):
+    from test_group_norm_triton import check_against_reference
+
+    check_against_reference(case, dtype, device="cuda", backend="csrc")
+
+
+@pytest.mark.parametrize("backend", ["csrc", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True), (1, 1100, 2, 128, 2, True), (2, 200, 3, 80, 0, False),
+                                  (1, 64, 2, 256, 1, True)], ids=["mmdit", "long-128", "d80", "d256"])
+def test_qk_norm_rope_on_cuda(case, dtype, backend):
+    from test_qk_norm_rope import check
+
+    check(*case, dtype, backend, device="cuda")

@@ -47,7 +47,7 @@ CASES = [
 ]
 
 
-def check_against_reference(case, dtype, device="cpu"):
+def check_against_reference(case, dtype, device="cpu", backend="triton"):
     shape, groups, channels_last, affine, modulate, act = case
     x, params = _inputs(shape, groups, dtype, channels_last, affine, modulate, seed=sum(shape) + groups)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
@@ -56,7 +56,7 @@ def check_against_reference(case, dtype, device="cpu"):
     def op(x, p, upcast=None):
         if upcast is not None:
             return kernels.group_norm_ref(x, groups, eps=1e-5, activation=act, upcast=upcast, **p)
-        with kernels.use_backend("triton"):
+        with kernels.use_backend(backend):
             return kernels.group_norm(x, groups, eps=1e-5, activation=act, **p)
 
     ref = _run(lambda x, p: op(x, p, upcast=True), x.double(), {k: v.double() for k, v in params.items()},

@@ -26,13 +26,15 @@ from kiln.engine.train import train
 COMMON = ["train.batch_size=8", "train.log_every=1", "train.ckpt_every=3", "train.keep_ckpts=2",
           "train.threads=1", "sample.num_prompts=0", "parallel.timeout_s=300"]
 
-LAYOUTS = {  # the five layouts; AC modes, async checkpoints and the other schedules ride along
+LAYOUTS = {  # the five layouts; AC modes, async checkpoints, HSDP, the sharded text encoder
+    # and the other schedules ride along
     "tp2": (2, ["parallel.tp=2", "parallel.activation_checkpoint=selective"]),
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=2"]),
     "dp_shard2": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full", "parallel.async_checkpoint=true"]),
     "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=gpipe",
                           "parallel.microbatches=2"]),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.shard_text_encoder=true"]),
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2",
                             "parallel.microbatches=2"]),
 }

@@ -56,6 +56,10 @@ class ShapesLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, 99, epoch]).permutation(self.cfg.num_samples)
 
+    def next_shape(self) -> tuple[int, int]:
+        """(H, W) of the next batch: always the square resolution."""
+        return self.cfg.resolution, self.cfg.resolution
+
     def next_indices(self) -> list[int]:
         """Global indices of the next batch; this rank's share is every world-th one."""
         out = []
@@ -80,6 +84,15 @@ class ShapesLoader:
 
 
 def eval_prompts(cfg: DataConfig, n: int) -> Batch:
-    """The fixed held-out prompts: indices of the eval stream, never drawn in training."""
+    """The fixed evaluation prompts and images at the square ``cfg.resolution``.
+
+    Shapes set: indices of the eval stream, never drawn in training. Prepared shards: the first
+    n samples of the metadata, center-cropped (they are training samples too: prepare writes no
+    held-out split yet), with no attributes, so no adherence score.
+    """
+    if cfg.source == "shards":
+        from kiln.engine.data.shards import first_samples
+
+        return first_samples(cfg, n)
     ds = ShapesDataset(cfg.resolution, cfg.captions, cfg.max_count, cfg.seed, stream=EVAL_STREAM)
     return collate([ds[i] for i in range(n)])

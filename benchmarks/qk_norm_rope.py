@@ -1,0 +1,97 @@
+"""QK RMSNorm + RoPE pre-kernel benchmark: GB/s and % of measured copy bandwidth, fwd and bwd.
+
+    kiln bench qk_norm_rope [--out FILE.jsonl] [--copy-gbps G]
+
+Bytes (the traffic floor): forward reads q, k and writes q_out, k_out (4·numel·itemsize, numel
+of one of q/k); backward reads dq_out, dk_out, q, k and writes dq, dk (6·numel·itemsize). The
+(S, D) RoPE tables, weights and (B, S, H) statistics are small and ignored.
+Providers: eager (kiln.kernels.qk_norm_rope_ref: fp32 norm + RoPE in eager ops, what a model
+without kernels runs), compile (torch.compile of it), triton (kiln's Triton pre-pass), csrc
+(kiln's compiled CUDA kernel, when built). q and k are views of a packed (B, S, 3, H, D) QKV,
+as in the model. Shapes: the attention benchmark's DiT shapes, bf16.
+Targets (issue 7): csrc >= 80% of copy bandwidth and >= 5x eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from kiln import kernels
+from kiln.benchmarks.attention import SHAPES, make_inputs
+from kiln.benchmarks.common import append_rows, print_table, provenance
+
+
+def providers(kw):
+    torch._dynamo.reset()
+    torch._functorch.config.donated_buffer = False  # the timed backward replays one graph
+
+    def on(backend):
+        def fn(q, k, qw, kw_):
+            with kernels.use_backend(backend):
+                return kernels.qk_norm_rope(q, k, qw, kw_, **kw)
+        return fn
+
+    out = {"triton": on("triton"), "eager": lambda q, k, qw, kw_: kernels.qk_norm_rope_ref(q, k, qw, kw_, **kw)}
+    if kernels.available_backends()["csrc"] is None:
+        out = {"csrc": on("csrc"), **out}
+    out["compile"] = torch.compile(lambda q, k, qw, kw_: kernels.qk_norm_rope_ref(q, k, qw, kw_, **kw))
+    return out
+
+
+def bench_one(fn, q, k, qw, kw_, mode):
+    from triton.testing import do_bench
+
+    if mode == "fwd":
+        return do_bench(lambda: fn(q, k, qw, kw_), quantiles=[0.2, 0.5, 0.8])
+    leaves = [t.detach().requires_grad_() for t in (q, k)]
+    outs = fn(*leaves, qw, kw_)
+    douts = [torch.randn_like(o) for o in outs]
+    return do_bench(lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True), quantiles=[0.2, 0.5, 0.8])
+
+
+def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
+    dev = torch.device("cuda")
+    prov, rows = provenance(dev), []
+    for S, H, D in shapes:
+        (q, k, v, qw, kw_), kw = make_inputs(S, H, D, dev)
+        qkv = torch.stack([q, k, v], 2)  # (B, S, 3, H, D): q, k below are strided views
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+        base = {"op": "qk_norm_rope", "B": q.shape[0], "S": S, "H": H, "D": D, "dtype": "bf16", **prov}
+        for name, fn in providers(kw).items():
+            for mode, passes in (("fwd", 4), ("bwd", 6)):
+                try:
+                    t = bench_one(fn, q, k, qw, kw_, mode)
+                except Exception as e:  # a provider that cannot run a case says why
+                    rows.append({**base, "provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:200]})
+                    append_rows(out, rows[-1:])
+                    continue
+                gbps = passes * q.numel() * q.element_size() / (t[1] / 1e3) / 1e9
+                rows.append({**base, "provider": name, "mode": mode, "p20_ms": t[0], "p50_ms": t[1], "p80_ms": t[2],
+                             "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps})
+                append_rows(out, rows[-1:])
+                print(f"{name:8s} {mode} S={S} H={H} D={D} {t[1]:.4f} ms {gbps:7.0f} GB/s "
+                      f"{100 * gbps / copy_gbps:5.1f}% of copy", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="kiln bench qk_norm_rope", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
+    args = p.parse_args(argv)
+    if args.copy_gbps is None:
+        from kiln.benchmarks.ceilings import measure
+
+        args.copy_gbps = measure()[0]["gbps"]
+    rows = run(SHAPES, args.copy_gbps, args.out)
+    print_table([r for r in rows if "gbps" in r], ["S", "H", "D", "mode", "provider", "p50_ms", "gbps", "pct_copy"])
+    for r in rows:
+        if "error" in r:
+            print("error:", r["provider"], r["mode"], r["S"], r["error"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The compiled extension (csrc/ -> kiln.kernels._C): built by the README install, reported by
+available_backends(), its C++ CPU ops against the fp64 reference with FlashAttention's 2x rule,
+opcheck, torch.compile, clear errors, and the model's "csrc pre-kernel + SDPA" attention path.
+(qk_norm_rope's numerics for both kernel backends: test_qk_norm_rope.py.)"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from test_group_norm_triton import CASES, _inputs, check_against_reference
+
+from kiln import kernels
+from kiln.kernels import csrc
+
+
+def _nvcc_present() -> bool:
+    return bool(os.environ.get("CUDA_HOME") or shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
+
+
+def test_the_install_built_and_loaded_the_extension():
+    assert csrc.load_error() is None
+    assert kernels.available_backends()["csrc"] is None
+    ops = kernels.implemented_ops()
+    assert "csrc" in ops["group_norm"] and "csrc" in ops["qk_norm_rope"]
+
+
+@pytest.mark.skipif(not (torch.version.cuda and _nvcc_present()), reason="CPU-only torch or no CUDA toolkit here")
+def test_cuda_kernels_were_compiled_for_sm90a():
+    """With a CUDA torch and nvcc (CI's machine), pip install compiles every .cu for sm_90a."""
+    info = csrc.build_info()
+    assert info.startswith("cpu+cuda:") and "9.0a" in info, info
+    for op in ("group_norm_fwd", "group_norm_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd"):
+        assert csrc.has_cuda_kernels(op), op
+
+
+def test_reason_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setattr(csrc, "load_error", lambda: "the kiln_ext extension did not load: No module named x")
+    assert "did not load" in kernels.available_backends()["csrc"]
+    with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError, match="did not load"):
+        kernels.group_norm(torch.randn(1, 4, 3, 3), 2)
+
+
+def test_cpu_tensors_take_the_reference_unless_csrc_is_forced():
+    x = torch.randn(1, 8, 4, 4)
+    assert kernels.select("group_norm", x, 2) == "torch"
+    with kernels.use_backend("csrc"):
+        assert kernels.select("group_norm", x, 2) == "csrc"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-G{c[1]}-{'cl' if c[2] else 'nc'}" for c in CASES])
+def test_group_norm_matches_fp64_reference_within_twice_torch_error(case, dtype):
+    check_against_reference(case, dtype, backend="csrc")
+
+
+def test_group_norm_large_mean_and_unseen_shapes():
+    x = torch.randn(1, 32, 16, 16) * 0.1 + 1000.0  # fp32 E[x²] - E[x]² would lose the variance
+    with kernels.use_backend("csrc"):
+        y = kernels.group_norm(x, 8)
+    ref = kernels.group_norm_ref(x.double(), 8)
+    torch_err = (torch.nn.functional.group_norm(x, 8).double() - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 2 * torch_err + 1e-4
+    for seed, shape in enumerate([(1, 320, 13, 3), (4, 96, 1, 1), (1, 128, 2, 3, 7)]):
+        x, p = _inputs(shape, 32, torch.float32, seed % 2 == 1, True, True, seed=100 + seed)
+        with kernels.use_backend("csrc"):
+            y = kernels.group_norm(x, 32, scale=p["scale"], activation="silu")
+        torch.testing.assert_close(y, kernels.group_norm_ref(x, 32, scale=p["scale"], activation="silu"),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_group_norm_opcheck_and_compile():
+    fwd, bwd = torch.ops.kiln_ext.group_norm_fwd, torch.ops.kiln_ext.group_norm_bwd
+    x, p = _inputs((2, 32, 5, 7), 8, torch.float32, True, True, True, seed=5)
+    args = (x, 8, p["weight"], p["bias"], p["scale"], p["shift"], 1e-5, "silu")
+    torch.library.opcheck(fwd, args)
+    y, mean, rstd = fwd(*args)
+    torch.library.opcheck(bwd, (torch.randn_like(y), x, mean, rstd, p["weight"], p["bias"], p["scale"], p["shift"],
+                                8, "silu"))
+    torch.library.opcheck(fwd, (x.clone().requires_grad_(), 8, None, None, None, None, 1e-5, "none"))
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    f = torch.compile(lambda x, w, b: kernels.group_norm(x, 8, w, b, activation="silu"), fullgraph=True,
+                      backend=backend)
+    with kernels.use_backend("csrc"):
+        out = f(x, p["weight"], p["bias"])
+    torch.testing.assert_close(out, kernels.group_norm_ref(x, 8, p["weight"], p["bias"], activation="silu"))
+    assert any(s.startswith("kiln_ext.group_norm_fwd") for s in seen), seen
+
+
+def test_bad_arguments_get_clear_errors():
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(RuntimeError, match=r"token_group\[4\] = 3 outside \[0, 2\)"):
+        torch.ops.kiln_ext.qk_norm_rope_fwd(q, q, torch.ones(2, 8), torch.ones(2, 8), None, None,
+                                            torch.tensor([0, 1, 1, 1, 3]), 1e-6)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be \(S, D\)"):
+        torch.ops.kiln_ext.qk_norm_rope_fwd(q, q, torch.ones(8), torch.ones(8), torch.ones(4, 8), torch.ones(4, 8),
+                                            None, 1e-6)
+    with pytest.raises(RuntimeError, match="activation must be 'none' or 'silu'"):
+        torch.ops.kiln_ext.group_norm_fwd(torch.randn(1, 4, 3), 2, None, None, None, None, 1e-5, "gelu")
+    with pytest.raises(RuntimeError, match="not divisible by num_groups 3"):
+        torch.ops.kiln_ext.group_norm_fwd(torch.randn(1, 4, 3), 3, None, None, None, None, 1e-5, "none")
+
+
+def test_model_trains_on_the_csrc_pre_kernel_plus_sdpa_with_the_reference_losses(tmp_path, run_config):
+    from kiln.engine.metrics import read_metrics
+    from kiln.engine.train import train
+
+    losses = {}
+    for backend in ("torch", "csrc"):
+        cfg = run_config(steps=3)
+        cfg.model.attention = "norm_rope_sdpa"
+        cfg.train.kernel_backend = backend
+        cfg.sample.num_prompts = 0
+        train(cfg, tmp_path / backend)
+        losses[backend] = [r["loss"] for r in read_metrics(tmp_path / backend) if "loss" in r]
+    assert len(losses["csrc"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["csrc"]), torch.tensor(losses["torch"]), rtol=1e-5, atol=1e-6)
