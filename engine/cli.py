@@ -7,6 +7,8 @@
     kiln model scaling PRESET [--gpus 8,64,512] [--batch-per-gpu N] [--resolution PX] [--ac MODE]
     kiln backends
     kiln data prepare SRC OUT [--shard-size N] [--workers N] | kiln data preview DATASET [--out grid.png]
+    kiln data score DATASET --weights CLIP.pt --aesthetic HEAD.pt [--model ViT-L-14] | kiln data bench DATASET
+    kiln data encode DATASET --vae VAE_DIR --resolution PX [--text-name ...]
     kiln bench step [RECIPE] [--steps N] [--set a.b=c] [--out FILE.jsonl]
     kiln bench group_norm|attention|qk_norm_rope [--out FILE.jsonl]   (CUDA)
 
@@ -159,6 +161,20 @@ def _data_prepare(args) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "skip_examples"}, indent=2))
 
 
+def _data_score(args) -> None:
+    from kiln.engine.data.score import score
+
+    print(json.dumps(score(args.dataset, args.model, args.weights, args.aesthetic, args.batch_size), indent=2))
+
+
+def _data_encode(args) -> None:
+    from kiln.engine.data.encode import encode
+
+    meta = encode(args.dataset, args.vae, args.resolution, args.text_name, args.text_weights, args.text_max_length,
+                  args.multiple, batch_size=args.batch_size)
+    print(json.dumps({k: meta[k] for k in ("resolution", "samples", "per_bucket", "vae", "text")}, indent=2))
+
+
 def _data_preview(args) -> None:
     from kiln.engine.config import DataConfig
     from kiln.engine.data.preview import preview
@@ -236,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, help="processes (default: all cores, at most 16)")
     prep.add_argument("--max-side", type=int, default=4096, help="downscale images whose long side exceeds this")
     prep.set_defaults(fn=_data_prepare)
+    sc_ = dsub.add_parser("score", help="CLIP image-text similarity and aesthetic score into the metadata")
+    sc_.add_argument("dataset")
+    sc_.add_argument("--model", default="ViT-L-14", help="open_clip model name")
+    sc_.add_argument("--weights", required=True, help="local open_clip checkpoint file")
+    sc_.add_argument("--aesthetic", required=True, help="local aesthetic head (linear: weight (1, D), bias (1,))")
+    sc_.add_argument("--batch-size", type=int, default=64)
+    sc_.set_defaults(fn=_data_score)
+    enc = dsub.add_parser("encode", help="precompute VAE latents and text features (data.latents=true)")
+    enc.add_argument("dataset")
+    enc.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (local)")
+    enc.add_argument("--resolution", type=int, required=True, help="bucket base resolution in pixels")
+    enc.add_argument("--multiple", type=int, default=16, help="bucket sides are multiples of this (patch x VAE factor)")
+    enc.add_argument("--text-name", default="kiln-tiny-text", help="open_clip model (the run's text.name)")
+    enc.add_argument("--text-weights", help="its local weights (the run's text.weights)")
+    enc.add_argument("--text-max-length", type=int, default=16, help="the run's text.max_length")
+    enc.add_argument("--batch-size", type=int, default=16)
+    enc.set_defaults(fn=_data_encode)
     pv = dsub.add_parser("preview", help="a grid of decoded, bucketed, cropped samples with their captions")
     pv.add_argument("dataset")
     pv.add_argument("--out", default="preview.png")

@@ -66,6 +66,8 @@ class DataConfig:
     min_clip_score: float | None = None  # needs `kiln data score`
     min_aesthetic: float | None = None
     decoder: str = "dali"  # dali (GPU "mixed" decode with CUDA, CPU otherwise) | pillow
+    vae: str = ""  # diffusers AutoencoderKL folder: train on its latents (encoded online); "" = pixels
+    latents: bool = False  # read latents + text features from `kiln data encode` (center crops, no flip)
     workers: int = 2  # reader threads per rank
     decode_threads: int = 2  # DALI CPU threads
 
@@ -73,6 +75,9 @@ class DataConfig:
         _choice("data.source", self.source, ("shapes", "shards"))
         if self.source == "shards" and not self.path:
             raise ConfigError("data.path must name a prepared dataset folder when data.source=shards")
+        if self.latents and (self.source != "shards" or not self.vae):
+            raise ConfigError("data.latents=true needs data.source=shards and data.vae (the VAE decodes samples "
+                              "and encodes the held-out images)")
         _choice("data.decoder", self.decoder, ("dali", "pillow"))
         _positive("data.workers", self.workers)
         _positive("data.decode_threads", self.decode_threads)
@@ -261,8 +266,16 @@ class StageConfig:
     steps: int
     resolution: int
     batch_size: int
+    # prepared datasets of this stage and their sampling weights (replay earlier stages' data with a
+    # small weight); empty = data.path alone. Only with data.source=shards.
+    data: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
     def validate(self, i: int = 0) -> None:
+        if self.weights and len(self.weights) != len(self.data):
+            raise ConfigError(f"stages[{i}].weights has {len(self.weights)} entries for {len(self.data)} datasets")
+        if any(w <= 0 for w in self.weights):
+            raise ConfigError(f"stages[{i}].weights must be > 0, got {self.weights}")
         _positive(f"stages[{i}].steps", self.steps)
         _positive(f"stages[{i}].batch_size", self.batch_size)
         _check_resolution(f"stages[{i}].resolution", self.resolution)
@@ -301,6 +314,9 @@ class RunConfig:
                 sub.validate()
         for i, stage in enumerate(self.stages):
             stage.validate(i)
+            if stage.data and self.data.source != "shards":
+                raise ConfigError(f"stages[{i}].data lists datasets but data.source is {self.data.source!r}: "
+                                  "set data.source=shards")
             if stage.resolution % self.model.patch_size:
                 raise ConfigError(f"stages[{i}].resolution ({stage.resolution}) must be a multiple of "
                                   f"model.patch_size ({self.model.patch_size})")

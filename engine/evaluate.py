@@ -30,7 +30,7 @@ def save_grid(images: np.ndarray, path: Path, upscale: int = 4) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST).save(path)
 
 
-def _heldout(cfg: RunConfig, resolution: int):
+def heldout_batch(cfg: RunConfig, resolution: int):
     """The fixed held-out prompts (and images) at ``resolution`` in the sample.captions style."""
     style = cfg.data.captions if cfg.sample.captions == "same" else cfg.sample.captions
     data = dataclasses.replace(cfg.data, resolution=resolution, captions=style)
@@ -39,22 +39,23 @@ def _heldout(cfg: RunConfig, resolution: int):
 
 @torch.no_grad()
 def evaluate(cfg: RunConfig, model, encoder, device: torch.device, autocast, out_png: Path | None,
-             resolution: int | None = None) -> dict:
+             resolution: int | None = None, vae=None) -> dict:
     """Generate one image per held-out prompt and return adherence per attribute (0-1)."""
     res = resolution or cfg.data.resolution
-    prompts = _heldout(cfg, res)
+    prompts = heldout_batch(cfg, res)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # same noise every eval
-    noise = torch.randn(len(prompts.captions), cfg.model.in_channels, res, res, generator=gen, device=device)
+    side = res // (vae.factor if vae is not None else 1)  # model input side: pixels or latents
+    noise = torch.randn(len(prompts.captions), cfg.model.in_channels, side, side, generator=gen, device=device)
     cond = encoder.encode(prompts.captions)
     uncond = encoder.encode([""] * len(prompts.captions))
-    tokens = (res // cfg.model.patch_size) ** 2
+    tokens = (side // cfg.model.patch_size) ** 2
     was_training = model.training
     model.eval()
     with autocast():
         x = euler_sample(model, noise, cond, uncond, prompts.micro.to(device), cfg.sample.steps,
                          cfg.sample.cfg_scale, resolution_shift(cfg.objective, tokens))
     model.train(was_training)
-    images = to_uint8(x.float())
+    images = to_uint8((vae.decode(x) if vae is not None else x).float())
     if out_png is not None and cfg.sample.grid_size:
         out_png.parent.mkdir(parents=True, exist_ok=True)
         k = min(cfg.sample.grid_size, len(images))
@@ -67,7 +68,7 @@ def evaluate(cfg: RunConfig, model, encoder, device: torch.device, autocast, out
 
 @torch.no_grad()
 def heldout_loss(cfg: RunConfig, model, encoder, device: torch.device, autocast,
-                 resolution: int | None = None) -> float:
+                 resolution: int | None = None, vae=None) -> float:
     """Mean velocity MSE on the held-out images, each at ``sample.heldout_timesteps`` fixed t.
 
     The t grid is the midpoints of equal bins of (0, 1) before the resolution shift, the same for
@@ -75,13 +76,14 @@ def heldout_loss(cfg: RunConfig, model, encoder, device: torch.device, autocast,
     differ only through their weights. ~3 training steps of compute at the defaults (64 x 8).
     """
     res = resolution or cfg.data.resolution
-    batch = _heldout(cfg, res)
+    batch = heldout_batch(cfg, res)
     x0 = to_model_range(batch.images.to(device))
+    x0 = vae.encode(x0) if vae is not None else x0
     text = encoder.encode(batch.captions)
     micro = batch.micro.to(device)
     k = cfg.sample.heldout_timesteps
     grid = (torch.arange(k, device=device, dtype=torch.float32) + 0.5) / k
-    tokens = (res // cfg.model.patch_size) ** 2
+    tokens = (x0.shape[-2] // cfg.model.patch_size) * (x0.shape[-1] // cfg.model.patch_size)
     s = resolution_shift(cfg.objective, tokens)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 54321)
     was_training = model.training

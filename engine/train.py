@@ -28,16 +28,17 @@ from kiln import kernels
 from kiln.engine import checkpoint, parallel
 from kiln.engine.config import RunConfig, from_dict
 from kiln.engine.data.loader import ShapesLoader, to_model_range
-from kiln.engine.data.shards import ShardsLoader
+from kiln.engine.data.mix import MixLoader
 from kiln.engine.ema import EMA
-from kiln.engine.errors import KilnError
-from kiln.engine.evaluate import evaluate, heldout_loss
+from kiln.engine.errors import ConfigError, KilnError
+from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name
 from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
 from kiln.engine.optim import Optimizers
 from kiln.model.mmdit import MMDiT
 from kiln.model.presets import count_params
-from kiln.model.text_encoder import build_text_encoder
+from kiln.model.text_encoder import FixedTexts, TextBatch, build_text_encoder
+from kiln.model.vae import LatentCodec
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,7 +74,15 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(self.encoder, mesh=d.dp_mesh())  # frozen: gathered per forward, never reduced
+            self.encoder.sharded = True
         cfg.model.text_dim, cfg.model.pooled_dim = self.encoder.width, self.encoder.pooled_dim
+        self.vae = LatentCodec.load(cfg.data.vae, self.device) if cfg.data.vae else None
+        if self.vae is not None:  # the model sees latents: its input channels are the VAE's
+            cfg.model.in_channels = self.vae.channels
+        self.pixels_per_token = cfg.model.patch_size * (self.vae.factor if self.vae is not None else 1)
+        _check_resolutions(cfg, self.pixels_per_token)
+        if cfg.data.latents:
+            _check_encoded(cfg, self.vae)
         self.autocast = autocast_factory(self.device, cfg.train.precision)
         bf16 = self.autocast is not contextlib.nullcontext
         self.parts = parallel.build_parts(cfg, d, self.device, bf16)  # fp32 master weights
@@ -94,11 +103,11 @@ class Trainer:
     def _build_schedule(self):
         return parallel.build_schedule(self.cfg, self.dist, self.parts, self.device, _loss)
 
-    def _make_loader(self, stage) -> ShapesLoader | ShardsLoader:
+    def _make_loader(self, stage) -> ShapesLoader | MixLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
         if data.source == "shards":
-            return ShardsLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size,
-                                multiple=self.cfg.model.patch_size, device=self.device)
+            return MixLoader(data, stage.data or [data.path], stage.weights, stage.batch_size, rank=self.dist.dp_rank,
+                             world_size=self.dist.dp_size, multiple=self.pixels_per_token, device=self.device)
         return ShapesLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
 
     def enter_stage(self) -> None:
@@ -227,8 +236,8 @@ class Trainer:
         local = slice(d.dp_rank, None, d.dp_size)
         # per-sample randomness is drawn for the global batch, then sliced: identical in every layout
         drop = caption_drop_mask(B, cfg.data.caption_dropout, self.cpu_gen)[local]
-        H, W = self.loader.next_shape()  # this batch's bucket (square for the shapes set)
-        grid = (H // cfg.model.patch_size, W // cfg.model.patch_size)
+        H, W = self.loader.next_shape()  # this batch's bucket in pixels (square for the shapes set)
+        grid = (H // self.pixels_per_token, W // self.pixels_per_token)
         times = sample_timesteps(cfg.objective, B, grid[0] * grid[1], self.gen, self.device)[local]
         first = self.images_seen(self.step)
         for part in self.parts:
@@ -237,11 +246,17 @@ class Trainer:
         with t.stage("data"):
             batch = self.loader.next_batch() if needs_data else self.loader.next_indices()
         if needs_data:
-            x0 = to_model_range(batch.images.to(self.device, non_blocking=True))
+            if batch.latents is not None:  # precomputed (kiln data encode)
+                x0 = batch.latents.to(self.device, non_blocking=True)
+            else:
+                x0 = to_model_range(batch.images.to(self.device, non_blocking=True))
+                if self.vae is not None:
+                    with t.stage("vae"):
+                        x0 = self.vae.encode(x0)
             xt, target = interpolate(x0, self._noise(tuple(x0.shape), first), times)
         if d.first_stage:
             with t.stage("text"):
-                text = self.encoder.encode(drop_captions(batch.captions, drop))
+                text = self._text(batch, drop)
             inputs = (xt, times, text.tokens, text.mask, text.pooled, batch.micro.to(self.device))
         if self.schedule is None:
             with t.stage("forward"), self.autocast():
@@ -258,6 +273,18 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.parts)
         return loss.detach()
+
+    def _text(self, batch, drop: torch.Tensor):
+        """Text features of the batch with dropped captions replaced by the empty caption's."""
+        if batch.text is None:
+            return self.encoder.encode(drop_captions(batch.captions, drop))
+        empty, pre = self.encoder.encode([""]), batch.text
+        keep = ~drop.to(self.device)
+        return TextBatch(
+            torch.where(keep[:, None, None], pre.tokens.to(self.device), empty.tokens),
+            torch.where(keep[:, None], pre.pooled.to(self.device), empty.pooled),
+            torch.where(keep[:, None], pre.mask.to(self.device), empty.mask),
+        )
 
     def _pipeline_step(self, inputs: tuple, target: torch.Tensor | None) -> torch.Tensor:
         """One pipelined forward + backward over the microbatches; the last stage's mean loss."""
@@ -293,13 +320,48 @@ class Trainer:
         scores = {}
         if self.cfg.sample.num_prompts:
             with self.timer.stage("sampling"):
+                encoder = self.encoder
+                if encoder.sharded:  # its forward is collective: every rank encodes the prompts now
+                    encoder = FixedTexts(encoder, heldout_batch(self.cfg, res).captions + [""])
                 model = self.eval_model()
                 if model is not None:
-                    scores = evaluate(self.cfg, model, self.encoder, self.device, self.autocast, png, res)
-                    scores["heldout_loss"] = heldout_loss(self.cfg, model, self.encoder, self.device,
-                                                          self.autocast, res)
+                    scores = evaluate(self.cfg, model, encoder, self.device, self.autocast, png, res, self.vae)
+                    scores["heldout_loss"] = heldout_loss(self.cfg, model, encoder, self.device,
+                                                          self.autocast, res, self.vae)
         parallel.barrier(self.dist)
         return scores
+
+
+def _check_resolutions(cfg: RunConfig, multiple: int) -> None:
+    """Every stage's resolution must tile into whole tokens (patch x VAE factor pixels)."""
+    for res in {cfg.data.resolution, *(s.resolution for s in cfg.stages)}:
+        if res % multiple:
+            raise ConfigError(f"data.resolution / stages[].resolution {res} must be a multiple of {multiple} "
+                              f"(model.patch_size {cfg.model.patch_size} x the VAE's downsampling)")
+
+
+def _check_encoded(cfg: RunConfig, vae: LatentCodec) -> None:
+    """Precomputed latents must come from this run's VAE and text encoder, at its resolutions."""
+    from kiln.engine.data.encode import latents_dir, text_identity
+
+    want_text = text_identity(cfg.text.name, cfg.text.weights, cfg.text.max_length)
+    for stage in cfg.stages or [cfg.stage_at(0)]:
+        for path in stage.data or [cfg.data.path]:
+            meta_path = latents_dir(path, stage.resolution) / "meta.json"
+            if not meta_path.is_file():
+                raise ConfigError(f"data.latents=true: {meta_path.parent} missing; run "
+                                  f"`kiln data encode {path} --vae {cfg.data.vae} --resolution {stage.resolution}`")
+            meta = json.loads(meta_path.read_text())
+            if meta["text"] != want_text:
+                raise ConfigError(f"{meta_path}: text features from {meta['text']}, but this run's text config is "
+                                  f"{want_text}; re-run `kiln data encode` with the run's text.* settings")
+            if (meta["vae"]["channels"], meta["vae"]["factor"]) != (vae.channels, vae.factor):
+                got = f"{meta['vae']['channels']}-channel /{meta['vae']['factor']}"
+                raise ConfigError(f"{meta_path}: latents of a {got} VAE, but data.vae is "
+                                  f"{vae.channels}-channel /{vae.factor}")
+            if meta["multiple"] % (cfg.model.patch_size * vae.factor):
+                raise ConfigError(f"{meta_path}: buckets are multiples of {meta['multiple']} px, not of "
+                                  f"model.patch_size x VAE factor = {cfg.model.patch_size * vae.factor}")
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -74,27 +74,45 @@ class OpenCLIPTextEncoder(nn.Module):
         # On CUDA, cuBLAS picks kernels by shape and a different batch size changed the 7th
         # digit of a resumed run's loss; deterministic runs turn this on.
         self.batch_invariant = False
+        self.sharded = False  # set when FSDP shards the weights (parallel.shard_text_encoder)
 
     def train(self, mode: bool = True):  # frozen: always in eval mode
         return super().train(False)
 
     @torch.no_grad()
     def _run(self, captions: list[str]):
-        dev = self.token_embedding.weight.device
-        ids = self.tokenizer(captions)[:, : self.max_length].to(dev)  # (B, L)
+        ids = self.tokenizer(captions)[:, : self.max_length].to(self.positional_embedding.device)  # (B, L)
+        return self(ids)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor):
+        """ids (B, L) -> states (B, L, width), pooled (B, pooled_dim), valid (B, L). A forward (not
+        a helper) so that FSDP's hooks gather a sharded encoder's weights around it."""
+        dev = ids.device
         L = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:L]
         mask = self.attn_mask[:L, :L] if self.attn_mask is not None else None
         x = self.ln_final(self.transformer(x, attn_mask=mask))  # (B, L, width)
         eot = ids.argmax(dim=-1)  # end-of-text has the largest id in CLIP's vocabulary
-        pooled = x[torch.arange(len(captions), device=dev), eot]
+        pooled = x[torch.arange(ids.shape[0], device=dev), eot]
         proj = self.text_projection
         pooled = pooled @ proj if isinstance(proj, torch.Tensor) else proj(pooled)
         valid = torch.arange(L, device=dev)[None, :] <= eot[:, None]  # start .. end-of-text
         return x.float(), pooled.float(), valid
 
     def encode(self, captions: list[str]) -> TextBatch:
-        """Encode captions to per-token states, pooled vector and mask (cached per caption)."""
+        """Encode captions to per-token states, pooled vector and mask (cached per caption).
+
+        A sharded encoder (``sharded`` = True, FSDP over the data-parallel ranks) skips the cache:
+        its forward is a collective, so every rank must run the same number of forwards per call
+        whatever it happens to have cached.
+        """
+        if self.sharded:
+            chunk = 32 if self.batch_invariant else max(1, len(captions))
+            parts = [captions[i : i + chunk] for i in range(0, len(captions), chunk)]
+            outs = [self._run(p + [""] * (chunk - len(p))) for p in parts]
+            x, pooled, valid = (torch.cat(col)[: len(captions)] for col in zip(*outs, strict=True))
+            return TextBatch(x, pooled, valid)
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         chunk = 32 if self.batch_invariant else max(1, len(missing))
         for start in range(0, len(missing), chunk):
@@ -119,3 +137,16 @@ def build_text_encoder(family: str, name: str, weights: str | None, max_length: 
     if family != "open_clip":
         raise KilnError(f"text.family: {family!r} is not one of: open_clip")
     return OpenCLIPTextEncoder(name, weights, max_length)
+
+
+class FixedTexts:
+    """Stand-in encoder holding the features of a fixed caption set, computed beforehand by all
+    ranks together (a sharded encoder cannot run on rank 0 alone during evaluation)."""
+
+    def __init__(self, encoder: OpenCLIPTextEncoder, captions: list[str]):
+        unique = list(dict.fromkeys(captions))
+        feats = encoder.encode(unique)
+        self.rows = {c: (feats.tokens[i], feats.pooled[i], feats.mask[i]) for i, c in enumerate(unique)}
+
+    def encode(self, captions: list[str]) -> TextBatch:
+        return TextBatch(*(torch.stack(col) for col in zip(*(self.rows[c] for c in captions), strict=True)))

@@ -34,7 +34,8 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=gpipe",
                           "parallel.microbatches=2"]),
-    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.shard_text_encoder=true"]),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.shard_text_encoder=true",
+                    "sample.num_prompts=2", "sample.steps=1"]),  # eval with a sharded encoder
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2",
                             "parallel.microbatches=2"]),
 }

@@ -20,10 +20,12 @@ from kiln.engine.data.shapes import EVAL_STREAM, Attributes, ShapesDataset
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) uint8
+    images: torch.Tensor | None  # (B, 3, H, W) uint8; None when latents were precomputed
     captions: list[str]
-    attributes: list[Attributes]
+    attributes: list[Attributes | None]
     micro: torch.Tensor  # (B, 6) float: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+    latents: torch.Tensor | None = None  # (B, C, h, w) from `kiln data encode` (data.latents=true)
+    text: object | None = None  # TextBatch of the captions, precomputed with the latents
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

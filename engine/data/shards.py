@@ -106,9 +106,15 @@ class ShardsLoader:
                 self.filtered[why] = self.filtered.get(why, 0) + 1
             else:
                 self.rows.append(r)
-        aspects = cfg.aspect_ratios if cfg.buckets else (1.0,)
-        self.buckets = make_buckets(cfg.resolution, multiple, aspects)
-        self.bucket_of = np.array([nearest_bucket(r["height"], r["width"], self.buckets) for r in self.rows])
+        self.encoded = _Encoded(self.root, cfg.resolution) if cfg.latents else None
+        if self.encoded is not None:  # buckets were fixed when the latents were encoded
+            self.buckets = self.encoded.buckets
+            self.rows = [r for r in self.rows if r["key"] in self.encoded.where]
+            self.bucket_of = np.array([self.encoded.where[r["key"]][0] for r in self.rows])
+        else:
+            aspects = cfg.aspect_ratios if cfg.buckets else (1.0,)
+            self.buckets = make_buckets(cfg.resolution, multiple, aspects)
+            self.bucket_of = np.array([nearest_bucket(r["height"], r["width"], self.buckets) for r in self.rows])
         self.device = device or torch.device("cpu")
         self.epoch, self.pos = 0, 0
         self._plan = self._make_plan(0)
@@ -182,16 +188,25 @@ class ShardsLoader:
         bucket = self.next_shape()
         epoch, ids = self._advance()
         ids = ids[self.rank :: self.world].tolist()
+        if self.encoded is not None:
+            return self.encoded.batch([self.rows[i] for i in ids], bucket)
         geos = [self.geometry(i, bucket, epoch) for i in ids]
         images = self.decoder()(self._read(ids), geos, bucket)  # (B, 3, H, W) uint8
         rows = [self.rows[i] for i in ids]
         return Batch(images, [r["caption"] for r in rows], [None] * len(rows), micro_conditioning(rows, geos, bucket))
 
+    def _signature(self) -> list:
+        return [self.batch_size, self.cfg.resolution, len(self.rows)]
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.pos}
+        return {"epoch": self.epoch, "offset": self.pos, "plan": self._signature()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["offset"])
+        if state.get("plan", self._signature()) != self._signature():
+            # batch size, resolution or filters changed (a new stage): the old plan's position means
+            # nothing in the new one, so move on to a fresh epoch rather than repeat or skip samples
+            self.epoch, self.pos = self.epoch + 1, 0
         self._plan = self._make_plan(self.epoch)
         if self.pos >= len(self._plan):
             raise KilnError(f"data position {self.pos} is past the {len(self._plan)} batches of epoch {self.epoch}: "
@@ -208,3 +223,37 @@ def first_samples(cfg, n: int) -> Batch:
             for r in rows]
     images = PillowDecoder(torch.device("cpu"))([read_bytes(cfg.path, r) for r in rows], geos, bucket)
     return Batch(images, [r["caption"] for r in rows], [None] * len(rows), micro_conditioning(rows, geos, bucket))
+
+
+class _Encoded:
+    """Latents and text features written by `kiln data encode` for one resolution (memory-mapped)."""
+
+    def __init__(self, root: Path, resolution: int):
+        from kiln.engine.data.encode import latents_dir
+
+        folder = latents_dir(root, resolution)
+        if not (folder / "meta.json").is_file():
+            raise KilnError(f"data.latents=true but {folder} does not exist: run "
+                            f"`kiln data encode {root} --vae VAE --resolution {resolution}`")
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.buckets = [tuple(b) for b in self.meta["buckets"]]
+        self.where: dict[str, tuple[int, int]] = {}  # key -> (bucket, row in the bucket's arrays)
+        self.arrays: dict[int, dict[str, np.ndarray]] = {}
+        for k in map(int, self.meta["per_bucket"]):
+            keys = json.loads((folder / f"b{k}.keys.json").read_text())
+            self.where.update({key: (k, j) for j, key in enumerate(keys)})
+            self.arrays[k] = {n: np.load(folder / f"b{k}.{n}.npy", mmap_mode="r")
+                              for n in ("latents", "tokens", "mask", "pooled")}
+
+    def batch(self, rows: list[dict], bucket: tuple[int, int]) -> Batch:
+        from kiln.model.text_encoder import TextBatch
+
+        k = self.buckets.index(bucket)
+        idx = [self.where[r["key"]][1] for r in rows]
+        a = self.arrays[k]
+        take = {n: torch.from_numpy(np.ascontiguousarray(a[n][idx])) for n in a}
+        geos = [Geometry(*cover_and_crop(r["height"], r["width"], bucket, 0.5, 0.5), False, r["height"], r["width"])
+                for r in rows]
+        text = TextBatch(take["tokens"].float(), take["pooled"].float(), take["mask"])
+        return Batch(None, [r["caption"] for r in rows], [None] * len(rows), micro_conditioning(rows, geos, bucket),
+                     latents=take["latents"].float(), text=text)
