@@ -368,3 +368,19 @@ def test_multi_stage_run_switches_datasets_and_resumes_exactly(synthetic, tmp_pa
     got = {name: [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r] for name in ("straight", "cut")}
     assert len(got["straight"]) == 4
     torch.testing.assert_close(torch.tensor(got["cut"][-2:]), torch.tensor(got["straight"][-2:]))
+
+
+def test_preview_cli_draws_the_bucketed_crops_with_captions(prepared, tmp_path):
+    import subprocess
+    import sys
+
+    out, _ = prepared
+    png = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "kiln.engine.cli", "data", "preview", str(out), "--out", str(png),
+                           "--resolution", "64", "--batches", "2", "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["samples"] == 11 and Image.open(png).size[0] > 2 * 48
+    grid = np.asarray(Image.open(png))
+    assert grid.std() > 20  # pictures and caption text, not a blank canvas
