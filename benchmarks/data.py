@@ -9,7 +9,8 @@ decode threads (and as many reader threads), the baseline with that many DataLoa
 processes each decoding whole batches with Pillow (the usual PyTorch recipe). Timed: throughput
 from the end of batch ``--warmup`` to the last of ``--warmup + --batches``. Per-stage times (ms
 per batch, DALI loader): read (tar byte ranges), decode (a decode-only DALI pipeline), resize +
-crop (the rest of a loader batch), host-to-device (with CUDA), VAE encode (not yet: no VAE stage).
+crop (the rest of a loader batch), host-to-device (with CUDA), VAE encode (with ``--vae``).
+With CUDA a "dali-gpu" row adds the GPU decode (nvJPEG) throughput.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from kiln.benchmarks.common import append_rows, print_table, provenance
 from kiln.engine.config import DataConfig
 
 
-def _loader(cfg: DataConfig, batch: int):
+def _loader(cfg: DataConfig, batch: int, device: torch.device | None = None):
     from kiln.engine.data.shards import ShardsLoader
 
-    return ShardsLoader(cfg, batch)
+    return ShardsLoader(cfg, batch, device=device)
 
 
 class _PlanDataset(torch.utils.data.Dataset):
@@ -119,15 +120,51 @@ def bench_baseline(cfg: DataConfig, batch: int, batches: int, warmup: int, worke
     return {"img_per_s": rate, "ms_per_batch": ms, "startup_s": stamps[warmup] - t_start}
 
 
-def bench_dali_steady(cfg: DataConfig, batch: int, batches: int, warmup: int) -> dict:
-    """Same inter-batch measure as the baseline, for a like-for-like ratio."""
-    loader = _loader(cfg, batch)
+def bench_dali_steady(cfg: DataConfig, batch: int, batches: int, warmup: int,
+                      device: torch.device | None = None) -> dict:
+    """Same throughput measure as the baseline, for a like-for-like ratio (GPU decode with CUDA)."""
+    loader = _loader(cfg, batch, device)
     stamps = []
     for _ in range(warmup + batches):
-        loader.next_batch()
+        out = loader.next_batch().images
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         stamps.append(time.perf_counter())
     rate, ms = _steady_rate(stamps, warmup, batch)
     return {"img_per_s": rate, "ms_per_batch": ms}
+
+
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()  # warm-up (allocations, cuDNN/oneDNN plans)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_h2d_and_vae(cfg: DataConfig, batch: int, vae: str | None, dev: torch.device) -> dict:
+    """ms per batch to copy the uint8 batch to the GPU, and to VAE-encode it (``--vae``)."""
+    images = _loader(cfg, batch).next_batch().images
+    out = {"h2d_ms": None, "vae_ms": None}
+    if dev.type == "cuda":
+        def copy():
+            images.to(dev, non_blocking=False)
+            torch.cuda.synchronize(dev)
+        out["h2d_ms"] = _median_ms(copy)
+    if vae:
+        from kiln.engine.data.loader import to_model_range
+        from kiln.model.vae import LatentCodec
+
+        codec, x = LatentCodec.load(vae, dev), to_model_range(images.to(dev))
+
+        def enc():
+            codec.encode(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        out["vae_ms"] = _median_ms(enc, reps=3)
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -138,6 +175,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU cores for each loader")
+    p.add_argument("--vae", help="also time encoding a batch with this AutoencoderKL folder")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     cfg = DataConfig(source="shards", path=args.dataset, resolution=args.resolution, decoder="dali",
@@ -153,13 +191,16 @@ def main(argv=None) -> list[dict]:
     rows = [
         {**base, "provider": "dali-cpu", **dali, "read_ms": stages["read_ms"], "decode_ms": decode_ms,
          "resize_crop_ms": max(0.0, stages["ms_per_batch"] - stages["read_ms"] - decode_ms),
-         "h2d_ms": None, "vae_ms": None},
+         **bench_h2d_and_vae(cfg, args.batch_size, args.vae, dev)},
         {**base, "provider": "pillow-dataloader", **pillow},
     ]
     rows[0]["speedup_vs_baseline"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
+    if dev.type == "cuda":  # nvJPEG ("mixed") decode + DALI GPU resize/crop
+        rows.append({**base, "provider": "dali-gpu", **bench_dali_steady(cfg, args.batch_size, args.batches,
+                                                                          args.warmup, dev)})
     append_rows(args.out, rows)
     print_table(rows, ["provider", "threads", "batch", "img_per_s", "ms_per_batch", "read_ms", "decode_ms",
-                       "resize_crop_ms"])
+                       "resize_crop_ms", "h2d_ms", "vae_ms"])
     print(f"DALI / baseline: {rows[0]['speedup_vs_baseline']:.2f}x on {args.threads} cores")
     return rows
 

@@ -384,3 +384,16 @@ def test_preview_cli_draws_the_bucketed_crops_with_captions(prepared, tmp_path):
     assert info["samples"] == 11 and Image.open(png).size[0] > 2 * 48
     grid = np.asarray(Image.open(png))
     assert grid.std() > 20  # pictures and caption text, not a blank canvas
+
+
+def test_data_bench_writes_rows_for_both_loaders_and_every_stage(synthetic, tmp_path):
+    from kiln.benchmarks.data import main as bench
+
+    rows_file = tmp_path / "rows.jsonl"
+    vae_dir = str(_tiny_vae(tmp_path / "vae"))
+    rows = bench([str(synthetic), "--batches", "3", "--warmup", "1", "--batch-size", "8", "--resolution", "64",
+                  "--threads", "2", "--vae", vae_dir, "--out", str(rows_file)])
+    assert [r["provider"] for r in rows][:2] == ["dali-cpu", "pillow-dataloader"]
+    assert all(r["img_per_s"] > 0 for r in rows) and rows[0]["speedup_vs_baseline"] > 0
+    assert rows[0]["read_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["vae_ms"] > 0
+    assert len(rows_file.read_text().splitlines()) == len(rows) and rows[0]["device"]
