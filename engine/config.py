@@ -69,6 +69,7 @@ class DataConfig:
     vae: str = ""  # diffusers AutoencoderKL folder: train on its latents (encoded online); "" = pixels
     latents: bool = False  # read latents + text features from `kiln data encode` (center crops, no flip)
     workers: int = 2  # reader threads per rank
+    prefetch: bool = True  # read + decode the next batch in the background during the step
     decode_threads: int = 2  # DALI CPU threads
 
     def validate(self) -> None:

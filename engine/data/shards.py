@@ -13,10 +13,11 @@ Sharding. Data-parallel rank r takes items r, r + world, ... of each global batc
 reader worker w reads items w, w + workers, ... of that share (byte ranges of the tars, by
 offset, in a thread pool). No sample is read twice within an epoch across ranks x workers.
 
-Decoding. NVIDIA DALI: ``fn.decoders.image`` on the GPU (``mixed``) when CUDA is present, on the
-CPU otherwise, then resize-to-cover, crop into the bucket and optional flip: the same pipeline
-on both devices. ``data.decoder = "pillow"`` does the same with Pillow (the benchmark baseline,
-and the path when DALI is not installed).
+Decoding (decode.py). NVIDIA DALI decodes each crop's region, on the GPU (``mixed``) when CUDA
+is present and on the CPU otherwise, then it is resized into the bucket and optionally flipped.
+``data.decoder = "pillow"`` does the same with Pillow (the benchmark baseline, and the path when
+DALI is not installed). With ``data.prefetch`` the next batch is read and decoded on a background
+thread while the caller trains on the current one.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class ShardsLoader:
         self.epoch, self.pos = 0, 0
         self._plan = self._make_plan(0)
         self._pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="kiln-read")
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kiln-prefetch")
+        self._ahead = None  # ((epoch, pos), Future[Batch]) of the batch after the last one returned
         self._decoder = None
 
     # ---- order -------------------------------------------------------------------------------
@@ -134,6 +137,10 @@ class ShardsLoader:
                             f"({len(self.rows)} samples after filters {self.filtered}; per bucket {sizes})")
         order = rng.permutation(len(plan))
         return [plan[i] for i in order]
+
+    def _peek(self) -> tuple[int, np.ndarray]:
+        """(epoch, global ids) of the next batch, without moving the position."""
+        return self.epoch, self._plan[self.pos]
 
     def _advance(self) -> tuple[int, np.ndarray]:
         """(epoch, global ids) of the next batch; moves the position on."""
@@ -185,8 +192,24 @@ class ShardsLoader:
         return self._decoder
 
     def next_batch(self) -> Batch:
+        """This rank's next batch. The batch after it is read and decoded in the background while
+        the caller trains on this one (one batch ahead; the position saved is the caller's)."""
+        key = (self.epoch, self.pos)
+        ahead, self._ahead = self._ahead, None
         bucket = self.next_shape()
         epoch, ids = self._advance()
+        batch = ahead[1].result() if ahead is not None and ahead[0] == key else self._produce(epoch, ids, bucket)
+        if self.cfg.prefetch:
+            nxt = (self.epoch, self.pos)
+            self._ahead = (nxt, self._prefetcher.submit(self._produce, *self._peek(), self.next_shape()))
+        return batch
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].result()  # let it finish: the decoder is not shared across threads
+            self._ahead = None
+
+    def _produce(self, epoch: int, ids: np.ndarray, bucket: tuple[int, int]) -> Batch:
         ids = ids[self.rank :: self.world].tolist()
         if self.encoded is not None:
             return self.encoded.batch([self.rows[i] for i in ids], bucket)
@@ -202,6 +225,7 @@ class ShardsLoader:
         return {"epoch": self.epoch, "offset": self.pos, "plan": self._signature()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._drop_ahead()
         self.epoch, self.pos = int(state["epoch"]), int(state["offset"])
         if state.get("plan", self._signature()) != self._signature():
             # batch size, resolution or filters changed (a new stage): the old plan's position means
