@@ -157,7 +157,8 @@ def _backends(_args) -> None:
 def _data_prepare(args) -> None:
     from kiln.engine.data.prepare import prepare
 
-    report = prepare(args.src, args.out, shard_size=args.shard_size, workers=args.workers, max_side=args.max_side)
+    report = prepare(args.src, args.out, shard_size=args.shard_size, workers=args.workers, max_side=args.max_side,
+                     heldout=args.heldout)
     print(json.dumps({k: v for k, v in report.items() if k != "skip_examples"}, indent=2))
 
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard")
     prep.add_argument("--workers", type=int, help="processes (default: all cores, at most 16)")
     prep.add_argument("--max-side", type=int, default=4096, help="downscale images whose long side exceeds this")
+    prep.add_argument("--heldout", type=int, default=0, help="samples set aside for evaluation (never trained on)")
     prep.set_defaults(fn=_data_prepare)
     sc_ = dsub.add_parser("score", help="CLIP image-text similarity and aesthetic score into the metadata")
     sc_.add_argument("dataset")

@@ -397,3 +397,17 @@ def test_data_bench_writes_rows_for_both_loaders_and_every_stage(synthetic, tmp_
     assert all(r["img_per_s"] > 0 for r in rows) and rows[0]["speedup_vs_baseline"] > 0
     assert rows[0]["read_ms"] > 0 and rows[0]["decode_ms"] > 0 and rows[0]["vae_ms"] > 0
     assert len(rows_file.read_text().splitlines()) == len(rows) and rows[0]["device"]
+
+
+def test_heldout_split_is_never_trained_on_and_is_what_eval_uses(tmp_path):
+    from kiln.engine.data.loader import eval_prompts
+
+    out = tmp_path / "ds"
+    report = prepare("synthetic:120", out, shard_size=60, workers=1, heldout=10, progress=False)
+    assert report["heldout"] == 10 and report["written"] == 120
+    held = {r["caption"] for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())
+            if r.get("split") == "heldout"}
+    loader = ShardsLoader(_cfg(out, buckets=False, resolution=32), 4)
+    assert loader.filtered["heldout"] == 10 and all(r.get("split") != "heldout" for r in loader.rows)
+    prompts = eval_prompts(_cfg(out, resolution=32), 6)
+    assert len(prompts.captions) == 6 and set(prompts.captions) <= held and prompts.images.shape[-2:] == (32, 32)

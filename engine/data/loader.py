@@ -88,9 +88,9 @@ class ShapesLoader:
 def eval_prompts(cfg: DataConfig, n: int) -> Batch:
     """The fixed evaluation prompts and images at the square ``cfg.resolution``.
 
-    Shapes set: indices of the eval stream, never drawn in training. Prepared shards: the first
-    n samples of the metadata, center-cropped (they are training samples too: prepare writes no
-    held-out split yet), with no attributes, so no adherence score.
+    Shapes set: indices of the eval stream, never drawn in training. Prepared shards: the held-out
+    split of ``kiln data prepare --heldout N`` (never trained on), else the first n samples (then
+    also training samples), center-cropped, with no attributes, so no adherence score.
     """
     if cfg.source == "shards":
         from kiln.engine.data.shards import first_samples

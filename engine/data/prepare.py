@@ -196,8 +196,12 @@ def build_shard(args) -> tuple[int, list[dict], Counter, list[str]]:
 # ---- driver ------------------------------------------------------------------------------------
 
 def prepare(src: str, out: str | Path, shard_size: int = 1000, workers: int | None = None, max_side: int = 4096,
-            progress: bool = True) -> dict:
-    """Build the dataset in ``out`` (which must not already hold one); returns the report."""
+            heldout: int = 0, progress: bool = True) -> dict:
+    """Build the dataset in ``out`` (which must not already hold one); returns the report.
+
+    ``heldout``: that many samples, drawn at random (seed 0) across the whole set, get
+    ``"split": "heldout"``: the loader never trains on them and evaluation uses them.
+    """
     from tqdm import tqdm
 
     out = Path(out)
@@ -219,14 +223,21 @@ def prepare(src: str, out: str | Path, shard_size: int = 1000, workers: int | No
     bar.close()
     results.sort(key=lambda r: r[0])
     skipped, examples = Counter(), []
+    all_rows = [r for res in results for r in res[1]]
+    if heldout:
+        import numpy as np
+
+        for i in np.random.default_rng(0).choice(len(all_rows), min(heldout, len(all_rows)), replace=False):
+            all_rows[i]["split"] = "heldout"
+    for _, _, sk, ex in results:
+        skipped.update(sk)
+        examples.extend(ex)
     with open(out / "metadata.jsonl.tmp", "w") as f:
-        for _, rows, sk, ex in results:
-            skipped.update(sk)
-            examples.extend(ex)
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        for r in all_rows:
+            f.write(json.dumps(r) + "\n")
     os.replace(out / "metadata.jsonl.tmp", out / "metadata.jsonl")
-    report = {"source": src, "items": len(items), "written": sum(len(r[1]) for r in results),
+    report = {"source": src, "items": len(items), "written": len(all_rows),
+              "heldout": sum(r.get("split") == "heldout" for r in all_rows),
               "skipped": dict(sorted(skipped.items())), "shards": sum(1 for r in results if r[1]),
               "skip_examples": examples[:50], "seconds": round(time.time() - t0, 2)}
     (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")

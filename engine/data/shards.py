@@ -77,6 +77,8 @@ def micro_conditioning(rows: list[dict], geos: list[Geometry], bucket: tuple[int
 
 def filter_reasons(row: dict, cfg) -> str | None:
     """Why ``row`` is filtered out by the data config (None = kept)."""
+    if row.get("split") == "heldout":  # prepare --heldout: evaluation only
+        return "heldout"
     w, h = row["width"], row["height"]
     if min(w, h) < cfg.min_side:
         return "min_side"
@@ -238,10 +240,13 @@ class ShardsLoader:
 
 
 def first_samples(cfg, n: int) -> Batch:
-    """The first n samples of a prepared dataset, center-cropped to the square cfg.resolution."""
+    """n evaluation samples, center-cropped to the square cfg.resolution: the held-out split
+    (``kiln data prepare --heldout N``) when there is one, else the first n samples."""
     from kiln.engine.data.decode import PillowDecoder
 
-    rows = read_metadata(cfg.path)[:n]
+    rows = read_metadata(cfg.path)
+    held = [r for r in rows if r.get("split") == "heldout"]
+    rows = (held or rows)[:n]
     bucket = (cfg.resolution, cfg.resolution)
     geos = [Geometry(*cover_and_crop(r["height"], r["width"], bucket, 0.5, 0.5), False, r["height"], r["width"])
             for r in rows]
