@@ -75,3 +75,28 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def bandwidth_parser(prog: str, doc: str):
+    """The arguments of a memory-bound kernel benchmark: --out, --copy-gbps."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path)
+    p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
+    return p
+
+
+def measured_copy_gbps(args) -> float:
+    """--copy-gbps, or this device's copy bandwidth measured now (ceilings.py)."""
+    if args.copy_gbps is not None:
+        return args.copy_gbps
+    from kiln.benchmarks.ceilings import measure
+
+    return measure()[0]["gbps"]
+
+
+def bandwidth_fields(q_ms: list[float], nbytes: int, copy: float) -> dict:
+    """p20/p50/p80 ms of a do_bench run, GB/s moved at the median and % of copy bandwidth."""
+    gbps = nbytes / (q_ms[1] / 1e3) / 1e9
+    return {"p20_ms": q_ms[0], "p50_ms": q_ms[1], "p80_ms": q_ms[2], "gbps": gbps, "pct_copy": 100 * gbps / copy}

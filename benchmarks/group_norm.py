@@ -11,14 +11,20 @@ when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kiln import kernels
-from kiln.benchmarks.common import append_rows, print_table, provenance
+from kiln.benchmarks.common import (
+    append_rows,
+    bandwidth_fields,
+    bandwidth_parser,
+    measured_copy_gbps,
+    print_table,
+    provenance,
+)
 
 SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
 
@@ -95,26 +101,18 @@ def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
                                      "layout": layout, "error": f"{type(e).__name__}: {e}"[:200], **prov})
                         append_rows(out, rows[-1:])
                         continue
-                    gbps = passes * x.numel() * x.element_size() / (q[1] / 1e3) / 1e9
+                    bw = bandwidth_fields(q, passes * x.numel() * x.element_size(), copy_gbps)
                     rows.append({"op": "group_norm", "provider": name, "mode": mode, "shape": list(shape),
-                                 "layout": layout, "dtype": "bf16", "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2],
-                                 "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps, **prov})
+                                 "layout": layout, "dtype": "bf16", **bw, **prov})
                     append_rows(out, rows[-1:])
-                    print(f"{name:8s} {mode} {shape} {layout:13s} {q[1]:.4f} ms {gbps:7.0f} GB/s "
-                          f"{100 * gbps / copy_gbps:5.1f}% of copy", flush=True)
+                    print(f"{name:8s} {mode} {shape} {layout:13s} {q[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
+                          f"{bw['pct_copy']:5.1f}% of copy", flush=True)
     return rows
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="kiln bench group_norm", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path)
-    p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
-    args = p.parse_args(argv)
-    if args.copy_gbps is None:
-        from kiln.benchmarks.ceilings import measure
-
-        args.copy_gbps = measure()[0]["gbps"]
-    rows = run(SHAPES, args.copy_gbps, args.out)
+    args = bandwidth_parser("kiln bench group_norm", __doc__).parse_args(argv)
+    rows = run(SHAPES, measured_copy_gbps(args), args.out)
     ok = [r for r in rows if "gbps" in r]
     for r in ok:
         r["shape"] = "x".join(map(str, r["shape"]))

@@ -14,14 +14,20 @@ Targets (issue 7): csrc >= 80% of copy bandwidth and >= 5x eager.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from kiln import kernels
 from kiln.benchmarks.attention import SHAPES, make_inputs
-from kiln.benchmarks.common import append_rows, print_table, provenance
+from kiln.benchmarks.common import (
+    append_rows,
+    bandwidth_fields,
+    bandwidth_parser,
+    measured_copy_gbps,
+    print_table,
+    provenance,
+)
 
 
 def providers(kw):
@@ -68,25 +74,17 @@ def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
                     rows.append({**base, "provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:200]})
                     append_rows(out, rows[-1:])
                     continue
-                gbps = passes * q.numel() * q.element_size() / (t[1] / 1e3) / 1e9
-                rows.append({**base, "provider": name, "mode": mode, "p20_ms": t[0], "p50_ms": t[1], "p80_ms": t[2],
-                             "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps})
+                bw = bandwidth_fields(t, passes * q.numel() * q.element_size(), copy_gbps)
+                rows.append({**base, "provider": name, "mode": mode, **bw})
                 append_rows(out, rows[-1:])
-                print(f"{name:8s} {mode} S={S} H={H} D={D} {t[1]:.4f} ms {gbps:7.0f} GB/s "
-                      f"{100 * gbps / copy_gbps:5.1f}% of copy", flush=True)
+                print(f"{name:8s} {mode} S={S} H={H} D={D} {t[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
+                      f"{bw['pct_copy']:5.1f}% of copy", flush=True)
     return rows
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="kiln bench qk_norm_rope", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path)
-    p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
-    args = p.parse_args(argv)
-    if args.copy_gbps is None:
-        from kiln.benchmarks.ceilings import measure
-
-        args.copy_gbps = measure()[0]["gbps"]
-    rows = run(SHAPES, args.copy_gbps, args.out)
+    args = bandwidth_parser("kiln bench qk_norm_rope", __doc__).parse_args(argv)
+    rows = run(SHAPES, measured_copy_gbps(args), args.out)
     print_table([r for r in rows if "gbps" in r], ["S", "H", "D", "mode", "provider", "p50_ms", "gbps", "pct_copy"])
     for r in rows:
         if "error" in r:

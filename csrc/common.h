@@ -7,6 +7,13 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
+
+#ifdef __CUDACC__
+#define KILN_HD __host__ __device__
+#else
+#define KILN_HD
+#endif
 
 #define KILN_CHECK(cond, ...) TORCH_CHECK(cond, "kiln_ext: ", __VA_ARGS__)
 #define KILN_CHECK_FLOAT(t, name)                                                              \
@@ -102,7 +109,13 @@ inline GNPrepared gn_prepare(const at::Tensor& x_in, int64_t G, const c10::optio
 struct RowShape {
   int64_t B, S, H, D, G;
   int64_t sb, ss, sh;  // element strides of x
-  int64_t rows() const { return B * S * H; }
+  KILN_HD int64_t rows() const { return B * S * H; }
+  // Element offset of row r = (b, s, h) in x; its token s is returned too (it picks weights and RoPE).
+  KILN_HD int64_t offset(int64_t r, int64_t& s) const {
+    const int64_t b = r / (S * H), h = r % H;
+    s = (r / H) % S;
+    return b * sb + s * ss + h * sh;
+  }
 };
 
 struct RopeArgs {
@@ -138,6 +151,30 @@ inline RopeArgs rope_args(const at::Tensor& x_in, const at::Tensor& weight, cons
   }
   a.shape = {a.x.size(0), S, a.x.size(2), D, a.weight.size(0), a.x.stride(0), a.x.stride(1), a.x.stride(2)};
   return a;
+}
+
+// The two ops run q and k through one per-tensor function each (CPU and CUDA alike):
+//   Fwd(x, weight, cos, sin, token_group, eps) -> (y, rstd)
+//   Bwd(dy, x, weight, cos, sin, token_group, rstd) -> (dx, dweight)
+using OptTensor = c10::optional<at::Tensor>;
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <auto Fwd>
+Tensors4 qk_pair_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                     const OptTensor& cos, const OptTensor& sin, const OptTensor& token_group, double eps) {
+  auto [qo, rq] = Fwd(q, q_weight, cos, sin, token_group, eps);
+  auto [ko, rk] = Fwd(k, k_weight, cos, sin, token_group, eps);
+  return {qo, ko, rq, rk};
+}
+
+template <auto Bwd>
+Tensors4 qk_pair_bwd(const at::Tensor& dqo, const at::Tensor& dko, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& q_weight, const at::Tensor& k_weight, const OptTensor& cos,
+                     const OptTensor& sin, const OptTensor& token_group, const at::Tensor& rstd_q,
+                     const at::Tensor& rstd_k) {
+  auto [dq, dqw] = Bwd(dqo, q, q_weight, cos, sin, token_group, rstd_q);
+  auto [dk, dkw] = Bwd(dko, k, k_weight, cos, sin, token_group, rstd_k);
+  return {dq, dk, dqw, dkw};
 }
 
 }  // namespace kiln

@@ -263,8 +263,12 @@ GNDev make_dev(const GNShape& s, int V) {
 
 constexpr int64_t kMaxCg = 6144;  // 4·Cg fp32 of shared memory in gn_bwd_sums must fit in 96 KB
 
-size_t smem_bytes(int64_t floats) {
+// Dynamic shared memory of `floats` fp32 for `kernel`, opting in above the default 48 KB.
+template <typename Kernel>
+size_t smem_floats(Kernel kernel, int64_t floats) {
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   return bytes;
 }
 
@@ -276,9 +280,7 @@ void launch_fwd(const GNPrepared& pr, const GNDev& d, double eps, bool silu, at:
   const T* x = pr.x.const_data_ptr<T>();
   gn_partials<T, V><<<grid, kThreads, 0, stream>>>(x, d, part.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const size_t smem = smem_bytes(2 * d.Cg);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(gn_normalize<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const size_t smem = smem_floats(gn_normalize<T, V>, 2 * d.Cg);
   gn_normalize<T, V><<<grid, kThreads, smem, stream>>>(x, y.data_ptr<T>(), d, part.data_ptr<float>(), pr.params(),
                                                        eps, silu, mean.data_ptr<float>(), rstd.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -289,17 +291,11 @@ void launch_bwd(const GNPrepared& pr, const GNDev& d, bool silu, const at::Tenso
                 const at::Tensor& rstd, at::Tensor& dx, at::Tensor& A, at::Tensor& B, cudaStream_t stream) {
   const dim3 grid(d.splits, pr.s.N * pr.s.G);
   const T *x = pr.x.const_data_ptr<T>(), *dyp = dy.const_data_ptr<T>();
-  size_t smem = smem_bytes(4 * d.Cg);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(gn_bwd_sums<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  gn_bwd_sums<T, V><<<grid, kThreads, smem, stream>>>(dyp, x, d, mean.const_data_ptr<float>(),
+  gn_bwd_sums<T, V><<<grid, kThreads, smem_floats(gn_bwd_sums<T, V>, 4 * d.Cg), stream>>>(dyp, x, d, mean.const_data_ptr<float>(),
                                                       rstd.const_data_ptr<float>(), pr.params(), silu,
                                                       A.data_ptr<float>(), B.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  smem = smem_bytes(2 * d.Cg);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(gn_bwd_dx<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  gn_bwd_dx<T, V><<<grid, kThreads, smem, stream>>>(dyp, x, dx.data_ptr<T>(), d, mean.const_data_ptr<float>(),
+  gn_bwd_dx<T, V><<<grid, kThreads, smem_floats(gn_bwd_dx<T, V>, 2 * d.Cg), stream>>>(dyp, x, dx.data_ptr<T>(), d, mean.const_data_ptr<float>(),
                                                     rstd.const_data_ptr<float>(), pr.params(), silu,
                                                     A.const_data_ptr<float>(), B.const_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -41,8 +41,8 @@ void norm_rope_fwd_rows(const RopeArgs& a, double eps, T* y, float* rstd) {
   at::parallel_for(0, sh.rows(), 64, [&](int64_t lo, int64_t hi) {
     std::vector<float> n(D);
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / (sh.S * sh.H), s = (r / sh.H) % sh.S, h = r % sh.H;
-      const T* xr = x + b * sh.sb + s * sh.ss + h * sh.sh;
+      int64_t s;
+      const T* xr = x + sh.offset(r, s);
       const RowPtrs p = row_ptrs(a, s);
       float sq = 0;
       for (int64_t j = 0; j < D; ++j) sq += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
@@ -71,8 +71,8 @@ void norm_rope_bwd_rows(const RopeArgs& a, const T* dy, const float* rstd, T* dx
   at::parallel_for(0, sh.rows(), 64, [&](int64_t lo, int64_t hi) {
     std::vector<float> dn(D);
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / (sh.S * sh.H), s = (r / sh.H) % sh.S, h = r % sh.H;
-      const T* xr = x + b * sh.sb + s * sh.ss + h * sh.sh;
+      int64_t s;
+      const T* xr = x + sh.offset(r, s);
       const T* dyr = dy + r * D;
       const RowPtrs p = row_ptrs(a, s);
       for (int64_t j = 0; j < D; ++j) {  // transpose of the rotation: dn = dy·cos + rotate_half^T(dy·sin)
@@ -142,29 +142,10 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
   return {dx, dw.reshape(weight.sizes()).to(weight.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
-    const c10::optional<at::Tensor>& token_group, double eps) {
-  auto [qo, rq] = norm_rope_fwd(q, q_weight, cos, sin, token_group, eps);
-  auto [ko, rk] = norm_rope_fwd(k, k_weight, cos, sin, token_group, eps);
-  return {qo, ko, rq, rk};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_bwd_cpu(
-    const at::Tensor& dqo, const at::Tensor& dko, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& q_weight, const at::Tensor& k_weight, const c10::optional<at::Tensor>& cos,
-    const c10::optional<at::Tensor>& sin, const c10::optional<at::Tensor>& token_group, const at::Tensor& rstd_q,
-    const at::Tensor& rstd_k) {
-  auto [dq, dqw] = norm_rope_bwd(dqo, q, q_weight, cos, sin, token_group, rstd_q);
-  auto [dk, dkw] = norm_rope_bwd(dko, k, k_weight, cos, sin, token_group, rstd_k);
-  return {dq, dk, dqw, dkw};
-}
-
 }  // namespace
 }  // namespace kiln
 
 TORCH_LIBRARY_IMPL(kiln_ext, CPU, m) {
-  m.impl("qk_norm_rope_fwd", &kiln::qk_norm_rope_fwd_cpu);
-  m.impl("qk_norm_rope_bwd", &kiln::qk_norm_rope_bwd_cpu);
+  m.impl("qk_norm_rope_fwd", &kiln::qk_pair_fwd<&kiln::norm_rope_fwd>);
+  m.impl("qk_norm_rope_bwd", &kiln::qk_pair_bwd<&kiln::norm_rope_bwd>);
 }

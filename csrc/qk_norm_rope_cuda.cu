@@ -20,20 +20,13 @@ namespace {
 constexpr int kWarps = 8, kThreads = 32 * kWarps;
 
 struct RopeDev {
-  int64_t S, H, D, sb, ss, sh, rows;
-  int G;
+  RowShape shape;
   const float *w, *cos, *sin;  // w (G, D); cos, sin (S, D) or nullptr
   const int64_t* tg;           // (S,) or nullptr
-  __device__ __forceinline__ int64_t in_offset(int64_t r, int64_t& s) const {
-    const int64_t b = r / (S * H), h = r % H;
-    s = (r / H) % S;
-    return b * sb + s * ss + h * sh;
-  }
 };
 
 RopeDev make_dev(const RopeArgs& a) {
-  const RowShape& sh = a.shape;
-  return {sh.S, sh.H, sh.D, sh.sb, sh.ss, sh.sh, sh.rows(), static_cast<int>(sh.G), a.weight.const_data_ptr<float>(),
+  return {a.shape, a.weight.const_data_ptr<float>(),
           a.cos.defined() ? a.cos.const_data_ptr<float>() : nullptr,
           a.sin.defined() ? a.sin.const_data_ptr<float>() : nullptr,
           a.token_group.defined() ? a.token_group.const_data_ptr<int64_t>() : nullptr};
@@ -43,10 +36,11 @@ template <typename T, int P>
 __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                   float* __restrict__ rstd, RopeDev d, float eps) {
   const int lane = threadIdx.x & 31;
-  const int64_t h2 = d.D / 2;
-  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < d.rows; r += (int64_t)gridDim.x * kWarps) {
+  const int64_t h2 = d.shape.D / 2;
+  const int64_t rows = d.shape.rows();
+  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * kWarps) {
     int64_t s;
-    const T* xr = x + d.in_offset(r, s);
+    const T* xr = x + d.shape.offset(r, s);
     float lo[P], hi[P];
     float sq = 0.f;
 #pragma unroll
@@ -56,18 +50,18 @@ __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __rest
       hi[p] = j < h2 ? static_cast<float>(xr[j + h2]) : 0.f;
       sq += lo[p] * lo[p] + hi[p] * hi[p];
     }
-    const float rs = rsqrtf(warp_sum(sq) / d.D + eps);
+    const float rs = rsqrtf(warp_sum(sq) / d.shape.D + eps);
     if (lane == 0) rstd[r] = rs;
-    const float* w = d.w + (d.tg ? d.tg[s] : 0) * d.D;
-    T* yr = y + r * d.D;
+    const float* w = d.w + (d.tg ? d.tg[s] : 0) * d.shape.D;
+    T* yr = y + r * d.shape.D;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int64_t j = lane + 32 * p;
       if (j >= h2) continue;
       const float a = lo[p] * rs * w[j], b = hi[p] * rs * w[j + h2];
       if (d.cos) {
-        const float* c = d.cos + s * d.D;
-        const float* sn = d.sin + s * d.D;
+        const float* c = d.cos + s * d.shape.D;
+        const float* sn = d.sin + s * d.shape.D;
         yr[j] = static_cast<T>(a * c[j] - b * sn[j]);
         yr[j + h2] = static_cast<T>(b * c[j + h2] + a * sn[j + h2]);
       } else {
@@ -83,16 +77,17 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
                                                                   const float* __restrict__ rstd, T* __restrict__ dx,
                                                                   float* __restrict__ dw, RopeDev d) {
   extern __shared__ float dw_s[];  // (G, D)
-  for (int64_t i = threadIdx.x; i < d.G * d.D; i += kThreads) dw_s[i] = 0.f;
+  for (int64_t i = threadIdx.x; i < d.shape.G * d.shape.D; i += kThreads) dw_s[i] = 0.f;
   __syncthreads();
   const int lane = threadIdx.x & 31;
-  const int64_t h2 = d.D / 2;
-  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < d.rows; r += (int64_t)gridDim.x * kWarps) {
+  const int64_t h2 = d.shape.D / 2;
+  const int64_t rows = d.shape.rows();
+  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * kWarps) {
     int64_t s;
-    const T* xr = x + d.in_offset(r, s);
-    const T* dyr = dy + r * d.D;
+    const T* xr = x + d.shape.offset(r, s);
+    const T* dyr = dy + r * d.shape.D;
     const int64_t g = d.tg ? d.tg[s] : 0;
-    const float* w = d.w + g * d.D;
+    const float* w = d.w + g * d.shape.D;
     const float rs = rstd[r];
     float dn_lo[P], dn_hi[P], xh_lo[P], xh_hi[P];
     float dot = 0.f;
@@ -103,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
       if (j >= h2) continue;
       const float da = static_cast<float>(dyr[j]), db = static_cast<float>(dyr[j + h2]);
       if (d.cos) {  // transpose of the rotation
-        const float* c = d.cos + s * d.D;
-        const float* sn = d.sin + s * d.D;
+        const float* c = d.cos + s * d.shape.D;
+        const float* sn = d.sin + s * d.shape.D;
         dn_lo[p] = da * c[j] + db * sn[j + h2];
         dn_hi[p] = db * c[j + h2] - da * sn[j];
       } else {
@@ -114,20 +109,20 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
       xh_hi[p] = static_cast<float>(xr[j + h2]) * rs;
       dot += dn_lo[p] * w[j] * xh_lo[p] + dn_hi[p] * w[j + h2] * xh_hi[p];
     }
-    dot = warp_sum(dot) / d.D;
-    T* dxr = dx + r * d.D;
+    dot = warp_sum(dot) / d.shape.D;
+    T* dxr = dx + r * d.shape.D;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int64_t j = lane + 32 * p;
       if (j >= h2) continue;
       dxr[j] = static_cast<T>(rs * (dn_lo[p] * w[j] - xh_lo[p] * dot));
       dxr[j + h2] = static_cast<T>(rs * (dn_hi[p] * w[j + h2] - xh_hi[p] * dot));
-      atomicAdd(dw_s + g * d.D + j, dn_lo[p] * xh_lo[p]);
-      atomicAdd(dw_s + g * d.D + j + h2, dn_hi[p] * xh_hi[p]);
+      atomicAdd(dw_s + g * d.shape.D + j, dn_lo[p] * xh_lo[p]);
+      atomicAdd(dw_s + g * d.shape.D + j + h2, dn_hi[p] * xh_hi[p]);
     }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < d.G * d.D; i += kThreads) atomicAdd(dw + i, dw_s[i]);
+  for (int64_t i = threadIdx.x; i < d.shape.G * d.shape.D; i += kThreads) atomicAdd(dw + i, dw_s[i]);
 }
 
 int grid_for(int64_t rows) {
@@ -165,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_fwd(const at::Tensor& x, const at::
                                                  const c10::optional<at::Tensor>& cos,
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);
   const RowShape& sh = a.shape;
@@ -188,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group,
                                                  const at::Tensor& rstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);
   const RowShape& sh = a.shape;
@@ -211,31 +208,10 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
   return {dx, dw.reshape(weight.sizes()).to(weight.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
-    const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
-    const c10::optional<at::Tensor>& token_group, double eps) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto [qo, rq] = norm_rope_fwd(q, q_weight, cos, sin, token_group, eps);
-  auto [ko, rk] = norm_rope_fwd(k, k_weight, cos, sin, token_group, eps);
-  return {qo, ko, rq, rk};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_bwd_cuda(
-    const at::Tensor& dqo, const at::Tensor& dko, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& q_weight, const at::Tensor& k_weight, const c10::optional<at::Tensor>& cos,
-    const c10::optional<at::Tensor>& sin, const c10::optional<at::Tensor>& token_group, const at::Tensor& rstd_q,
-    const at::Tensor& rstd_k) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto [dq, dqw] = norm_rope_bwd(dqo, q, q_weight, cos, sin, token_group, rstd_q);
-  auto [dk, dkw] = norm_rope_bwd(dko, k, k_weight, cos, sin, token_group, rstd_k);
-  return {dq, dk, dqw, dkw};
-}
-
 }  // namespace
 }  // namespace kiln
 
 TORCH_LIBRARY_IMPL(kiln_ext, CUDA, m) {
-  m.impl("qk_norm_rope_fwd", &kiln::qk_norm_rope_fwd_cuda);
-  m.impl("qk_norm_rope_bwd", &kiln::qk_norm_rope_bwd_cuda);
+  m.impl("qk_norm_rope_fwd", &kiln::qk_pair_fwd<&kiln::norm_rope_fwd>);
+  m.impl("qk_norm_rope_bwd", &kiln::qk_pair_bwd<&kiln::norm_rope_bwd>);
 }

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from kiln.engine.data.buckets import DEFAULT_ASPECTS
 from kiln.engine.errors import ConfigError
 from kiln.model.mmdit import MMDiTConfig
 
@@ -58,7 +59,7 @@ class DataConfig:
     # --- source = "shards": a folder written by `kiln data prepare` (engine/data/shards.py) ---
     path: str = ""
     buckets: bool = True  # aspect-ratio buckets around resolution² (else one square bucket)
-    aspect_ratios: tuple[float, ...] = (0.5, 0.5625, 0.6667, 0.75, 1.0, 1.3333, 1.5, 1.7778, 2.0)  # width/height
+    aspect_ratios: tuple[float, ...] = DEFAULT_ASPECTS  # width/height of the buckets
     random_crop: bool = True  # else center crop after resize-to-cover
     flip: bool = False  # horizontal flip; off by default: captions may say "left" / "right"
     min_side: int = 0  # filters, applied at load time from the metadata

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.kernels import csrc
+
 # Fastest first; "torch" (the plain-PyTorch reference) accepts everything and comes last.
 PRIORITY = ("triton", "csrc", "torch")
 
@@ -81,15 +83,11 @@ def triton_device_reason(t: torch.Tensor) -> str | None:
 
 
 def csrc_unavailable_reason() -> str | None:
-    from kiln.kernels import csrc
-
     return csrc.load_error()
 
 
 def csrc_device_reason(t: torch.Tensor, op: str) -> str | None:
     """Why the csrc backend will not take tensor ``t`` for ``op`` (None when it will)."""
-    from kiln.kernels import csrc
-
     return csrc.device_reason(t, op, forced=_forced.get() == "csrc")
 
 

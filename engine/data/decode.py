@@ -14,8 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-DECODERS = ("dali", "pillow")
-
 
 def dali_unavailable_reason() -> str | None:
     try:

@@ -159,6 +159,7 @@ class ShardsLoader:
 
     def next_indices(self) -> list[int]:
         """This rank's sample ids of the next global batch."""
+        self._drop_ahead()
         return self._advance()[1][self.rank :: self.world].tolist()
 
     def worker_split(self, ids: list[int]) -> list[list[int]]:
@@ -197,7 +198,8 @@ class ShardsLoader:
         """This rank's next batch. The batch after it is read and decoded in the background while
         the caller trains on this one (one batch ahead; the position saved is the caller's)."""
         key = (self.epoch, self.pos)
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
+        self._drop_ahead()  # waits for it: the decoder is never used by two threads at once
         bucket = self.next_shape()
         epoch, ids = self._advance()
         batch = ahead[1].result() if ahead is not None and ahead[0] == key else self._produce(epoch, ids, bucket)
