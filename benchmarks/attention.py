@@ -11,7 +11,9 @@ Providers:
   sdpa-flash  SDPA (flash backend) on pre-normalised Q, K: the attention-only lower bound
   sdpa-cudnn  SDPA (cuDNN backend) on pre-normalised Q, K
   flash-attn  flash_attn_func on pre-normalised Q, K (when installed)
-  triton      kiln's whole op (pre-pass + flash attention), use_backend("triton")
+  triton      kiln's whole op (pre-pass + flash attention), use_backend("triton"); launch configs
+              autotuned on first use (rows carry the choices, kernels/autotune.py)
+  triton-default  the same with every kernel at its default config (what deterministic mode runs)
   triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target)
   prepass+cudnn  kiln's Triton norm+RoPE pre-pass (kiln.kernels.qk_norm_rope) then cuDNN SDPA:
               the other whole-op design; whichever of it and "triton" wins is the one to ship
@@ -24,6 +26,7 @@ H·D = 1536 and 3072, bf16, ~16k tokens per batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from kiln import kernels
 from kiln.benchmarks.common import append_rows, print_table, provenance
+from kiln.kernels import autotune
 
 # (S, H, D): B = max(1, 16384 // S)
 SHAPES = [(1024, 24, 64), (4173, 24, 64), (4173, 24, 128), (4173, 12, 128), (8192, 24, 128), (16384, 24, 128)]
@@ -56,9 +60,9 @@ def providers(kw):
     torch._dynamo.reset()
     torch._functorch.config.donated_buffer = False  # the timed backward replays one graph
 
-    def whole(backend):
+    def whole(backend, defaults=False):
         def fn(q, k, v, qw, kw_):
-            with kernels.use_backend(backend):
+            with kernels.use_backend(backend), (autotune.defaults_only() if defaults else contextlib.nullcontext()):
                 return kernels.qk_norm_attention(q, k, v, qw, kw_, **kw)
         return fn
 
@@ -84,7 +88,8 @@ def providers(kw):
             return sdpa("cudnn")(qn, kn, v, qw, kw_)
         return fn
 
-    out = {"triton": whole("triton"), "triton-core": triton_core, "prepass+cudnn": prepass_cudnn("triton"),
+    out = {"triton": whole("triton"), "triton-default": whole("triton", defaults=True),
+           "triton-core": triton_core, "prepass+cudnn": prepass_cudnn("triton"),
            "eager": whole("torch"),
            "sdpa-flash": sdpa("flash"), "sdpa-cudnn": sdpa("cudnn")}
     if kernels.available_backends()["csrc"] is None:
@@ -134,6 +139,12 @@ def bench_one(fn, args, mode):
     return do_bench(lambda: torch.autograd.grad(out, leaves[:3], dout, retain_graph=True), quantiles=[0.2, 0.5, 0.8])
 
 
+def _configs_for(S, D) -> dict[str, str]:
+    """The autotuner's choices for this shape class (key: kernel/dtype/D/pad/causal/S class/B·H class)."""
+    return {k: v for k, v in autotune.choices().items()
+            if k.split("/")[2] == str(D) and k.split("/")[5] == str(autotune.size_class(S))}
+
+
 def flops(B, S, H, D, mode):
     fwd = 4 * B * H * S * S * D
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
@@ -157,6 +168,8 @@ def run(shapes, out: Path | None = None) -> list[dict]:
                     continue
                 tflops = flops(B, S, H, D, mode) / (q[1] / 1e3) / 1e12
                 rows.append({**base, "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "tflops": tflops})
+                if name in ("triton", "triton-core"):
+                    rows[-1]["configs"] = _configs_for(S, D)
                 append_rows(out, rows[-1:])
                 print(f"{name:12s} {mode:8s} B{B} S{S} H{H} D{D} {q[1]:.3f} ms {tflops:6.1f} TFLOP/s", flush=True)
     return rows

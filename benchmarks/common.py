@@ -77,6 +77,60 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+TIMINGS = ("graph", "eager")
+
+
+def time_ms(make_step, timing: str = "eager") -> list[float]:
+    """p20 / p50 / p80 milliseconds of one call of the step that ``make_step()`` returns.
+
+    ``eager``: ``triton.testing.do_bench`` on the step as Python calls it, host overhead included
+    (dispatch, custom-op and launch costs: what an eager training loop pays). ``graph``: the step
+    captured back to back in one CUDA graph and the replays timed with events, so launch gaps
+    vanish and a ~10 µs kernel is not hidden behind ~100 µs of Python (METHOD.md: for many small
+    launches, time graph replays). ``make_step`` runs on the timing stream: a backward step's
+    forward must run on the stream the graph captures.
+    """
+    if timing == "eager":
+        from triton.testing import do_bench
+
+        return do_bench(make_step(), quantiles=[0.2, 0.5, 0.8])
+    if timing != "graph":
+        raise ValueError(f"timing {timing!r} not in {TIMINGS}")
+    q = quantiles(_graph_ms(make_step))
+    return [q["p20_ms"], q["p50_ms"], q["p80_ms"]]
+
+
+def _graph_ms(make_step, target_ms: float = 25.0, samples: int = 15) -> list[float]:
+    """Per-step ms of ``samples`` replays of a graph holding n back-to-back steps (~target_ms)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step = make_step()
+        for _ in range(3):  # compile, autotune and allocator warm-up stay out of the capture
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        # eager estimate (host overhead included) over-counts a step, so n errs small; 10 at least
+        n = max(10, min(1000, int(target_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(n):
+                step()
+        graph.replay()  # first replay uploads the graph
+        times = []
+        for _ in range(samples):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / n)
+    return times
+
+
 def bandwidth_parser(prog: str, doc: str):
     """The arguments of a memory-bound kernel benchmark: --out, --copy-gbps."""
     import argparse
@@ -84,7 +138,13 @@ def bandwidth_parser(prog: str, doc: str):
     p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--out", type=Path)
     p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
+    p.add_argument("--timing", choices=(*TIMINGS, "both"), default="both",
+                   help="graph: device time of CUDA-graph replays; eager: host overhead included")
     return p
+
+
+def timings(args) -> tuple[str, ...]:
+    return TIMINGS if args.timing == "both" else (args.timing,)
 
 
 def measured_copy_gbps(args) -> float:

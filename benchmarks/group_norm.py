@@ -1,7 +1,11 @@
 """GroupNorm benchmark: GB/s and % of measured copy bandwidth, forward and backward.
 
-    kiln bench group_norm [--out FILE.jsonl] [--quick]
+    kiln bench group_norm [--out FILE.jsonl] [--copy-gbps G] [--timing graph|eager|both]
 
+Timing: ``graph`` is device time (CUDA-graph replays), ``eager`` includes host overhead. The
+2026-11-24 H100 rows were eager only; their ~0.15 ms floor on shapes that move 32-64 MB (10-20 µs
+at copy speed) was most likely host time: each op call then spent ~100 µs in the dispatcher's
+``find_spec("triton")`` alone (measured on the CPU, fixed 2026-11-25).
 Bytes (the traffic floor, CONVENTIONS.md): forward reads x and writes y (2·numel·itemsize);
 backward reads x and dy and writes dx (3·numel·itemsize); parameters and statistics are
 O(N·C) and ignored. Providers: torch native (F.group_norm), torch.compile of the reference,
@@ -11,6 +15,7 @@ when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -24,6 +29,8 @@ from kiln.benchmarks.common import (
     measured_copy_gbps,
     print_table,
     provenance,
+    time_ms,
+    timings,
 )
 
 SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
@@ -58,29 +65,31 @@ def _rotation(x: torch.Tensor, min_bytes: float = 4 * 50e6) -> list[torch.Tensor
     return [x.clone() for _ in range(k)]
 
 
-def bench_one(fn, x, w, b, mode):
-    from triton.testing import do_bench
-
+def bench_one(fn, x, w, b, mode, timing="eager"):
+    """p20/p50/p80 ms of the forward or backward of ``fn`` over rotated copies of x."""
     xs, i = _rotation(x), [0]
 
     def nxt():
         i[0] = (i[0] + 1) % len(xs)
         return i[0]
 
-    if mode == "fwd":
-        return do_bench(lambda: fn(xs[nxt()], w, b), quantiles=[0.2, 0.5, 0.8])
-    leaves = [xi.detach().requires_grad_() for xi in xs]
-    ys = [fn(xi, w, b) for xi in leaves]
-    dys = [torch.randn_like(y) for y in ys]
+    def make_step():
+        if mode == "fwd":
+            return lambda: fn(xs[nxt()], w, b)
+        leaves = [xi.detach().requires_grad_() for xi in xs]
+        ys = [fn(xi, w, b) for xi in leaves]
+        dys = [torch.randn_like(y) for y in ys]
 
-    def step():
-        j = nxt()
-        return torch.autograd.grad(ys[j], (leaves[j], w, b), dys[j], retain_graph=True)
+        def step():
+            j = nxt()
+            return torch.autograd.grad(ys[j], (leaves[j], w, b), dys[j], retain_graph=True)
 
-    return do_bench(step, quantiles=[0.2, 0.5, 0.8])
+        return step
+
+    return time_ms(make_step, timing)
 
 
-def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
+def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager")) -> list[dict]:
     """Measure every case; each row is appended to ``out`` as soon as it exists."""
     dev = torch.device("cuda")
     prov = provenance(dev)
@@ -92,31 +101,31 @@ def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
                 x = x.to(memory_format=torch.channels_last)
             w = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
             b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
-            for name, fn in providers().items():
-                for mode, passes in (("fwd", 2), ("bwd", 3)):
-                    try:
-                        q = bench_one(fn, x, w, b, mode)
-                    except Exception as e:  # a provider that cannot run a case reports why
-                        rows.append({"op": "group_norm", "provider": name, "mode": mode, "shape": list(shape),
-                                     "layout": layout, "error": f"{type(e).__name__}: {e}"[:200], **prov})
-                        append_rows(out, rows[-1:])
-                        continue
-                    bw = bandwidth_fields(q, passes * x.numel() * x.element_size(), copy_gbps)
-                    rows.append({"op": "group_norm", "provider": name, "mode": mode, "shape": list(shape),
-                                 "layout": layout, "dtype": "bf16", **bw, **prov})
+            for (name, fn), (mode, passes), timing in itertools.product(
+                    providers().items(), (("fwd", 2), ("bwd", 3)), timing_modes):
+                base = {"op": "group_norm", "provider": name, "mode": mode, "timing": timing, "shape": list(shape),
+                        "layout": layout, "dtype": "bf16", **prov}
+                try:
+                    q = bench_one(fn, x, w, b, mode, timing)
+                except Exception as e:  # a provider that cannot run a case reports why
+                    rows.append({**base, "error": f"{type(e).__name__}: {e}"[:200]})
                     append_rows(out, rows[-1:])
-                    print(f"{name:8s} {mode} {shape} {layout:13s} {q[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
-                          f"{bw['pct_copy']:5.1f}% of copy", flush=True)
+                    continue
+                bw = bandwidth_fields(q, passes * x.numel() * x.element_size(), copy_gbps)
+                rows.append({**base, **bw})
+                append_rows(out, rows[-1:])
+                print(f"{name:8s} {mode} {timing:5s} {shape} {layout:13s} {q[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
+                      f"{bw['pct_copy']:5.1f}% of copy", flush=True)
     return rows
 
 
 def main(argv=None) -> None:
     args = bandwidth_parser("kiln bench group_norm", __doc__).parse_args(argv)
-    rows = run(SHAPES, measured_copy_gbps(args), args.out)
+    rows = run(SHAPES, measured_copy_gbps(args), args.out, timings(args))
     ok = [r for r in rows if "gbps" in r]
     for r in ok:
         r["shape"] = "x".join(map(str, r["shape"]))
-    print_table(ok, ["shape", "layout", "mode", "provider", "p50_ms", "gbps", "pct_copy"])
+    print_table(ok, ["shape", "layout", "mode", "timing", "provider", "p50_ms", "gbps", "pct_copy"])
     for r in rows:
         if "error" in r:
             print("error:", r["provider"], r["mode"], r["shape"], r["layout"], r["error"])

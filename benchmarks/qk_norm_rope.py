@@ -1,6 +1,6 @@
 """QK RMSNorm + RoPE pre-kernel benchmark: GB/s and % of measured copy bandwidth, fwd and bwd.
 
-    kiln bench qk_norm_rope [--out FILE.jsonl] [--copy-gbps G]
+    kiln bench qk_norm_rope [--out FILE.jsonl] [--copy-gbps G] [--timing graph|eager|both]
 
 Bytes (the traffic floor): forward reads q, k and writes q_out, k_out (4·numel·itemsize, numel
 of one of q/k); backward reads dq_out, dk_out, q, k and writes dq, dk (6·numel·itemsize). The
@@ -14,6 +14,7 @@ Targets (issue 7): csrc >= 80% of copy bandwidth and >= 5x eager.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from kiln.benchmarks.common import (
     measured_copy_gbps,
     print_table,
     provenance,
+    time_ms,
+    timings,
 )
 
 
@@ -47,18 +50,19 @@ def providers(kw):
     return out
 
 
-def bench_one(fn, q, k, qw, kw_, mode):
-    from triton.testing import do_bench
+def bench_one(fn, q, k, qw, kw_, mode, timing="eager"):
+    def make_step():
+        if mode == "fwd":
+            return lambda: fn(q, k, qw, kw_)
+        leaves = [t.detach().requires_grad_() for t in (q, k)]
+        outs = fn(*leaves, qw, kw_)
+        douts = [torch.randn_like(o) for o in outs]
+        return lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True)
 
-    if mode == "fwd":
-        return do_bench(lambda: fn(q, k, qw, kw_), quantiles=[0.2, 0.5, 0.8])
-    leaves = [t.detach().requires_grad_() for t in (q, k)]
-    outs = fn(*leaves, qw, kw_)
-    douts = [torch.randn_like(o) for o in outs]
-    return do_bench(lambda: torch.autograd.grad(outs, leaves, douts, retain_graph=True), quantiles=[0.2, 0.5, 0.8])
+    return time_ms(make_step, timing)
 
 
-def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
+def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager")) -> list[dict]:
     dev = torch.device("cuda")
     prov, rows = provenance(dev), []
     for S, H, D in shapes:
@@ -66,26 +70,28 @@ def run(shapes, copy_gbps: float, out: Path | None = None) -> list[dict]:
         qkv = torch.stack([q, k, v], 2)  # (B, S, 3, H, D): q, k below are strided views
         q, k = qkv[:, :, 0], qkv[:, :, 1]
         base = {"op": "qk_norm_rope", "B": q.shape[0], "S": S, "H": H, "D": D, "dtype": "bf16", **prov}
-        for name, fn in providers(kw).items():
-            for mode, passes in (("fwd", 4), ("bwd", 6)):
-                try:
-                    t = bench_one(fn, q, k, qw, kw_, mode)
-                except Exception as e:  # a provider that cannot run a case says why
-                    rows.append({**base, "provider": name, "mode": mode, "error": f"{type(e).__name__}: {e}"[:200]})
-                    append_rows(out, rows[-1:])
-                    continue
-                bw = bandwidth_fields(t, passes * q.numel() * q.element_size(), copy_gbps)
-                rows.append({**base, "provider": name, "mode": mode, **bw})
+        for (name, fn), (mode, passes), timing in itertools.product(
+                providers(kw).items(), (("fwd", 4), ("bwd", 6)), timing_modes):
+            case = {**base, "provider": name, "mode": mode, "timing": timing}
+            try:
+                t = bench_one(fn, q, k, qw, kw_, mode, timing)
+            except Exception as e:  # a provider that cannot run a case says why
+                rows.append({**case, "error": f"{type(e).__name__}: {e}"[:200]})
                 append_rows(out, rows[-1:])
-                print(f"{name:8s} {mode} S={S} H={H} D={D} {t[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
-                      f"{bw['pct_copy']:5.1f}% of copy", flush=True)
+                continue
+            bw = bandwidth_fields(t, passes * q.numel() * q.element_size(), copy_gbps)
+            rows.append({**case, **bw})
+            append_rows(out, rows[-1:])
+            print(f"{name:8s} {mode} {timing:5s} S={S} H={H} D={D} {t[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
+                  f"{bw['pct_copy']:5.1f}% of copy", flush=True)
     return rows
 
 
 def main(argv=None) -> None:
     args = bandwidth_parser("kiln bench qk_norm_rope", __doc__).parse_args(argv)
-    rows = run(SHAPES, measured_copy_gbps(args), args.out)
-    print_table([r for r in rows if "gbps" in r], ["S", "H", "D", "mode", "provider", "p50_ms", "gbps", "pct_copy"])
+    rows = run(SHAPES, measured_copy_gbps(args), args.out, timings(args))
+    print_table([r for r in rows if "gbps" in r],
+                ["S", "H", "D", "mode", "timing", "provider", "p50_ms", "gbps", "pct_copy"])
     for r in rows:
         if "error" in r:
             print("error:", r["provider"], r["mode"], r["S"], r["error"])

@@ -1,7 +1,9 @@
 """Triton GroupNorm (+affine, +per-sample scale/shift, +SiLU), forward and backward.
 
-x (N, C, *spatial) is viewed as (N, C, S) through its strides, so NCHW and channels-last
-tensors are read in place (y and dx keep x's memory format; no permute copies).
+x (N, C, *spatial) is viewed as (N, C, S) through its strides and read in place (y and dx keep
+x's memory format; no permute copies). This file's kernels serve NCHW, where a group is one
+contiguous run of (C/G)·S elements; channels-last tensors go to group_norm_triton_cl.py, whose
+programs read whole token rows (a group's channels are only 8-32 bytes of each row there).
 Group (n, g) holds M = (C/G)·S elements; its reduction is split over SPLIT programs along S,
 so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all.
 
@@ -21,6 +23,9 @@ Backward, with dm = dy·act'(m) and f = 1 + scale:
 Dtype policy: loads upcast to fp32, statistics and arithmetic in fp32, stores in x's dtype.
 Bytes: forward reads x twice and writes y once; backward reads x and dy twice, writes dx once.
 Limits: x must be contiguous in NCHW or channels-last(-3d) form (others are made so).
+Measured (H100, 2026-11-24, eager timing, before the channels-last rewrite and the dispatcher's
+~100 µs/call fix): 24% of copy bandwidth forward at 1x128x512x512 NCHW; device-only (graph)
+numbers are the next GPU session's first measurement (benchmarks/group_norm.py).
 """
 
 from __future__ import annotations
@@ -244,12 +249,11 @@ def _as_ncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def launch_config(x: torch.Tensor, num_groups: int) -> dict:
-    """Block sizes and the split of each group's reduction (SPLIT programs along S)."""
+    """Block sizes and the split of each group's reduction (SPLIT programs along S), NCHW x."""
     N, C = x.shape[:2]
     S = x[0, 0].numel()
     cg = C // num_groups
-    channels_last = memory_format_of(x) != torch.contiguous_format
-    block_c = min(triton.next_power_of_2(cg), 64 if channels_last else 16)
+    block_c = min(triton.next_power_of_2(cg), 16)
     # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tensor; 4096-element
     # tiles at 4 warps spilled up to 1.9 KB in the backward (compile_for_sm90 report)
     block_s = max(16, min(triton.next_power_of_2(S), TILE // block_c))
@@ -269,9 +273,27 @@ def _dummy(x):
     return x.new_empty(0)
 
 
+def _params_and_flags(x, weight, bias, scale, shift, activation):
+    d = _dummy(x)
+    params = tuple(t if t is not None else d for t in (weight, bias, scale, shift))
+    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_MOD": scale is not None,
+             "SILU": activation == "silu"}
+    return params, flags
+
+
+def _channels_last(x) -> bool:
+    return memory_format_of(x) != torch.contiguous_format
+
+
 def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
     """Forward launcher: returns (y, mean (N, G), rstd (N, G)) with y in x's memory format."""
     x, sn, sc, ss = _as_ncs(x)
+    if _channels_last(x):  # whole token rows per program (group_norm_triton_cl.py)
+        from kiln.kernels import group_norm_triton_cl as cl
+
+        cfg = cl.launch_config(x, num_groups, TILE, PROGRAMS_PER_SM, NUM_WARPS)
+        params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
+        return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
     N, C = x.shape[:2]
     cfg = launch_config(x, num_groups)
     y = torch.empty_like(x)
@@ -281,14 +303,9 @@ def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
     _gn_stats_kernel[grid](x, part, C, cfg["S"], num_groups, cfg["chunk"], sn, sc, ss, **blocks)
-    d = _dummy(x)
-    _gn_fwd_kernel[grid](
-        x, y, part, mean, rstd, weight if weight is not None else d, bias if bias is not None else d,
-        scale if scale is not None else d, shift if shift is not None else d,
-        C, cfg["S"], num_groups, cfg["chunk"], eps, sn, sc, ss,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=scale is not None, SILU=activation == "silu",
-        SPLIT_P2=cfg["SPLIT_P2"], **blocks,
-    )
+    params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
+    _gn_fwd_kernel[grid](x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps, sn, sc, ss,
+                         **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
     return y, mean, rstd
 
 
@@ -297,6 +314,12 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     x, sn, sc, ss = _as_ncs(x)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     _, dsn, dsc, dss = _as_ncs(dy)
+    params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
+    if _channels_last(x):
+        from kiln.kernels import group_norm_triton_cl as cl
+
+        cfg = cl.launch_config(x, num_groups, TILE, PROGRAMS_PER_SM, NUM_WARPS)
+        return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
     N, C = x.shape[:2]
     cfg = launch_config(x, num_groups)
     part = torch.empty(N * C * cfg["split"] * 2, device=x.device, dtype=torch.float32)
@@ -305,11 +328,6 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     dx = torch.empty_like(x)
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    d = _dummy(x)
-    params = (weight if weight is not None else d, bias if bias is not None else d,
-              scale if scale is not None else d, shift if shift is not None else d)
-    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_MOD": scale is not None,
-             "SILU": activation == "silu"}
     _gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, *params, part, C, cfg["S"], num_groups, cfg["chunk"],
                                 sn, sc, ss, dsn, dsc, dss, **flags, **blocks)
     _gn_bwd_dx_kernel[grid](x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups, cfg["chunk"],
@@ -317,34 +335,46 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     return dx, sum_a, sum_b
 
 
-def compile_for_sm90() -> list[dict]:
-    """Compile every kernel for sm_90a in the configurations the launcher picks (CI check)."""
+def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str) -> dict:
+    """One kernel compiled for sm_90a with ``dt`` data, a launch's alignment and unit strides."""
     from kiln.kernels.sm90 import compile_sm90
 
+    i32, f32 = "i32", "*fp32"
+    pool = {**dict.fromkeys(("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr"),
+                            f"*{dt}"),
+            **dict.fromkeys(("part_ptr", "mean_ptr", "rstd_ptr", "suma_ptr", "sumb_ptr", "g1_ptr", "g2_ptr"), f32),
+            **dict.fromkeys(("C", "S", "G", "CHUNK", "split"), i32), "eps": "fp32"}
+    strides = tuple(f"{p}stride_{a}" for p in ("", "d") for a in "ncs")
+    sig = {k: (i32 if k in strides else pool[k]) for k in kernel.arg_names if k in pool or k in strides}
+    r = compile_sm90(kernel, sig, constexprs, NUM_WARPS, aligned=("C", "S", "CHUNK", *strides), ones=ones)
+    return {**r, "dtype": dt, "layout": layout}
+
+
+def compile_for_sm90() -> list[dict]:
+    """Compile every kernel for sm_90a in the configurations the launchers pick (CI check).
+
+    Specialised as a real launch is: NCHW has a unit spatial stride, channels-last a unit channel
+    stride (Triton's JIT turns an argument equal to 1 into a constant), the other strides and
+    lengths of VAE shapes are multiples of 16.
+    """
+    from kiln.kernels import group_norm_triton_cl as cl
+
     reports = []
-    strides = {"stride_n": "i32", "stride_c": "i32", "stride_s": "i32"}
-    dstrides = {"dstride_n": "i32", "dstride_c": "i32", "dstride_s": "i32"}
-    dims = {"C": "i32", "S": "i32", "G": "i32", "CHUNK": "i32"}
+    flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
+    nchw, cl_ones = ("stride_s", "dstride_s"), ("stride_c", "dstride_c")
+    finalize = {"CG_P2": 16, "BLOCK_P": cl.STAT_BLOCK}
     for dt in ("bf16", "fp32"):
-        for block_c, block_s in ((16, TILE // 16), (64, TILE // 64), (4, TILE // 4)):
-            blocks = {"BLOCK_C": block_c, "BLOCK_S": block_s}
-            flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
-            reports.append(compile_sm90(_gn_stats_kernel, {"x_ptr": f"*{dt}", "part_ptr": "*fp32", **dims, **strides},
-                                        blocks, NUM_WARPS))
-            ptrs = {k: f"*{dt}" for k in ("w_ptr", "b_ptr", "scale_ptr", "shift_ptr")}
-            reports.append(compile_sm90(
-                _gn_fwd_kernel,
-                {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                 **ptrs, **dims, "eps": "fp32", **strides},
-                {**flags, "SPLIT_P2": 16, **blocks}, NUM_WARPS))
-            reports.append(compile_sm90(
-                _gn_bwd_reduce_kernel,
-                {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **ptrs,
-                 "part_ptr": "*fp32", **dims, **strides, **dstrides},
-                {**flags, **blocks}, NUM_WARPS))
-            reports.append(compile_sm90(
-                _gn_bwd_dx_kernel,
-                {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                 **ptrs, "part_ptr": "*fp32", "suma_ptr": "*fp32", "sumb_ptr": "*fp32", **dims, **strides, **dstrides},
-                {**flags, "SPLIT_P2": 16, **blocks}, NUM_WARPS))
+        for block_c in (4, 16):  # C/G = 4 (C = 128, G = 32) and 10-16 (C = 320-512)
+            blocks = {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
+            for kernel, extra in ((_gn_stats_kernel, {}), (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}),
+                                  (_gn_bwd_reduce_kernel, flags), (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16})):
+                reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw"))
+        for block_c in (32, 128):  # C = 96 and C = 128-640
+            blocks = {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
+            for kernel, extra in ((cl._cl_stats_kernel, {}), (cl._cl_fwd_kernel, flags),
+                                  (cl._cl_bwd_reduce_kernel, flags), (cl._cl_bwd_dx_kernel, flags)):
+                reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last"))
+        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last"))
+        reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},
+                                    (), "channels_last"))
     return reports

@@ -39,25 +39,50 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.autotune import LaunchConfig, choose, size_class
+
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked scores (a constexpr: kernels read it)
 BLOCK_T = 16  # tokens per pre-pass program
 
 
-def attn_config(dtype: torch.dtype, D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, forward warps, backward warps) for a dtype and head dim.
+# Candidate (BLOCK_M, BLOCK_N, warps, stages) per kernel, 16-bit inputs; the first is the default.
+# Each is compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90) and has
+# no spills, HGMMA (warpgroup) dots and 16-byte tile loads. Dropped on that evidence: BLOCK_M = 32
+# in the backward (its dots fall back to HMMA, the pre-Hopper path), 128x128 at D = 128 (40-byte
+# spill), 128-row tiles at 4 warps for D = 128 (240-544 bytes spilled), and the old D = 256
+# default 32x32 (HMMA only). Which candidate wins is for the GPU to say (kernels/autotune.py).
+_C = LaunchConfig
+ATTN_CANDIDATES = {
+    # D <= 64
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3)],
+    ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3)],
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3)],
+    # 64 < D <= 128: dK, dV and the K, V tiles live together in dkdv, 4 warps spill 32 bytes there
+    ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4)],
+    ("dkdv", 128): [_C(64, 64, 8, 3)],
+    ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3)],
+    # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
+    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
+    ("dkdv", 256): [_C(64, 64, 8, 2)],
+    ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2)],
+}
+# fp32 takes full-precision FMA dots (no tensor cores; 64x64 spilled 47-135 KB): the correctness
+# path, small tiles (its dkdv spilled 1.7 KB at 4 warps, 32 bytes at 8).
+FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": [_C(32, 32, 8, 3)]}
 
-    From ptxas on sm_90a (compile_for_sm90; no GPU timing yet): 16-bit, D <= 128 at 64x64 and 4
-    warps fits the forward in <= 255 registers without spills, but the D = 128 backward spilled
-    944 bytes (dK, dV and the K, V tiles live together) -> 8 warps there. D = 256 halves the
-    tiles. fp32 takes full-precision FMA dots (no tensor cores) that spilled 47-135 KB at 64x64:
-    it is the correctness path, 32x32 tiles (its backward spilled 1.7 KB at 4 warps, 32 bytes at 8).
-    """
+
+def attn_candidates(kernel: str, dtype: torch.dtype, D: int) -> list[LaunchConfig]:
+    """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq")."""
     if dtype == torch.float32:
-        return 32, 32, 4, 8
-    if D > 128:
-        return 32, 32, 4, 8
-    return 64, 64, 4, (8 if D > 64 else 4)
+        return FP32_CANDIDATES[kernel]
+    return ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)]
+
+
+def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch) -> LaunchConfig:
+    B, S, H, D = q.shape
+    key = (kernel, str(q.dtype).removeprefix("torch."), D, *flags, size_class(S), size_class(B * H))
+    return choose(key, attn_candidates(kernel, q.dtype, D), launch, q)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -236,6 +261,53 @@ def _scores(q, k_t, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD: tl.const
 
 
 @triton.jit
+def _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
+           CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Backward's recomputed probabilities exp2(s - lse) of a (BLOCK_M, BLOCK_N) tile; invalid
+    keys zeroed when MASKED (rows past S need no mask: their lse is +1e30, so p = 0)."""
+    if MASKED:
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        return tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    return tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse[:, None])
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m,
+              offs_d, dm, S, scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
+              CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One key block of dQ: returns dq + dS·K for the keys at start_n."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
+    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
+    p = _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED, HAS_PAD, CAUSAL, PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m, offs_d,
+               dm, S, scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
+    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
+    if MASKED:
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    if MASKED:
+        p = tl.where(valid, p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
     S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
@@ -252,17 +324,18 @@ def _attn_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
-        v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    # Without padding or causality only the last key block can hold invalid keys: the blocks
+    # before it skip the score masks (a compare and two selects per score, ~10% of a 64x64x128
+    # tile's issue slots next to its MMAs and exp2s, by instruction count).
+    n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
+                                   start_n, offs_m, offs_d, dm, S, scale_log2, BLOCK_N, False, False, False,
+                                   UPCAST, PREC)
+    for start_n in range(n_full, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
+                                   start_n, offs_m, offs_d, dm, S, scale_log2, BLOCK_N, True, HAS_PAD, CAUSAL,
+                                   UPCAST, PREC)
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -294,8 +367,10 @@ def _attn_bwd_dkdv_kernel(
         q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
         do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        # without padding or causality no mask is needed here: keys past S only feed dK, dV rows
+        # that are never stored
+        p = _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD or CAUSAL, HAS_PAD, CAUSAL,
+                   PREC)  # (BLOCK_M, BLOCK_N)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -324,15 +399,13 @@ def _attn_bwd_dq_kernel(
     lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
-        v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N  # as in the forward
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
+                       offs_m, offs_d, dm, S, scale_log2, BLOCK_N, False, False, False, UPCAST, PREC)
+    for start_n in range(n_full, hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
+                       offs_m, offs_d, dm, S, scale_log2, BLOCK_N, True, HAS_PAD, CAUSAL, UPCAST, PREC)
     tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -361,13 +434,15 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     pad, has_pad = _pad_arg(key_padding_mask, q)
-    block_m, block_n, warps, _ = attn_config(q.dtype, D)
-    grid = (triton.cdiv(S, block_m), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
-        scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), num_warps=warps,
-    )
+
+    def launch(cfg: LaunchConfig):
+        _attn_fwd_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
+            q, k, v, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
+            scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_PAD=has_pad, CAUSAL=causal,
+            UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), **cfg.kwargs(),
+        )
+
+    launch(_pick("fwd", q, (has_pad, causal), launch))
     return out, lse
 
 
@@ -380,15 +455,20 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
     pad, has_pad = _pad_arg(key_padding_mask, q)
     dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
-    block_m, block_n, _, warps = attn_config(q.dtype, D)
-    common = dict(D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
-                  HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype),
-                  num_warps=warps)
+    common = dict(D=D, BLOCK_D=triton.next_power_of_2(D), HAS_PAD=has_pad, CAUSAL=causal,
+                  UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
     strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2), *dq.stride()[:3])
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * H)](
-        q, k, v, do, lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(S, block_m), B * H)](
-        q, k, v, do, lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common)
+
+    def launch_dkdv(cfg: LaunchConfig):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * H)](
+            q, k, v, do, lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common, **cfg.kwargs())
+
+    def launch_dq(cfg: LaunchConfig):
+        _attn_bwd_dq_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
+            q, k, v, do, lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common, **cfg.kwargs())
+
+    launch_dkdv(_pick("dkdv", q, (has_pad, causal), launch_dkdv))
+    launch_dq(_pick("dq", q, (has_pad, causal), launch_dq))
     return dq, dk, dv
 
 
@@ -401,36 +481,46 @@ _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 
 
 def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
-    """Compile every kernel for sm_90a in the configurations the launchers pick (CI check)."""
+    """Compile every kernel for sm_90a in every configuration a launch may use (CI check).
+
+    Specialised as a real launch is: 16-byte aligned pointers and strides, unit head-dim strides;
+    S, H and the token count are taken as arbitrary (S = 4096 + 77 is not a multiple of 16).
+    """
     from kiln.kernels.sm90 import compile_sm90
 
     reports = []
     i32 = "i32"
     for dt, D in configs:
+        tag = {"dtype": dt, "head_dim": D}
         flags = {"D": D, "BLOCK_D": D, "BLOCK_T": BLOCK_T, "HAS_GROUP": True, "HAS_ROPE": True}
         ptrs = {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "g_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
-        pre_strides = {f"s{a}{b}": i32 for a in ("x", "o") for b in "bshd"}
-        reports.append(compile_sm90(_norm_rope_fwd_kernel, {
-            **ptrs, "out_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_tok": i32, "S": i32, **pre_strides,
-            "swg": i32, "sc_s": i32, "eps": "fp32"}, flags))
-        bwd_strides = {f"s{a}{b}": i32 for a in ("x", "d") for b in "bshd"}
-        reports.append(compile_sm90(_norm_rope_bwd_kernel, {
-            "dy_ptr": f"*{dt}", **ptrs, "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dw_ptr": "*fp32",
-            "n_tok": i32, "S": i32, "G": i32, **bwd_strides, "swg": i32, "sc_s": i32}, flags))
-        block_m, block_n, warps_fwd, warps_bwd = attn_config(_TORCH_DT[dt], D)
-        attn = {"D": D, "BLOCK_D": D, "BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_PAD": True,
-                "CAUSAL": False, "UPCAST": False, "PREC": _precision(_TORCH_DT[dt])}
+        pre = {f"s{a}{b}": i32 for a in ("x", "o", "d") for b in "bshd"}
+        pre_aligned = (*[k for k in pre if not k.endswith("d")], "swg", "sc_s")
+        pre_ones = ("sxd", "sod", "sdd")
+        fwd_sig = {**ptrs, "out_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_tok": i32, "S": i32,
+                   **{k: i32 for k in pre if k[1] in "xo"}, "swg": i32, "sc_s": i32, "eps": "fp32"}
+        bwd_sig = {"dy_ptr": f"*{dt}", **ptrs, "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dw_ptr": "*fp32",
+                   "n_tok": i32, "S": i32, "G": i32, **{k: i32 for k in pre if k[1] in "xd"}, "swg": i32,
+                   "sc_s": i32}
+        for kernel, sig in ((_norm_rope_fwd_kernel, fwd_sig), (_norm_rope_bwd_kernel, bwd_sig)):
+            reports.append({**compile_sm90(kernel, sig, flags, aligned=pre_aligned, ones=pre_ones), **tag})
         qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
-        strides = {f"s{a}{b}": i32 for a in "qkv" for b in "bsh"}
-        reports.append(compile_sm90(_attn_fwd_kernel, {
-            **qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32, "H": i32, **strides,
-            "sob": i32, "sos": i32, "soh": i32, "scale_log2": "fp32"}, attn, warps_fwd))
+        strides = {f"s{a}{b}": i32 for a in "qkvodg" for b in "bsh"}
         common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
-        tail = {"S": i32, "H": i32, **strides, "sdb": i32, "sds": i32, "sdh": i32, "sgb": i32, "sgs": i32,
-                "sgh": i32, "scale": "fp32", "scale_log2": "fp32"}
-        reports.append(compile_sm90(_attn_bwd_dkdv_kernel, {
-            **common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}, attn, warps_bwd))
-        reports.append(compile_sm90(_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}, attn, warps_bwd))
-    for r, (dt, D) in zip(reports, [c for c in configs for _ in range(5)], strict=True):
-        r["dtype"], r["head_dim"] = dt, D
+        tail = {"S": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvdg"}, "scale": "fp32",
+                "scale_log2": "fp32"}
+        sigs = {
+            "fwd": (_attn_fwd_kernel, {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32,
+                                       "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
+                                       "scale_log2": "fp32"}),
+            "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}),
+            "dq": (_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}),
+        }
+        attn = {"D": D, "BLOCK_D": D, "HAS_PAD": True, "CAUSAL": False, "UPCAST": False,
+                "PREC": _precision(_TORCH_DT[dt])}
+        for name, (kernel, sig) in sigs.items():
+            for cfg in attn_candidates(name, _TORCH_DT[dt], D):
+                blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+                r = compile_sm90(kernel, sig, {**attn, **blocks}, cfg.num_warps, cfg.num_stages, aligned=tuple(strides))
+                reports.append({**r, **tag})
     return reports

@@ -62,3 +62,25 @@ def test_auto_selection_skips_refusing_backends():
             dispatch.dispatch("_probe", 3)
     finally:
         dispatch._REGISTRY.pop("_probe")
+
+
+def test_autotune_keeps_the_default_where_it_cannot_time():
+    """Off the GPU (interpreter, CI), and with deterministic algorithms, the first candidate runs
+    untimed; a remembered choice wins over both."""
+    from kiln.kernels import autotune
+
+    a, b = autotune.LaunchConfig(64, 64, 4, 3), autotune.LaunchConfig(128, 64, 8, 3)
+
+    def launch(cfg):
+        raise AssertionError("nothing may be timed here")
+
+    assert autotune.tuning_allowed(torch.zeros(1)) == "not a CUDA tensor"
+    assert autotune.choose(("k", 1), [a, b], launch, torch.zeros(1)) == a
+    autotune._CHOSEN[("k", 2)] = b
+    try:
+        assert autotune.choose(("k", 2), [a, b], launch, torch.zeros(1)) == b
+        assert autotune.choices()["k/2"] == "128x64/w8/s3"
+    finally:
+        autotune.forget()
+    assert autotune.size_class(4096 + 77) == 8192 and autotune.size_class(4096) == 4096
+    assert autotune.size_class(1) == 1

@@ -78,6 +78,30 @@ def test_triton_qk_norm_attention_on_cuda(case, dtype):
     check(*case, dtype, seed=1, device="cuda")
 
 
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("index", range(4))
+def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
+    """Each launch-config candidate the autotuner may pick (candidate ``index`` of each kernel,
+    wrapping round) computes the op within the 2x rule, not only the one that wins the timing."""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full = attn.attn_candidates
+
+    def forced(kernel, dtype, head_dim):
+        cands = full(kernel, dtype, head_dim)
+        return [cands[index % len(cands)]]
+
+    monkeypatch.setattr(attn, "attn_candidates", forced)
+    autotune.forget()
+    try:
+        check(2, 333, 3, D, 2, True, True, False, torch.bfloat16, seed=index, device="cuda")
+    finally:
+        autotune.forget()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
 def test_csrc_group_norm_on_cuda(case, dtype):
