@@ -9,6 +9,7 @@
 // changes, then one global atomicAdd per channel and block), then dx. Loads and stores are 16-byte
 // vectors when the layout allows: NCHW when HW % V == 0, channels-last when C/G % V == 0.
 // Traffic: forward reads x twice and writes y once; backward reads x, dy twice and writes dx.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -334,6 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, int64_t num_groups,
     std::string activation) {
+  // per-channel sums use atomicAdd (shared, then global): fp32 summation order varies run to run
+  at::globalContext().alertNotDeterministic("kiln_ext::group_norm_bwd (CUDA)");
   const bool silu = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const GNPrepared pr = gn_prepare(x, num_groups, weight, bias, scale, shift);

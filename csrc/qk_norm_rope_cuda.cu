@@ -6,6 +6,7 @@
 // of a packed (B, S, 3, H, D) QKV. D <= 256 -> at most 4 pairs per lane (template P).
 // The weight gradient (G, D) is reduced per block in shared memory, then one fp32 atomicAdd per
 // element and block (grid capped at 8 blocks per SM so that stays ~1k atomics per element).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -184,6 +185,8 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group,
                                                  const at::Tensor& rstd) {
+  // the weight gradient is reduced with atomicAdd across blocks: not bitwise reproducible
+  at::globalContext().alertNotDeterministic("kiln_ext::qk_norm_rope_bwd (CUDA)");
   const c10::cuda::CUDAGuard guard(x.device());
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);

@@ -56,10 +56,17 @@ def device_reason(t: torch.Tensor, op: str, forced: bool) -> str | None:
 
     CUDA tensors when the CUDA part was compiled; CPU tensors only when ``use_backend("csrc")``
     forces it: in automatic selection the plain-PyTorch reference stays the CPU path, so a
-    model's CPU numerics do not depend on whether the extension happened to build.
+    model's CPU numerics do not depend on whether the extension happened to build. With
+    deterministic algorithms requested it refuses CUDA tensors that need a gradient (the C++
+    backward also raises through ``alertNotDeterministic``).
     """
     if t.is_cuda:
-        return None if has_cuda_kernels(op) else f"the extension was built without CUDA kernels ({build_info()})"
+        if not has_cuda_kernels(op):
+            return f"the extension was built without CUDA kernels ({build_info()})"
+        if t.requires_grad and torch.are_deterministic_algorithms_enabled():
+            return ("its CUDA backward reduces with atomicAdd (not bitwise reproducible) and "
+                    "torch.use_deterministic_algorithms(True) is set")
+        return None
     if t.device.type != "cpu":
         return f"tensors are on {t.device.type}; csrc runs on cpu and cuda"
     return None if forced else "CPU tensors run on the reference unless use_backend('csrc') forces the C++ CPU ops"

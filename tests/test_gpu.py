@@ -4,6 +4,7 @@ in benchmarks/results/ records them passing on an H100)."""
 import pytest
 import torch
 
+from kiln import kernels
 from kiln.engine.metrics import read_metrics
 from kiln.engine.train import train
 from kiln.model import MMDiT, MMDiTConfig
@@ -118,3 +119,22 @@ def test_qk_norm_rope_on_cuda(case, dtype, backend):
     from test_qk_norm_rope import check
 
     check(*case, dtype, backend, device="cuda")
+
+
+def test_csrc_backwards_refuse_deterministic_mode():
+    """csrc's CUDA backwards reduce with atomicAdd: with deterministic algorithms requested the
+    dispatcher says so and picks a deterministic backend, and the C++ op itself raises."""
+    from kiln.kernels import dispatch
+
+    x = torch.randn(2, 32, 8, 8, device="cuda", requires_grad=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError, match="atomicAdd"):
+            kernels.group_norm(x, 8)
+        assert dispatch.select("group_norm", x, 8) == "triton"
+        y, mean, rstd = torch.ops.kiln_ext.group_norm_fwd(x.detach(), 8, None, None, None, None, 1e-5, "none")
+        with pytest.raises(RuntimeError, match="deterministic"):
+            torch.ops.kiln_ext.group_norm_bwd(torch.randn_like(y), x.detach(), mean, rstd, None, None, None, None, 8,
+                                              "none")
+    finally:
+        torch.use_deterministic_algorithms(False)
