@@ -32,6 +32,7 @@ from kiln.benchmarks.common import (
     time_ms,
     timings,
 )
+from kiln.kernels import autotune
 
 SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
 
@@ -113,6 +114,9 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
                     continue
                 bw = bandwidth_fields(q, passes * x.numel() * x.element_size(), copy_gbps)
                 rows.append({**base, **bw})
+                if name == "triton":  # the autotuner's knobs for this shape (kernels/autotune.py)
+                    tag = f"/{'cl' if layout == 'channels_last' else 'nchw'}/bfloat16/{shape[1]}/"
+                    rows[-1]["configs"] = {k: v for k, v in autotune.choices().items() if tag in k}
                 append_rows(out, rows[-1:])
                 print(f"{name:8s} {mode} {timing:5s} {shape} {layout:13s} {q[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
                       f"{bw['pct_copy']:5.1f}% of copy", flush=True)

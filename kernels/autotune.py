@@ -1,8 +1,8 @@
 """Launch configurations of kiln's Triton kernels, chosen by timing on the GPU once per shape class.
 
-A kernel module lists candidate :class:`LaunchConfig`s per kernel; every candidate is compiled
-for sm_90a in CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte loads), the first one is
-the default. On a CUDA device the launcher times all candidates on the real arguments the first
+A kernel module lists candidate configs per kernel (attention: :class:`LaunchConfig` tiles, warps
+and stages; GroupNorm: its tile / warps / split knobs); every candidate is compiled for sm_90a in
+CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte loads), the first one is the default. On a CUDA device the launcher times all candidates on the real arguments the first
 time a key (kernel, dtype, head dim, flags, power-of-two size class) is seen and keeps the
 fastest, as ``triton.autotune`` does, but:
 
@@ -42,7 +42,7 @@ class LaunchConfig:
         return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
 
 
-_CHOSEN: dict[tuple, LaunchConfig] = {}
+_CHOSEN: dict[tuple, object] = {}
 _DEFAULTS_ONLY = [False]
 
 
@@ -66,8 +66,7 @@ def tuning_allowed(t: torch.Tensor) -> str | None:
     return None
 
 
-def choose(key: tuple, candidates: Sequence[LaunchConfig], launch: Callable[[LaunchConfig], object],
-           probe: torch.Tensor) -> LaunchConfig:
+def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor):
     """The config to launch for ``key``: remembered, timed now, or the default (candidates[0])."""
     if _DEFAULTS_ONLY[0] or len(candidates) == 1:
         return candidates[0]

@@ -30,15 +30,37 @@ numbers are the next GPU session's first measurement (benchmarks/group_norm.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.autotune import choose, size_class
 from kiln.kernels.group_norm import memory_format_of
 
 STATS_BUFFER_DTYPE = torch.float32
-# Launch knobs (benchmarks/tune_group_norm.py sweeps them on a GPU)
-TILE, NUM_WARPS, PROGRAMS_PER_SM = 2048, 8, 4
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Launch knobs: elements per tile, warps per program, programs per SM (the reduction split)."""
+
+    tile: int
+    num_warps: int
+    programs_per_sm: int
+
+    def __str__(self) -> str:
+        return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}"
+
+
+# Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
+# kernels/autotune.py times them once per shape class. The 2026-11-24 sweep that chose the default
+# measured mostly host time (benchmarks/results/README.md), so the GPU decides now. All compile
+# for sm_90a without spills (compile_for_sm90) and keep tile / (32 · warps) >= 8 elements per thread,
+# so 16-bit data moves in 16-byte loads (1024-element tiles at 8 warps compiled to 8-byte loads).
+CANDIDATES = [Knobs(2048, 8, 4), Knobs(4096, 8, 4), Knobs(1024, 4, 8), Knobs(2048, 4, 4)]
+DEFAULT = CANDIDATES[0]
 
 
 @triton.jit
@@ -248,25 +270,24 @@ def _as_ncs(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, x.stride(0), x.stride(1), stride_s
 
 
-def launch_config(x: torch.Tensor, num_groups: int) -> dict:
+def launch_config(x: torch.Tensor, num_groups: int, knobs: Knobs = DEFAULT) -> dict:
     """Block sizes and the split of each group's reduction (SPLIT programs along S), NCHW x."""
     N, C = x.shape[:2]
     S = x[0, 0].numel()
     cg = C // num_groups
     block_c = min(triton.next_power_of_2(cg), 16)
-    # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tensor; 4096-element
-    # tiles at 4 warps spilled up to 1.9 KB in the backward (compile_for_sm90 report)
-    block_s = max(16, min(triton.next_power_of_2(S), TILE // block_c))
+    # 2048-element tiles over 8 warps: 8 fp32 values per thread per live tensor
+    block_s = max(16, min(triton.next_power_of_2(S), knobs.tile // block_c))
     if x.is_cuda:
         # ~4 programs per SM: 528 on an H100; at batch 1 with G = 32 that splits each group 16 ways
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+        target = knobs.programs_per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         target = 4 * N * num_groups  # interpreter: a few chunks per group, so the split paths are tested
     split = max(1, min(triton.cdiv(target, N * num_groups), triton.cdiv(S, block_s), 64))
     chunk = triton.cdiv(triton.cdiv(S, split), block_s) * block_s
     split = triton.cdiv(S, chunk)
     return {"S": S, "split": split, "chunk": chunk, "BLOCK_C": block_c, "BLOCK_S": block_s,
-            "SPLIT_P2": triton.next_power_of_2(split), "num_warps": NUM_WARPS}
+            "SPLIT_P2": triton.next_power_of_2(split), "num_warps": knobs.num_warps}
 
 
 def _dummy(x):
@@ -285,26 +306,40 @@ def _channels_last(x) -> bool:
     return memory_format_of(x) != torch.contiguous_format
 
 
+def _pick(direction: str, x: torch.Tensor, num_groups: int, flags: dict, launch) -> Knobs:
+    N, C = x.shape[:2]
+    layout = "cl" if _channels_last(x) else "nchw"
+    key = (f"group_norm_{direction}", layout, str(x.dtype).removeprefix("torch."), C, num_groups,
+           flags["HAS_MOD"], flags["SILU"], size_class(N), size_class(x[0, 0].numel()))
+    return choose(key, CANDIDATES, launch, x)
+
+
 def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
     """Forward launcher: returns (y, mean (N, G), rstd (N, G)) with y in x's memory format."""
     x, sn, sc, ss = _as_ncs(x)
-    if _channels_last(x):  # whole token rows per program (group_norm_triton_cl.py)
-        from kiln.kernels import group_norm_triton_cl as cl
+    params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
 
-        cfg = cl.launch_config(x, num_groups, TILE, PROGRAMS_PER_SM, NUM_WARPS)
-        params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
-        return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
+    def launch(knobs: Knobs):
+        if _channels_last(x):  # whole token rows per program (group_norm_triton_cl.py)
+            from kiln.kernels import group_norm_triton_cl as cl
+
+            cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
+            return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
+        return _fwd_nchw(x, (sn, sc, ss), num_groups, params, flags, eps, launch_config(x, num_groups, knobs))
+
+    return launch(_pick("fwd", x, num_groups, flags, launch))
+
+
+def _fwd_nchw(x, strides, num_groups, params, flags, eps, cfg):
     N, C = x.shape[:2]
-    cfg = launch_config(x, num_groups)
     y = torch.empty_like(x)
     part = torch.empty(N * num_groups * cfg["split"] * 3, device=x.device, dtype=STATS_BUFFER_DTYPE)
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    _gn_stats_kernel[grid](x, part, C, cfg["S"], num_groups, cfg["chunk"], sn, sc, ss, **blocks)
-    params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
-    _gn_fwd_kernel[grid](x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps, sn, sc, ss,
+    _gn_stats_kernel[grid](x, part, C, cfg["S"], num_groups, cfg["chunk"], *strides, **blocks)
+    _gn_fwd_kernel[grid](x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps, *strides,
                          **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
     return y, mean, rstd
 
@@ -315,13 +350,21 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     dy = dy.contiguous(memory_format=memory_format_of(x))
     _, dsn, dsc, dss = _as_ncs(dy)
     params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
-    if _channels_last(x):
-        from kiln.kernels import group_norm_triton_cl as cl
 
-        cfg = cl.launch_config(x, num_groups, TILE, PROGRAMS_PER_SM, NUM_WARPS)
-        return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
+    def launch(knobs: Knobs):
+        if _channels_last(x):
+            from kiln.kernels import group_norm_triton_cl as cl
+
+            cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
+            return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
+        cfg = launch_config(x, num_groups, knobs)
+        return _bwd_nchw(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
+
+    return launch(_pick("bwd", x, num_groups, flags, launch))
+
+
+def _bwd_nchw(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, cfg):
     N, C = x.shape[:2]
-    cfg = launch_config(x, num_groups)
     part = torch.empty(N * C * cfg["split"] * 2, device=x.device, dtype=torch.float32)
     sum_a = torch.empty(N, C, device=x.device, dtype=torch.float32)
     sum_b = torch.empty_like(sum_a)
@@ -329,13 +372,13 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
     _gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, *params, part, C, cfg["S"], num_groups, cfg["chunk"],
-                                sn, sc, ss, dsn, dsc, dss, **flags, **blocks)
-    _gn_bwd_dx_kernel[grid](x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups, cfg["chunk"],
-                            sn, sc, ss, dsn, dsc, dss, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
+                                *strides, *dstrides, **flags, **blocks)
+    _gn_bwd_dx_kernel[grid](x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups,
+                            cfg["chunk"], *strides, *dstrides, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
     return dx, sum_a, sum_b
 
 
-def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str) -> dict:
+def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, num_warps: int) -> dict:
     """One kernel compiled for sm_90a with ``dt`` data, a launch's alignment and unit strides."""
     from kiln.kernels.sm90 import compile_sm90
 
@@ -346,7 +389,7 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str) ->
             **dict.fromkeys(("C", "S", "G", "CHUNK", "split"), i32), "eps": "fp32"}
     strides = tuple(f"{p}stride_{a}" for p in ("", "d") for a in "ncs")
     sig = {k: (i32 if k in strides else pool[k]) for k in kernel.arg_names if k in pool or k in strides}
-    r = compile_sm90(kernel, sig, constexprs, NUM_WARPS, aligned=("C", "S", "CHUNK", *strides), ones=ones)
+    r = compile_sm90(kernel, sig, constexprs, num_warps, aligned=("C", "S", "CHUNK", *strides), ones=ones)
     return {**r, "dtype": dt, "layout": layout}
 
 
@@ -363,18 +406,23 @@ def compile_for_sm90() -> list[dict]:
     flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
     nchw, cl_ones = ("stride_s", "dstride_s"), ("stride_c", "dstride_c")
     finalize = {"CG_P2": 16, "BLOCK_P": cl.STAT_BLOCK}
-    for dt in ("bf16", "fp32"):
-        for block_c in (4, 16):  # C/G = 4 (C = 128, G = 32) and 10-16 (C = 320-512)
-            blocks = {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
-            for kernel, extra in ((_gn_stats_kernel, {}), (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}),
-                                  (_gn_bwd_reduce_kernel, flags), (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16})):
-                reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw"))
-        for block_c in (32, 128):  # C = 96 and C = 128-640
-            blocks = {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
-            for kernel, extra in ((cl._cl_stats_kernel, {}), (cl._cl_fwd_kernel, flags),
-                                  (cl._cl_bwd_reduce_kernel, flags), (cl._cl_bwd_dx_kernel, flags)):
-                reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last"))
-        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last"))
+    # every candidate's tile and warps in bf16 (the training dtype); the default in fp32
+    for dt, knob_set in (("bf16", CANDIDATES), ("fp32", [DEFAULT])):
+        for knobs in knob_set:
+            w = knobs.num_warps
+            for block_c in (4, 16):  # C/G = 4 (C = 128, G = 32) and 10-16 (C = 320-512)
+                blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
+                for kernel, extra in ((_gn_stats_kernel, {}), (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}),
+                                      (_gn_bwd_reduce_kernel, flags),
+                                      (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16})):
+                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw", w))
+            for block_c in (32, 128):  # C = 96 and C = 128-640
+                blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
+                for kernel, extra in ((cl._cl_stats_kernel, {}), (cl._cl_fwd_kernel, flags),
+                                      (cl._cl_bwd_reduce_kernel, flags), (cl._cl_bwd_dx_kernel, flags)):
+                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", w))
+        # finalize kernels launch with Triton's default 4 warps
+        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", 4))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},
-                                    (), "channels_last"))
+                                    (), "channels_last", 4))
     return reports

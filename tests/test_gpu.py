@@ -79,6 +79,20 @@ def test_triton_qk_norm_attention_on_cuda(case, dtype):
     check(*case, dtype, seed=1, device="cuda")
 
 
+@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("case", [GPU_CASES[1], ((2, 320, 33, 17), 32, True, True, True, "silu")], ids=["nchw", "cl"])
+def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
+    """Each GroupNorm launch-knob candidate the autotuner may pick passes the 2x rule."""
+    from test_group_norm_triton import check_against_reference
+
+    from kiln.kernels import autotune
+    from kiln.kernels import group_norm_triton as gnt
+
+    monkeypatch.setattr(gnt, "CANDIDATES", [gnt.CANDIDATES[index % len(gnt.CANDIDATES)]])
+    autotune.forget()
+    check_against_reference(case, torch.bfloat16, device="cuda")
+
+
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("index", range(4))
 def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
