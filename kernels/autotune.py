@@ -2,8 +2,9 @@
 
 A kernel module lists candidate configs per kernel (attention: :class:`LaunchConfig` tiles, warps
 and stages; GroupNorm: its tile / warps / split knobs); every candidate is compiled for sm_90a in
-CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte loads), the first one is the default. On a CUDA device the launcher times all candidates on the real arguments the first
-time a key (kernel, dtype, head dim, flags, power-of-two size class) is seen and keeps the
+CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte loads), the first one is the default.
+On a CUDA device the launcher times all candidates on the real arguments the first time a key
+(kernel, dtype, head dim or channels, flags, power-of-two size classes) is seen and keeps the
 fastest, as ``triton.autotune`` does, but:
 
 - the default is used, untimed, under the interpreter, with
