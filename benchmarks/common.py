@@ -156,6 +156,22 @@ def measured_copy_gbps(args) -> float:
     return measure()[0]["gbps"]
 
 
+def bandwidth_row(case: dict, measure, nbytes: int, copy: float, out: Path | None, label: str,
+                  extra=None) -> dict:
+    """One memory-bound measurement as a row: ``case`` plus GB/s and % of copy bandwidth (and
+    ``extra()`` when given), or plus the error of a provider that cannot run the case. The row is
+    appended to ``out`` at once and a one-line summary printed."""
+    try:
+        q = measure()
+    except Exception as e:  # a provider that cannot run a case says why
+        row = {**case, "error": f"{type(e).__name__}: {e}"[:200]}
+    else:
+        row = {**case, **bandwidth_fields(q, nbytes, copy), **(extra() if extra else {})}
+        print(f"{label} {q[1]:.4f} ms {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}% of copy", flush=True)
+    append_rows(out, [row])
+    return row
+
+
 def bandwidth_fields(q_ms: list[float], nbytes: int, copy: float) -> dict:
     """p20/p50/p80 ms of a do_bench run, GB/s moved at the median and % of copy bandwidth."""
     gbps = nbytes / (q_ms[1] / 1e3) / 1e9

@@ -15,6 +15,7 @@ when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -23,9 +24,8 @@ import torch.nn.functional as F
 
 from kiln import kernels
 from kiln.benchmarks.common import (
-    append_rows,
-    bandwidth_fields,
     bandwidth_parser,
+    bandwidth_row,
     measured_copy_gbps,
     print_table,
     provenance,
@@ -90,6 +90,11 @@ def bench_one(fn, x, w, b, mode, timing="eager"):
     return time_ms(make_step, timing)
 
 
+def _tuned_configs(tag: str) -> dict:
+    """The autotuner's knobs chosen for one shape and layout (kernels/autotune.py)."""
+    return {"configs": {k: v for k, v in autotune.choices().items() if tag in k}}
+
+
 def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager")) -> list[dict]:
     """Measure every case; each row is appended to ``out`` as soon as it exists."""
     dev = torch.device("cuda")
@@ -106,20 +111,12 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
                     providers().items(), (("fwd", 2), ("bwd", 3)), timing_modes):
                 base = {"op": "group_norm", "provider": name, "mode": mode, "timing": timing, "shape": list(shape),
                         "layout": layout, "dtype": "bf16", **prov}
-                try:
-                    q = bench_one(fn, x, w, b, mode, timing)
-                except Exception as e:  # a provider that cannot run a case reports why
-                    rows.append({**base, "error": f"{type(e).__name__}: {e}"[:200]})
-                    append_rows(out, rows[-1:])
-                    continue
-                bw = bandwidth_fields(q, passes * x.numel() * x.element_size(), copy_gbps)
-                rows.append({**base, **bw})
-                if name == "triton":  # the autotuner's knobs for this shape (kernels/autotune.py)
-                    tag = f"/{'cl' if layout == 'channels_last' else 'nchw'}/bfloat16/{shape[1]}/"
-                    rows[-1]["configs"] = {k: v for k, v in autotune.choices().items() if tag in k}
-                append_rows(out, rows[-1:])
-                print(f"{name:8s} {mode} {timing:5s} {shape} {layout:13s} {q[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
-                      f"{bw['pct_copy']:5.1f}% of copy", flush=True)
+                tag = f"/{'cl' if layout == 'channels_last' else 'nchw'}/bfloat16/{shape[1]}/"
+                rows.append(bandwidth_row(
+                    base, functools.partial(bench_one, fn, x, w, b, mode, timing),
+                    passes * x.numel() * x.element_size(), copy_gbps, out,
+                    f"{name:8s} {mode} {timing:5s} {shape} {layout:13s}",
+                    functools.partial(_tuned_configs, tag) if name == "triton" else None))
     return rows
 
 

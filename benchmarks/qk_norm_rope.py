@@ -14,6 +14,7 @@ Targets (issue 7): csrc >= 80% of copy bandwidth and >= 5x eager.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -22,9 +23,8 @@ import torch
 from kiln import kernels
 from kiln.benchmarks.attention import SHAPES, make_inputs
 from kiln.benchmarks.common import (
-    append_rows,
-    bandwidth_fields,
     bandwidth_parser,
+    bandwidth_row,
     measured_copy_gbps,
     print_table,
     provenance,
@@ -73,17 +73,10 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
         for (name, fn), (mode, passes), timing in itertools.product(
                 providers(kw).items(), (("fwd", 4), ("bwd", 6)), timing_modes):
             case = {**base, "provider": name, "mode": mode, "timing": timing}
-            try:
-                t = bench_one(fn, q, k, qw, kw_, mode, timing)
-            except Exception as e:  # a provider that cannot run a case says why
-                rows.append({**case, "error": f"{type(e).__name__}: {e}"[:200]})
-                append_rows(out, rows[-1:])
-                continue
-            bw = bandwidth_fields(t, passes * q.numel() * q.element_size(), copy_gbps)
-            rows.append({**case, **bw})
-            append_rows(out, rows[-1:])
-            print(f"{name:8s} {mode} {timing:5s} S={S} H={H} D={D} {t[1]:.4f} ms {bw['gbps']:7.0f} GB/s "
-                  f"{bw['pct_copy']:5.1f}% of copy", flush=True)
+            rows.append(bandwidth_row(
+                case, functools.partial(bench_one, fn, q, k, qw, kw_, mode, timing),
+                passes * q.numel() * q.element_size(), copy_gbps, out,
+                f"{name:8s} {mode} {timing:5s} S={S} H={H} D={D}"))
     return rows
 
 

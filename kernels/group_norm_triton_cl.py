@@ -86,15 +86,23 @@ def _sum_splits(part_ptr, n, split, C, offs_c, cmask, row: tl.constexpr, CG_P2: 
 
 
 @triton.jit
-def _cl_stats_finalize_kernel(x_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, split, eps, stride_n, stride_c,
-                              CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+def _group_totals(part_ptr, C, G, split, CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A finalize program's group (program ng = n·G + g): its channels and both partial rows
+    summed over splits -> (ng, n, cg, offs_c, cmask, row0, row1)."""
     ng = tl.program_id(0)
     n, g = ng // G, ng % G
     cg = C // G
     offs_c = g * cg + tl.arange(0, CG_P2)
     cmask = tl.arange(0, CG_P2) < cg
-    sd = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 0, CG_P2, BLOCK_P)
-    sq = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 1, CG_P2, BLOCK_P)
+    row0 = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 0, CG_P2, BLOCK_P)
+    row1 = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 1, CG_P2, BLOCK_P)
+    return ng, n, cg, offs_c, cmask, row0, row1
+
+
+@triton.jit
+def _cl_stats_finalize_kernel(x_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, split, eps, stride_n, stride_c,
+                              CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    ng, n, cg, offs_c, cmask, sd, sq = _group_totals(part_ptr, C, G, split, CG_P2, BLOCK_P)
     p = tl.load(x_ptr + n * stride_n + offs_c * stride_c, mask=cmask, other=0.0).to(tl.float32)
     s_f = S.to(tl.float32)
     m = (cg * S).to(tl.float32)
@@ -155,13 +163,7 @@ def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
 def _cl_bwd_finalize_kernel(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, C, G, split,
                             HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, CG_P2: tl.constexpr,
                             BLOCK_P: tl.constexpr):
-    ng = tl.program_id(0)
-    n, g = ng // G, ng % G
-    cg = C // G
-    offs_c = g * cg + tl.arange(0, CG_P2)
-    cmask = tl.arange(0, CG_P2) < cg
-    a = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 0, CG_P2, BLOCK_P)
-    b = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 1, CG_P2, BLOCK_P)
+    ng, n, cg, offs_c, cmask, a, b = _group_totals(part_ptr, C, G, split, CG_P2, BLOCK_P)
     tl.store(suma_ptr + n * C + offs_c, a, mask=cmask)  # per-(n, c) sums for the parameter grads
     tl.store(sumb_ptr + n * C + offs_c, b, mask=cmask)
     wf = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) if HAS_W else cmask.to(tl.float32)

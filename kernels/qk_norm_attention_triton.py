@@ -241,6 +241,14 @@ def _tile(ptr, b, h, sb, ss, sh, offs, offs_d, S, dm, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_coords(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (block of BLOCK tokens, batch·head) -> (pid, bh, b, h, token offsets, d offsets, d mask)."""
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid, bh, bh // H, bh % H, pid * BLOCK + tl.arange(0, BLOCK), offs_d, offs_d < D
+
+
+@triton.jit
 def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, S, H, sob, sos, soh, sdb, sds, sdh,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO · O) in fp32 for BLOCK_M queries of one (batch, head), into (B, H, S).
@@ -248,11 +256,7 @@ def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, S, H, sob, sos, soh, sdb, sds, s
     One read of O and dO in their own dtype (4 bytes per element in 16-bit): the eager
     ``(do.float() * out.float()).sum(-1)`` it replaces moved 28 bytes per element through three
     fp32 temporaries (0.46 GB of them at B3 S4173 H24 D128)."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dm = offs_d < D
+    pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     o = _tile(o_ptr, b, h, sob, sos, soh, offs_m, offs_d, S, dm, True)
     do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, True)
     tl.store(delta_ptr + bh * S + offs_m, tl.sum(o * do, axis=1), mask=offs_m < S)
@@ -334,11 +338,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dm = offs_d < D
+    pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
     m_i = tl.full((BLOCK_M,), NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -372,11 +372,7 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dm = offs_d < D
+    pid_n, bh, b, h, offs_n, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_N)
     k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
     v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -408,11 +404,7 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dm = offs_d < D
+    pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     q_mask = (offs_m < S)[:, None] & dm[None, :]
     q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
     do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
