@@ -1,4 +1,5 @@
-// Device helpers shared by kiln_ext's CUDA kernels: vector loads and block reductions.
+// Device helpers shared by kiln_ext's CUDA kernels: vector loads, block reductions and the
+// fixed-order column sum that makes every cross-block reduction deterministic (no atomics).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -50,5 +51,51 @@ constexpr int max_vec() {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Dynamic shared memory of `floats` fp32 for `kernel`, opting in above the default 48 KB.
+template <typename Kernel>
+size_t smem_floats(Kernel kernel, int64_t floats) {
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  return bytes;
+}
+
+namespace {  // one copy per .cu file (internal linkage)
+
+constexpr int kSumRows = 8;  // row lanes of column_sums' (32, kSumRows) blocks
+
+// Σ over r of part[n, r, col] (part (N, rows, cols) fp32) in a fixed order, so the reduction of
+// per-block partials is bitwise reproducible (atomicAdd's order is not). Columns < split_col go to
+// out0 (N, split_col), the rest to out1 (N, cols - split_col). Grid (ceil(cols / 32), N), block
+// (32, kSumRows): lane y sums rows y, y + 8, ..., then lane y = 0 adds the 8 sums in order.
+__global__ void __launch_bounds__(32 * kSumRows) column_sums(const float* __restrict__ part, int64_t rows, int64_t cols,
+                                                            int64_t split_col, float* __restrict__ out0,
+                                                            float* __restrict__ out1) {
+  __shared__ float sums[kSumRows][33];
+  const int64_t n = blockIdx.y, col = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  float s = 0.f;
+  if (col < cols)
+    for (int64_t r = threadIdx.y; r < rows; r += kSumRows) s += part[(n * rows + r) * cols + col];
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= cols) return;
+  float t = 0.f;
+#pragma unroll
+  for (int y = 0; y < kSumRows; ++y) t += sums[y][threadIdx.x];
+  if (col < split_col)
+    out0[n * split_col + col] = t;
+  else
+    out1[n * (cols - split_col) + col - split_col] = t;
+}
+
+inline void launch_column_sums(const float* part, int64_t N, int64_t rows, int64_t cols, int64_t split_col,
+                               float* out0, float* out1, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(N)), block(32, kSumRows);
+  column_sums<<<grid, block, 0, stream>>>(part, rows, cols, split_col, out0, out1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
 
 }  // namespace kiln

@@ -4,9 +4,10 @@
 // every element it owns is in its own registers (no shuffles for RoPE); the row's sum of squares
 // is one warp reduction. Rows are read through their (b, s, h) strides, so q and k may be views
 // of a packed (B, S, 3, H, D) QKV. D <= 256 -> at most 4 pairs per lane (template P).
-// The weight gradient (G, D) is reduced per block in shared memory, then one fp32 atomicAdd per
-// element and block (grid capped at 8 blocks per SM so that stays ~1k atomics per element).
-#include <ATen/Context.h>
+// The weight gradient (G, D) is deterministic: each warp accumulates its rows into its own (G, D)
+// slice of shared memory (a lane owns its columns: no atomics), the block adds its 8 slices in
+// order into one (G, D) partial, and column_sums adds the blocks' partials in order (grid capped
+// at 8 blocks per SM: ~1k partials, 1 MB at G·D = 256).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -76,11 +77,13 @@ __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __rest
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                   const float* __restrict__ rstd, T* __restrict__ dx,
-                                                                  float* __restrict__ dw, RopeDev d) {
-  extern __shared__ float dw_s[];  // (G, D)
-  for (int64_t i = threadIdx.x; i < d.shape.G * d.shape.D; i += kThreads) dw_s[i] = 0.f;
+                                                                  float* __restrict__ dw_part, RopeDev d) {
+  extern __shared__ float dw_s[];  // (kWarps, G, D): one slice per warp
+  const int64_t gd = d.shape.G * d.shape.D;
+  for (int64_t i = threadIdx.x; i < kWarps * gd; i += kThreads) dw_s[i] = 0.f;
   __syncthreads();
   const int lane = threadIdx.x & 31;
+  float* dw_w = dw_s + (threadIdx.x >> 5) * gd;
   const int64_t h2 = d.shape.D / 2;
   const int64_t rows = d.shape.rows();
   for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * kWarps) {
@@ -118,12 +121,17 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
       if (j >= h2) continue;
       dxr[j] = static_cast<T>(rs * (dn_lo[p] * w[j] - xh_lo[p] * dot));
       dxr[j + h2] = static_cast<T>(rs * (dn_hi[p] * w[j + h2] - xh_hi[p] * dot));
-      atomicAdd(dw_s + g * d.shape.D + j, dn_lo[p] * xh_lo[p]);
-      atomicAdd(dw_s + g * d.shape.D + j + h2, dn_hi[p] * xh_hi[p]);
+      dw_w[g * d.shape.D + j] += dn_lo[p] * xh_lo[p];
+      dw_w[g * d.shape.D + j + h2] += dn_hi[p] * xh_hi[p];
     }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < d.shape.G * d.shape.D; i += kThreads) atomicAdd(dw + i, dw_s[i]);
+  for (int64_t i = threadIdx.x; i < gd; i += kThreads) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) t += dw_s[w * gd + i];
+    dw_part[blockIdx.x * gd + i] = t;
+  }
 }
 
 int grid_for(int64_t rows) {
@@ -131,7 +139,9 @@ int grid_for(int64_t rows) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8LL * sm_count())));
 }
 
-constexpr int64_t kMaxGD = 16 * 256;  // (G, D) fp32 weight-gradient tile in shared memory (16 KB)
+// kWarps (G, D) fp32 weight-gradient slices in shared memory: 8 · 3072 · 4 B = 96 KB, the most
+// every sm_80+ GPU grants one block (G = 2, D = 128: 8 KB).
+constexpr int64_t kMaxGD = 3072;
 
 #define KILN_PAIRS_SWITCH(D, ...)          \
   [&] {                                    \
@@ -185,8 +195,6 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group,
                                                  const at::Tensor& rstd) {
-  // the weight gradient is reduced with atomicAdd across blocks: not bitwise reproducible
-  at::globalContext().alertNotDeterministic("kiln_ext::qk_norm_rope_bwd (CUDA)");
   const c10::cuda::CUDAGuard guard(x.device());
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);
@@ -194,19 +202,23 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
   KILN_CHECK(dy.sizes() == x.sizes(), "qk_norm_rope backward: gradient ", dy.sizes(), " != input ", x.sizes());
   const at::Tensor dyc = dy.to(x.scalar_type()).contiguous(), rc = rstd.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty({sh.B, sh.S, sh.H, sh.D}, x.options());
-  at::Tensor dw = at::zeros({sh.G, sh.D}, x.options().dtype(at::kFloat));
+  at::Tensor dw = at::zeros({sh.G, sh.D}, x.options().dtype(at::kFloat));  // zeros when there are no rows
   if (sh.rows() > 0) {
     const RopeDev d = make_dev(a);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const size_t smem = static_cast<size_t>(sh.G * sh.D) * sizeof(float);
+    const int grid = grid_for(sh.rows());
+    at::Tensor part = at::empty({grid, sh.G * sh.D}, dw.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kiln_norm_rope_bwd_cuda", [&] {
       KILN_PAIRS_SWITCH(sh.D, [&] {
-        norm_rope_bwd_kernel<scalar_t, P><<<grid_for(sh.rows()), kThreads, smem, stream>>>(
+        auto kernel = norm_rope_bwd_kernel<scalar_t, P>;
+        kernel<<<grid, kThreads, smem_floats(kernel, kWarps * sh.G * sh.D), stream>>>(
             dyc.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), rc.const_data_ptr<float>(),
-            dx.data_ptr<scalar_t>(), dw.data_ptr<float>(), d);
+            dx.data_ptr<scalar_t>(), part.data_ptr<float>(), d);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
+    const int64_t gd = sh.G * sh.D;
+    launch_column_sums(part.const_data_ptr<float>(), 1, grid, gd, gd, dw.data_ptr<float>(), nullptr, stream);
   }
   return {dx, dw.reshape(weight.sizes()).to(weight.scalar_type())};
 }

@@ -33,6 +33,11 @@ _CUDA_OPS = frozenset(
 )
 
 
+def library_path() -> str:
+    """File of the loaded extension (for reading its compiled kernels, ``sm90.csrc_sass_facts``)."""
+    return importlib.import_module("kiln.kernels._C").__file__
+
+
 def load_error() -> str | None:
     """None when ``torch.ops.kiln_ext`` is loaded, else why not."""
     return _LOAD_ERROR
@@ -56,16 +61,12 @@ def device_reason(t: torch.Tensor, op: str, forced: bool) -> str | None:
 
     CUDA tensors when the CUDA part was compiled; CPU tensors only when ``use_backend("csrc")``
     forces it: in automatic selection the plain-PyTorch reference stays the CPU path, so a
-    model's CPU numerics do not depend on whether the extension happened to build. With
-    deterministic algorithms requested it refuses CUDA tensors that need a gradient (the C++
-    backward also raises through ``alertNotDeterministic``).
+    model's CPU numerics do not depend on whether the extension happened to build. The CUDA
+    kernels reduce without atomics (fixed order), so deterministic mode needs no exception.
     """
     if t.is_cuda:
         if not has_cuda_kernels(op):
             return f"the extension was built without CUDA kernels ({build_info()})"
-        if t.requires_grad and torch.are_deterministic_algorithms_enabled():
-            return ("its CUDA backward reduces with atomicAdd (not bitwise reproducible) and "
-                    "torch.use_deterministic_algorithms(True) is set")
         return None
     if t.device.type != "cpu":
         return f"tensors are on {t.device.type}; csrc runs on cpu and cuda"

@@ -4,7 +4,9 @@ CI has no GPU, so it cannot launch kernels; it can still compile them to a cubin
 Triton's own ptxas and read what matters off the result: registers, spills and shared memory
 (``ptxas -v``), and from the disassembly (``nvdisasm``) whether the dots run on Hopper's
 warpgroup tensor-core instructions (HGMMA, not the older HMMA), how wide the global loads are
-(16-byte vectors, or 2-byte scalars) and whether anything went to local memory (LDL/STL).
+(16-byte vectors, or 2-byte scalars), whether anything went to local memory (LDL/STL) and
+whether the code calls subroutines (CALL: emulated 64-bit integer division, for one). The same
+facts are read off the csrc extension's compiled CUDA kernels (``csrc_sass_facts``).
 
 The compile is specialised the way Triton's JIT specialises a real launch: pointers from torch
 allocations and integer arguments that are multiples of 16 carry ``tt.divisibility=16``, and an
@@ -52,6 +54,30 @@ def sass_facts(cubin: bytes) -> dict:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([_tool("nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    return _facts(text)
+
+
+def csrc_sass_facts(library: str, arch: str = "sm_90a") -> dict[str, dict]:
+    """The same facts for every CUDA kernel compiled into a shared library (the csrc extension),
+    read with ``cuobjdump -sass``; keys are demangled names without namespaces or parameters,
+    e.g. ``gn_cl_partials<c10::BFloat16, 8>``."""
+    text = subprocess.run([_tool("cuobjdump"), "-arch", arch, "-sass", library], capture_output=True, text=True,
+                          check=True).stdout
+    parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.M)
+    names = [_short_name(m) for m in parts[1::2]]
+    return {name: _facts(body) for name, body in zip(names, parts[2::2], strict=True)}
+
+
+def _short_name(mangled: str) -> str:
+    try:
+        full = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return mangled
+    full = full.replace("(anonymous namespace)::", "").split("(")[0]  # drop the parameter list
+    return re.sub(r"^(?:void )?(?:\w+::)*", "", full)
+
+
+def _facts(text: str) -> dict:
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", text))
     loads = collections.Counter()
     for op, n in ops.items():
@@ -62,6 +88,8 @@ def sass_facts(cubin: bytes) -> dict:
         "hmma": sum(n for op, n in ops.items() if op.startswith("HMMA")),
         "global_load_bits": {str(k): v for k, v in sorted(loads.items())},
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
+        # subroutine calls, e.g. the ~70-instruction emulated 64-bit integer division
+        "calls": sum(n for op, n in ops.items() if op.startswith("CALL")),
     }
 
 

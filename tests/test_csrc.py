@@ -34,6 +34,32 @@ def test_cuda_kernels_were_compiled_for_sm90a():
         assert csrc.has_cuda_kernels(op), op
 
 
+# The hot CUDA kernels (16/32-bit instantiations with 16-byte vectors) and, for the two walking
+# token rows with `#pragma unroll 4`, how many 16-byte loads the unrolled loop must show.
+_STREAMING = {"gn_partials": 1, "gn_normalize": 1, "gn_bwd_partials": 1, "gn_bwd_dx": 1,
+              "gn_cl_partials": 4, "gn_cl_apply": 4, "gn_cl_bwd_partials": 8, "gn_cl_dx": 8}
+
+
+@pytest.mark.skipif(not csrc.has_cuda_kernels("group_norm_fwd"), reason="extension built without CUDA kernels")
+def test_cuda_kernels_disassembly_on_sm90a():
+    """What the sm_90a code does, read off the disassembly (cuobjdump, shipped with Triton): no
+    local memory (spills) in any 16/32-bit kernel, and the GroupNorm kernels move data in 16-byte
+    vectors, at most one 2-byte load (the group's shift element): channels-last included, whose
+    per-group blocks used 2-byte loads at C/G = 4 before the whole-row rewrite."""
+    from kiln.kernels import sm90
+
+    facts = sm90.csrc_sass_facts(csrc.library_path())
+    assert len(facts) > 100, sorted(facts)
+    spills = {k: f["local_ops"] for k, f in facts.items() if f["local_ops"] and "double" not in k}
+    assert not spills, spills
+    for kernel, wide in _STREAMING.items():
+        for inst in ("c10::BFloat16, 8", "c10::Half, 8", "float, 4"):
+            found = {k: f["global_load_bits"] for k, f in facts.items() if k.startswith(f"{kernel}<{inst}")}
+            assert found, (kernel, inst)
+            for name, bits in found.items():
+                assert bits.get("128", 0) >= wide and bits.get("16", 0) <= 1, (name, bits)
+
+
 def test_reason_when_the_extension_is_missing(monkeypatch):
     monkeypatch.setattr(csrc, "load_error", lambda: "the kiln_ext extension did not load: No module named x")
     assert "did not load" in kernels.available_backends()["csrc"]

@@ -117,8 +117,19 @@ def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
         autotune.forget()
 
 
+# The csrc CUDA kernels' other paths: NCHW backward with block-wide channel pieces (HW = 20480),
+# channels-last with more channel vectors than threads (C = 2560: 2-3 passes per block), and
+# channels-last without 16-byte vectors (C = 36 in bf16) or with idle threads (C = 36 in fp32: 9
+# vectors per row, 28 rows of 256 threads).
+CSRC_GPU_CASES = GPU_CASES + [
+    ((1, 64, 160, 128), 32, False, True, True, "silu"),
+    ((1, 2560, 12, 20), 32, True, True, False, None),
+    ((2, 36, 50, 30), 6, True, False, True, "silu"),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
+@pytest.mark.parametrize("case", CSRC_GPU_CASES, ids=[str(i) for i in range(len(CSRC_GPU_CASES))])
 def test_csrc_group_norm_on_cuda(case, dtype):
     from test_group_norm_triton import check_against_reference
 
@@ -135,20 +146,51 @@ def test_qk_norm_rope_on_cuda(case, dtype, backend):
     check(*case, dtype, backend, device="cuda")
 
 
-def test_csrc_backwards_refuse_deterministic_mode():
-    """csrc's CUDA backwards reduce with atomicAdd: with deterministic algorithms requested the
-    dispatcher says so and picks a deterministic backend, and the C++ op itself raises."""
-    from kiln.kernels import dispatch
+def _grads_twice(fn, *inputs):
+    """Gradients of sum(fn(*inputs) * fixed weights) for all inputs, computed twice from scratch."""
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator(device="cuda").manual_seed(3)
+        sum((o.float() * torch.randn(o.shape, device="cuda", generator=g)).sum() for o in outs).backward()
+        runs.append([t.grad for t in leaves])
+    return runs
 
-    x = torch.randn(2, 32, 8, 8, device="cuda", requires_grad=True)
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_csrc_group_norm_backward_is_bitwise_reproducible(channels_last):
+    """No atomics in the csrc CUDA backward: per-block partials reduced in a fixed order, so two
+    backward passes agree bit for bit (atomicAdd order differed run to run), and deterministic
+    mode selects csrc like any other backend."""
+    x = torch.randn(2, 128, 96, 80, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
+    scale, shift = torch.randn(2, 128, device="cuda") * 0.1, torch.randn(2, 128, device="cuda") * 0.1
     torch.use_deterministic_algorithms(True)
     try:
-        with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError, match="atomicAdd"):
-            kernels.group_norm(x, 8)
-        assert dispatch.select("group_norm", x, 8) == "triton"
-        y, mean, rstd = torch.ops.kiln_ext.group_norm_fwd(x.detach(), 8, None, None, None, None, 1e-5, "none")
-        with pytest.raises(RuntimeError, match="deterministic"):
-            torch.ops.kiln_ext.group_norm_bwd(torch.randn_like(y), x.detach(), mean, rstd, None, None, None, None, 8,
-                                              "none")
+        with kernels.use_backend("csrc"):
+            first, second = _grads_twice(lambda *a: kernels.group_norm(a[0], 32, a[1], a[2], scale=a[3], shift=a[4],
+                                                                       activation="silu"), x, w, b, scale, shift)
     finally:
         torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, second, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
+
+
+def test_csrc_qk_norm_rope_backward_is_bitwise_reproducible():
+    from test_qk_norm_attention_triton import make_case
+
+    (q, k, _, qw, kw_), kw = make_case(2, 1100, 4, 128, 2, True, False, False, torch.bfloat16, seed=5)
+    tables = {n: kw[n].cuda() for n in ("cos", "sin", "token_group")}
+    torch.use_deterministic_algorithms(True)
+    try:
+        with kernels.use_backend("csrc"):
+            first, second = _grads_twice(lambda *a: kernels.qk_norm_rope(*a, **tables),
+                                         *(t.cuda() for t in (q, k, qw, kw_)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, second, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
