@@ -70,7 +70,8 @@ struct GNDev {  // what the NCHW kernels need to walk a group: sizes and splits
 
 // A thread's elements e = start, start + step, ... < end of a group and their channel c = e / HW,
 // kept incrementally: a 64-bit division per vector compiles to a CALL of a ~70-instruction
-// emulation, more work than the 16-byte load it indexes.
+// emulation, about a fifth of the ~350 thread-instructions an H100 can issue per 16-byte vector
+// at copy speed (132 SMs · 4 · 32 lanes · 1.98 GHz / (3,019 GB/s / 32 B read + written)).
 struct ChannelWalk {
   int64_t e, c, r, step, step_c, step_r, HW;
   __device__ ChannelWalk(int64_t start, int64_t step_, int64_t HW_)

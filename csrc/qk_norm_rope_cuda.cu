@@ -1,9 +1,14 @@
 // QK RMSNorm + rotate-half RoPE on CUDA, forward and backward: one warp per (b, s, h) row.
 //
-// Lane l holds the pairs (j, j + D/2) for j = l, l + 32, ... < D/2, so the rotate-half partner of
-// every element it owns is in its own registers (no shuffles for RoPE); the row's sum of squares
-// is one warp reduction. Rows are read through their (b, s, h) strides, so q and k may be views
-// of a packed (B, S, 3, H, D) QKV. D <= 256 -> at most 4 pairs per lane (template P).
+// Lane l holds the P contiguous pairs (j, j + D/2) for j = l·P .. l·P + P - 1 < D/2, so the
+// rotate-half partner of every element it owns is in its own registers (no shuffles for RoPE) and,
+// when P is 2 or 4 and the row is aligned, each half moves as one P-element vector (bf16 D = 128:
+// 4-byte loads, D = 256: 8-byte; fp32 tables 8-16 bytes) instead of P scalar loads. The row's sum
+// of squares is one warp reduction. Rows are read through their (b, s, h) strides, so q and k may
+// be views of a packed (B, S, 3, H, D) QKV; a warp steps through its rows with carries instead of
+// three 64-bit divisions per row: each is a CALL of a ~70-instruction emulation, and at D = 128 a
+// lane moves 16 bytes per row, for which an H100 at copy speed can issue only ~180 instructions.
+// D <= 256 -> P <= 4.
 // The weight gradient (G, D) is deterministic: each warp accumulates its rows into its own (G, D)
 // slice of shared memory (a lane owns its columns: no atomics), the block adds its 8 slices in
 // order into one (G, D) partial, and column_sums adds the blocks' partials in order (grid capped
@@ -12,6 +17,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "common.h"
 #include "cuda_utils.cuh"
@@ -34,47 +40,106 @@ RopeDev make_dev(const RopeArgs& a) {
           a.token_group.defined() ? a.token_group.const_data_ptr<int64_t>() : nullptr};
 }
 
-template <typename T, int P>
-__global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                                  float* __restrict__ rstd, RopeDev d, float eps) {
-  const int lane = threadIdx.x & 31;
-  const int64_t h2 = d.shape.D / 2;
-  const int64_t rows = d.shape.rows();
-  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * kWarps) {
-    int64_t s;
-    const T* xr = x + d.shape.offset(r, s);
-    float lo[P], hi[P];
-    float sq = 0.f;
+// This warp's rows r = first, first + step, ... with r = (b·S + s)·H + h, advanced by adding the
+// step's (b, s, h) digits with carries (step_h < H and step_s < S, so one carry each).
+struct RowWalk {
+  int64_t r, b, s, h, step, step_b, step_s, step_h;
+  __device__ RowWalk(const RowShape& sh, int64_t first, int64_t step_)
+      : r(first), b(first / (sh.S * sh.H)), s((first / sh.H) % sh.S), h(first % sh.H), step(step_),
+        step_b(step_ / (sh.S * sh.H)), step_s((step_ / sh.H) % sh.S), step_h(step_ % sh.H) {}
+  __device__ __forceinline__ void next(const RowShape& sh) {
+    r += step, h += step_h, s += step_s, b += step_b;
+    if (h >= sh.H) h -= sh.H, ++s;
+    if (s >= sh.S) s -= sh.S, ++b;
+  }
+  __device__ __forceinline__ int64_t offset(const RowShape& sh) const { return b * sh.sb + s * sh.ss + h * sh.sh; }
+};
+
+__device__ __forceinline__ RowWalk warp_rows(const RowShape& sh) {
+  return RowWalk(sh, int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5), int64_t(gridDim.x) * kWarps);
+}
+
+// Elements j0 .. j0 + P - 1 of p as floats (0 past `end`): one P-wide vector when VEC (then
+// end % P == 0, so a lane's P elements are all in range or all out), else P scalar loads.
+template <int P, bool VEC, typename T>
+__device__ __forceinline__ void load_part(const T* p, int64_t j0, int64_t end, float (&out)[P]) {
+  if constexpr (VEC) {
+    if (j0 < end) {
+      const Vec<T, P> v = load_vec<T, P>(p + j0);
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int64_t j = lane + 32 * p;
-      lo[p] = j < h2 ? static_cast<float>(xr[j]) : 0.f;
-      hi[p] = j < h2 ? static_cast<float>(xr[j + h2]) : 0.f;
-      sq += lo[p] * lo[p] + hi[p] * hi[p];
-    }
-    const float rs = rsqrtf(warp_sum(sq) / d.shape.D + eps);
-    if (lane == 0) rstd[r] = rs;
-    const float* w = d.w + (d.tg ? d.tg[s] : 0) * d.shape.D;
-    T* yr = y + r * d.shape.D;
+      for (int q = 0; q < P; ++q) out[q] = static_cast<float>(v.v[q]);
+    } else {
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int64_t j = lane + 32 * p;
-      if (j >= h2) continue;
-      const float a = lo[p] * rs * w[j], b = hi[p] * rs * w[j + h2];
-      if (d.cos) {
-        const float* c = d.cos + s * d.shape.D;
-        const float* sn = d.sin + s * d.shape.D;
-        yr[j] = static_cast<T>(a * c[j] - b * sn[j]);
-        yr[j + h2] = static_cast<T>(b * c[j + h2] + a * sn[j + h2]);
-      } else {
-        yr[j] = static_cast<T>(a);
-        yr[j + h2] = static_cast<T>(b);
-      }
+      for (int q = 0; q < P; ++q) out[q] = 0.f;
     }
+  } else {
+#pragma unroll
+    for (int q = 0; q < P; ++q) out[q] = j0 + q < end ? static_cast<float>(p[j0 + q]) : 0.f;
   }
 }
 
-template <typename T, int P>
+template <int P, bool VEC, typename T>
+__device__ __forceinline__ void store_part(T* p, int64_t j0, int64_t end, const float (&in)[P]) {
+  if constexpr (VEC) {
+    if (j0 >= end) return;
+    Vec<T, P> v;
+#pragma unroll
+    for (int q = 0; q < P; ++q) v.v[q] = static_cast<T>(in[q]);
+    store_vec<T, P>(p + j0, v);
+  } else {
+#pragma unroll
+    for (int q = 0; q < P; ++q)
+      if (j0 + q < end) p[j0 + q] = static_cast<T>(in[q]);
+  }
+}
+
+// The tables a lane needs for row token s: weights (lo, hi halves) and, with RoPE, cos and sin.
+template <int P, bool VEC>
+struct RowTables {
+  float w_lo[P], w_hi[P], c_lo[P], c_hi[P], s_lo[P], s_hi[P];
+  __device__ __forceinline__ RowTables(const RopeDev& d, int64_t s, int64_t g, int64_t j0) {
+    const int64_t D = d.shape.D, h2 = D / 2;
+    load_part<P, VEC>(d.w + g * D, j0, h2, w_lo);
+    load_part<P, VEC>(d.w + g * D + h2, j0, h2, w_hi);
+    if (d.cos) {
+      load_part<P, VEC>(d.cos + s * D, j0, h2, c_lo);
+      load_part<P, VEC>(d.cos + s * D + h2, j0, h2, c_hi);
+      load_part<P, VEC>(d.sin + s * D, j0, h2, s_lo);
+      load_part<P, VEC>(d.sin + s * D + h2, j0, h2, s_hi);
+    }
+  }
+};
+
+template <typename T, int P, bool VEC>
+__global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                                  float* __restrict__ rstd, RopeDev d, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
+  for (RowWalk w = warp_rows(d.shape); w.r < rows; w.next(d.shape)) {
+    const T* xr = x + w.offset(d.shape);
+    float lo[P], hi[P];
+    load_part<P, VEC>(xr, j0, h2, lo);
+    load_part<P, VEC>(xr + h2, j0, h2, hi);
+    float sq = 0.f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) sq += lo[p] * lo[p] + hi[p] * hi[p];
+    const float rs = rsqrtf(warp_sum(sq) / D + eps);
+    if (lane == 0) rstd[w.r] = rs;
+    const RowTables<P, VEC> t(d, w.s, d.tg ? d.tg[w.s] : 0, j0);
+    float out_lo[P], out_hi[P];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const float a = lo[p] * rs * t.w_lo[p], b = hi[p] * rs * t.w_hi[p];
+      out_lo[p] = d.cos ? a * t.c_lo[p] - b * t.s_lo[p] : a;
+      out_hi[p] = d.cos ? b * t.c_hi[p] + a * t.s_hi[p] : b;
+    }
+    T* yr = y + w.r * D;
+    store_part<P, VEC>(yr, j0, h2, out_lo);
+    store_part<P, VEC>(yr + h2, j0, h2, out_hi);
+  }
+}
+
+template <typename T, int P, bool VEC>
 __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                   const float* __restrict__ rstd, T* __restrict__ dx,
                                                                   float* __restrict__ dw_part, RopeDev d) {
@@ -84,46 +149,40 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
   __syncthreads();
   const int lane = threadIdx.x & 31;
   float* dw_w = dw_s + (threadIdx.x >> 5) * gd;
-  const int64_t h2 = d.shape.D / 2;
-  const int64_t rows = d.shape.rows();
-  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += (int64_t)gridDim.x * kWarps) {
-    int64_t s;
-    const T* xr = x + d.shape.offset(r, s);
-    const T* dyr = dy + r * d.shape.D;
-    const int64_t g = d.tg ? d.tg[s] : 0;
-    const float* w = d.w + g * d.shape.D;
-    const float rs = rstd[r];
-    float dn_lo[P], dn_hi[P], xh_lo[P], xh_hi[P];
+  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
+  for (RowWalk w = warp_rows(d.shape); w.r < rows; w.next(d.shape)) {
+    const int64_t g = d.tg ? d.tg[w.s] : 0;
+    const float rs = rstd[w.r];
+    float da[P], db[P], xh_lo[P], xh_hi[P];
+    load_part<P, VEC>(dy + w.r * D, j0, h2, da);
+    load_part<P, VEC>(dy + w.r * D + h2, j0, h2, db);
+    const T* xr = x + w.offset(d.shape);
+    load_part<P, VEC>(xr, j0, h2, xh_lo);
+    load_part<P, VEC>(xr + h2, j0, h2, xh_hi);
+    const RowTables<P, VEC> t(d, w.s, g, j0);
+    float dn_lo[P], dn_hi[P];
     float dot = 0.f;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int64_t j = lane + 32 * p;
-      dn_lo[p] = dn_hi[p] = xh_lo[p] = xh_hi[p] = 0.f;
-      if (j >= h2) continue;
-      const float da = static_cast<float>(dyr[j]), db = static_cast<float>(dyr[j + h2]);
-      if (d.cos) {  // transpose of the rotation
-        const float* c = d.cos + s * d.shape.D;
-        const float* sn = d.sin + s * d.shape.D;
-        dn_lo[p] = da * c[j] + db * sn[j + h2];
-        dn_hi[p] = db * c[j + h2] - da * sn[j];
-      } else {
-        dn_lo[p] = da, dn_hi[p] = db;
-      }
-      xh_lo[p] = static_cast<float>(xr[j]) * rs;
-      xh_hi[p] = static_cast<float>(xr[j + h2]) * rs;
-      dot += dn_lo[p] * w[j] * xh_lo[p] + dn_hi[p] * w[j + h2] * xh_hi[p];
+      // transpose of the rotation, then x̂ = x·rstd
+      dn_lo[p] = d.cos ? da[p] * t.c_lo[p] + db[p] * t.s_hi[p] : da[p];
+      dn_hi[p] = d.cos ? db[p] * t.c_hi[p] - da[p] * t.s_lo[p] : db[p];
+      xh_lo[p] *= rs, xh_hi[p] *= rs;
+      dot += dn_lo[p] * t.w_lo[p] * xh_lo[p] + dn_hi[p] * t.w_hi[p] * xh_hi[p];
     }
-    dot = warp_sum(dot) / d.shape.D;
-    T* dxr = dx + r * d.shape.D;
+    dot = warp_sum(dot) / D;
+    float out_lo[P], out_hi[P];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int64_t j = lane + 32 * p;
-      if (j >= h2) continue;
-      dxr[j] = static_cast<T>(rs * (dn_lo[p] * w[j] - xh_lo[p] * dot));
-      dxr[j + h2] = static_cast<T>(rs * (dn_hi[p] * w[j + h2] - xh_hi[p] * dot));
-      dw_w[g * d.shape.D + j] += dn_lo[p] * xh_lo[p];
-      dw_w[g * d.shape.D + j + h2] += dn_hi[p] * xh_hi[p];
+      out_lo[p] = rs * (dn_lo[p] * t.w_lo[p] - xh_lo[p] * dot);
+      out_hi[p] = rs * (dn_hi[p] * t.w_hi[p] - xh_hi[p] * dot);
+      if (j0 + p < h2) {  // lane-owned columns of this warp's slice: no atomics
+        dw_w[g * D + j0 + p] += dn_lo[p] * xh_lo[p];
+        dw_w[g * D + h2 + j0 + p] += dn_hi[p] * xh_hi[p];
+      }
     }
+    store_part<P, VEC>(dx + w.r * D, j0, h2, out_lo);
+    store_part<P, VEC>(dx + w.r * D + h2, j0, h2, out_hi);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < gd; i += kThreads) {
@@ -143,23 +202,38 @@ int grid_for(int64_t rows) {
 // every sm_80+ GPU grants one block (G = 2, D = 128: 8 KB).
 constexpr int64_t kMaxGD = 3072;
 
-#define KILN_PAIRS_SWITCH(D, ...)          \
-  [&] {                                    \
-    const int64_t pairs = ((D) / 2 + 31) / 32; \
-    if (pairs <= 1) {                      \
-      constexpr int P = 1;                 \
-      __VA_ARGS__();                       \
-    } else if (pairs == 2) {               \
-      constexpr int P = 2;                 \
-      __VA_ARGS__();                       \
-    } else if (pairs == 3) {               \
-      constexpr int P = 3;                 \
-      __VA_ARGS__();                       \
-    } else {                               \
-      constexpr int P = 4;                 \
-      __VA_ARGS__();                       \
-    }                                      \
-  }()
+// Whether P-element vectors are legal: P = 2 or 4, D/2 a multiple of P (a lane's P elements are
+// all in range or all out), x's strides multiples of P and every pointer aligned to its vector.
+bool vectors_ok(const RopeArgs& a, int P, std::initializer_list<const at::Tensor*> rows) {
+  const RowShape& sh = a.shape;
+  if ((P != 2 && P != 4) || (sh.D / 2) % P || sh.sb % P || sh.ss % P || sh.sh % P) return false;
+  auto aligned = [P](const at::Tensor& t) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (P * t.element_size()) == 0;
+  };
+  for (const at::Tensor* t : rows)
+    if (!aligned(*t)) return false;
+  return aligned(a.weight) && aligned(a.cos) && aligned(a.sin);
+}
+
+// Calls f(P, VEC) as integral constants for this head dim (P = ceil(D/2 / 32) pairs per lane);
+// C++17 generic lambdas (the GPU machines' torch 2.11 builds with -std=c++17).
+template <typename F>
+void with_pairs(int64_t D, bool vec, F&& f) {
+  using std::integral_constant;
+  const int64_t pairs = (D / 2 + 31) / 32;
+  if (pairs == 2 && vec)
+    f(integral_constant<int, 2>{}, std::true_type{});
+  else if (pairs == 4 && vec)
+    f(integral_constant<int, 4>{}, std::true_type{});
+  else if (pairs <= 1)
+    f(integral_constant<int, 1>{}, std::false_type{});
+  else if (pairs == 2)
+    f(integral_constant<int, 2>{}, std::false_type{});
+  else if (pairs == 3)
+    f(integral_constant<int, 3>{}, std::false_type{});
+  else
+    f(integral_constant<int, 4>{}, std::false_type{});
+}
 
 void check_cuda(const RopeArgs& a) {
   KILN_CHECK(a.shape.D <= 256, "qk_norm_rope (CUDA): head dim ", a.shape.D, " exceeds 256");
@@ -180,9 +254,12 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_fwd(const at::Tensor& x, const at::
   if (sh.rows() == 0) return {y, rstd};
   const RopeDev d = make_dev(a);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool vec = vectors_ok(a, static_cast<int>((sh.D / 2 + 31) / 32), {&a.x, &y});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kiln_norm_rope_fwd_cuda", [&] {
-    KILN_PAIRS_SWITCH(sh.D, [&] {
-      norm_rope_fwd_kernel<scalar_t, P><<<grid_for(sh.rows()), kThreads, 0, stream>>>(
+    with_pairs(sh.D, vec, [&](auto pairs, auto vector) {
+      constexpr int P = decltype(pairs)::value;
+      constexpr bool VEC = decltype(vector)::value;
+      norm_rope_fwd_kernel<scalar_t, P, VEC><<<grid_for(sh.rows()), kThreads, 0, stream>>>(
           a.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<float>(), d, static_cast<float>(eps));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -208,9 +285,12 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int grid = grid_for(sh.rows());
     at::Tensor part = at::empty({grid, sh.G * sh.D}, dw.options());
+    const bool vec = vectors_ok(a, static_cast<int>((sh.D / 2 + 31) / 32), {&a.x, &dyc, &dx});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kiln_norm_rope_bwd_cuda", [&] {
-      KILN_PAIRS_SWITCH(sh.D, [&] {
-        auto kernel = norm_rope_bwd_kernel<scalar_t, P>;
+      with_pairs(sh.D, vec, [&](auto pairs, auto vector) {
+        constexpr int P = decltype(pairs)::value;
+        constexpr bool VEC = decltype(vector)::value;
+        auto kernel = norm_rope_bwd_kernel<scalar_t, P, VEC>;
         kernel<<<grid, kThreads, smem_floats(kernel, kWarps * sh.G * sh.D), stream>>>(
             dyc.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), rc.const_data_ptr<float>(),
             dx.data_ptr<scalar_t>(), part.data_ptr<float>(), d);

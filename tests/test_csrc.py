@@ -43,9 +43,10 @@ _STREAMING = {"gn_partials": 1, "gn_normalize": 1, "gn_bwd_partials": 1, "gn_bwd
 @pytest.mark.skipif(not csrc.has_cuda_kernels("group_norm_fwd"), reason="extension built without CUDA kernels")
 def test_cuda_kernels_disassembly_on_sm90a():
     """What the sm_90a code does, read off the disassembly (cuobjdump, shipped with Triton): no
-    local memory (spills) in any 16/32-bit kernel, and the GroupNorm kernels move data in 16-byte
+    local memory (spills) in any 16/32-bit kernel; the GroupNorm kernels move data in 16-byte
     vectors, at most one 2-byte load (the group's shift element): channels-last included, whose
-    per-group blocks used 2-byte loads at C/G = 4 before the whole-row rewrite."""
+    per-group blocks used 2-byte loads at C/G = 4 before the whole-row rewrite; the QK-norm+RoPE
+    kernels load vectors at D = 128 and 256."""
     from kiln.kernels import sm90
 
     facts = sm90.csrc_sass_facts(csrc.library_path())
@@ -58,6 +59,12 @@ def test_cuda_kernels_disassembly_on_sm90a():
             assert found, (kernel, inst)
             for name, bits in found.items():
                 assert bits.get("128", 0) >= wide and bits.get("16", 0) <= 1, (name, bits)
+    # QK-norm+RoPE with P = 2 or 4 pairs per lane (D = 128, 256): each half row is one vector
+    # per lane (bf16 4 or 8 bytes), no 2-byte loads left (the scalar path had 8-16 per row).
+    for kernel in ("norm_rope_fwd_kernel", "norm_rope_bwd_kernel"):
+        for inst in ("c10::BFloat16, 2, true", "c10::BFloat16, 4, true", "c10::Half, 4, true"):
+            bits = facts[f"{kernel}<{inst}>"]["global_load_bits"]
+            assert "16" not in bits and "8" not in bits, (kernel, inst, bits)
 
 
 def test_reason_when_the_extension_is_missing(monkeypatch):

@@ -139,7 +139,8 @@ def test_csrc_group_norm_on_cuda(case, dtype):
 @pytest.mark.parametrize("backend", ["csrc", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True), (1, 1100, 2, 128, 2, True), (2, 200, 3, 80, 0, False),
-                                  (1, 64, 2, 256, 1, True)], ids=["mmdit", "long-128", "d80", "d256"])
+                                  (1, 64, 2, 256, 1, True), (2, 50, 3, 66, 1, True), (1, 77, 3, 192, 2, True)],
+                         ids=["mmdit", "long-128", "d80", "d256", "d66-scalar", "d192-3-pairs"])
 def test_qk_norm_rope_on_cuda(case, dtype, backend):
     from test_qk_norm_rope import check
 
