@@ -34,13 +34,14 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # tiles moved by the Tensor Memory Accelerator (tensor descriptors), Hopper+
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}" + ("/tma" if self.tma else "")
 
 
 _CHOSEN: dict[tuple, object] = {}

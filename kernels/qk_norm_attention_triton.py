@@ -6,7 +6,10 @@ Structure (forward):
      (token, head) in fp32 (4 bytes per 2·D bytes of input) for the backward.
   2. ``_attn_fwd_kernel`` — FlashAttention-2 forward on the normalised tensors: one program per
      (BLOCK_M queries, batch·head), online softmax in base 2 with fp32 statistics, key padding and
-     causal masks, log-sum-exp saved for the backward.
+     causal masks, log-sum-exp saved for the backward. Its tiles come in through pointer loads
+     (cp.async pipelined) or, for the ``tma`` launch candidates on Hopper, through the Tensor
+     Memory Accelerator (host tensor descriptors; sm_90a code: UTMALDG, no per-thread tile loads).
+     Which is faster is the autotuner's measurement on the GPU.
 Backward: ``_bwd_delta_kernel`` (rowsum(dO·O) per query), ``_attn_bwd_dkdv_kernel`` (one
 program per key block, loops over queries) and
 ``_attn_bwd_dq_kernel`` (one per query block, loops over keys) — no atomics, so gradients are
@@ -48,7 +51,10 @@ BLOCK_T = 16  # tokens per pre-pass program
 DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 
 
-# Candidate (BLOCK_M, BLOCK_N, warps, stages) per kernel, 16-bit inputs; the first is the default.
+# Candidate (BLOCK_M, BLOCK_N, warps, stages[, tma]) per kernel, 16-bit inputs; the first is the
+# default. ``tma`` forward candidates load Q, K and V tiles with the Tensor Memory Accelerator
+# (host-built tensor descriptors over the (B, S, H·D) view; rows past S come back as zeros, as
+# the masked loads give) instead of per-thread loads plus cp.async: they run where _tma_ok holds.
 # Each is compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90) and has
 # no spills, HGMMA (warpgroup) dots and 16-byte tile loads. Dropped on that evidence: BLOCK_M = 32
 # in the backward (its dots fall back to HMMA, the pre-Hopper path), 128x128 at D = 128 (40-byte
@@ -57,15 +63,17 @@ DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 _C = LaunchConfig
 ATTN_CANDIDATES = {
     # D <= 64
-    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3)],
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3),
+                  _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True)],
     ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3)],
     ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3)],
     # 64 < D <= 128: dK, dV and the K, V tiles live together in dkdv, 4 warps spill 32 bytes there
-    ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4)],
+    ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
+                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True)],
     ("dkdv", 128): [_C(64, 64, 8, 3)],
     ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3)],
     # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
-    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
+    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True)],
     ("dkdv", 256): [_C(64, 64, 8, 2)],
     ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2)],
 }
@@ -74,17 +82,18 @@ ATTN_CANDIDATES = {
 FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": [_C(32, 32, 8, 3)]}
 
 
-def attn_candidates(kernel: str, dtype: torch.dtype, D: int) -> list[LaunchConfig]:
-    """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq")."""
+def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) -> list[LaunchConfig]:
+    """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq"); the TMA ones
+    only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`)."""
     if dtype == torch.float32:
         return FP32_CANDIDATES[kernel]
-    return ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)]
+    return [c for c in ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)] if tma or not c.tma]
 
 
-def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch) -> LaunchConfig:
+def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False) -> LaunchConfig:
     B, S, H, D = q.shape
-    key = (kernel, str(q.dtype).removeprefix("torch."), D, *flags, size_class(S), size_class(B * H))
-    return choose(key, attn_candidates(kernel, q.dtype, D), launch, q)
+    key = (kernel, str(q.dtype).removeprefix("torch."), D, *flags, tma, size_class(S), size_class(B * H))
+    return choose(key, attn_candidates(kernel, q.dtype, D, tma), launch, q)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -241,6 +250,21 @@ def _tile(ptr, b, h, sb, ss, sh, offs, offs_d, S, dm, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _src_tile(src, b, h, sb, ss, sh, start, offs, offs_d, S, dm, BLOCK: tl.constexpr, D: tl.constexpr,
+              UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Tokens start .. start + BLOCK of (batch b, head h) from ``src``: a pointer (masked loads) or,
+    when TMA, a tensor descriptor over the (B, S, H·D) view (one bulk copy; rows past S are
+    zero-filled by the hardware, like the masked loads' other=0)."""
+    if TMA:
+        x = src.load([b, start, h * D]).reshape(BLOCK, D)
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        x = _tile(src, b, h, sb, ss, sh, offs, offs_d, S, dm, UPCAST)
+    return x
+
+
+@triton.jit
 def _block_coords(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """Program (block of BLOCK tokens, batch·head) -> (pid, bh, b, h, token offsets, d offsets, d mask)."""
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -311,12 +335,13 @@ def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh,
 
 @triton.jit
 def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m, offs_d,
-               dm, S, scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
-               CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+               dm, S, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+               TMA: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
-    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
+    k = _src_tile(k_ptr, b, h, skb, sks, skh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
+    v = _src_tile(v_ptr, b, h, svb, svs, svh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     if MASKED:
         s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
     else:
@@ -336,10 +361,11 @@ def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
     S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
+    """FlashAttention-2 forward; q_ptr, k_ptr, v_ptr are tensor descriptors when TMA."""
     pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
-    q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
+    q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
     m_i = tl.full((BLOCK_M,), NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -350,12 +376,12 @@ def _attn_fwd_kernel(
     n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
-                                   start_n, offs_m, offs_d, dm, S, scale_log2, BLOCK_N, False, False, False,
-                                   UPCAST, PREC)
+                                   start_n, offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, False, False, False,
+                                   UPCAST, PREC, TMA)
     for start_n in range(n_full, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
-                                   start_n, offs_m, offs_d, dm, S, scale_log2, BLOCK_N, True, HAS_PAD, CAUSAL,
-                                   UPCAST, PREC)
+                                   start_n, offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL,
+                                   UPCAST, PREC, TMA)
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -439,6 +465,28 @@ def _check_last_dim(*ts):
             raise ValueError("qk_norm_attention (triton): the head dimension must be contiguous (stride 1)")
 
 
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether tensor descriptors over the (B, S, H·D) view can move these tensors' tiles: 16-bit,
+    D a power of two (the box is exactly one head wide), heads adjacent (stride D), 16-byte aligned
+    base and row strides; compute capability 9.0+ on CUDA (the interpreter emulates them)."""
+    for t in ts:
+        D, es = t.shape[3], t.element_size()
+        if (t.dtype not in (torch.float16, torch.bfloat16) or D < 16 or D & (D - 1) or t.stride(3) != 1
+                or t.stride(2) != D or t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16):
+            return False
+    if ts[0].is_cuda:
+        return torch.cuda.get_device_capability(ts[0].device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """Tensor descriptor of (B, S, H, D) ``t`` as (B, S, H·D) with (1, rows, D) boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, S, H, D = t.shape
+    return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
+
+
 def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     """Flash attention on (B, S, H, D) views; returns out (B, S, H, D) and lse (B, H, S) fp32 (base 2)."""
     _check_last_dim(q, k, v)
@@ -448,13 +496,16 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     pad, has_pad = _pad_arg(key_padding_mask, q)
 
     def launch(cfg: LaunchConfig):
+        srcs = (q, k, v)
+        if cfg.tma:
+            srcs = (_descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n))
         _attn_fwd_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
-            q, k, v, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
+            *srcs, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
             scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_PAD=has_pad, CAUSAL=causal,
-            UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), **cfg.kwargs(),
+            UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), TMA=cfg.tma, **cfg.kwargs(),
         )
 
-    launch(_pick("fwd", q, (has_pad, causal), launch))
+    launch(_pick("fwd", q, (has_pad, causal), launch, _tma_ok(q, k, v)))
     return out, lse
 
 
@@ -539,8 +590,14 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
         attn = {"D": D, "BLOCK_D": D, "HAS_PAD": True, "CAUSAL": False, "UPCAST": False,
                 "PREC": _precision(_TORCH_DT[dt])}
         for name, (kernel, sig) in sigs.items():
-            for cfg in attn_candidates(name, _TORCH_DT[dt], D):
-                blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-                r = compile_sm90(kernel, sig, {**attn, **blocks}, cfg.num_warps, cfg.num_stages, aligned=tuple(strides))
-                reports.append({**r, **tag})
+            for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
+                flags = {**attn, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+                if name == "fwd":
+                    flags["TMA"] = cfg.tma
+                cfg_sig = sig
+                if cfg.tma:  # Q, K, V arrive as tensor descriptors with (1, rows, D) boxes
+                    boxes = {"q_ptr": cfg.block_m, "k_ptr": cfg.block_n, "v_ptr": cfg.block_n}
+                    cfg_sig = {**sig, **{a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items()}}
+                r = compile_sm90(kernel, cfg_sig, flags, cfg.num_warps, cfg.num_stages, aligned=tuple(strides))
+                reports.append({**r, **tag, "tma": cfg.tma})
     return reports

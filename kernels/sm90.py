@@ -86,6 +86,7 @@ def _facts(text: str) -> dict:
     return {
         "hgmma": sum(n for op, n in ops.items() if op.startswith("HGMMA")),
         "hmma": sum(n for op, n in ops.items() if op.startswith("HMMA")),
+        "tma_loads": sum(n for op, n in ops.items() if op.startswith("UTMALDG")),
         "global_load_bits": {str(k): v for k, v in sorted(loads.items())},
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
         # subroutine calls, e.g. the ~70-instruction emulated 64-bit integer division

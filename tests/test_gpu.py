@@ -94,10 +94,11 @@ def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
 
 
 @pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(6))
 def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
     """Each launch-config candidate the autotuner may pick (candidate ``index`` of each kernel,
-    wrapping round) computes the op within the 2x rule, not only the one that wins the timing."""
+    wrapping round; TMA forward candidates included) computes the op within the 2x rule, not only
+    the one that wins the timing."""
     from test_qk_norm_attention_triton import check
 
     from kiln.kernels import autotune
@@ -105,8 +106,8 @@ def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
 
     full = attn.attn_candidates
 
-    def forced(kernel, dtype, head_dim):
-        cands = full(kernel, dtype, head_dim)
+    def forced(kernel, dtype, head_dim, tma=False):
+        cands = full(kernel, dtype, head_dim, tma)
         return [cands[index % len(cands)]]
 
     monkeypatch.setattr(attn, "attn_candidates", forced)

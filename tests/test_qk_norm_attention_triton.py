@@ -168,6 +168,45 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
         kernels.qk_norm_attention(q, q, q, torch.ones(24), torch.ones(24))
 
 
+@pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype", [
+    (2, 117, 2, 64, 2, True, True, False, torch.float16),  # 77 text + 40 image tokens, padding
+    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16),  # causal, 100 = 64 + 36: a partial box
+    (2, 70, 1, 128, 0, False, False, False, torch.float16),  # no masks: the unmasked-block path
+])
+def test_tma_forward_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, monkeypatch):
+    """The forward's TMA candidates (Q, K, V tiles through tensor descriptors over the (B, S, H·D)
+    view; rows past S zero-filled by the copy engine, here by the interpreter's emulation of it)
+    pass the same 2x rule as the pointer kernels, on boxes that overrun S and a batch boundary."""
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full, used = attn.attn_candidates, []
+
+    def tma_only(kernel, dt, head_dim, tma=False):
+        cands = full(kernel, dt, head_dim, tma)
+        if kernel == "fwd":
+            assert tma, "these inputs allow descriptors"
+            cands = [c for c in cands if c.tma]
+            used.extend(cands[:1])
+        return cands
+
+    monkeypatch.setattr(attn, "attn_candidates", tma_only)
+    check(B, S, H, D, G, rope, pad, causal, dtype, seed=11)
+    assert used and all(c.tma for c in used)
+
+
+def test_tma_is_used_only_where_descriptors_fit():
+    from kiln.kernels.qk_norm_attention_triton import _tma_ok
+
+    x = torch.randn(2, 33, 3, 64, dtype=torch.float16)
+    qkv = torch.randn(2, 33, 3, 3, 64, dtype=torch.bfloat16)
+    assert _tma_ok(x, x, x) and _tma_ok(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # packed QKV views
+    assert not _tma_ok(x.float(), x.float(), x.float())  # fp32: FMA path, no descriptors
+    y = torch.randn(2, 33, 3, 80, dtype=torch.float16)
+    assert not _tma_ok(y, y, y)  # D = 80: a 128-wide box would take in the next head
+    t = torch.randn(2, 3, 33, 64, dtype=torch.float16).transpose(1, 2)
+    assert not _tma_ok(t, t, t)  # heads not adjacent (stride 33·64)
+
+
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, in every launch configuration the
     autotuner may pick, specialised as a real launch is. For 16-bit inputs (the training path):
@@ -178,15 +217,20 @@ def test_sm90_compile_check():
 
     reports = sm90_reports("kiln.kernels.qk_norm_attention_triton")
     # per config: norm+RoPE fwd and bwd, the backward's delta pre-pass, every attention candidate
-    expected = sum(3 + sum(len(attn_candidates(k, _TORCH_DT[dt], D)) for k in ("fwd", "dkdv", "dq"))
+    expected = sum(3 + sum(len(attn_candidates(k, _TORCH_DT[dt], D, tma=True)) for k in ("fwd", "dkdv", "dq"))
                    for dt, D in CONFIGS_SM90)
     assert len(reports) == expected
+    assert sum(r.get("tma", False) for r in reports) >= 4
     for r in reports:
         assert r["registers"] and r["registers"] <= 255, r
         if r["dtype"] == "fp32":  # correctness path, full-precision FMA dots
             assert r["spills"] <= 64, r
             continue
         assert r["spills"] == 0 and r["local_ops"] == 0, r
-        assert "16" not in r["global_load_bits"] and r["global_load_bits"].get("128", 0) > 0, r
+        assert "16" not in r["global_load_bits"], r
+        if r.get("tma"):  # tiles by the Tensor Memory Accelerator (UTMALDG), no per-thread tile loads
+            assert r["tma_loads"] > 0 and "128" not in r["global_load_bits"], r
+        else:
+            assert r["global_load_bits"].get("128", 0) > 0, r
         if r["kernel"].startswith("_attn"):
             assert r["hgmma"] > 0 and r["hmma"] == 0, r
