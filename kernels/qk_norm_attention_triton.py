@@ -52,7 +52,7 @@ DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 
 
 # Candidate (BLOCK_M, BLOCK_N, warps, stages[, tma]) per kernel, 16-bit inputs; the first is the
-# default. ``tma`` forward candidates load Q, K and V tiles with the Tensor Memory Accelerator
+# default. ``tma`` candidates load their Q, K, V (and dO) tiles with the Tensor Memory Accelerator
 # (host-built tensor descriptors over the (B, S, H·D) view; rows past S come back as zeros, as
 # the masked loads give) instead of per-thread loads plus cp.async: they run where _tma_ok holds.
 # Each is compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90) and has
@@ -65,17 +65,20 @@ ATTN_CANDIDATES = {
     # D <= 64
     ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3),
                   _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True)],
-    ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3)],
-    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3)],
+    ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3),
+                   _C(64, 128, 8, 3, tma=True)],
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3),
+                 _C(128, 64, 8, 3, tma=True)],
     # 64 < D <= 128: dK, dV and the K, V tiles live together in dkdv, 4 warps spill 32 bytes there
     ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
                    _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True)],
-    ("dkdv", 128): [_C(64, 64, 8, 3)],
-    ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3)],
+    ("dkdv", 128): [_C(64, 64, 8, 3), _C(64, 64, 8, 3, tma=True)],
+    ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
+                  _C(128, 64, 8, 3, tma=True)],
     # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
     ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True)],
-    ("dkdv", 256): [_C(64, 64, 8, 2)],
-    ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2)],
+    ("dkdv", 256): [_C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
+    ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
 }
 # fp32 takes full-precision FMA dots (no tensor cores; 64x64 spilled 47-135 KB): the correctness
 # path, small tiles (its dkdv spilled 1.7 KB at 4 warps, 32 bytes at 8).
@@ -321,12 +324,13 @@ def _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED: tl.cons
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m,
-              offs_d, dm, S, scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
-              CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+              offs_d, dm, S, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              TMA: tl.constexpr):
     """One key block of dQ: returns dq + dS·K for the keys at start_n."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
-    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
+    k = _src_tile(k_ptr, b, h, skb, sks, skh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
+    v = _src_tile(v_ptr, b, h, svb, svs, svh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     p = _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED, HAS_PAD, CAUSAL, PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -396,18 +400,19 @@ def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr,
     S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dK, dV of BLOCK_N keys, looping over query blocks; q, k, v, do are descriptors when TMA."""
     pid_n, bh, b, h, offs_n, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_N)
-    k = _tile(k_ptr, b, h, skb, sks, skh, offs_n, offs_d, S, dm, UPCAST)
-    v = _tile(v_ptr, b, h, svb, svs, svh, offs_n, offs_d, S, dm, UPCAST)
+    k = _src_tile(k_ptr, b, h, skb, sks, skh, pid_n * BLOCK_N, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
+    v = _src_tile(v_ptr, b, h, svb, svs, svh, pid_n * BLOCK_N, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
-        do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
+        q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
+        do = _src_tile(do_ptr, b, h, sdb, sds, sdh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
         # without padding or causality no mask is needed here: keys past S only feed dK, dV rows
         # that are never stored
@@ -428,22 +433,23 @@ def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dq_ptr,
     S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dQ of BLOCK_M queries, looping over key blocks; q, k, v, do are descriptors when TMA."""
     pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     q_mask = (offs_m < S)[:, None] & dm[None, :]
-    q = _tile(q_ptr, b, h, sqb, sqs, sqh, offs_m, offs_d, S, dm, UPCAST)
-    do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, UPCAST)
+    q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
+    do = _src_tile(do_ptr, b, h, sdb, sds, sdh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
     lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N  # as in the forward
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
-                       offs_m, offs_d, dm, S, scale_log2, BLOCK_N, False, False, False, UPCAST, PREC)
+                       offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, False, False, False, UPCAST, PREC, TMA)
     for start_n in range(n_full, hi, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
-                       offs_m, offs_d, dm, S, scale_log2, BLOCK_N, True, HAS_PAD, CAUSAL, UPCAST, PREC)
+                       offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL, UPCAST, PREC, TMA)
     tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -487,6 +493,16 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
+def _sources(cfg: LaunchConfig, q, k, v, do=None) -> tuple:
+    """The kernel's q, k, v (, do) arguments: the tensors, or descriptors with the config's boxes
+    (queries and dO by BLOCK_M rows, keys and values by BLOCK_N)."""
+    ts = (q, k, v) if do is None else (q, k, v, do)
+    if not cfg.tma:
+        return ts
+    rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
+    return tuple(_descriptor(t, r) for t, r in zip(ts, rows, strict=False))
+
+
 def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     """Flash attention on (B, S, H, D) views; returns out (B, S, H, D) and lse (B, H, S) fp32 (base 2)."""
     _check_last_dim(q, k, v)
@@ -496,9 +512,7 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     pad, has_pad = _pad_arg(key_padding_mask, q)
 
     def launch(cfg: LaunchConfig):
-        srcs = (q, k, v)
-        if cfg.tma:
-            srcs = (_descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n))
+        srcs = _sources(cfg, q, k, v)
         _attn_fwd_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
             *srcs, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
             scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_PAD=has_pad, CAUSAL=causal,
@@ -528,14 +542,17 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
 
     def launch_dkdv(cfg: LaunchConfig):
         _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * H)](
-            q, k, v, do, lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common, **cfg.kwargs())
+            *_sources(cfg, q, k, v, do), lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common,
+            TMA=cfg.tma, **cfg.kwargs())
 
     def launch_dq(cfg: LaunchConfig):
         _attn_bwd_dq_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
-            q, k, v, do, lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common, **cfg.kwargs())
+            *_sources(cfg, q, k, v, do), lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common,
+            TMA=cfg.tma, **cfg.kwargs())
 
-    launch_dkdv(_pick("dkdv", q, (has_pad, causal), launch_dkdv))
-    launch_dq(_pick("dq", q, (has_pad, causal), launch_dq))
+    tma = _tma_ok(q, k, v, do)
+    launch_dkdv(_pick("dkdv", q, (has_pad, causal), launch_dkdv, tma))
+    launch_dq(_pick("dq", q, (has_pad, causal), launch_dq, tma))
     return dq, dk, dv
 
 
@@ -592,11 +609,12 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
         for name, (kernel, sig) in sigs.items():
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
                 flags = {**attn, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-                if name == "fwd":
-                    flags["TMA"] = cfg.tma
+                flags["TMA"] = cfg.tma
                 cfg_sig = sig
-                if cfg.tma:  # Q, K, V arrive as tensor descriptors with (1, rows, D) boxes
+                if cfg.tma:  # Q, K, V (and dO) arrive as tensor descriptors with (1, rows, D) boxes
                     boxes = {"q_ptr": cfg.block_m, "k_ptr": cfg.block_n, "v_ptr": cfg.block_n}
+                    if name != "fwd":
+                        boxes["do_ptr"] = cfg.block_m
                     cfg_sig = {**sig, **{a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items()}}
                 r = compile_sm90(kernel, cfg_sig, flags, cfg.num_warps, cfg.num_stages, aligned=tuple(strides))
                 reports.append({**r, **tag, "tma": cfg.tma})

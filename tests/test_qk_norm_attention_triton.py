@@ -173,25 +173,24 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
     (1, 100, 3, 128, 1, True, False, True, torch.bfloat16),  # causal, 100 = 64 + 36: a partial box
     (2, 70, 1, 128, 0, False, False, False, torch.float16),  # no masks: the unmasked-block path
 ])
-def test_tma_forward_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, monkeypatch):
-    """The forward's TMA candidates (Q, K, V tiles through tensor descriptors over the (B, S, H·D)
-    view; rows past S zero-filled by the copy engine, here by the interpreter's emulation of it)
-    pass the same 2x rule as the pointer kernels, on boxes that overrun S and a batch boundary."""
+def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, monkeypatch):
+    """The TMA candidates of the forward and both backward kernels (Q, K, V, dO tiles through tensor
+    descriptors over the (B, S, H·D) view; rows past S zero-filled by the copy engine, here by the
+    interpreter's emulation of it) pass the same 2x rule as the pointer kernels, on boxes that
+    overrun S and a batch boundary."""
     from kiln.kernels import qk_norm_attention_triton as attn
 
     full, used = attn.attn_candidates, []
 
     def tma_only(kernel, dt, head_dim, tma=False):
-        cands = full(kernel, dt, head_dim, tma)
-        if kernel == "fwd":
-            assert tma, "these inputs allow descriptors"
-            cands = [c for c in cands if c.tma]
-            used.extend(cands[:1])
+        assert tma, "these inputs allow descriptors"
+        cands = [c for c in full(kernel, dt, head_dim, tma) if c.tma]
+        used.append((kernel, cands[0]))
         return cands
 
     monkeypatch.setattr(attn, "attn_candidates", tma_only)
     check(B, S, H, D, G, rope, pad, causal, dtype, seed=11)
-    assert used and all(c.tma for c in used)
+    assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma for _, c in used)
 
 
 def test_tma_is_used_only_where_descriptors_fit():
