@@ -1,8 +1,9 @@
 """Launch configurations of kiln's Triton kernels, chosen by timing on the GPU once per shape class.
 
 A kernel module lists candidate configs per kernel (attention: :class:`LaunchConfig` tiles, warps,
-stages and pointer or TMA tile loads; GroupNorm: its tile / warps / split knobs); every candidate is compiled for sm_90a in
-CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte loads), the first one is the default.
+stages and pointer or TMA tile loads; GroupNorm: its tile / warps / split knobs); every candidate
+is compiled for sm_90a in CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte or TMA loads),
+the first one is the default.
 On a CUDA device the launcher times all candidates on the real arguments the first time a key
 (kernel, dtype, head dim or channels, flags, power-of-two size classes) is seen and keeps the
 fastest, as ``triton.autotune`` does, but:
