@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU session for kernels, in stages that each fit one 10-minute device call:
 #   bash benchmarks/run_gpu_kernels.sh tests         # CUDA tests (real Triton, csrc CUDA), build info
+#   bash benchmarks/run_gpu_kernels.sh configs       # every attention launch candidate (18 JIT sets)
 #   bash benchmarks/run_gpu_kernels.sh group_norm    # GroupNorm GB/s, graph + eager timing
 #   bash benchmarks/run_gpu_kernels.sh attention     # attention TFLOP/s (autotunes first)
 #   bash benchmarks/run_gpu_kernels.sh qk_norm_rope  # norm+RoPE pre-kernel GB/s
-#   bash benchmarks/run_gpu_kernels.sh all           # everything (needs ~20 minutes)
+#   bash benchmarks/run_gpu_kernels.sh all           # everything (needs ~25 minutes)
 # Logs and JSONL rows go to $OUT (or ./gpu-out). Each stage installs kiln (with the csrc CUDA
 # build) into build/kiln-site first, so any stage can be the first call on a fresh machine.
 set -uo pipefail
@@ -24,8 +25,12 @@ echo "copy bandwidth: $COPY GB/s" | tee "$OUT/copy-gbps.txt"
 COPY_ARG=${COPY:+--copy-gbps $COPY}
 run() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 if run tests; then
-  TRITON_INTERPRET=0 timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
-    | tee "$OUT/pytest-gpu.log" | tail -15
+  TRITON_INTERPRET=0 timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "not every_attention_launch_config" 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15
+fi
+if run configs; then
+  TRITON_INTERPRET=0 timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    -k "every_attention_launch_config" 2>&1 | tee "$OUT/pytest-gpu-configs.log" | tail -15
 fi
 if run group_norm; then
   timeout 540 python3 -m kiln.engine.cli bench group_norm $COPY_ARG --out "$OUT/results.jsonl" 2>&1 \
