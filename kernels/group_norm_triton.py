@@ -5,7 +5,9 @@ x's memory format; no permute copies). This file's kernels serve NCHW, where a g
 contiguous run of (C/G)·S elements; channels-last tensors go to group_norm_triton_cl.py, whose
 programs read whole token rows (a group's channels are only 8-32 bytes of each row there).
 Group (n, g) holds M = (C/G)·S elements; its reduction is split over SPLIT programs along S,
-so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all.
+so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all. Groups
+that fit one program (<= 16,384 padded elements) also have a one-pass candidate that reads x once
+(group_norm_triton_onepass.py); the autotuner's timing on the GPU picks between them.
 
 Forward, two launches:
   1. _gn_stats_kernel  (N·G, SPLIT): per chunk count and the sums of d and d² for
@@ -44,13 +46,18 @@ STATS_BUFFER_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class Knobs:
-    """Launch knobs: elements per tile, warps per program, programs per SM (the reduction split)."""
+    """Launch knobs: elements per tile, warps per program, programs per SM (the reduction split);
+    ``onepass``: one program per group holding all of it (group_norm_triton_onepass.py; ``tile``
+    is then the largest padded group it takes)."""
 
     tile: int
     num_warps: int
     programs_per_sm: int
+    onepass: bool = False
 
     def __str__(self) -> str:
+        if self.onepass:
+            return f"onepass{self.tile}/w{self.num_warps}"
         return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}"
 
 
@@ -147,6 +154,19 @@ def _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
 
 
 @triton.jit
+def _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                     stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+                     SILU: tl.constexpr):
+    """y = act((x̂·w + b)·(1 + scale) + shift) of a tile, stored at its (n, c, s) positions."""
+    xhat, y, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                               HAS_W, HAS_B, HAS_MOD)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    ptrs = y_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                    C, S, G, CHUNK, eps, stride_n, stride_c, stride_s,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
@@ -160,12 +180,8 @@ def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sca
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
-            xhat, y, f, w = _modulated(x, mean, rstd, n, offs_c, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                       HAS_W, HAS_B, HAS_MOD)
-            if SILU:
-                y = y / (1.0 + tl.exp(-y))
-            ptrs = y_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
-            tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                             stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU)
 
 
 @triton.jit
@@ -306,12 +322,22 @@ def _channels_last(x) -> bool:
     return memory_format_of(x) != torch.contiguous_format
 
 
+def candidates(x: torch.Tensor, num_groups: int) -> list[Knobs]:
+    """Launch candidates for x: the two-pass knobs, plus the one-pass ones where an NCHW group
+    fits on chip (their fit depends only on C/G and the power-of-two class of S: the key's)."""
+    if _channels_last(x):
+        return CANDIDATES
+    from kiln.kernels import group_norm_triton_onepass as onepass
+
+    return CANDIDATES + [k for k in onepass.CANDIDATES if onepass.fits(x, num_groups, k)]
+
+
 def _pick(direction: str, x: torch.Tensor, num_groups: int, flags: dict, launch) -> Knobs:
     N, C = x.shape[:2]
     layout = "cl" if _channels_last(x) else "nchw"
     key = (f"group_norm_{direction}", layout, str(x.dtype).removeprefix("torch."), C, num_groups,
            flags["HAS_MOD"], flags["SILU"], size_class(N), size_class(x[0, 0].numel()))
-    return choose(key, CANDIDATES, launch, x)
+    return choose(key, candidates(x, num_groups), launch, x)
 
 
 def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
@@ -325,6 +351,10 @@ def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
 
             cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
             return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
+        if knobs.onepass:  # the whole group in one program (group_norm_triton_onepass.py)
+            from kiln.kernels import group_norm_triton_onepass as onepass
+
+            return onepass.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, knobs)
         return _fwd_nchw(x, (sn, sc, ss), num_groups, params, flags, eps, launch_config(x, num_groups, knobs))
 
     return launch(_pick("fwd", x, num_groups, flags, launch))
@@ -357,6 +387,10 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
 
             cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
             return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
+        if knobs.onepass:
+            from kiln.kernels import group_norm_triton_onepass as onepass
+
+            return onepass.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, knobs)
         cfg = launch_config(x, num_groups, knobs)
         return _bwd_nchw(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
 
@@ -401,6 +435,7 @@ def compile_for_sm90() -> list[dict]:
     lengths of VAE shapes are multiples of 16.
     """
     from kiln.kernels import group_norm_triton_cl as cl
+    from kiln.kernels import group_norm_triton_onepass as onepass
 
     reports = []
     flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
@@ -421,6 +456,12 @@ def compile_for_sm90() -> list[dict]:
                 for kernel, extra in ((cl._cl_stats_kernel, {}), (cl._cl_fwd_kernel, flags),
                                       (cl._cl_bwd_reduce_kernel, flags), (cl._cl_bwd_dx_kernel, flags)):
                     reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", w))
+        if dt == "bf16":  # one-pass candidates at their largest group, narrow and wide channel blocks
+            for knobs in onepass.CANDIDATES:
+                for block_c in (4, 16):
+                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
+                    for kernel in (onepass._onepass_fwd_kernel, onepass._onepass_bwd_kernel):
+                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
         # finalize kernels launch with Triton's default 4 warps
         reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", 4))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.group_norm_triton import _bwd_tile, _load_tile, _modulated
+from kiln.kernels.group_norm_triton import _bwd_tile, _load_tile, _normalize_store
 
 STAT_BLOCK = 64  # splits combined per step of a finalize kernel
 
@@ -126,12 +126,8 @@ def _cl_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, sh
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, C, s_end, stride_n, stride_c, stride_s,
                                                  BLOCK_C, BLOCK_S)
-            xhat, y, f, w = _modulated(x, mean[:, None], rstd[:, None], n, offs_c, C, w_ptr, b_ptr, scale_ptr,
-                                       shift_ptr, HAS_W, HAS_B, HAS_MOD)
-            if SILU:
-                y = y / (1.0 + tl.exp(-y))
-            ptrs = y_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
-            tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            _normalize_store(x, mean[:, None], rstd[:, None], n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr,
+                             scale_ptr, shift_ptr, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU)
 
 
 @triton.jit

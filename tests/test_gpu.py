@@ -79,16 +79,25 @@ def test_triton_qk_norm_attention_on_cuda(case, dtype):
     check(*case, dtype, seed=1, device="cuda")
 
 
-@pytest.mark.parametrize("index", range(4))
-@pytest.mark.parametrize("case", [GPU_CASES[1], ((2, 320, 33, 17), 32, True, True, True, "silu")], ids=["nchw", "cl"])
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("case", [GPU_CASES[0], ((2, 320, 33, 17), 32, True, True, True, "silu"),
+                                  ((2, 64, 7, 9, 5), 16, False, True, True, "silu")],
+                         ids=["nchw", "cl", "nchw-onepass"])  # the last fits both one-pass knobs
 def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
-    """Each GroupNorm launch-knob candidate the autotuner may pick passes the 2x rule."""
+    """Each GroupNorm launch-knob candidate the autotuner may pick for the case (candidate
+    ``index``, wrapping round; the one-pass ones where the group fits) passes the 2x rule."""
     from test_group_norm_triton import check_against_reference
 
     from kiln.kernels import autotune
     from kiln.kernels import group_norm_triton as gnt
 
-    monkeypatch.setattr(gnt, "CANDIDATES", [gnt.CANDIDATES[index % len(gnt.CANDIDATES)]])
+    full = gnt.candidates
+
+    def forced(x, num_groups):
+        cands = full(x, num_groups)
+        return [cands[index % len(cands)]]
+
+    monkeypatch.setattr(gnt, "candidates", forced)
     autotune.forget()
     check_against_reference(case, torch.bfloat16, device="cuda")
 

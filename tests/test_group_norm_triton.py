@@ -2,6 +2,8 @@
 every gradient: max|out - ref_fp64| <= 2 * max|torch_lowp - ref_fp64| + floor."""
 
 
+import math
+
 import pytest
 import torch
 from kernel_rule import assert_within_twice_torch, sm90_reports
@@ -81,6 +83,36 @@ def test_matches_fp64_reference_within_twice_torch_error(case, dtype):
     check_against_reference(case, dtype)
 
 
+# NCHW cases whose groups fit one program (group_norm_triton_onepass.CANDIDATES): odd spatial
+# sizes, G = 1 and 32, 3-5 dims, with and without modulation and SiLU
+def _fits_one_program(case) -> bool:
+    (shape, groups), spatial = case[:2], math.prod(case[0][2:])
+    return (1 << (shape[1] // groups - 1).bit_length()) * (1 << (spatial - 1).bit_length()) <= 16384
+
+
+ONEPASS_CASES = [c for c in CASES if not c[2] and _fits_one_program(c)] + [
+    ((2, 320, 8, 12), 32, False, True, True, "silu"), ((1, 24, 9, 11), 1, False, False, True, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ONEPASS_CASES, ids=[f"{c[0]}-G{c[1]}" for c in ONEPASS_CASES])
+def test_onepass_candidates_match_the_reference(case, dtype, monkeypatch):
+    """The one-pass kernels (a whole group per program, x read once) pass the same 2x rule as the
+    two-pass path, forced here (the autotuner picks them only by timing on a GPU)."""
+    from kiln.kernels import group_norm_triton as gnt
+
+    full, used = gnt.candidates, []
+
+    def onepass_only(x, num_groups):
+        picked = [k for k in full(x, num_groups) if k.onepass][:1]
+        used.extend(picked)
+        return picked
+
+    monkeypatch.setattr(gnt, "candidates", onepass_only)
+    check_against_reference(case, dtype)
+    assert len(used) == 2  # forward and backward
+
+
 def test_fp32_matches_reference_closely():
     x, p = _inputs((2, 64, 9, 11), 32, torch.float32, False, True, True, seed=3)
     with kernels.use_backend("triton"):
@@ -148,9 +180,11 @@ def test_sm90_compile_check():
     tiles move in 16-byte loads (the old channels-last path emitted 2-byte scalar loads only).
     In a subprocess without TRITON_INTERPRET."""
     from kiln.kernels.group_norm_triton import CANDIDATES
+    from kiln.kernels.group_norm_triton_onepass import CANDIDATES as ONEPASS
 
     reports = sm90_reports("kiln.kernels.group_norm_triton")
-    assert len(reports) == 16 * len(CANDIDATES) + 2 + 16 + 2  # bf16: every candidate; fp32: the default
+    # bf16: every candidate (one-pass ones at 2 channel blocks); fp32: the default
+    assert len(reports) == 16 * len(CANDIDATES) + 4 * len(ONEPASS) + 2 + 16 + 2
     for r in reports:
         assert r["registers"] and r["registers"] <= 255 and r["spills"] == 0 and r["local_ops"] == 0, r
         if "finalize" in r["kernel"]:  # O(N·C) partial sums, no tiles
