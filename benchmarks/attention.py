@@ -140,9 +140,10 @@ def bench_one(fn, args, mode):
 
 
 def _configs_for(S, D) -> dict[str, str]:
-    """The autotuner's choices for this shape class (key: kernel/dtype/D/pad/causal/S class/B·H class)."""
+    """The autotuner's choices for this shape class (key: kernel/dtype/D/pad/causal/tma/S class/B·H
+    class; the S class is read from the end, so flags added to the key do not shift it)."""
     return {k: v for k, v in autotune.choices().items()
-            if k.split("/")[2] == str(D) and k.split("/")[5] == str(autotune.size_class(S))}
+            if k.split("/")[2] == str(D) and k.split("/")[-2] == str(autotune.size_class(S))}
 
 
 def flops(B, S, H, D, mode):

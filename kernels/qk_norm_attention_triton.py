@@ -93,10 +93,15 @@ def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) 
     return [c for c in ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)] if tma or not c.tma]
 
 
-def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False) -> LaunchConfig:
+def tuning_key(kernel: str, q: torch.Tensor, flags: tuple, tma: bool) -> tuple:
+    """Autotuner key: (kernel, dtype, D, has_pad, causal, tma, S class, B·H class)."""
     B, S, H, D = q.shape
-    key = (kernel, str(q.dtype).removeprefix("torch."), D, *flags, tma, size_class(S), size_class(B * H))
-    return choose(key, attn_candidates(kernel, q.dtype, D, tma), launch, q)
+    return (kernel, str(q.dtype).removeprefix("torch."), D, *flags, tma, size_class(S), size_class(B * H))
+
+
+def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False) -> LaunchConfig:
+    key = tuning_key(kernel, q, flags, tma)
+    return choose(key, attn_candidates(kernel, q.dtype, q.shape[3], tma), launch, q)
 
 
 def _upcast(dtype: torch.dtype) -> bool:

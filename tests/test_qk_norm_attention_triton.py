@@ -206,6 +206,19 @@ def test_tma_is_used_only_where_descriptors_fit():
     assert not _tma_ok(t, t, t)  # heads not adjacent (stride 33·64)
 
 
+def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
+    """benchmarks/attention.py reports the configs chosen for its shape class from the tuner's keys."""
+    from kiln.benchmarks.attention import _configs_for
+    from kiln.kernels import autotune
+    from kiln.kernels.qk_norm_attention_triton import LaunchConfig, tuning_key
+
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    q = torch.empty(3, 4173, 24, 128, dtype=torch.bfloat16)
+    autotune._CHOSEN[tuning_key("fwd", q, (False, False), True)] = LaunchConfig(128, 64, 8, 3, tma=True)
+    autotune._CHOSEN[tuning_key("fwd", q[:, :1000], (False, False), True)] = LaunchConfig(64, 64, 4, 3)
+    assert list(_configs_for(4173, 128).values()) == ["128x64/w8/s3/tma"]
+
+
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, in every launch configuration the
     autotuner may pick, specialised as a real launch is. For 16-bit inputs (the training path):
