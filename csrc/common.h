@@ -81,6 +81,18 @@ struct GNParams {
   const float *weight, *bias, *scale, *shift;
 };
 
+// Affine + modulation of channel c of sample n (CPU and CUDA): m = x̂·wf + bf with
+// wf = w·(1 + scale), bf = bias·(1 + scale) + shift.
+struct ChannelMod {
+  float wf, bf;
+};
+
+KILN_HD inline ChannelMod channel_mod(const GNParams& p, int64_t n, int64_t c, int64_t C) {
+  const float w = p.weight ? p.weight[c] : 1.f, b = p.bias ? p.bias[c] : 0.f;
+  const float f = p.scale ? 1.f + p.scale[n * C + c] : 1.f, sh = p.shift ? p.shift[n * C + c] : 0.f;
+  return {w * f, b * f + sh};
+}
+
 inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 // x in its own dense memory format and the optional parameters as contiguous fp32.

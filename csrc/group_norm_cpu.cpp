@@ -14,16 +14,6 @@
 namespace kiln {
 namespace {
 
-struct Mod {  // the affine + modulation of channel c of sample n: m = xhat * a + b
-  float a, b, w, f;  // w = weight, f = 1 + scale (kept for the backward)
-};
-
-inline Mod channel_mod(const GNParams& p, int64_t n, int64_t c, int64_t C) {
-  const float w = p.weight ? p.weight[c] : 1.f, bias = p.bias ? p.bias[c] : 0.f;
-  const float f = p.scale ? 1.f + p.scale[n * C + c] : 1.f, sh = p.shift ? p.shift[n * C + c] : 0.f;
-  return {w * f, bias * f + sh, w, f};
-}
-
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 template <typename T>
@@ -48,10 +38,10 @@ void gn_fwd(const T* x, T* y, float* mean_out, float* rstd_out, const GNShape& s
       rstd_out[ng] = rstd;
       T* yn = y + n * s.C * s.HW;
       for (int64_t c = c0; c < c0 + s.Cg; ++c) {
-        const Mod md = channel_mod(p, n, c, s.C);
+        const ChannelMod md = channel_mod(p, n, c, s.C);
         for (int64_t i = 0; i < s.HW; ++i) {
           const int64_t o = c * sc + i * ss;
-          float m = (static_cast<float>(xn[o]) - muf) * rstd * md.a + md.b;
+          float m = (static_cast<float>(xn[o]) - muf) * rstd * md.wf + md.bf;
           yn[o] = static_cast<T>(silu ? m * sigmoid(m) : m);
         }
       }
@@ -77,29 +67,29 @@ void gn_bwd(const T* dy, const T* x, const float* mean, const float* rstd, T* dx
       // Pass 1: per-channel A_c = Σ dm, B_c = Σ dm·x̂, and the group sums of dx̂ = dm·w·f.
       double s1 = 0, s2 = 0;
       for (int64_t c = c0; c < c0 + s.Cg; ++c) {
-        const Mod md = channel_mod(p, n, c, s.C);
+        const ChannelMod md = channel_mod(p, n, c, s.C);
         double a = 0, b = 0;
         for (int64_t i = 0; i < s.HW; ++i) {
           const int64_t o = base + c * sc + i * ss;
           const float xh = (static_cast<float>(x[o]) - mu) * r;
-          const float dm = dm_of(static_cast<float>(dy[o]), xh * md.a + md.b, silu);
+          const float dm = dm_of(static_cast<float>(dy[o]), xh * md.wf + md.bf, silu);
           a += dm;
           b += static_cast<double>(dm) * xh;
         }
         A[n * s.C + c] = static_cast<float>(a);
         B[n * s.C + c] = static_cast<float>(b);
-        s1 += a * md.w * md.f;
-        s2 += b * md.w * md.f;
+        s1 += a * md.wf;
+        s2 += b * md.wf;
       }
       // Pass 2: dx = rstd · (dx̂ - mean(dx̂) - x̂ · mean(dx̂·x̂)).
       const float m1 = static_cast<float>(s1 / s.group_size()), m2 = static_cast<float>(s2 / s.group_size());
       for (int64_t c = c0; c < c0 + s.Cg; ++c) {
-        const Mod md = channel_mod(p, n, c, s.C);
+        const ChannelMod md = channel_mod(p, n, c, s.C);
         for (int64_t i = 0; i < s.HW; ++i) {
           const int64_t o = base + c * sc + i * ss;
           const float xh = (static_cast<float>(x[o]) - mu) * r;
-          const float dm = dm_of(static_cast<float>(dy[o]), xh * md.a + md.b, silu);
-          dx[o] = static_cast<T>(r * (dm * md.w * md.f - m1 - xh * m2));
+          const float dm = dm_of(static_cast<float>(dy[o]), xh * md.wf + md.bf, silu);
+          dx[o] = static_cast<T>(r * (dm * md.wf - m1 - xh * m2));
         }
       }
     }

@@ -45,18 +45,6 @@ __device__ __forceinline__ float dm_of(float dy, float m, bool silu) {
   return dy * sg * (1.f + m * (1.f - sg));
 }
 
-// Affine + modulation of channel c of sample n: m = x̂·wf + bf with wf = w·(1 + scale),
-// bf = bias·(1 + scale) + shift.
-struct ChannelMod {
-  float wf, bf;
-};
-
-__device__ __forceinline__ ChannelMod channel_mod(const GNParams& p, int64_t n, int64_t c, int64_t C) {
-  const float w = p.weight ? p.weight[c] : 1.f, b = p.bias ? p.bias[c] : 0.f;
-  const float f = p.scale ? 1.f + p.scale[n * C + c] : 1.f, sh = p.shift ? p.shift[n * C + c] : 0.f;
-  return {w * f, b * f + sh};
-}
-
 // ================================ NCHW ========================================================
 
 struct GNDev {  // what the NCHW kernels need to walk a group: sizes and splits

@@ -64,17 +64,17 @@ def csrc_sass_facts(library: str, arch: str = "sm_90a") -> dict[str, dict]:
     text = subprocess.run([_tool("cuobjdump"), "-arch", arch, "-sass", library], capture_output=True, text=True,
                           check=True).stdout
     parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.M)
-    names = [_short_name(m) for m in parts[1::2]]
-    return {name: _facts(body) for name, body in zip(names, parts[2::2], strict=True)}
+    return {name: _facts(body) for name, body in zip(_short_names(parts[1::2]), parts[2::2], strict=True)}
 
 
-def _short_name(mangled: str) -> str:
+def _short_names(mangled: list[str]) -> list[str]:
+    """Demangled names without namespaces or parameters (one c++filt call; mangled if it is absent)."""
     try:
-        full = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["c++filt", *mangled], capture_output=True, text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return mangled
-    full = full.replace("(anonymous namespace)::", "").split("(")[0]  # drop the parameter list
-    return re.sub(r"^(?:void )?(?:\w+::)*", "", full)
+    names = [full.replace("(anonymous namespace)::", "").split("(")[0] for full in out]  # drop parameters
+    return [re.sub(r"^(?:void )?(?:\w+::)*", "", name) for name in names]
 
 
 def _facts(text: str) -> dict:
