@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU session for kernels, in stages that each fit one 10-minute device call:
 #   bash benchmarks/run_gpu_kernels.sh tests         # CUDA tests (real Triton, csrc CUDA), build info
-#   bash benchmarks/run_gpu_kernels.sh configs       # every attention launch candidate (18 JIT sets)
+#   bash benchmarks/run_gpu_kernels.sh configs 64    # every attention launch candidate at D = 64
+#   bash benchmarks/run_gpu_kernels.sh configs 128   # ... at D = 128, then 256 (8 JIT sets each, one call per D)
 #   bash benchmarks/run_gpu_kernels.sh group_norm    # GroupNorm GB/s, graph + eager timing
 #   bash benchmarks/run_gpu_kernels.sh attention     # attention TFLOP/s (autotunes first)
 #   bash benchmarks/run_gpu_kernels.sh qk_norm_rope  # norm+RoPE pre-kernel GB/s
@@ -30,7 +31,7 @@ if run tests; then
 fi
 if run configs; then
   TRITON_INTERPRET=0 timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    -k "every_attention_launch_config" 2>&1 | tee "$OUT/pytest-gpu-configs.log" | tail -15
+    -k "every_attention_launch_config${2:+ and D$2}" 2>&1 | tee "$OUT/pytest-gpu-configs${2:-}.log" | tail -15
 fi
 if run group_norm; then
   timeout 540 python3 -m kiln.engine.cli bench group_norm $COPY_ARG --out "$OUT/results.jsonl" 2>&1 \

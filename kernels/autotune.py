@@ -36,13 +36,18 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # tiles moved by the Tensor Memory Accelerator (tensor descriptors), Hopper+
+    # warp-specialised (with tma): Triton adds a producer warp group that only issues the TMA copies
+    # and splits the program's kept rows between two consumer warp groups of num_warps warps each
+    # (3 · num_warps warps launched), as FlashAttention-3 does
+    ws: bool = False
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}" + ("/tma" if self.tma else "")
+        tail = "/ws" if self.ws else "/tma" if self.tma else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tail}"
 
 
 _CHOSEN: dict[tuple, object] = {}

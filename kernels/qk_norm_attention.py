@@ -139,9 +139,12 @@ def _qkna_fwd_op(
 
 @_qkna_fwd_op.register_fake
 def _(q, k, v, q_weight, k_weight, cos, sin, token_group, key_padding_mask, eps, scale, causal):
+    from kiln.kernels.qk_norm_attention_triton import side_cols
+
     B, S, H, D = q.shape
     stats = q.new_empty((B, S, H), dtype=torch.float32)
-    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32), stats, torch.empty_like(stats)
+    lse = q.new_empty((B, H, side_cols(S)), dtype=torch.float32)
+    return q.new_empty((B, S, H, D)), lse, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("kiln::qk_norm_attention_bwd", mutates_args=())

@@ -8,13 +8,18 @@ Structure (forward):
      (BLOCK_M queries, batch·head), online softmax in base 2 with fp32 statistics, key padding and
      causal masks, log-sum-exp saved for the backward. Its tiles come in through pointer loads
      (cp.async pipelined) or, for the ``tma`` launch candidates on Hopper, through the Tensor
-     Memory Accelerator (host tensor descriptors; sm_90a code: UTMALDG, no per-thread tile loads).
-     Which is faster is the autotuner's measurement on the GPU.
+     Memory Accelerator (host tensor descriptors; sm_90a code: UTMALDG, no per-thread tile loads),
+     and for the ``ws`` candidates warp-specialised as FlashAttention-3 is: Triton's Hopper pass
+     (``tl.range(warp_specialize=True)``) turns the key loop into a producer warp group that only
+     issues TMA copies and two consumer warp groups with 64 query rows each, registers moved to
+     the consumers (setmaxnreg 232 / 40). Which is faster is the autotuner's measurement on the GPU.
 Backward: ``_bwd_delta_kernel`` (rowsum(dO·O) per query), ``_attn_bwd_dkdv_kernel`` (one
 program per key block, loops over queries) and
-``_attn_bwd_dq_kernel`` (one per query block, loops over keys) — no atomics, so gradients are
-deterministic — then ``_norm_rope_bwd_kernel`` maps dQ̂, dK̂ back through RoPE and the norm and
-writes per-program partial sums of the norm-weight gradients (reduced over tokens in torch).
+``_attn_bwd_dq_kernel`` (one per query block, loops over keys; both warp-specialised in their
+``ws`` candidates, dK/dV then computed transposed, keys as the rows the consumers split) — no
+atomics, so gradients are deterministic — then ``_norm_rope_bwd_kernel`` maps dQ̂, dK̂ back
+through RoPE and the norm and writes per-program partial sums of the norm-weight gradients
+(reduced over tokens in torch).
 The normalised Q̂, K̂ are recomputed by the pre-pass in the backward instead of being saved: one
 more bandwidth-bound pass saves 2·B·S·H·D elements of activation memory per attention.
 
@@ -36,6 +41,7 @@ the dots run in the input dtype on tensor cores with fp32 accumulation.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 
@@ -51,32 +57,41 @@ BLOCK_T = 16  # tokens per pre-pass program
 DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 
 
-# Candidate (BLOCK_M, BLOCK_N, warps, stages[, tma]) per kernel, 16-bit inputs; the first is the
-# default. ``tma`` candidates load their Q, K, V (and dO) tiles with the Tensor Memory Accelerator
-# (host-built tensor descriptors over the (B, S, H·D) view; rows past S come back as zeros, as
-# the masked loads give) instead of per-thread loads plus cp.async: they run where _tma_ok holds.
-# Each is compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90) and has
-# no spills, HGMMA (warpgroup) dots and 16-byte tile loads. Dropped on that evidence: BLOCK_M = 32
-# in the backward (its dots fall back to HMMA, the pre-Hopper path), 128x128 at D = 128 (40-byte
-# spill), 128-row tiles at 4 warps for D = 128 (240-544 bytes spilled), and the old D = 256
-# default 32x32 (HMMA only). Which candidate wins is for the GPU to say (kernels/autotune.py).
+# Candidate (BLOCK_M, BLOCK_N, warps, stages[, tma[, ws]]) per kernel, 16-bit inputs; the first is
+# the default. ``tma`` candidates load their Q, K, V (and dO) tiles with the Tensor Memory
+# Accelerator (host-built tensor descriptors over the (B, S, H·D) view; rows past S come back as
+# zeros, as the masked loads give) instead of per-thread loads plus cp.async: they run where
+# _tma_ok holds. ``ws`` candidates are also warp-specialised (LaunchConfig.ws): 4 warps per
+# consumer group, 12 launched; 128 rows split 64 / 64 (BLOCK_M queries in fwd and dq, BLOCK_N keys
+# in dkdv). Each is compiled for sm_90a in CI with a real launch's specialisation
+# (compile_for_sm90) and has no spills, HGMMA (warpgroup) dots and 16-byte or TMA tile loads.
+# Dropped on that evidence: BLOCK_M = 32 in the backward (its dots fall back to HMMA, the
+# pre-Hopper path), 128x128 at D = 128 (40-byte spill), 128-row tiles at 4 warps for D = 128
+# (240-544 bytes spilled), the old D = 256 default 32x32 (HMMA only), warp-specialised dK/dV with
+# 128 queries per step (3 KB spilled) or 3 stages at D = 128 (40 bytes), and warp-specialised dq
+# at D = 256 (only 32-key steps fit, in 226 of the 227 KiB of shared memory). Which candidate
+# wins is for the GPU to say (kernels/autotune.py).
 _C = LaunchConfig
+_WS = dict(tma=True, ws=True)
 ATTN_CANDIDATES = {
     # D <= 64
     ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3),
-                  _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True)],
+                  _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True),
+                  _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3),
-                   _C(64, 128, 8, 3, tma=True)],
+                   _C(64, 128, 8, 3, tma=True), _C(64, 128, 4, 3, **_WS)],
     ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3),
-                 _C(128, 64, 8, 3, tma=True)],
+                 _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # 64 < D <= 128: dK, dV and the K, V tiles live together in dkdv, 4 warps spill 32 bytes there
     ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
-                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True)],
-    ("dkdv", 128): [_C(64, 64, 8, 3), _C(64, 64, 8, 3, tma=True)],
+                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True),
+                   _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
+    ("dkdv", 128): [_C(64, 64, 8, 3), _C(64, 64, 8, 3, tma=True), _C(64, 128, 4, 2, **_WS)],
     ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
-                  _C(128, 64, 8, 3, tma=True)],
+                  _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
-    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True)],
+    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True),
+                   _C(128, 64, 4, 2, **_WS)],
     ("dkdv", 256): [_C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
     ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
 }
@@ -87,10 +102,13 @@ FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": 
 
 def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) -> list[LaunchConfig]:
     """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq"); the TMA ones
-    only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`)."""
+    only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`), the warp-specialised
+    ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves)."""
     if dtype == torch.float32:
         return FP32_CANDIDATES[kernel]
-    return [c for c in ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)] if tma or not c.tma]
+    ws = os.environ.get("KILN_ATTN_WS", "1") != "0"
+    cands = ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)]
+    return [c for c in cands if (tma or not c.tma) and (ws or not c.ws)]
 
 
 def tuning_key(kernel: str, q: torch.Tensor, flags: tuple, tma: bool) -> tuple:
@@ -273,6 +291,34 @@ def _src_tile(src, b, h, sb, ss, sh, start, offs, offs_d, S, dm, BLOCK: tl.const
 
 
 @triton.jit
+def _kept_tile(ptr, b, h, sb, ss, sh, start, offs, offs_d, S, H, dm, BLOCK: tl.constexpr, D: tl.constexpr,
+               UPCAST: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """The tile a program keeps through its whole loop (Q in fwd and dq, K and V in dkdv). When
+    warp-specialised it comes through a descriptor made in the kernel, (BLOCK, D) boxes over batch
+    b's (S, H·D) rows: Triton's pass splits such a box between the two consumer groups, but not a
+    host descriptor's box (a compile error), and it refuses pointer loads in specialised code
+    ("unsupported load type for producer commit")."""
+    if WS:
+        desc = tl.make_tensor_descriptor(ptr + b * sb, shape=[S, H * D], strides=[ss, 1], block_shape=[BLOCK, D])
+        x = desc.load([start, h * D])
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        x = _src_tile(ptr, b, h, sb, ss, sh, start, offs, offs_d, S, dm, BLOCK, D, UPCAST, TMA)
+    return x
+
+
+@triton.jit
+def _side_load(ptr, row, S, SR, start, BLOCK: tl.constexpr):
+    """Tokens start .. start + BLOCK of row ``row`` of a side buffer (lse, delta, pad mask: rows of
+    SR = side_cols(S) elements, zeros past S) through a descriptor made in the kernel: how
+    warp-specialised code reads them (see _kept_tile). A descriptor's base must be 16-byte
+    aligned, hence SR, and so must its box's start (a multiple of BLOCK >= 16 elements)."""
+    desc = tl.make_tensor_descriptor(ptr + row * SR, shape=[S], strides=[1], block_shape=[BLOCK])
+    return desc.load([start])
+
+
+@triton.jit
 def _block_coords(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """Program (block of BLOCK tokens, batch·head) -> (pid, bh, b, h, token offsets, d offsets, d mask)."""
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -281,9 +327,9 @@ def _block_coords(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, S, H, sob, sos, soh, sdb, sds, sdh,
+def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, S, SR, H, sob, sos, soh, sdb, sds, sdh,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO · O) in fp32 for BLOCK_M queries of one (batch, head), into (B, H, S).
+    """delta = rowsum(dO · O) in fp32 for BLOCK_M queries of one (batch, head), into (B, H, SR).
 
     One read of O and dO in their own dtype (4 bytes per element in 16-bit): the eager
     ``(do.float() * out.float()).sum(-1)`` it replaces moved 28 bytes per element through three
@@ -291,25 +337,35 @@ def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, S, H, sob, sos, soh, sdb, sds, s
     pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     o = _tile(o_ptr, b, h, sob, sos, soh, offs_m, offs_d, S, dm, True)
     do = _tile(do_ptr, b, h, sdb, sds, sdh, offs_m, offs_d, S, dm, True)
-    tl.store(delta_ptr + bh * S + offs_m, tl.sum(o * do, axis=1), mask=offs_m < S)
+    tl.store(delta_ptr + bh * SR + offs_m, tl.sum(o * do, axis=1), mask=offs_m < S)
 
 
 @triton.jit
-def _row_stats(lse_ptr, delta_ptr, bh, S, offs_m):
-    """Forward log-sum-exp (base 2) and rowsum(dO * O) of queries ``offs_m``."""
-    lse = tl.load(lse_ptr + bh * S + offs_m, mask=offs_m < S, other=-NEG)
-    delta = tl.load(delta_ptr + bh * S + offs_m, mask=offs_m < S, other=0.0)
+def _row_stats(lse_ptr, delta_ptr, bh, S, SR, start, BLOCK: tl.constexpr, WS: tl.constexpr):
+    """Forward log-sum-exp (base 2) and rowsum(dO * O) of queries start .. start + BLOCK; past S,
+    lse = +1e30 (every p recomputes to 0) or, warp-specialised, 0 (those rows are masked or never
+    stored there)."""
+    if WS:
+        lse = _side_load(lse_ptr, bh, S, SR, start, BLOCK)
+        delta = _side_load(delta_ptr, bh, S, SR, start, BLOCK)
+    else:
+        offs_m = start + tl.arange(0, BLOCK)
+        lse = tl.load(lse_ptr + bh * SR + offs_m, mask=offs_m < S, other=-NEG)
+        delta = tl.load(delta_ptr + bh * SR + offs_m, mask=offs_m < S, other=0.0)
     return lse, delta
 
 
 @triton.jit
-def _scores(q, k_t, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
+def _scores(q, k_t, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr,
+            CAUSAL: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
     """Scaled scores in base 2 for a (BLOCK_M, BLOCK_N) tile and its validity mask."""
     s = tl.dot(q, k_t, input_precision=PREC) * scale_log2
     valid = (offs_n < S)[None, :]
     if HAS_PAD:
-        keep = tl.load(pad_ptr + b * S + offs_n, mask=offs_n < S, other=0)
+        if WS:
+            keep = _side_load(pad_ptr, b, S, SR, start_n, offs_n.shape[0])
+        else:
+            keep = tl.load(pad_ptr + b * SR + offs_n, mask=offs_n < S, other=0)
         valid = valid & (keep != 0)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -317,26 +373,27 @@ def _scores(q, k_t, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD: tl.const
 
 
 @triton.jit
-def _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED: tl.constexpr, HAS_PAD: tl.constexpr,
-           CAUSAL: tl.constexpr, PREC: tl.constexpr):
+def _probs(q, k, lse, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, MASKED: tl.constexpr,
+           HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
     """Backward's recomputed probabilities exp2(s - lse) of a (BLOCK_M, BLOCK_N) tile; invalid
     keys zeroed when MASKED (rows past S need no mask: their lse is +1e30, so p = 0)."""
     if MASKED:
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL,
+                           PREC, WS)
         return tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
     return tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse[:, None])
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m,
-              offs_d, dm, S, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              offs_d, dm, S, SR, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-              TMA: tl.constexpr):
+              TMA: tl.constexpr, WS: tl.constexpr):
     """One key block of dQ: returns dq + dS·K for the keys at start_n."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _src_tile(k_ptr, b, h, skb, sks, skh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     v = _src_tile(v_ptr, b, h, svb, svs, svh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
-    p = _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, MASKED, HAS_PAD, CAUSAL, PREC)
+    p = _probs(q, k, lse, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, MASKED, HAS_PAD, CAUSAL, PREC, WS)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -344,15 +401,16 @@ def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh,
 
 @triton.jit
 def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m, offs_d,
-               dm, S, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               dm, S, SR, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, WS: tl.constexpr):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _src_tile(k_ptr, b, h, skb, sks, skh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     v = _src_tile(v_ptr, b, h, svb, svs, svh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     if MASKED:
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD, CAUSAL, PREC)
+        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL,
+                           PREC, WS)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -368,65 +426,102 @@ def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
-    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
+    S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
-    """FlashAttention-2 forward; q_ptr, k_ptr, v_ptr are tensor descriptors when TMA."""
+    """FlashAttention-2 forward; k_ptr, v_ptr are tensor descriptors when TMA, and so is q_ptr
+    unless WS (then the kernel makes Q's descriptor, see _kept_tile)."""
     pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
-    q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
+    q = _kept_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, H, dm, BLOCK_M, D, UPCAST, TMA, WS)
     m_i = tl.full((BLOCK_M,), NEG, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     # Without padding or causality only the last key block can hold invalid keys: the blocks
     # before it skip the score masks (a compare and two selects per score; estimated at ~10% of a
-    # 64x64x128 tile's issue slots next to its MMAs and exp2s, not yet timed on a GPU).
-    n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N
+    # 64x64x128 tile's issue slots next to its MMAs and exp2s, not yet timed on a GPU). Not when
+    # warp-specialised: Triton 3.8's pass fails on a kernel with two loops (an assertion in
+    # NVGPUWarpSpecialization), so there one loop masks every block.
+    n_full = 0 if (HAS_PAD or CAUSAL or WS) else (S // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
-                                   start_n, offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, False, False, False,
-                                   UPCAST, PREC, TMA)
-    for start_n in range(n_full, hi, BLOCK_N):
+                                   start_n, offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, False, False, False,
+                                   UPCAST, PREC, TMA, False)
+    for start_n in tl.range(n_full, hi, BLOCK_N, warp_specialize=WS):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
-                                   start_n, offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL,
-                                   UPCAST, PREC, TMA)
+                                   start_n, offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL,
+                                   UPCAST, PREC, TMA, WS)
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m < S)[:, None] & dm[None, :])
-    # log-sum-exp in base 2; rows with no valid key get +1e30 so that every p recomputes to 0
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), -NEG)
-    tl.store(lse_ptr + bh * S + offs_m, lse, mask=offs_m < S)
+    # log-sum-exp in base 2; rows with no valid key get +1e30 so that every p recomputes to 0, and
+    # so does the row padding up to SR (written, not left as whatever the allocation held)
+    lse = tl.where(seen & (offs_m < S), m_i + tl.log2(tl.where(seen, l_i, 1.0)), -NEG)
+    tl.store(lse_ptr + bh * SR + offs_m, lse, mask=offs_m < SR)
+
+
+@triton.jit
+def _dkdv_block_t(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, start_m, offs_n, offs_d, dm, S,
+                  SR, scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One query block of the warp-specialised dK, dV, computed transposed (s^T = K·Q^T, keys as
+    rows) so that the keys are the rows the two consumer groups split; q_ptr, do_ptr are host
+    descriptors. Returns the updated (dk, dv)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _src_tile(q_ptr, b, h, 0, 0, 0, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, True)
+    do = _src_tile(do_ptr, b, h, 0, 0, 0, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, True)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, SR, start_m, BLOCK_M, True)
+    valid = (offs_m < S)[None, :]
+    if HAS_PAD:
+        valid = valid & (keep != 0)[:, None]
+    if CAUSAL:
+        valid = valid & (offs_n[:, None] <= offs_m[None, :])
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
+    p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+    ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr,
-    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
+    S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys, looping over query blocks; q, k, v, do are descriptors when TMA."""
+    """dK, dV of BLOCK_N keys, looping over query blocks; q, do (and k, v unless WS) are
+    descriptors when TMA."""
     pid_n, bh, b, h, offs_n, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_N)
-    k = _src_tile(k_ptr, b, h, skb, sks, skh, pid_n * BLOCK_N, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
-    v = _src_tile(v_ptr, b, h, svb, svs, svh, pid_n * BLOCK_N, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
+    k = _kept_tile(k_ptr, b, h, skb, sks, skh, pid_n * BLOCK_N, offs_n, offs_d, S, H, dm, BLOCK_N, D, UPCAST, TMA, WS)
+    v = _kept_tile(v_ptr, b, h, svb, svs, svh, pid_n * BLOCK_N, offs_n, offs_d, S, H, dm, BLOCK_N, D, UPCAST, TMA, WS)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(lo, S, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
-        do = _src_tile(do_ptr, b, h, sdb, sds, sdh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
-        lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
-        # without padding or causality no mask is needed here: keys past S only feed dK, dV rows
-        # that are never stored
-        p = _probs(q, k, lse, scale_log2, offs_m, offs_n, S, pad_ptr, b, HAS_PAD or CAUSAL, HAS_PAD, CAUSAL,
-                   PREC)  # (BLOCK_M, BLOCK_N)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    if WS:
+        keep = _side_load(pad_ptr, b, S, SR, pid_n * BLOCK_N, BLOCK_N) if HAS_PAD else 0
+        for start_m in tl.range(lo, S, BLOCK_M, warp_specialize=True):
+            dk, dv = _dkdv_block_t(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, start_m, offs_n,
+                                   offs_d, dm, S, SR, scale_log2, D, BLOCK_M, HAS_PAD, CAUSAL, UPCAST, PREC)
+    else:
+        for start_m in range(lo, S, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
+            do = _src_tile(do_ptr, b, h, sdb, sds, sdh, start_m, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, SR, start_m, BLOCK_M, False)
+            # without padding or causality no mask is needed here: keys past S only feed dK, dV rows
+            # that are never stored
+            p = _probs(q, k, lse, scale_log2, offs_m, 0, offs_n, S, SR, pad_ptr, b, HAS_PAD or CAUSAL, HAS_PAD, CAUSAL,
+                       PREC, False)  # (BLOCK_M, BLOCK_N)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     out_mask = (offs_n < S)[:, None] & dm[None, :]
     g_off = b * sgb + h * sgh + offs_n[:, None] * sgs + offs_d[None, :]  # dk, dv: (B, S, H, D)
     tl.store(dk_ptr + g_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
@@ -436,33 +531,47 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dq_ptr,
-    S, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
+    S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
-    """dQ of BLOCK_M queries, looping over key blocks; q, k, v, do are descriptors when TMA."""
+    """dQ of BLOCK_M queries, looping over key blocks; k, v (and q, do unless WS) are descriptors
+    when TMA."""
     pid_m, bh, b, h, offs_m, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_M)
     q_mask = (offs_m < S)[:, None] & dm[None, :]
-    q = _src_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
-    do = _src_tile(do_ptr, b, h, sdb, sds, sdh, pid_m * BLOCK_M, offs_m, offs_d, S, dm, BLOCK_M, D, UPCAST, TMA)
-    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, offs_m)
+    q = _kept_tile(q_ptr, b, h, sqb, sqs, sqh, pid_m * BLOCK_M, offs_m, offs_d, S, H, dm, BLOCK_M, D, UPCAST, TMA, WS)
+    do = _kept_tile(do_ptr, b, h, sdb, sds, sdh, pid_m * BLOCK_M, offs_m, offs_d, S, H, dm, BLOCK_M, D, UPCAST, TMA,
+                    WS)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, S, SR, pid_m * BLOCK_M, BLOCK_M, WS)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
-    n_full = 0 if (HAS_PAD or CAUSAL) else (S // BLOCK_N) * BLOCK_N  # as in the forward
+    n_full = 0 if (HAS_PAD or CAUSAL or WS) else (S // BLOCK_N) * BLOCK_N  # as in the forward
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
-                       offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, False, False, False, UPCAST, PREC, TMA)
-    for start_n in range(n_full, hi, BLOCK_N):
+                       offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, False, False, False, UPCAST, PREC, TMA, False)
+    for start_n in tl.range(n_full, hi, BLOCK_N, warp_specialize=WS):
         dq = _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n,
-                       offs_m, offs_d, dm, S, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL, UPCAST, PREC, TMA)
+                       offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL, UPCAST, PREC, TMA, WS)
     tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
+def side_cols(S: int) -> int:
+    """Row length of the per-token side buffers (lse, delta: fp32 (B, H, ·); the pad mask: int8
+    (B, ·)): S rounded up to 16 elements, so that every row starts 16-byte aligned, as the
+    descriptors of the warp-specialised kernels need (also works on torch.compile's SymInts)."""
+    return (S + 15) // 16 * 16
+
+
 def _pad_arg(key_padding_mask, q):
+    """The pad mask as int8 (B, side_cols(S)) rows (True = valid key), or a placeholder."""
     if key_padding_mask is None:
         return torch.zeros(1, dtype=torch.int8, device=q.device), False
-    return key_padding_mask.to(torch.int8).contiguous(), True
+    B, S = key_padding_mask.shape
+    pad = torch.zeros((B, side_cols(S)), dtype=torch.int8, device=q.device)
+    pad[:, :S] = key_padding_mask
+    return pad, True
 
 
 def _qkv_strides(q, k, v):
@@ -498,31 +607,54 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [B, S, H * D], [t.stride(0), t.stride(1), 1], [1, rows, D])
 
 
-def _sources(cfg: LaunchConfig, q, k, v, do=None) -> tuple:
+# The tensors each kernel keeps through its loop; warp-specialised, the kernel makes their
+# descriptors itself (see _kept_tile), so they go in as tensors.
+_KEPT = {"fwd": ("q",), "dq": ("q", "do"), "dkdv": ("k", "v")}
+
+
+def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
     """The kernel's q, k, v (, do) arguments: the tensors, or descriptors with the config's boxes
     (queries and dO by BLOCK_M rows, keys and values by BLOCK_N)."""
-    ts = (q, k, v) if do is None else (q, k, v, do)
+    names, ts = ("q", "k", "v", "do"), (q, k, v) if do is None else (q, k, v, do)
     if not cfg.tma:
         return ts
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
-    return tuple(_descriptor(t, r) for t, r in zip(ts, rows, strict=False))
+    kept = _KEPT[kernel] if cfg.ws else ()
+    return tuple(t if n in kept else _descriptor(t, r) for n, t, r in zip(names, ts, rows, strict=False))
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")  # Triton's launcher: current device and stream
+
+
+def _launch(kernel, grid, cfg: LaunchConfig, device: torch.device, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with the config's launch knobs. Descriptors made in the
+    kernel (warp-specialised configs) need Triton's global-scratch allocator (128 bytes per
+    descriptor and program): torch's caching allocator, set in a copy of the caller's context, so
+    for this launch only and whatever allocator the caller has set stays as it was."""
+    def run():
+        if cfg.ws and device.type == "cuda":
+            triton.set_allocator(_scratch)
+        kernel[grid](*args, **kwargs, TMA=cfg.tma, WS=cfg.ws, **cfg.kwargs())
+
+    contextvars.copy_context().run(run)
 
 
 def attention_fwd(q, k, v, key_padding_mask, scale, causal):
-    """Flash attention on (B, S, H, D) views; returns out (B, S, H, D) and lse (B, H, S) fp32 (base 2)."""
+    """Flash attention on (B, S, H, D) views; returns out (B, S, H, D) and the log-sum-exp (base 2)
+    lse (B, H, side_cols(S)) fp32, entries past S unused."""
     _check_last_dim(q, k, v)
     B, S, H, D = q.shape
+    SR = side_cols(S)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, SR), dtype=torch.float32, device=q.device)
     pad, has_pad = _pad_arg(key_padding_mask, q)
 
     def launch(cfg: LaunchConfig):
-        srcs = _sources(cfg, q, k, v)
-        _attn_fwd_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
-            *srcs, out, lse, pad, S, H, *_qkv_strides(q, k, v), out.stride(0), out.stride(1), out.stride(2),
-            scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D), HAS_PAD=has_pad, CAUSAL=causal,
-            UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype), TMA=cfg.tma, **cfg.kwargs(),
-        )
+        _launch(_attn_fwd_kernel, (triton.cdiv(S, cfg.block_m), B * H), cfg, q.device,
+                *_sources(cfg, "fwd", q, k, v), out, lse, pad, S, SR, H, *_qkv_strides(q, k, v), out.stride(0),
+                out.stride(1), out.stride(2), scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D),
+                HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
 
     launch(_pick("fwd", q, (has_pad, causal), launch, _tma_ok(q, k, v)))
     return out, lse
@@ -534,9 +666,10 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
     B, S, H, D = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
-    delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    SR = side_cols(S)
+    delta = torch.empty((B, H, SR), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(S, DELTA_BLOCK), B * H)](
-        out, do, delta, S, H, *out.stride()[:3], *do.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
+        out, do, delta, S, SR, H, *out.stride()[:3], *do.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_M=DELTA_BLOCK)
     pad, has_pad = _pad_arg(key_padding_mask, q)
     dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
@@ -546,14 +679,14 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
     strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2), *dq.stride()[:3])
 
     def launch_dkdv(cfg: LaunchConfig):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * H)](
-            *_sources(cfg, q, k, v, do), lse, delta, pad, dk, dv, S, H, *strides, scale, scale * LOG2E, **common,
-            TMA=cfg.tma, **cfg.kwargs())
+        _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_n), B * H), cfg, q.device,
+                *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, S, SR, H, *strides, scale, scale * LOG2E,
+                **common)
 
     def launch_dq(cfg: LaunchConfig):
-        _attn_bwd_dq_kernel[(triton.cdiv(S, cfg.block_m), B * H)](
-            *_sources(cfg, q, k, v, do), lse, delta, pad, dq, S, H, *strides, scale, scale * LOG2E, **common,
-            TMA=cfg.tma, **cfg.kwargs())
+        _launch(_attn_bwd_dq_kernel, (triton.cdiv(S, cfg.block_m), B * H), cfg, q.device,
+                *_sources(cfg, "dq", q, k, v, do), lse, delta, pad, dq, S, SR, H, *strides, scale, scale * LOG2E,
+                **common)
 
     tma = _tma_ok(q, k, v, do)
     launch_dkdv(_pick("dkdv", q, (has_pad, causal), launch_dkdv, tma))
@@ -567,6 +700,18 @@ def default_scale(D: int, scale: float | None) -> float:
 
 CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64)]
 _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _sm90_signature(sig: dict, kernel: str, cfg: LaunchConfig, dt: str, D: int) -> dict:
+    """An attention kernel's signature for ``cfg``: with TMA, Q, K, V (and dO) are host tensor
+    descriptors with (1, rows, D) boxes, except the tensors a warp-specialised kernel keeps."""
+    if not cfg.tma:
+        return sig
+    boxes = {"q_ptr": cfg.block_m, "k_ptr": cfg.block_n, "v_ptr": cfg.block_n}
+    if kernel != "fwd":
+        boxes["do_ptr"] = cfg.block_m
+    kept = {f"{n}_ptr" for n in _KEPT[kernel]} if cfg.ws else set()
+    return {**sig, **{a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items() if a not in kept}}
 
 
 def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
@@ -595,16 +740,16 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
             reports.append({**compile_sm90(kernel, sig, flags, aligned=pre_aligned, ones=pre_ones), **tag})
         qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
         strides = {f"s{a}{b}": i32 for a in "qkvodg" for b in "bsh"}
-        delta_sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "S": i32, "H": i32,
+        delta_sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "S": i32, "SR": i32, "H": i32,
                      **{k: i32 for k in strides if k[1] in "od"}}
         reports.append({**compile_sm90(_bwd_delta_kernel, delta_sig, {"D": D, "BLOCK_D": D, "BLOCK_M": DELTA_BLOCK},
-                                       aligned=tuple(strides)), **tag})
+                                       aligned=(*strides, "SR")), **tag})
         common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
-        tail = {"S": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvdg"}, "scale": "fp32",
+        tail = {"S": i32, "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvdg"}, "scale": "fp32",
                 "scale_log2": "fp32"}
         sigs = {
             "fwd": (_attn_fwd_kernel, {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32,
-                                       "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
+                                       "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
                                        "scale_log2": "fp32"}),
             "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}),
             "dq": (_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}),
@@ -613,14 +758,12 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 "PREC": _precision(_TORCH_DT[dt])}
         for name, (kernel, sig) in sigs.items():
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
-                flags = {**attn, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-                flags["TMA"] = cfg.tma
-                cfg_sig = sig
-                if cfg.tma:  # Q, K, V (and dO) arrive as tensor descriptors with (1, rows, D) boxes
-                    boxes = {"q_ptr": cfg.block_m, "k_ptr": cfg.block_n, "v_ptr": cfg.block_n}
-                    if name != "fwd":
-                        boxes["do_ptr"] = cfg.block_m
-                    cfg_sig = {**sig, **{a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items()}}
-                r = compile_sm90(kernel, cfg_sig, flags, cfg.num_warps, cfg.num_stages, aligned=tuple(strides))
-                reports.append({**r, **tag, "tma": cfg.tma})
+                # warp-specialised code is compiled with and without the pad mask: Triton's pass
+                # takes some loads and not others, so both variants must be seen to compile
+                for has_pad in (True, False) if cfg.ws else (True,):
+                    flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                             "TMA": cfg.tma, "WS": cfg.ws}
+                    r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,
+                                     cfg.num_stages, aligned=(*strides, "SR"))
+                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws})
     return reports

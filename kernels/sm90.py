@@ -137,6 +137,10 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
         "registers": int(regs.group(1)) if regs else None,
         "shared_bytes": compiled.metadata.shared,
         "spills": sum(int(s) for s in spill),
+        # warp specialisation shows as more warps launched than asked for (a producer group and a
+        # second consumer group) and register reallocation between the groups (setmaxnreg)
+        "warps_launched": compiled.metadata.num_warps,
+        "setmaxnreg": ptx.count("setmaxnreg."),
         **sass_facts(cubin),
     }
 

@@ -7,6 +7,7 @@ import torch
 from kiln import kernels
 from kiln.engine.metrics import read_metrics
 from kiln.engine.train import train
+from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES
 from kiln.model import MMDiT, MMDiTConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -102,12 +103,12 @@ def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
     check_against_reference(case, torch.bfloat16, device="cuda")
 
 
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")  # -k D128: one head dim per device call
+@pytest.mark.parametrize("index", range(max(map(len, ATTN_CANDIDATES.values()))))
 def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
     """Each launch-config candidate the autotuner may pick (candidate ``index`` of each kernel,
-    wrapping round; TMA forward candidates included) computes the op within the 2x rule, not only
-    the one that wins the timing."""
+    wrapping round; TMA and warp-specialised candidates included) computes the op within the 2x
+    rule, not only the one that wins the timing."""
     from test_qk_norm_attention_triton import check
 
     from kiln.kernels import autotune

@@ -168,29 +168,33 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
         kernels.qk_norm_attention(q, q, q, torch.ones(24), torch.ones(24))
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["tma", "warp_specialised"])
 @pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype", [
     (2, 117, 2, 64, 2, True, True, False, torch.float16),  # 77 text + 40 image tokens, padding
     (1, 100, 3, 128, 1, True, False, True, torch.bfloat16),  # causal, 100 = 64 + 36: a partial box
     (2, 70, 1, 128, 0, False, False, False, torch.float16),  # no masks: the unmasked-block path
 ])
-def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, monkeypatch):
+def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, ws, monkeypatch):
     """The TMA candidates of the forward and both backward kernels (Q, K, V, dO tiles through tensor
     descriptors over the (B, S, H·D) view; rows past S zero-filled by the copy engine, here by the
     interpreter's emulation of it) pass the same 2x rule as the pointer kernels, on boxes that
-    overrun S and a batch boundary."""
+    overrun S and a batch boundary; so do the warp-specialised ones (descriptors made in the
+    kernel, lse / delta / pad mask through 1-D descriptors, dK and dV computed transposed; the
+    interpreter runs them as plain programs, the specialisation itself is checked in the sm_90a
+    compile and on a GPU)."""
     from kiln.kernels import qk_norm_attention_triton as attn
 
     full, used = attn.attn_candidates, []
 
     def tma_only(kernel, dt, head_dim, tma=False):
         assert tma, "these inputs allow descriptors"
-        cands = [c for c in full(kernel, dt, head_dim, tma) if c.tma]
+        cands = [c for c in full(kernel, dt, head_dim, tma) if c.tma and c.ws == ws]
         used.append((kernel, cands[0]))
         return cands
 
     monkeypatch.setattr(attn, "attn_candidates", tma_only)
     check(B, S, H, D, G, rope, pad, causal, dtype, seed=11)
-    assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma for _, c in used)
+    assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma and c.ws == ws for _, c in used)
 
 
 def test_tma_is_used_only_where_descriptors_fit():
@@ -229,10 +233,14 @@ def test_sm90_compile_check():
 
     reports = sm90_reports("kiln.kernels.qk_norm_attention_triton")
     # per config: norm+RoPE fwd and bwd, the backward's delta pre-pass, every attention candidate
-    expected = sum(3 + sum(len(attn_candidates(k, _TORCH_DT[dt], D, tma=True)) for k in ("fwd", "dkdv", "dq"))
+    # (warp-specialised ones with and without the pad mask)
+    expected = sum(3 + sum(len(c) + sum(x.ws for x in c) for c in (attn_candidates(k, _TORCH_DT[dt], D, tma=True)
+                                                                   for k in ("fwd", "dkdv", "dq")))
                    for dt, D in CONFIGS_SM90)
     assert len(reports) == expected
     assert sum(r.get("tma", False) for r in reports) >= 4
+    assert {r["kernel"] for r in reports if r.get("ws")} == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                             "_attn_bwd_dq_kernel"}
     for r in reports:
         assert r["registers"] and r["registers"] <= 255, r
         if r["dtype"] == "fp32":  # correctness path, full-precision FMA dots
@@ -244,5 +252,10 @@ def test_sm90_compile_check():
             assert r["tma_loads"] > 0 and "128" not in r["global_load_bits"], r
         else:
             assert r["global_load_bits"].get("128", 0) > 0, r
+        if r.get("ws"):  # a producer and two consumer warp groups, registers moved between them
+            assert r["warps_launched"] == 3 * r["num_warps"] and r["setmaxnreg"] > 0, r
+            assert not r["global_load_bits"], r  # even lse, delta and the pad mask come by TMA
+        else:
+            assert r["warps_launched"] == r["num_warps"] and r["setmaxnreg"] == 0, r
         if r["kernel"].startswith("_attn"):
             assert r["hgmma"] > 0 and r["hmma"] == 0, r
