@@ -623,18 +623,14 @@ def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
     return tuple(t if n in kept else _descriptor(t, r) for n, t, r in zip(names, ts, rows, strict=False))
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")  # Triton's launcher: current device and stream
-
-
 def _launch(kernel, grid, cfg: LaunchConfig, device: torch.device, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the config's launch knobs. Descriptors made in the
     kernel (warp-specialised configs) need Triton's global-scratch allocator (128 bytes per
     descriptor and program): torch's caching allocator, set in a copy of the caller's context, so
     for this launch only and whatever allocator the caller has set stays as it was."""
     def run():
-        if cfg.ws and device.type == "cuda":
-            triton.set_allocator(_scratch)
+        if cfg.ws and device.type == "cuda":  # the caching allocator orders its blocks on the current stream
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
         kernel[grid](*args, **kwargs, TMA=cfg.tma, WS=cfg.ws, **cfg.kwargs())
 
     contextvars.copy_context().run(run)

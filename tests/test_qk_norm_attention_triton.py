@@ -210,6 +210,18 @@ def test_tma_is_used_only_where_descriptors_fit():
     assert not _tma_ok(t, t, t)  # heads not adjacent (stride 33·64)
 
 
+def test_warp_specialised_candidates_are_offered_with_tma_and_can_be_switched_off(monkeypatch):
+    from kiln.kernels.qk_norm_attention_triton import attn_candidates
+
+    for kernel in ("fwd", "dkdv", "dq"):
+        with_ws = attn_candidates(kernel, torch.bfloat16, 128, tma=True)
+        assert any(c.ws for c in with_ws) and all(c.tma for c in with_ws if c.ws)
+        assert not any(c.ws for c in attn_candidates(kernel, torch.bfloat16, 128, tma=False))
+        monkeypatch.setenv("KILN_ATTN_WS", "0")
+        assert [c for c in with_ws if not c.ws] == attn_candidates(kernel, torch.bfloat16, 128, tma=True)
+        monkeypatch.delenv("KILN_ATTN_WS")
+
+
 def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
     """benchmarks/attention.py reports the configs chosen for its shape class from the tuner's keys."""
     from kiln.benchmarks.attention import _configs_for
