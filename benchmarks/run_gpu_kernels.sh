@@ -4,7 +4,8 @@
 #   bash benchmarks/run_gpu_kernels.sh configs 64    # every attention launch candidate at D = 64
 #   bash benchmarks/run_gpu_kernels.sh configs 128   # ... at D = 128, then 256 (8 JIT sets each, one call per D)
 #   bash benchmarks/run_gpu_kernels.sh group_norm    # GroupNorm GB/s, graph + eager timing
-#   bash benchmarks/run_gpu_kernels.sh attention     # attention TFLOP/s (autotunes first)
+#   bash benchmarks/run_gpu_kernels.sh attention     # attention TFLOP/s (autotunes first; target shapes first)
+#   bash benchmarks/run_gpu_kernels.sh attention quick  # only S = 4096 + 77, H 24, D 128
 #   bash benchmarks/run_gpu_kernels.sh qk_norm_rope  # norm+RoPE pre-kernel GB/s
 #   bash benchmarks/run_gpu_kernels.sh all           # everything (needs ~25 minutes)
 # Logs and JSONL rows go to $OUT (or ./gpu-out). Each stage installs kiln (with the csrc CUDA
@@ -38,7 +39,7 @@ if run group_norm; then
     | grep -v -i warn | tee "$OUT/bench-group-norm.log" | tail -70
 fi
 if run attention; then
-  timeout 540 python3 -m kiln.engine.cli bench attention --out "$OUT/results.jsonl" 2>&1 \
+  timeout 540 python3 -m kiln.engine.cli bench attention ${2:+--$2} --out "$OUT/results.jsonl" 2>&1 \
     | grep -v -i warn | tee "$OUT/bench-attention.log" | tail -70
 fi
 if run qk_norm_rope; then
