@@ -173,6 +173,7 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
     (2, 117, 2, 64, 2, True, True, False, torch.float16),  # 77 text + 40 image tokens, padding
     (1, 100, 3, 128, 1, True, False, True, torch.bfloat16),  # causal, 100 = 64 + 36: a partial box
     (2, 70, 1, 128, 0, False, False, False, torch.float16),  # no masks: the unmasked-block path
+    (1, 333, 2, 64, 2, True, True, False, torch.float16),  # several programs and loop steps per head
 ])
 def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, ws, monkeypatch):
     """The TMA candidates of the forward and both backward kernels (Q, K, V, dO tiles through tensor
