@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
                                  dx.data_ptr<scalar_t>(), dw_rows.data_ptr<float>());
   });
   // Weight gradient: Σ over batch and heads, then over the tokens of each group.
-  at::Tensor per_token = dw_rows.sum({0, 2});  // (S, D)
+  // IntArrayRef spelled out: torch 2.11 also has sum(DimnameList), which makes {0, 2} ambiguous
+  at::Tensor per_token = dw_rows.sum(at::IntArrayRef{0, 2});  // (S, D)
   at::Tensor dw = at::zeros({sh.G, sh.D}, per_token.options());
   if (a.token_group.defined())
     dw.index_add_(0, a.token_group, per_token);

@@ -32,6 +32,17 @@ from kiln.kernels import csrc
 PRIORITY = ("triton", "csrc", "torch")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("kiln_backend", default=None)
+# The same choice as a plain module global, read while torch.compile traces: dynamo reads module
+# globals and guards on them (a change recompiles), but torch 2.11, the GPU machine's, cannot
+# trace ContextVar.get (fullgraph=True failed). Process-wide, so only the ContextVar is per thread.
+_forced_in_compile: str | None = None
+
+
+def current_backend() -> str | None:
+    """The backend ``use_backend`` forces here (None: automatic selection)."""
+    if torch.compiler.is_compiling():
+        return _forced_in_compile
+    return _forced.get()
 
 
 class BackendError(RuntimeError):
@@ -82,7 +93,7 @@ def triton_device_reason(t: torch.Tensor) -> str | None:
         return None
     if os.environ.get("TRITON_INTERPRET") != "1":
         return f"tensors are on {t.device.type}; Triton needs CUDA (or TRITON_INTERPRET=1 on the CPU)"
-    if _forced.get() != "triton":
+    if current_backend() != "triton":
         return "CPU tensors run on the reference unless use_backend('triton') forces the interpreter"
     return None
 
@@ -93,7 +104,7 @@ def csrc_unavailable_reason() -> str | None:
 
 def csrc_device_reason(t: torch.Tensor, op: str) -> str | None:
     """Why the csrc backend will not take tensor ``t`` for ``op`` (None when it will)."""
-    return csrc.device_reason(t, op, forced=_forced.get() == "csrc")
+    return csrc.device_reason(t, op, forced=current_backend() == "csrc")
 
 
 _AVAILABILITY: dict[str, Callable[[], str | None]] = {
@@ -118,15 +129,14 @@ def use_backend(name: str | None) -> Iterator[None]:
     """Force every op inside the block onto backend ``name`` (``None`` restores auto)."""
     if name is not None and name not in PRIORITY:
         raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(PRIORITY)}")
-    token = _forced.set(name)
+    global _forced_in_compile
+    token, outer = _forced.set(name), _forced_in_compile
+    _forced_in_compile = name
     try:
         yield
     finally:
         _forced.reset(token)
-
-
-def current_backend() -> str | None:
-    return _forced.get()
+        _forced_in_compile = outer
 
 
 def _refusals(op: str, backend: str, args: tuple, kwargs: dict) -> list[str]:
@@ -141,7 +151,7 @@ def _refusals(op: str, backend: str, args: tuple, kwargs: dict) -> list[str]:
 
 def select(op: str, *args, **kwargs) -> str:
     """Name of the backend that would run ``op`` on these arguments."""
-    forced = _forced.get()
+    forced = current_backend()
     if forced is not None and forced in _REGISTRY.get(op, {}):
         reasons = _refusals(op, forced, args, kwargs)
         if reasons:
