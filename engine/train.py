@@ -238,7 +238,8 @@ class Trainer:
         drop = caption_drop_mask(B, cfg.data.caption_dropout, self.cpu_gen)[local]
         H, W = self.loader.next_shape()  # this batch's bucket in pixels (square for the shapes set)
         grid = (H // self.pixels_per_token, W // self.pixels_per_token)
-        times = sample_timesteps(cfg.objective, B, grid[0] * grid[1], self.gen, self.device)[local]
+        # contiguous: a pipeline's first stage checks its inputs' strides against the first step's
+        times = sample_timesteps(cfg.objective, B, grid[0] * grid[1], self.gen, self.device)[local].contiguous()
         first = self.images_seen(self.step)
         for part in self.parts:
             part.grid = grid

@@ -166,7 +166,7 @@ class MMDiT(nn.Module):
 
     ``forward(x, t, text, text_mask, pooled, micro)`` runs the whole model. A pipeline stage
     (kiln.engine.parallel) is this module with some parts set to ``None`` and some blocks
-    dropped: a stage without the input embedders takes the carrier ``(xs, c, key_mask)`` from the
+    dropped: a stage without the input embedders takes the carrier ``(xs, cond)`` from the
     previous stage, and a stage without the output layer hands the carrier on. Blocks live in
     ModuleDicts keyed by their index, so parameter names are the same in every layout and a
     checkpoint moves between layouts.
@@ -224,14 +224,19 @@ class MMDiT(nn.Module):
         (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels. Returns (B, C, H, W).
         Pipeline stages take / return the carrier instead (see the class docstring).
         """
-        carrier = self.embed(*inputs) if self.img_in is not None else inputs
-        xs = self.run_blocks(*carrier)
+        xs, cond = self.embed(*inputs) if self.img_in is not None else inputs
+        xs = self.run_blocks(xs, cond)
         if self.final is None:
-            return (xs, *carrier[1:])
-        return self.head(xs, carrier[1])
+            return xs, cond
+        return self.head(xs, cond)
 
     def embed(self, x, t, text, text_mask, pooled, micro):
-        """-> carrier: xs (B, L+N, W) = [text tokens, image tokens], c (B, W), key_mask (B, L+N) float."""
+        """-> carrier: xs (B, L+N, W) = [text tokens, image tokens], cond (B, W + L+N) = [c | key mask].
+
+        c and the key mask travel as one tensor because a pipeline stage sends a gradient back for
+        every tensor it received and torch 2.11's PipelineStage refuses a None one: the mask alone
+        has no gradient, [c | mask] has c's (zero in the mask columns).
+        """
         cfg = self.cfg
         B, _, Hpx, Wpx = x.shape
         self.grid = h, w = Hpx // cfg.patch_size, Wpx // cfg.patch_size
@@ -240,13 +245,13 @@ class MMDiT(nn.Module):
             img = img + sincos_2d(h, w, cfg.width, device=x.device).to(img.dtype)
         txt = self.txt_in(text)  # (B, L, W)
         c = self.conditioning(t, pooled, micro)  # (B, W)
-        # float, not bool: the carrier crosses pipeline stages, whose transport sends float tensors
-        key_mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], 1).to(img.dtype)
-        return torch.cat([txt, img], dim=1), c, key_mask
+        key_mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], 1).to(c.dtype)  # (B, L+N)
+        return torch.cat([txt, img], dim=1), torch.cat([c, key_mask], dim=1)
 
-    def run_blocks(self, xs, c, key_mask):
+    def run_blocks(self, xs, cond):
         """This module's blocks on the carrier; xs (B, L+N, W) in and out."""
         cfg = self.cfg
+        c, key_mask = cond[:, :cfg.width], cond[:, cfg.width:]  # (B, W), (B, L+N)
         h, w = self.grid
         S, N = xs.shape[1], h * w
         L = S - N
@@ -271,9 +276,10 @@ class MMDiT(nn.Module):
             xs = gather_seq(xs, self.tp)
         return xs  # (B, S, W)
 
-    def head(self, xs, c):
+    def head(self, xs, cond):
         """Carrier -> velocity (B, C, H, W) from the image tokens."""
         cfg = self.cfg
+        c = cond[:, :cfg.width]  # (B, W)
         h, w = self.grid
         img = xs[:, xs.shape[1] - h * w:]  # (B, N, W)
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)

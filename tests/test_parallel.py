@@ -157,6 +157,35 @@ def test_layout_errors_name_the_field():
     assert cfg.parallel.sizes(8) == {"dp_replicate": 1, "dp_shard": 8, "tp": 1, "pp": 1}
 
 
+def test_every_pipeline_carrier_tensor_carries_a_gradient():
+    """A stage sends a gradient back for each tensor it received; torch 2.11's PipelineStage
+    refuses a None one. So every carrier tensor a stage hands on must require grad, and every
+    carrier tensor a stage receives must get a gradient, padding mask included."""
+    from kiln.engine.parallel import stage_module
+    from kiln.model import MMDiT, MMDiTConfig
+
+    torch.manual_seed(0)
+    cfg = MMDiTConfig(width=32, depth=2, single_depth=1, heads=2, patch_size=2, text_dim=12, pooled_dim=8)
+    model = MMDiT(cfg)
+    first, middle, last = (stage_module(model, i, 3) for i in range(3))
+    B, L, H = 2, 5, 8
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 3:] = False
+    inputs = (torch.randn(B, cfg.in_channels, H, H), torch.rand(B), torch.randn(B, L, 12), mask, torch.randn(B, 8),
+              torch.tensor([[H, H, 0, 0, H, H]] * B, dtype=torch.float32))
+    sent = first(*inputs)
+    middle.grid = last.grid = first.grid  # the trainer sets it on every stage
+    assert all(t.requires_grad for t in sent), [t.requires_grad for t in sent]
+    received = [t.detach().requires_grad_() for t in sent]
+    handed_on = middle(*received)
+    assert all(t.requires_grad for t in handed_on)
+    out = last(*[t.detach().requires_grad_() for t in handed_on])
+    torch.autograd.backward(handed_on, [torch.randn_like(t) for t in handed_on])
+    assert all(t.grad is not None for t in received), [t.grad is None for t in received]
+    # the stages together are the model: same output as the unsplit module
+    torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-6)
+
+
 def test_scaling_model_layouts_multiply_to_the_gpu_count_and_shard_memory():
     from kiln.engine.scaling import estimate, recommend
     from kiln.model.presets import preset
