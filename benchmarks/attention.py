@@ -14,7 +14,10 @@ Providers:
   triton      kiln's whole op (pre-pass + flash attention), use_backend("triton"); launch configs
               autotuned on first use (rows carry the choices, kernels/autotune.py)
   triton-default  the same with every kernel at its default config (what deterministic mode runs)
-  triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target)
+  triton-core kiln's attention kernels alone on pre-normalised Q, K (the "attention core" target);
+              its backward is whichever of the two modes the autotuner timed faster
+  core-separate, core-atomic  the same with the backward forced to one mode: dK/dV and dQ kernels
+              (deterministic), or dQ added by the dK/dV kernel's fp32 atomics (KILN_ATTN_BWD)
   prepass+cudnn  kiln's Triton norm+RoPE pre-pass (kiln.kernels.qk_norm_rope) then cuDNN SDPA:
               the other whole-op design; whichever of it and "triton" wins is the one to ship
   csrc+cudnn  the compiled (csrc) norm+RoPE pre-kernel then cuDNN SDPA: the model's
@@ -78,9 +81,10 @@ def providers(kw):
                                                       v.transpose(1, 2)).transpose(1, 2)
         return fn
 
-    def triton_core(q, k, v, qw, kw_):
-        from kiln.kernels.qk_norm_attention_triton import attention_fwd
-        return _CoreAttention.apply(q, k, v, attention_fwd)
+    def triton_core(bwd_mode=None):
+        def fn(q, k, v, qw, kw_):
+            return _CoreAttention.apply(q, k, v, bwd_mode)
+        return fn
 
     def prepass_cudnn(backend):
         def fn(q, k, v, qw, kw_):
@@ -90,7 +94,8 @@ def providers(kw):
         return fn
 
     out = {"triton": whole("triton"), "triton-default": whole("triton", defaults=True),
-           "triton-core": triton_core, "prepass+cudnn": prepass_cudnn("triton"),
+           "triton-core": triton_core(), "core-separate": triton_core("separate"),
+           "core-atomic": triton_core("atomic"), "prepass+cudnn": prepass_cudnn("triton"),
            "eager": whole("torch"),
            "sdpa-flash": sdpa("flash"), "sdpa-cudnn": sdpa("cudnn")}
     if kernels.available_backends()["csrc"] is None:
@@ -110,9 +115,12 @@ class _CoreAttention(torch.autograd.Function):
     """kiln's attention kernels without the norm pre-pass (for the attention-core number)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fwd):
-        out, lse = fwd(q, k, v, None, 1 / math.sqrt(q.shape[-1]), False)
+    def forward(ctx, q, k, v, bwd_mode):
+        from kiln.kernels.qk_norm_attention_triton import attention_fwd
+
+        out, lse = attention_fwd(q, k, v, None, 1 / math.sqrt(q.shape[-1]), False)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bwd_mode = bwd_mode
         return out
 
     @staticmethod
@@ -120,7 +128,7 @@ class _CoreAttention(torch.autograd.Function):
         from kiln.kernels.qk_norm_attention_triton import attention_bwd
 
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, None, 1 / math.sqrt(q.shape[-1]), False)
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, None, 1 / math.sqrt(q.shape[-1]), False, ctx.bwd_mode)
         return dq, dk, dv, None
 
 
@@ -160,6 +168,8 @@ def run(shapes, out: Path | None = None) -> list[dict]:
         B = args[0].shape[0]
         for name, fn in providers(kw).items():
             for mode in ("fwd", "bwd", "fwd+bwd"):
+                if mode == "fwd" and name.startswith("core-"):  # the same forward as triton-core
+                    continue
                 base = {"op": "qk_norm_attention", "provider": name, "mode": mode, "B": B, "S": S, "H": H, "D": D,
                         "dtype": "bf16", **prov}
                 try:
@@ -170,7 +180,7 @@ def run(shapes, out: Path | None = None) -> list[dict]:
                     continue
                 tflops = flops(B, S, H, D, mode) / (q[1] / 1e3) / 1e12
                 rows.append({**base, "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "tflops": tflops})
-                if name in ("triton", "triton-core"):
+                if name in ("triton", "triton-core", "core-separate", "core-atomic"):
                     rows[-1]["configs"] = _configs_for(S, D)
                 append_rows(out, rows[-1:])
                 print(f"{name:12s} {mode:8s} B{B} S{S} H{H} D{D} {q[1]:.3f} ms {tflops:6.1f} TFLOP/s", flush=True)

@@ -14,8 +14,9 @@ fastest, as ``triton.autotune`` does, but:
   bit for bit), while a CUDA graph is being captured, and with ``KILN_AUTOTUNE=0``;
 - choices are visible (:func:`choices`), so benchmark rows can say which config they timed.
 
-Candidates must overwrite their outputs (no atomics, no accumulation into inputs): timing runs
-each one on the caller's buffers.
+Candidates must leave their outputs as one launch would (overwrite them, or zero what they
+accumulate into within the launch, as the attention's atomic backward does): timing runs each
+one on the caller's buffers.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Backward: ``_bwd_delta_kernel`` (rowsum(dO·O) per query), ``_attn_bwd_dkdv_kern
 program per key block, loops over queries) and
 ``_attn_bwd_dq_kernel`` (one per query block, loops over keys; both warp-specialised in their
 ``ws`` candidates, dK/dV then computed transposed, keys as the rows the consumers split) — no
-atomics, so gradients are deterministic — then ``_norm_rope_bwd_kernel`` maps dQ̂, dK̂ back
+atomics, so gradients are deterministic — or, in the "atomic" backward, the dkdv kernel alone,
+adding each query block's dQ share into an fp32 buffer with atomics as FlashAttention-2 does (5
+matmuls instead of 7; which of the two runs is timed by the autotuner, see ``_bwd_mode``),
+then ``_norm_rope_bwd_kernel`` maps dQ̂, dK̂ back
 through RoPE and the norm and writes per-program partial sums of the norm-weight gradients
 (reduced over tokens in torch).
 The normalised Q̂, K̂ are recomputed by the pre-pass in the backward instead of being saved: one
@@ -69,8 +72,9 @@ DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 # pre-Hopper path), 128x128 at D = 128 (40-byte spill), 128-row tiles at 4 warps for D = 128
 # (240-544 bytes spilled), the old D = 256 default 32x32 (HMMA only), warp-specialised dK/dV with
 # 128 queries per step (3 KB spilled) or 3 stages at D = 128 (40 bytes), and warp-specialised dq
-# at D = 256 (only 32-key steps fit, in 226 of the 227 KiB of shared memory). Which candidate
-# wins is for the GPU to say (kernels/autotune.py).
+# at D = 256 (only 32-key steps fit, in 226 of the 227 KiB of shared memory), and the pointer dq
+# 128x64/w4/s3 at D = 64 (0 spills under Triton 3.8, 32 bytes under the GPU machine's 3.6).
+# Which candidate wins is for the GPU to say (kernels/autotune.py).
 _C = LaunchConfig
 _WS = dict(tma=True, ws=True)
 ATTN_CANDIDATES = {
@@ -80,7 +84,7 @@ ATTN_CANDIDATES = {
                   _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     ("dkdv", 64): [_C(64, 64, 4, 3), _C(64, 64, 8, 3), _C(64, 128, 8, 3), _C(128, 64, 8, 3),
                    _C(64, 128, 8, 3, tma=True), _C(64, 128, 4, 3, **_WS)],
-    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 4, 3),
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3),
                  _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # 64 < D <= 128: dK, dV and the K, V tiles live together in dkdv, 4 warps spill 32 bytes there
     ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
@@ -89,6 +93,15 @@ ATTN_CANDIDATES = {
     ("dkdv", 128): [_C(64, 64, 8, 3), _C(64, 64, 8, 3, tma=True), _C(64, 128, 4, 2, **_WS)],
     ("dq", 128): [_C(64, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
+    # the "atomic" backward's dkdv kernel (dQ added with fp32 atomics, see _bwd_mode): its dQ tile
+    # takes registers, so at D = 128 only TMA tiles stay spill-free under both Triton 3.8 and the
+    # GPU machine's 3.6 (the pointer 64x64/w8 spills 24-28 bytes under 3.6, 4 warps 288 under
+    # 3.8), and so does 64x128 at D = 64 only with TMA and 2 stages (20-1544 bytes otherwise); at
+    # D = 256 every candidate spills (516+ bytes) and there is none; nor a warp-specialised one
+    # (the pass fails on the atomics in NVGPUWarpSpecialization)
+    ("dkdv_dq", 64): [_C(64, 64, 4, 3), _C(64, 128, 8, 2, tma=True), _C(64, 64, 4, 3, tma=True)],
+    ("dkdv_dq", 128): [_C(64, 64, 8, 3, tma=True), _C(64, 64, 8, 2, tma=True)],
+    ("dkdv_dq", 256): [],
     # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
     ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True),
                    _C(128, 64, 4, 2, **_WS)],
@@ -97,11 +110,13 @@ ATTN_CANDIDATES = {
 }
 # fp32 takes full-precision FMA dots (no tensor cores; 64x64 spilled 47-135 KB): the correctness
 # path, small tiles (its dkdv spilled 1.7 KB at 4 warps, 32 bytes at 8).
-FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": [_C(32, 32, 8, 3)]}
+FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": [_C(32, 32, 8, 3)],
+                   "dkdv_dq": [_C(32, 32, 8, 3)]}
 
 
 def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) -> list[LaunchConfig]:
-    """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq"); the TMA ones
+    """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq", "dkdv_dq": dkdv
+    adding dQ with atomics); the TMA ones
     only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`), the warp-specialised
     ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves)."""
     if dtype == torch.float32:
@@ -464,6 +479,15 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _dq_atomic_add(dq_ptr, ds, k, b, h, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC: tl.constexpr):
+    """dQ += scale · dS·K for queries offs_m, into the fp32 (B, S, H, D) accumulator: every key
+    block's program adds to the same query rows (red.global.add.f32, no return value)."""
+    part = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale  # (BLOCK_M, BLOCK_D)
+    tl.atomic_add(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :], part,
+                  mask=(offs_m < S)[:, None] & dm[None, :], sem="relaxed")
+
+
+@triton.jit
 def _dkdv_block_t(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, start_m, offs_n, offs_d, dm, S,
                   SR, scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                   UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -489,14 +513,18 @@ def _dkdv_block_t(dk, dv, k, v, keep, q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, b
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dk_ptr, dv_ptr, dq_ptr,
     S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    WS: tl.constexpr,
+    WS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys, looping over query blocks; q, do (and k, v unless WS) are
-    descriptors when TMA."""
+    descriptors when TMA. With DQ_ATOMIC also dQ (the "atomic" backward): each query block's
+    scale · dS·K is added into dq_ptr, a zeroed fp32 (B, S, H, D) buffer, so the dq kernel and its
+    recomputed QK^T and dO·V^T (2 of the backward's 7 matmuls) are not needed. Not with WS:
+    Triton's warp specialisation fails on the atomics (3.8, NVGPUWarpSpecialization)."""
+    tl.static_assert(not (WS and DQ_ATOMIC), "the atomic dQ has no warp-specialised variant")
     pid_n, bh, b, h, offs_n, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_N)
     k = _kept_tile(k_ptr, b, h, skb, sks, skh, pid_n * BLOCK_N, offs_n, offs_d, S, H, dm, BLOCK_N, D, UPCAST, TMA, WS)
     v = _kept_tile(v_ptr, b, h, svb, svs, svh, pid_n * BLOCK_N, offs_n, offs_d, S, H, dm, BLOCK_N, D, UPCAST, TMA, WS)
@@ -522,6 +550,8 @@ def _attn_bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if DQ_ATOMIC:
+                _dq_atomic_add(dq_ptr, ds, k, b, h, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC)
     out_mask = (offs_n < S)[:, None] & dm[None, :]
     g_off = b * sgb + h * sgh + offs_n[:, None] * sgs + offs_d[None, :]  # dk, dv: (B, S, H, D)
     tl.store(dk_ptr + g_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
@@ -609,7 +639,7 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 # The tensors each kernel keeps through its loop; warp-specialised, the kernel makes their
 # descriptors itself (see _kept_tile), so they go in as tensors.
-_KEPT = {"fwd": ("q",), "dq": ("q", "do"), "dkdv": ("k", "v")}
+_KEPT = {"fwd": ("q",), "dq": ("q", "do"), "dkdv": ("k", "v"), "dkdv_dq": ("k", "v")}
 
 
 def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
@@ -656,8 +686,9 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
-    """dq, dk, dv (B, S, H, D) of :func:`attention_fwd`."""
+def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: str | None = None):
+    """dq, dk, dv (B, S, H, D) of :func:`attention_fwd`; ``mode`` as ``KILN_ATTN_BWD`` (_bwd_mode),
+    which it overrides."""
     _check_last_dim(q, k, v)
     B, S, H, D = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -674,20 +705,64 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal):
                   UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
     strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2), *dq.stride()[:3])
 
-    def launch_dkdv(cfg: LaunchConfig):
+    dq_acc = []  # the atomic mode's fp32 accumulator, made on first use
+
+    def launch_dkdv(cfg: LaunchConfig, atomic: bool = False):
+        if atomic:
+            dq_acc[:] = dq_acc or [torch.empty((B, S, H, D), dtype=torch.float32, device=q.device)]
+            dq_acc[0].zero_()  # zeroed in every launch: the autotuner's timing runs repeat it
         _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_n), B * H), cfg, q.device,
-                *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, S, SR, H, *strides, scale, scale * LOG2E,
-                **common)
+                *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, dq_acc[0] if atomic else dk, S, SR, H,
+                *strides, scale, scale * LOG2E, DQ_ATOMIC=atomic, **common)
 
     def launch_dq(cfg: LaunchConfig):
         _launch(_attn_bwd_dq_kernel, (triton.cdiv(S, cfg.block_m), B * H), cfg, q.device,
                 *_sources(cfg, "dq", q, k, v, do), lse, delta, pad, dq, S, SR, H, *strides, scale, scale * LOG2E,
                 **common)
 
-    tma = _tma_ok(q, k, v, do)
-    launch_dkdv(_pick("dkdv", q, (has_pad, causal), launch_dkdv, tma))
-    launch_dq(_pick("dq", q, (has_pad, causal), launch_dq, tma))
+    tma, flags = _tma_ok(q, k, v, do), (has_pad, causal)
+    if _bwd_mode(q, flags, tma, launch_dkdv, launch_dq, mode) == "atomic":
+        return dq_acc[0].to(q.dtype), dk, dv
     return dq, dk, dv
+
+
+BWD_MODES = ("auto", "separate", "atomic")
+
+
+def _bwd_mode(q, flags: tuple, tma: bool, launch_dkdv, launch_dq, setting: str | None = None) -> str:
+    """Run the backward's dK, dV, dQ kernels one of two ways and say which:
+
+    - "separate" (the default): the dkdv kernel, then the dq kernel, each recomputing QK^T and
+      dO·V^T (7 matmuls for the backward's 5); no atomics, so bit-for-bit deterministic;
+    - "atomic": the dkdv kernel also adds each query block's dQ share into an fp32 buffer with
+      atomics (5 matmuls plus S/BLOCK_N fp32 adds per dQ element, FlashAttention-2's way); the
+      order of those adds varies from run to run.
+    ``KILN_ATTN_BWD`` = auto (default) | separate | atomic. Under auto, "atomic" is used only when
+    the autotuner timed it faster on this GPU, never under torch.use_deterministic_algorithms;
+    it has candidates only at D <= 128, and at D = 128 only with TMA tiles (the others spill), so
+    elsewhere even "atomic" runs "separate"."""
+    mode = setting or os.environ.get("KILN_ATTN_BWD", "auto")
+    if mode not in BWD_MODES:
+        raise ValueError(f"KILN_ATTN_BWD={mode!r}: allowed values are {', '.join(BWD_MODES)}")
+    if mode == "auto" and torch.are_deterministic_algorithms_enabled():
+        mode = "separate"
+    has_atomic = mode != "separate" and bool(attn_candidates("dkdv_dq", q.dtype, q.shape[3], tma))
+    plans = {}  # mode -> its kernels' launch configs (tuned here on first use); the default first
+    if mode != "atomic" or not has_atomic:
+        plans["separate"] = (_pick("dkdv", q, flags, launch_dkdv, tma), _pick("dq", q, flags, launch_dq, tma))
+    if has_atomic:
+        plans["atomic"] = (_pick("dkdv_dq", q, flags, lambda cfg: launch_dkdv(cfg, True), tma),)
+
+    def run(name: str) -> None:
+        if name == "atomic":
+            launch_dkdv(plans[name][0], True)
+        else:
+            launch_dkdv(plans[name][0])
+            launch_dq(plans[name][1])
+
+    mode = choose(tuning_key("bwd", q, flags, tma), list(plans), run, q) if len(plans) > 1 else next(iter(plans))
+    run(mode)
+    return mode
 
 
 def default_scale(D: int, scale: float | None) -> float:
@@ -747,7 +822,10 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
             "fwd": (_attn_fwd_kernel, {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32,
                                        "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
                                        "scale_log2": "fp32"}),
-            "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", **tail}),
+            "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": f"*{dt}",
+                                             **tail}),
+            "dkdv_dq": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": "*fp32",
+                                                **tail}),
             "dq": (_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}),
         }
         attn = {"D": D, "BLOCK_D": D, "HAS_PAD": True, "CAUSAL": False, "UPCAST": False,
@@ -759,7 +837,9 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 for has_pad in (True, False) if cfg.ws else (True,):
                     flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                              "TMA": cfg.tma, "WS": cfg.ws}
+                    if kernel is _attn_bwd_dkdv_kernel:
+                        flags["DQ_ATOMIC"] = name == "dkdv_dq"
                     r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,
                                      cfg.num_stages, aligned=(*strides, "SR"))
-                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws})
+                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "candidates": name})
     return reports

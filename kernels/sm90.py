@@ -89,6 +89,9 @@ def _facts(text: str) -> dict:
         "tma_loads": sum(n for op, n in ops.items() if op.startswith("UTMALDG")),
         "global_load_bits": {str(k): v for k, v in sorted(loads.items())},
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
+        # global atomic adds: REDG.E.ADD (no return value, what an unused tl.atomic_add becomes) or
+        # ATOMG.E.ADD; not the ATOMG.E.EXCH with which in-kernel tensor descriptors are published
+        "atomic_adds": sum(n for op, n in ops.items() if op.startswith(("RED", "ATOMG")) and ".ADD" in op),
         # subroutine calls, e.g. the ~70-instruction emulated 64-bit integer division
         "calls": sum(n for op, n in ops.items() if op.startswith("CALL")),
     }

@@ -121,11 +121,43 @@ def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
         return [cands[index % len(cands)]]
 
     monkeypatch.setattr(attn, "attn_candidates", forced)
+    monkeypatch.setenv("KILN_ATTN_BWD", "separate")  # the atomic backward's kernels: the next test
     autotune.forget()
     try:
         check(2, 333, 3, D, 2, True, True, False, torch.bfloat16, seed=index, device="cuda")
     finally:
         autotune.forget()
+
+
+@pytest.mark.parametrize("D", [64, 128], ids=lambda d: f"D{d}")  # D = 256 has no atomic candidate
+@pytest.mark.parametrize("index", range(max(len(ATTN_CANDIDATES[("dkdv_dq", d)]) for d in (64, 128))))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_atomic_backward_config_on_cuda(D, index, causal, monkeypatch):
+    """The atomic backward (KILN_ATTN_BWD=atomic: dQ added by the dkdv kernel's fp32 atomics), in
+    each of its launch candidates, passes the 2x rule on the GPU, where the adds really race.
+    (Hopper: at D = 128 its candidates are TMA ones.)"""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full, used = attn.attn_candidates, []
+
+    def forced(kernel, dtype, head_dim, tma=False):
+        cands = full(kernel, dtype, head_dim, tma)
+        if kernel != "dkdv_dq":
+            return cands[:1]
+        used.extend(cands[index % max(len(cands), 1):][:1])
+        return used[-1:]
+
+    monkeypatch.setattr(attn, "attn_candidates", forced)
+    monkeypatch.setenv("KILN_ATTN_BWD", "atomic")
+    autotune.forget()
+    try:
+        check(2, 1100, 3, D, 2, True, True, causal, torch.bfloat16, seed=index, device="cuda")
+    finally:
+        autotune.forget()
+    assert used, "no atomic candidate ran"
 
 
 # The csrc CUDA kernels' other paths: NCHW backward with block-wide channel pieces (HW = 20480),

@@ -198,6 +198,61 @@ def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dt
     assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma and c.ws == ws for _, c in used)
 
 
+@pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype,tma", [
+    # (pointer tiles: D = 64 and fp32 only; at D = 128 the atomic candidates are all TMA ones)
+    (2, 117, 2, 64, 2, True, True, False, torch.float16, False),  # padding; several key blocks add per dQ row
+    (2, 117, 2, 64, 2, True, True, False, torch.float16, True),
+    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16, True),  # causal: only key blocks <= the query's add
+    (2, 70, 1, 128, 0, False, False, False, torch.float16, True),  # no masks: keys past S must add nothing
+    (1, 70, 2, 64, 0, False, False, True, torch.bfloat16, False),
+    (1, 19, 2, 80, 1, True, False, True, torch.float32, False),  # fp32, masked head dimension
+])
+def test_atomic_backward_matches_the_reference(B, S, H, D, G, rope, pad, causal, dtype, tma, monkeypatch):
+    """KILN_ATTN_BWD=atomic: dQ comes from the dkdv kernel's fp32 atomic adds (no dq kernel runs),
+    with pointer and TMA tiles, and passes the same 2x rule for the output and all gradients."""
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full, used = attn.attn_candidates, []
+
+    def record(kernel, dt, head_dim, tma_ok=False):
+        cands = [c for c in full(kernel, dt, head_dim, tma_ok) if c.tma == (tma and kernel != "fwd")]
+        used.append(kernel)
+        return cands
+
+    monkeypatch.setattr(attn, "attn_candidates", record)
+    monkeypatch.setenv("KILN_ATTN_BWD", "atomic")
+    check(B, S, H, D, G, rope, pad, causal, dtype, seed=5)
+    assert "dkdv_dq" in used and "dq" not in used and "dkdv" not in used, used
+
+
+def test_backward_mode_switch(monkeypatch):
+    """Which backward runs: "separate" by default (and always under deterministic algorithms or
+    where no atomic candidate exists, D > 128), "atomic" on request; a bad value names the allowed ones."""
+    from kiln.kernels.qk_norm_attention_triton import _bwd_mode
+
+    def mode_of(D, setting, deterministic=False):
+        launched = []
+        q = torch.empty(1, 8, 1, D, dtype=torch.bfloat16)
+        monkeypatch.setenv("KILN_ATTN_BWD", setting)
+        prior = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            mode = _bwd_mode(q, (False, False), False, lambda cfg, atomic=False: launched.append(("dkdv", atomic)),
+                             lambda cfg: launched.append(("dq", False)))
+        finally:
+            torch.use_deterministic_algorithms(prior)
+        return mode, launched
+
+    assert mode_of(128, "auto") == ("separate", [("dkdv", False), ("dq", False)])
+    assert mode_of(128, "auto", deterministic=True)[0] == "separate"
+    assert mode_of(64, "atomic") == ("atomic", [("dkdv", True)])
+    assert mode_of(256, "atomic") == ("separate", [("dkdv", False), ("dq", False)])
+    assert mode_of(128, "atomic")[0] == "separate"  # pointer tiles (tma=False here): none at D = 128
+    assert mode_of(128, "separate")[0] == "separate"
+    with pytest.raises(ValueError, match="KILN_ATTN_BWD='fast': allowed values are auto, separate, atomic"):
+        mode_of(128, "fast")
+
+
 def test_tma_is_used_only_where_descriptors_fit():
     from kiln.kernels.qk_norm_attention_triton import _tma_ok
 
@@ -248,14 +303,17 @@ def test_sm90_compile_check():
     # per config: norm+RoPE fwd and bwd, the backward's delta pre-pass, every attention candidate
     # (warp-specialised ones with and without the pad mask)
     expected = sum(3 + sum(len(c) + sum(x.ws for x in c) for c in (attn_candidates(k, _TORCH_DT[dt], D, tma=True)
-                                                                   for k in ("fwd", "dkdv", "dq")))
+                                                                   for k in ("fwd", "dkdv", "dq", "dkdv_dq")))
                    for dt, D in CONFIGS_SM90)
     assert len(reports) == expected
     assert sum(r.get("tma", False) for r in reports) >= 4
     assert {r["kernel"] for r in reports if r.get("ws")} == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
                                                              "_attn_bwd_dq_kernel"}
+    assert sum(r.get("candidates") == "dkdv_dq" for r in reports) >= 5
     for r in reports:
         assert r["registers"] and r["registers"] <= 255, r
+        # dQ by atomic adds only in the atomic backward's dkdv kernel
+        assert (r["atomic_adds"] > 0) == (r.get("candidates") == "dkdv_dq"), r
         if r["dtype"] == "fp32":  # correctness path, full-precision FMA dots
             assert r["spills"] <= 64, r
             continue
