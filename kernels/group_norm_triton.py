@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.autotune import choose, size_class
+from kiln.kernels.autotune import choose, run_kernel, size_class
 from kiln.kernels.group_norm import memory_format_of
 
 STATS_BUFFER_DTYPE = torch.float32
@@ -368,9 +368,9 @@ def _fwd_nchw(x, strides, num_groups, params, flags, eps, cfg):
     rstd = torch.empty_like(mean)
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    _gn_stats_kernel[grid](x, part, C, cfg["S"], num_groups, cfg["chunk"], *strides, **blocks)
-    _gn_fwd_kernel[grid](x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps, *strides,
-                         **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
+    run_kernel(_gn_stats_kernel, grid, x, part, C, cfg["S"], num_groups, cfg["chunk"], *strides, **blocks)
+    run_kernel(_gn_fwd_kernel, grid, x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps,
+               *strides, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
     return y, mean, rstd
 
 
@@ -405,10 +405,10 @@ def _bwd_nchw(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, c
     dx = torch.empty_like(x)
     grid = (N * num_groups, cfg["split"])
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    _gn_bwd_reduce_kernel[grid](x, dy, mean, rstd, *params, part, C, cfg["S"], num_groups, cfg["chunk"],
-                                *strides, *dstrides, **flags, **blocks)
-    _gn_bwd_dx_kernel[grid](x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups,
-                            cfg["chunk"], *strides, *dstrides, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
+    run_kernel(_gn_bwd_reduce_kernel, grid, x, dy, mean, rstd, *params, part, C, cfg["S"], num_groups, cfg["chunk"],
+               *strides, *dstrides, **flags, **blocks)
+    run_kernel(_gn_bwd_dx_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups,
+               cfg["chunk"], *strides, *dstrides, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
     return dx, sum_a, sum_b
 
 

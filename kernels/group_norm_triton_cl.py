@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.autotune import run_kernel
 from kiln.kernels.group_norm_triton import _bwd_tile, _load_tile, _normalize_store
 
 STAT_BLOCK = 64  # splits combined per step of a finalize kernel
@@ -233,10 +234,11 @@ def fwd(x, strides, num_groups, params, flags, eps, cfg):
     rstd = torch.empty_like(mean)
     grid = (N, split)
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    _cl_stats_kernel[grid](x, part, C, cfg["S"], cfg["chunk"], *strides, **blocks)
-    _cl_stats_finalize_kernel[(N * G,)](x, part, mean, rstd, C, cfg["S"], G, split, eps, strides[0], strides[1],
-                                        CG_P2=cfg["CG_P2"], BLOCK_P=STAT_BLOCK)
-    _cl_fwd_kernel[grid](x, y, mean, rstd, *params, C, cfg["S"], G, cfg["chunk"], *strides, **flags, **blocks)
+    run_kernel(_cl_stats_kernel, grid, x, part, C, cfg["S"], cfg["chunk"], *strides, **blocks)
+    run_kernel(_cl_stats_finalize_kernel, (N * G,), x, part, mean, rstd, C, cfg["S"], G, split, eps, strides[0],
+               strides[1], CG_P2=cfg["CG_P2"], BLOCK_P=STAT_BLOCK)
+    run_kernel(_cl_fwd_kernel, grid, x, y, mean, rstd, *params, C, cfg["S"], G, cfg["chunk"], *strides, **flags,
+               **blocks)
     return y, mean, rstd
 
 
@@ -252,12 +254,11 @@ def bwd(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, cfg):
     dx = torch.empty_like(x)
     grid = (N, split)
     blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
-    _cl_bwd_reduce_kernel[grid](x, dy, mean, rstd, *params, part, C, cfg["S"], G, cfg["chunk"], *strides, *dstrides,
-                                **flags, **blocks)
+    run_kernel(_cl_bwd_reduce_kernel, grid, x, dy, mean, rstd, *params, part, C, cfg["S"], G, cfg["chunk"], *strides,
+               *dstrides, **flags, **blocks)
     w_ptr, _, scale_ptr, _ = params
-    _cl_bwd_finalize_kernel[(N * G,)](part, w_ptr, scale_ptr, sum_a, sum_b, g1, g2, C, G, split,
-                                      HAS_W=flags["HAS_W"], HAS_MOD=flags["HAS_MOD"], CG_P2=cfg["CG_P2"],
-                                      BLOCK_P=STAT_BLOCK)
-    _cl_bwd_dx_kernel[grid](x, dy, dx, mean, rstd, *params, g1, g2, C, cfg["S"], G, cfg["chunk"], *strides, *dstrides,
-                            **flags, **blocks)
+    run_kernel(_cl_bwd_finalize_kernel, (N * G,), part, w_ptr, scale_ptr, sum_a, sum_b, g1, g2, C, G, split,
+               HAS_W=flags["HAS_W"], HAS_MOD=flags["HAS_MOD"], CG_P2=cfg["CG_P2"], BLOCK_P=STAT_BLOCK)
+    run_kernel(_cl_bwd_dx_kernel, grid, x, dy, dx, mean, rstd, *params, g1, g2, C, cfg["S"], G, cfg["chunk"], *strides,
+               *dstrides, **flags, **blocks)
     return dx, sum_a, sum_b

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.autotune import run_kernel
 from kiln.kernels.group_norm_triton import Knobs, _bwd_tile, _load_tile, _normalize_store
 
 # Whole-group tiles of at most `tile` elements, 32 per thread: the backward holds x̂, dm and the
@@ -101,8 +102,8 @@ def fwd(x, strides, num_groups, params, flags, eps, knobs: Knobs):
     y = torch.empty_like(x)
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _onepass_fwd_kernel[(N * num_groups,)](x, y, mean, rstd, *params, C, x[0, 0].numel(), num_groups, eps, *strides,
-                                           **flags, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=knobs.num_warps)
+    run_kernel(_onepass_fwd_kernel, (N * num_groups,), x, y, mean, rstd, *params, C, x[0, 0].numel(), num_groups, eps,
+               *strides, **flags, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=knobs.num_warps)
     return y, mean, rstd
 
 
@@ -113,7 +114,7 @@ def bwd(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, knobs: 
     dx = torch.empty_like(x)
     sum_a = torch.empty(N, C, device=x.device, dtype=torch.float32)
     sum_b = torch.empty_like(sum_a)
-    _onepass_bwd_kernel[(N * num_groups,)](x, dy, dx, mean, rstd, *params, sum_a, sum_b, C, x[0, 0].numel(),
-                                           num_groups, *strides, *dstrides, **flags, BLOCK_C=block_c,
-                                           BLOCK_S=block_s, num_warps=knobs.num_warps)
+    run_kernel(_onepass_bwd_kernel, (N * num_groups,), x, dy, dx, mean, rstd, *params, sum_a, sum_b, C,
+               x[0, 0].numel(), num_groups, *strides, *dstrides, **flags, BLOCK_C=block_c, BLOCK_S=block_s,
+               num_warps=knobs.num_warps)
     return dx, sum_a, sum_b

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.autotune import LaunchConfig, choose, size_class
+from kiln.kernels.autotune import LaunchConfig, choose, run_kernel, size_class, uses_default
 
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked scores (a constexpr: kernels read it)
@@ -654,14 +654,15 @@ def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
 
 
 def _launch(kernel, grid, cfg: LaunchConfig, device: torch.device, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the config's launch knobs. Descriptors made in the
+    """``kernel[grid](*args, **kwargs)`` with the config's launch knobs (through
+    :func:`autotune.run_kernel`, which only compiles while the autotuner compiles candidates). Descriptors made in the
     kernel (warp-specialised configs) need Triton's global-scratch allocator (128 bytes per
     descriptor and program): torch's caching allocator, set in a copy of the caller's context, so
     for this launch only and whatever allocator the caller has set stays as it was."""
     def run():
         if cfg.ws and device.type == "cuda":  # the caching allocator orders its blocks on the current stream
             triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        kernel[grid](*args, **kwargs, TMA=cfg.tma, WS=cfg.ws, **cfg.kwargs())
+        run_kernel(kernel, grid, *args, **kwargs, TMA=cfg.tma, WS=cfg.ws, **cfg.kwargs())
 
     contextvars.copy_context().run(run)
 
@@ -744,8 +745,9 @@ def _bwd_mode(q, flags: tuple, tma: bool, launch_dkdv, launch_dq, setting: str |
     mode = setting or os.environ.get("KILN_ATTN_BWD", "auto")
     if mode not in BWD_MODES:
         raise ValueError(f"KILN_ATTN_BWD={mode!r}: allowed values are {', '.join(BWD_MODES)}")
-    if mode == "auto" and torch.are_deterministic_algorithms_enabled():
-        mode = "separate"
+    key = tuning_key("bwd", q, flags, tma)
+    if mode == "auto" and (torch.are_deterministic_algorithms_enabled() or uses_default(key, q)):
+        mode = "separate"  # (nothing timed or remembered: the default, without tuning atomic candidates)
     has_atomic = mode != "separate" and bool(attn_candidates("dkdv_dq", q.dtype, q.shape[3], tma))
     plans = {}  # mode -> its kernels' launch configs (tuned here on first use); the default first
     if mode != "atomic" or not has_atomic:
@@ -760,7 +762,7 @@ def _bwd_mode(q, flags: tuple, tma: bool, launch_dkdv, launch_dq, setting: str |
             launch_dkdv(plans[name][0])
             launch_dq(plans[name][1])
 
-    mode = choose(tuning_key("bwd", q, flags, tma), list(plans), run, q) if len(plans) > 1 else next(iter(plans))
+    mode = choose(key, list(plans), run, q) if len(plans) > 1 else next(iter(plans))
     run(mode)
     return mode
 

@@ -76,11 +76,52 @@ def test_autotune_keeps_the_default_where_it_cannot_time():
 
     assert autotune.tuning_allowed(torch.zeros(1)) == "not a CUDA tensor"
     assert autotune.choose(("k", 1), [a, b], launch, torch.zeros(1)) == a
+    assert autotune.uses_default(("k", 1), torch.zeros(1))
     autotune._CHOSEN[("k", 2)] = b
     try:
         assert autotune.choose(("k", 2), [a, b], launch, torch.zeros(1)) == b
+        assert not autotune.uses_default(("k", 2), torch.zeros(1))
+        with autotune.defaults_only():
+            assert autotune.uses_default(("k", 2), torch.zeros(1))
         assert autotune.choices()["k/2"] == "128x64/w8/s3"
     finally:
         autotune.forget()
     assert autotune.size_class(4096 + 77) == 8192 and autotune.size_class(4096) == 4096
     assert autotune.size_class(1) == 1
+
+
+def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
+    """Before timing, every candidate's launch runs once in compile-only mode (run_kernel calls
+    Triton's warmup) inside Triton's AsyncCompileMode on a thread pool, which joins the compiles
+    on exit; a candidate that fails there is left to fail, and drop out, when timed. (The real
+    thing, on CUDA: test_gpu_kernels.py.)"""
+    import triton
+
+    from kiln.kernels import autotune
+
+    seen = []
+
+    class Mode:  # stands in for triton.AsyncCompileMode
+        def __init__(self, pool, ignore_errors):
+            seen.append(("mode", pool._max_workers, ignore_errors))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            seen.append("joined")
+
+    def launch(cfg):
+        seen.append((cfg, autotune._COMPILE_ONLY[0]))
+        if cfg == "bad":
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(triton, "AsyncCompileMode", Mode, raising=False)
+    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 16)
+    autotune._compile_all(["a", "bad", "c"], launch)
+    assert seen == [("mode", 3, True), ("a", True), ("bad", True), ("c", True), "joined"]
+    assert not autotune._COMPILE_ONLY[0]
+    seen.clear()
+    monkeypatch.delattr(triton, "AsyncCompileMode")  # an older Triton: each compiles when first timed
+    autotune._compile_all(["a", "c"], launch)
+    assert seen == []
