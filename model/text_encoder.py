@@ -15,13 +15,13 @@ the built-in dataset's caption set is finite and each caption is encoded once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn as nn
 
@@ -29,8 +29,18 @@ from kiln.engine.errors import KilnError
 
 log = logging.getLogger("kiln")
 _CONFIG_DIR = Path(__file__).parent / "configs"
-open_clip.add_model_config(_CONFIG_DIR)
 _warned: set[str] = set()
+
+
+@functools.cache
+def open_clip_module():
+    """open_clip with kiln's model configs registered, imported on first use: ``kiln.model`` and
+    the kernels import without it (a stack that embeds the MMDiT or the ops brings its own text
+    encoder; the GPU machine's image has no open_clip)."""
+    import open_clip
+
+    open_clip.add_model_config(_CONFIG_DIR)  # kiln-tiny-text
+    return open_clip
 
 
 @dataclass
@@ -43,6 +53,7 @@ class TextBatch:
 class OpenCLIPTextEncoder(nn.Module):
     def __init__(self, name: str, weights: str | None = None, max_length: int = 77, cache_size: int = 8192):
         super().__init__()
+        open_clip = open_clip_module()
         if name not in open_clip.list_models():
             raise KilnError(f"text.name: {name!r} is not an open_clip model (e.g. kiln-tiny-text, ViT-B-32, ViT-L-14)")
         if weights is not None and not os.path.isfile(weights):

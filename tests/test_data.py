@@ -228,9 +228,10 @@ def test_train_from_shards_in_pixel_space_and_resume_exactly(synthetic, tmp_path
 
 
 def test_score_writes_clip_and_aesthetic_scores_that_filters_use(tmp_path):
-    import open_clip
-
     from kiln.engine.data.score import score
+    from kiln.model.text_encoder import open_clip_module
+
+    open_clip = open_clip_module()
 
     out = tmp_path / "ds"
     prepare("synthetic:40", out, shard_size=20, workers=1, progress=False)

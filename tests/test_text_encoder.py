@@ -57,8 +57,9 @@ def test_unknown_model_and_family_are_clear_errors():
 
 
 def test_weights_file_is_loaded(tmp_path):
-    import open_clip
+    from kiln.model.text_encoder import open_clip_module
 
+    open_clip = open_clip_module()
     torch.manual_seed(3)
     clip = open_clip.create_model("kiln-tiny-text")
     path = tmp_path / "tiny.pt"

@@ -44,9 +44,12 @@ def _stats(values: list[float]) -> dict:
 @torch.no_grad()
 def score(dataset: str | Path, model: str, weights: str, aesthetic: str, batch_size: int = 64,
           device: str | None = None, progress: bool = True) -> dict:
-    import open_clip
     from PIL import Image
     from tqdm import tqdm
+
+    from kiln.model.text_encoder import open_clip_module
+
+    open_clip = open_clip_module()  # kiln's configs (kiln-tiny-text) registered
 
     root = Path(dataset)
     rows = read_metadata(root)
