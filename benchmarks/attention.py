@@ -1,6 +1,6 @@
 """QK-norm + RoPE attention benchmark: TFLOP/s forward, backward and forward+backward.
 
-    kiln bench attention [--out FILE.jsonl] [--quick]
+    kiln bench attention [--out FILE.jsonl] [--shapes all|target|rest] [--providers triton,eager,...]
 
 FLOPs (attention matmuls only, CONVENTIONS.md): forward 4·B·H·S²·D (QKᵀ and PV), backward
 2.5x that (five matmuls against two), halved for causal; the norm and RoPE are O(B·S·H·D) and
@@ -37,13 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from kiln import kernels
-from kiln.benchmarks.common import append_rows, print_table, provenance
+from kiln.benchmarks.common import add_provider_arg, append_rows, print_table, provenance, select
 from kiln.kernels import autotune
 
 # (S, H, D): B = max(1, 16384 // S). The target shape (issue 4: D = 128, S >= 4096) first: rows are
 # appended as they are measured, so a run cut short by a device call's time limit still has it.
 SHAPES = [(4173, 24, 128), (8192, 24, 128), (16384, 24, 128), (4173, 12, 128), (4173, 24, 64), (1024, 24, 64)]
-QUICK = [(4173, 24, 128)]
+SHAPE_SETS = {"all": SHAPES, "target": SHAPES[:1], "rest": SHAPES[1:]}
+PROVIDERS = ("triton", "triton-default", "triton-core", "core-separate", "core-atomic", "prepass+cudnn", "csrc+cudnn",
+             "eager", "sdpa-flash", "sdpa-cudnn", "flash-attn", "compile")
 
 
 def make_inputs(S, H, D, device, dtype=torch.bfloat16):
@@ -160,13 +162,13 @@ def flops(B, S, H, D, mode):
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def run(shapes, out: Path | None = None) -> list[dict]:
+def run(shapes, out: Path | None = None, chosen: list[str] | None = None) -> list[dict]:
     dev = torch.device("cuda")
     prov, rows = provenance(dev), []
     for S, H, D in shapes:
         args, kw = make_inputs(S, H, D, dev)
         B = args[0].shape[0]
-        for name, fn in providers(kw).items():
+        for name, fn in select(providers(kw), chosen).items():
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 if mode == "fwd" and name.startswith("core-"):  # the same forward as triton-core
                     continue
@@ -187,14 +189,20 @@ def run(shapes, out: Path | None = None) -> list[dict]:
     return rows
 
 
+def add_shapes_arg(p) -> None:
+    p.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="all",
+                   help="target: S = 4096 + 77, H 24, D 128 only (issue 4's target shape); rest: the others")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="kiln bench attention", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
-    p.add_argument("--quick", action="store_true", help="one shape (S = 4096 + 77, H 24, D 128)")
+    add_shapes_arg(p)
+    add_provider_arg(p, PROVIDERS)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kiln bench attention: needs a CUDA device")
-    rows = run(QUICK if args.quick else SHAPES, args.out)
+    rows = run(SHAPE_SETS[args.shapes], args.out, args.providers)
     ok = [r for r in rows if "tflops" in r]
     print_table(ok, ["S", "H", "D", "mode", "provider", "p50_ms", "tflops"])
     for r in rows:

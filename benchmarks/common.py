@@ -6,8 +6,10 @@ versions, git sha, UTC timestamp, plus the measurement's p20 / p50 / p80.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -21,12 +23,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def git_sha() -> str:
+    """The checkout's commit, else $KILN_GIT_SHA (the GPU machine's copy of the tree has no .git)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
+        sha = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        sha = ""
+    return sha or os.environ.get("KILN_GIT_SHA", "unknown")
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -131,12 +135,38 @@ def _graph_ms(make_step, target_ms: float = 25.0, samples: int = 15) -> list[flo
     return times
 
 
-def bandwidth_parser(prog: str, doc: str):
-    """The arguments of a memory-bound kernel benchmark: --out, --copy-gbps."""
-    import argparse
+def add_provider_arg(p, known: tuple[str, ...]) -> None:
+    """--providers a,b,...: a subset of a benchmark's providers (all by default)."""
+    p.add_argument("--providers", type=lambda s: provider_list(s, known), default=None,
+                   help=f"comma-separated, from: {', '.join(known)} (default: all available)")
 
+
+def provider_list(names: str, known: tuple[str, ...]) -> list[str]:
+    """``names`` split, each checked against the benchmark's ``known`` providers."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in known]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{names!r}: {', '.join(unknown) or 'none given'}; "
+                         f"allowed values are {', '.join(known)}")
+    return chosen
+
+
+def select(available: dict, chosen: list[str] | None) -> dict:
+    """The ``chosen`` providers of ``available`` (all when None), in ``available``'s order; a chosen
+    one that this machine lacks (csrc not built, flash-attn not installed) is left out, and said."""
+    if chosen is None:
+        return available
+    for name in chosen:
+        if name not in available:
+            print(f"provider {name}: not available here, skipped", flush=True)
+    return {k: v for k, v in available.items() if k in chosen}
+
+
+def bandwidth_parser(prog: str, doc: str, known: tuple[str, ...]):
+    """The arguments of a memory-bound kernel benchmark: --out, --copy-gbps, --timing, --providers."""
     p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--out", type=Path)
+    add_provider_arg(p, known)
     p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth (default: measure)")
     p.add_argument("--timing", choices=(*TIMINGS, "both"), default="both",
                    help="graph: device time of CUDA-graph replays; eager: host overhead included")

@@ -1,6 +1,7 @@
 """GroupNorm benchmark: GB/s and % of measured copy bandwidth, forward and backward.
 
     kiln bench group_norm [--out FILE.jsonl] [--copy-gbps G] [--timing graph|eager|both]
+                          [--providers csrc,triton,torch,...]
 
 Timing: ``graph`` is device time (CUDA-graph replays), ``eager`` includes host overhead. The
 2026-11-24 H100 rows were eager only; their ~0.15 ms floor on shapes that move 32-64 MB (10-20 µs
@@ -29,12 +30,14 @@ from kiln.benchmarks.common import (
     measured_copy_gbps,
     print_table,
     provenance,
+    select,
     time_ms,
     timings,
 )
 from kiln.kernels import autotune
 
 SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
+PROVIDERS = ("csrc", "triton", "torch", "compile", "apex")
 
 
 def providers():
@@ -49,15 +52,33 @@ def providers():
                 return kernels.group_norm(x, 32, w, b)
         return fn
 
-    # compile last: its first call per shape compiles (tens of seconds)
-    out = {"triton": on("triton"), "torch": lambda x, w, b: F.group_norm(x, 32, w, b), "compile": compiled_ref}
-    if kernels.available_backends()["csrc"] is None:
-        out = {"csrc": on("csrc"), **out}
-    try:
-        from apex.contrib.group_norm import GroupNorm as ApexGN  # noqa: F401
-    except ImportError:
-        pass
+    out = {"csrc": on("csrc")} if kernels.available_backends()["csrc"] is None else {}
+    out |= {"triton": on("triton"), "torch": lambda x, w, b: F.group_norm(x, 32, w, b)}
+    apex = _apex_provider()
+    if apex is not None:
+        out["apex"] = apex
+    out["compile"] = compiled_ref  # last: its first call per shape compiles (tens of seconds)
     return out
+
+
+def _apex_provider():
+    """NVIDIA apex's GroupNorm (apex.contrib, channels-last kernels; it falls back to torch for
+    NCHW and for channel counts outside its list) called with the benchmark's own weight and bias
+    through ``functional_call``, so the backward's weight and bias gradients are apex's too. None
+    without apex (not on the package registries: never run here, only where apex is installed)."""
+    try:
+        from apex.contrib.group_norm import GroupNorm as ApexGroupNorm
+    except ImportError:
+        return None
+    modules = {}
+
+    def fn(x, w, b):
+        key = (x.shape[1], x.device, w.dtype)
+        if key not in modules:
+            modules[key] = ApexGroupNorm(32, x.shape[1], device=x.device, dtype=w.dtype)
+        return torch.func.functional_call(modules[key], {"weight": w, "bias": b}, (x,))
+
+    return fn
 
 
 def _rotation(x: torch.Tensor, min_bytes: float = 4 * 50e6) -> list[torch.Tensor]:
@@ -95,8 +116,10 @@ def _tuned_configs(tag: str) -> dict:
     return {"configs": {k: v for k, v in autotune.choices().items() if tag in k}}
 
 
-def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager")) -> list[dict]:
-    """Measure every case; each row is appended to ``out`` as soon as it exists."""
+def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager"),
+        chosen: list[str] | None = None) -> list[dict]:
+    """Measure every case (``chosen`` providers, all by default); each row is appended to ``out``
+    as soon as it exists."""
     dev = torch.device("cuda")
     prov = provenance(dev)
     rows = []
@@ -108,7 +131,7 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
             w = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
             b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
             for (name, fn), (mode, passes), timing in itertools.product(
-                    providers().items(), (("fwd", 2), ("bwd", 3)), timing_modes):
+                    select(providers(), chosen).items(), (("fwd", 2), ("bwd", 3)), timing_modes):
                 base = {"op": "group_norm", "provider": name, "mode": mode, "timing": timing, "shape": list(shape),
                         "layout": layout, "dtype": "bf16", **prov}
                 tag = f"/{'cl' if layout == 'channels_last' else 'nchw'}/bfloat16/{shape[1]}/"
@@ -121,8 +144,8 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
 
 
 def main(argv=None) -> None:
-    args = bandwidth_parser("kiln bench group_norm", __doc__).parse_args(argv)
-    rows = run(SHAPES, measured_copy_gbps(args), args.out, timings(args))
+    args = bandwidth_parser("kiln bench group_norm", __doc__, PROVIDERS).parse_args(argv)
+    rows = run(SHAPES, measured_copy_gbps(args), args.out, timings(args), args.providers)
     ok = [r for r in rows if "gbps" in r]
     for r in ok:
         r["shape"] = "x".join(map(str, r["shape"]))

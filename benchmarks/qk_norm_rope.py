@@ -1,6 +1,8 @@
 """QK RMSNorm + RoPE pre-kernel benchmark: GB/s and % of measured copy bandwidth, fwd and bwd.
 
     kiln bench qk_norm_rope [--out FILE.jsonl] [--copy-gbps G] [--timing graph|eager|both]
+                            [--shapes all|target|rest]
+                            [--providers csrc,triton,...]
 
 Bytes (the traffic floor): forward reads q, k and writes q_out, k_out (4·numel·itemsize, numel
 of one of q/k); backward reads dq_out, dk_out, q, k and writes dq, dk (6·numel·itemsize). The
@@ -21,16 +23,19 @@ from pathlib import Path
 import torch
 
 from kiln import kernels
-from kiln.benchmarks.attention import SHAPES, make_inputs
+from kiln.benchmarks.attention import SHAPE_SETS, add_shapes_arg, make_inputs
 from kiln.benchmarks.common import (
     bandwidth_parser,
     bandwidth_row,
     measured_copy_gbps,
     print_table,
     provenance,
+    select,
     time_ms,
     timings,
 )
+
+PROVIDERS = ("csrc", "triton", "eager", "compile")
 
 
 def providers(kw):
@@ -62,7 +67,8 @@ def bench_one(fn, q, k, qw, kw_, mode, timing="eager"):
     return time_ms(make_step, timing)
 
 
-def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager")) -> list[dict]:
+def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager"),
+        chosen: list[str] | None = None) -> list[dict]:
     dev = torch.device("cuda")
     prov, rows = provenance(dev), []
     for S, H, D in shapes:
@@ -71,7 +77,7 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
         q, k = qkv[:, :, 0], qkv[:, :, 1]
         base = {"op": "qk_norm_rope", "B": q.shape[0], "S": S, "H": H, "D": D, "dtype": "bf16", **prov}
         for (name, fn), (mode, passes), timing in itertools.product(
-                providers(kw).items(), (("fwd", 4), ("bwd", 6)), timing_modes):
+                select(providers(kw), chosen).items(), (("fwd", 4), ("bwd", 6)), timing_modes):
             case = {**base, "provider": name, "mode": mode, "timing": timing}
             rows.append(bandwidth_row(
                 case, functools.partial(bench_one, fn, q, k, qw, kw_, mode, timing),
@@ -81,8 +87,10 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
 
 
 def main(argv=None) -> None:
-    args = bandwidth_parser("kiln bench qk_norm_rope", __doc__).parse_args(argv)
-    rows = run(SHAPES, measured_copy_gbps(args), args.out, timings(args))
+    p = bandwidth_parser("kiln bench qk_norm_rope", __doc__, PROVIDERS)
+    add_shapes_arg(p)
+    args = p.parse_args(argv)
+    rows = run(SHAPE_SETS[args.shapes], measured_copy_gbps(args), args.out, timings(args), args.providers)
     print_table([r for r in rows if "gbps" in r],
                 ["S", "H", "D", "mode", "timing", "provider", "p50_ms", "gbps", "pct_copy"])
     for r in rows:

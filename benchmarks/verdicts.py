@@ -1,0 +1,165 @@
+"""The kernel issues' GPU acceptance points, judged from benchmark rows (benchmarks/acceptance.py).
+
+Each verdict names the point, its target, the measured number (the worst case, named) and PASS,
+FAIL or "not measured" (a case missing: a stage skipped, timed out or failed). Targets, from the
+issues and ../shared/design/TARGETS.md:
+
+- issue 4: at D = 128 and S >= 4096, bf16, the whole op's fwd+bwd <= 0.85x the faster of eager and
+  torch.compile of the reference; the attention core >= 480 TFLOP/s forward, >= 350 backward;
+- issue 5: Triton GroupNorm >= 80% of measured copy bandwidth forward and backward on the VAE
+  shapes, NCHW and channels-last, and >= 5x torch native at batch 1;
+- issue 7: csrc GroupNorm >= 80% of copy bandwidth (same cases); the csrc QK-norm+RoPE pre-kernel
+  >= 80% of copy bandwidth and >= 5x the eager norm+RoPE;
+- GPU tests pass: the Triton kernels' (issues 4, 5) and the csrc kernels' (issue 7).
+
+Bandwidth cases are read at CUDA-graph timing (device time; eager timing adds the host's launch
+overhead, which the benchmarks also record). Rows repeated by a rerun: the last one counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kiln.benchmarks.attention import SHAPE_SETS
+from kiln.benchmarks.group_norm import SHAPES as GN_SHAPES
+
+LAYOUTS, MODES = ("nchw", "channels_last"), ("fwd", "bwd")
+TARGET_S, TARGET_H, TARGET_D = SHAPE_SETS["target"][0]
+
+
+@dataclass
+class Verdict:
+    issue: str
+    point: str
+    target: str
+    measured: str
+    ok: bool | None  # None: not measured, or not every case was
+
+    @property
+    def word(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "not measured"}[self.ok]
+
+
+def _last(rows: list[dict], **match) -> dict | None:
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and "p50_ms" in r]
+    return hits[-1] if hits else None
+
+
+def _ratio(slow: dict | None, fast: dict | None) -> float | None:
+    """How many times faster ``fast`` ran than ``slow`` (None unless both were measured)."""
+    return slow["p50_ms"] / fast["p50_ms"] if slow and fast else None
+
+
+def _worst(cases: dict[str, float | None], target: float, higher_is_better: bool, unit: str) -> tuple[str, bool | None]:
+    """The worst measured case against the target; ok is None when any case is missing."""
+    got = {k: v for k, v in cases.items() if v is not None}
+    if not got:
+        return "no rows", None
+    pick = min if higher_is_better else max
+    name = pick(got, key=got.get)
+    ok = all((v >= target) if higher_is_better else (v <= target) for v in got.values())
+    text = f"worst {got[name]:.3g}{unit} ({name}); {len(got)}/{len(cases)} cases"
+    return text, ok if len(got) == len(cases) or not ok else None  # a failed case fails even when some are missing
+
+
+def _attention_cases(rows: list[dict], providers: tuple[str, ...], mode: str) -> list[tuple[int, int]]:
+    """(S, H) of the D = 128, S >= 4096 shapes measured for all ``providers`` (a shape a cut-short
+    run left half measured does not count), and the target shape always: missing, it is "not
+    measured"."""
+    def measured(p):
+        return {(r["S"], r["H"]) for r in rows if r.get("op") == "qk_norm_attention" and r.get("provider") == p
+                and r.get("mode") == mode and r.get("D") == 128 and r.get("S", 0) >= 4096 and "p50_ms" in r}
+
+    return sorted(set.intersection(*map(measured, providers)) | {(TARGET_S, TARGET_H)})
+
+
+def attention(rows: list[dict]) -> list[Verdict]:
+    def key(S, H):
+        return dict(op="qk_norm_attention", S=S, H=H, D=128)
+
+    ratio = {}
+    for S, H in _attention_cases(rows, ("triton", "eager", "compile"), "fwd+bwd"):
+        ours, *refs = (_last(rows, provider=p, mode="fwd+bwd", **key(S, H)) for p in ("triton", "eager", "compile"))
+        ratio[f"S{S} H{H}"] = ours["p50_ms"] / min(r["p50_ms"] for r in refs) if ours and all(refs) else None
+    core = {mode: {f"S{S} H{H}": r["tflops"] if (r := _last(rows, provider="triton-core", mode=mode, **key(S, H)))
+                   else None for S, H in _attention_cases(rows, ("triton-core",), mode)} for mode in MODES}
+    return [
+        Verdict("4", "whole op fwd+bwd vs the faster of eager and torch.compile (D 128, S >= 4096)", "<= 0.85x",
+                *_worst(ratio, 0.85, False, "x")),
+        Verdict("4", "attention core forward (D 128, S >= 4096)", ">= 480 TFLOP/s",
+                *_worst(core["fwd"], 480, True, " TFLOP/s")),
+        Verdict("4", "attention core backward (D 128, S >= 4096)", ">= 350 TFLOP/s",
+                *_worst(core["bwd"], 350, True, " TFLOP/s")),
+    ]
+
+
+def _gn_key(shape, layout, mode) -> str:
+    return f"{mode} {'x'.join(map(str, shape))} {layout}"
+
+
+def group_norm(rows: list[dict], provider: str, issue: str) -> list[Verdict]:
+    pct, speedup = {}, {}
+    for shape in GN_SHAPES:
+        for layout in LAYOUTS:
+            for mode in MODES:
+                key = dict(op="group_norm", mode=mode, timing="graph", shape=list(shape), layout=layout)
+                ours = _last(rows, provider=provider, **key)
+                pct[_gn_key(shape, layout, mode)] = ours["pct_copy"] if ours else None
+                native = _last(rows, provider="torch", **key)
+                if shape[0] == 1:  # the native kernel's weak case: one block per (n, g)
+                    speedup[_gn_key(shape, layout, mode)] = _ratio(native, ours)
+    out = [Verdict(issue, f"{provider} GroupNorm fwd and bwd, VAE shapes, NCHW and channels-last",
+                   ">= 80% of copy bandwidth", *_worst(pct, 80, True, "%"))]
+    if provider == "triton":
+        out.append(Verdict(issue, "triton GroupNorm vs torch native at batch 1", ">= 5x",
+                           *_worst(speedup, 5, True, "x")))
+    return out
+
+
+def qk_norm_rope(rows: list[dict]) -> list[Verdict]:
+    pct, speedup = {}, {}
+    for mode in MODES:
+        key = dict(op="qk_norm_rope", mode=mode, timing="graph", S=TARGET_S, H=TARGET_H, D=TARGET_D)
+        ours, eager = _last(rows, provider="csrc", **key), _last(rows, provider="eager", **key)
+        pct[mode] = ours["pct_copy"] if ours else None
+        speedup[mode] = _ratio(eager, ours)
+    return [Verdict("7", f"csrc QK-norm+RoPE fwd and bwd (S {TARGET_S}, H {TARGET_H}, D {TARGET_D})",
+                    ">= 80% of copy bandwidth",
+                    *_worst(pct, 80, True, "%")),
+            Verdict("7", "csrc QK-norm+RoPE vs eager norm+RoPE", ">= 5x", *_worst(speedup, 5, True, "x"))]
+
+
+def tests(rows: list[dict], stage: str, issue: str, what: str) -> Verdict:
+    row = next((r for r in reversed(rows) if r.get("op") == "stage" and r.get("stage") == stage), None)
+    if row is None or "passed" not in row:
+        return Verdict(issue, what, "all pass", row["status"] if row else "not run", None)
+    counts = f"{row['passed']} passed, {row['failed']} failed, {row['error']} errors ({row['status']})"
+    broken = row["failed"] or row["error"]
+    if row["status"] != "ok" and not broken:  # timed out or killed with nothing failed so far: incomplete
+        return Verdict(issue, what, "all pass", counts, None)
+    return Verdict(issue, what, "all pass", counts, row["passed"] > 0 and not broken)
+
+
+def judge(rows: list[dict]) -> list[Verdict]:
+    return [
+        *attention(rows),
+        tests(rows, "tests-triton", "4, 5", "CUDA tests of the Triton kernels (every launch candidate)"),
+        *group_norm(rows, "triton", "5"),
+        *group_norm(rows, "csrc", "7"),
+        *qk_norm_rope(rows),
+        tests(rows, "tests-csrc", "7", "CUDA tests of the csrc kernels"),
+    ]
+
+
+def write_verdicts(verdicts: list[Verdict], out: Path | None) -> str:
+    """The verdicts as a Markdown table (returned; also acceptance.md and .json in ``out``)."""
+    lines = ["| issue | acceptance point | target | measured | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {v.issue} | {v.point} | {v.target} | {v.measured} | {v.word} |" for v in verdicts]
+    table = "\n".join(lines)
+    if out is not None:
+        (Path(out) / "acceptance.md").write_text(table + "\n")
+        (Path(out) / "acceptance.json").write_text(json.dumps([asdict(v) | {"verdict": v.word} for v in verdicts],
+                                                              indent=1))
+    return table

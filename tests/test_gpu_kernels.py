@@ -1,0 +1,225 @@
+"""CUDA checks of kiln's kernels (Triton and csrc), skipped cleanly without a GPU. They import
+nothing beyond torch, triton and kiln's kernels, so they run on the GPU machine's image as it is
+(benchmarks/run_gpu_acceptance.sh: ``-k csrc`` and ``-k "not csrc"``)."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kiln import kernels
+from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+GPU_CASES = [
+    ((1, 128, 96, 80), 32, False, True, False, None),
+    ((1, 128, 96, 80), 32, True, True, True, "silu"),
+    ((2, 320, 33, 17), 32, True, True, False, "silu"),
+    ((4, 64, 7, 9, 5), 8, False, True, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
+def test_triton_group_norm_on_cuda(case, dtype):
+    from test_group_norm_triton import check_against_reference
+
+    check_against_reference(case, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True, True, False), (1, 1100, 2, 128, 2, True, False, True),
+                                  (2, 200, 3, 80, 0, False, True, False)], ids=["mmdit", "causal-1100", "d80"])
+def test_triton_qk_norm_attention_on_cuda(case, dtype):
+    from test_qk_norm_attention_triton import check
+
+    check(*case, dtype, seed=1, device="cuda")
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("case", [GPU_CASES[0], ((2, 320, 33, 17), 32, True, True, True, "silu"),
+                                  ((2, 64, 7, 9, 5), 16, False, True, True, "silu")],
+                         ids=["nchw", "cl", "nchw-onepass"])  # the last fits both one-pass knobs
+def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
+    """Each GroupNorm launch-knob candidate the autotuner may pick for the case (candidate
+    ``index``, wrapping round; the one-pass ones where the group fits) passes the 2x rule."""
+    from test_group_norm_triton import check_against_reference
+
+    from kiln.kernels import autotune
+    from kiln.kernels import group_norm_triton as gnt
+
+    full = gnt.candidates
+
+    def forced(x, num_groups):
+        cands = full(x, num_groups)
+        return [cands[index % len(cands)]]
+
+    monkeypatch.setattr(gnt, "candidates", forced)
+    autotune.forget()
+    check_against_reference(case, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")  # -k D128: one head dim per device call
+@pytest.mark.parametrize("index", range(max(map(len, ATTN_CANDIDATES.values()))))
+def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
+    """Each launch-config candidate the autotuner may pick (candidate ``index`` of each kernel,
+    wrapping round; TMA and warp-specialised candidates included) computes the op within the 2x
+    rule, not only the one that wins the timing."""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full = attn.attn_candidates
+
+    def forced(kernel, dtype, head_dim, tma=False):
+        cands = full(kernel, dtype, head_dim, tma)
+        return [cands[index % len(cands)]]
+
+    monkeypatch.setattr(attn, "attn_candidates", forced)
+    monkeypatch.setenv("KILN_ATTN_BWD", "separate")  # the atomic backward's kernels: the next test
+    autotune.forget()
+    try:
+        check(2, 333, 3, D, 2, True, True, False, torch.bfloat16, seed=index, device="cuda")
+    finally:
+        autotune.forget()
+
+
+ATOMIC_GPU = [(d, i) for d in (64, 128) for i in range(len(ATTN_CANDIDATES[("dkdv_dq", d)]))]  # none at D = 256
+
+
+@pytest.mark.parametrize("D,index", ATOMIC_GPU, ids=[f"D{d}-{i}" for d, i in ATOMIC_GPU])
+def test_every_atomic_backward_config_on_cuda(D, index, monkeypatch):
+    """The atomic backward (KILN_ATTN_BWD=atomic: dQ added by the dkdv kernel's fp32 atomics), in
+    each of its launch candidates, passes the 2x rule on the GPU, where the adds really race.
+    (Hopper: at D = 128 its candidates are TMA ones.)"""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full, used = attn.attn_candidates, []
+
+    def forced(kernel, dtype, head_dim, tma=False):
+        cands = full(kernel, dtype, head_dim, tma)
+        if kernel != "dkdv_dq":
+            return cands[:1]
+        used.extend(cands[index % max(len(cands), 1):][:1])
+        return used[-1:]
+
+    monkeypatch.setattr(attn, "attn_candidates", forced)
+    monkeypatch.setenv("KILN_ATTN_BWD", "atomic")
+    autotune.forget()
+    try:
+        # odd candidates causal: their query loop starts at the key block's diagonal
+        check(2, 1100, 3, D, 2, True, True, bool(index % 2), torch.bfloat16, seed=index, device="cuda")
+    finally:
+        autotune.forget()
+    assert used, "no atomic candidate ran"
+
+
+# The csrc CUDA kernels' other paths: NCHW backward with block-wide channel pieces (HW = 20480),
+# channels-last with more channel vectors than threads (C = 2560: 2-3 passes per block), and
+# channels-last without 16-byte vectors (C = 36 in bf16) or with idle threads (C = 36 in fp32: 9
+# vectors per row, 28 rows of 256 threads).
+CSRC_GPU_CASES = GPU_CASES + [
+    ((1, 64, 160, 128), 32, False, True, True, "silu"),
+    ((1, 2560, 12, 20), 32, True, True, False, None),
+    ((2, 36, 50, 30), 6, True, False, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CSRC_GPU_CASES, ids=[str(i) for i in range(len(CSRC_GPU_CASES))])
+def test_csrc_group_norm_on_cuda(case, dtype):
+    from test_group_norm_triton import check_against_reference
+
+    check_against_reference(case, dtype, device="cuda", backend="csrc")
+
+
+@pytest.mark.parametrize("backend", ["csrc", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True), (1, 1100, 2, 128, 2, True), (2, 200, 3, 80, 0, False),
+                                  (1, 64, 2, 256, 1, True), (2, 50, 3, 66, 1, True), (1, 77, 3, 192, 2, True)],
+                         ids=["mmdit", "long-128", "d80", "d256", "d66-scalar", "d192-3-pairs"])
+def test_qk_norm_rope_on_cuda(case, dtype, backend):
+    from test_qk_norm_rope import check
+
+    check(*case, dtype, backend, device="cuda")
+
+
+def _grads_twice(fn, *inputs):
+    """Gradients of sum(fn(*inputs) * fixed weights) for all inputs, computed twice from scratch."""
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator(device="cuda").manual_seed(3)
+        sum((o.float() * torch.randn(o.shape, device="cuda", generator=g)).sum() for o in outs).backward()
+        runs.append([t.grad for t in leaves])
+    return runs
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_csrc_group_norm_backward_is_bitwise_reproducible(channels_last):
+    """No atomics in the csrc CUDA backward: per-block partials reduced in a fixed order, so two
+    backward passes agree bit for bit (atomicAdd order differed run to run), and deterministic
+    mode selects csrc like any other backend."""
+    x = torch.randn(2, 128, 96, 80, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(128, device="cuda"), torch.randn(128, device="cuda")
+    scale, shift = torch.randn(2, 128, device="cuda") * 0.1, torch.randn(2, 128, device="cuda") * 0.1
+    torch.use_deterministic_algorithms(True)
+    try:
+        with kernels.use_backend("csrc"):
+            first, second = _grads_twice(lambda *a: kernels.group_norm(a[0], 32, a[1], a[2], scale=a[3], shift=a[4],
+                                                                       activation="silu"), x, w, b, scale, shift)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, second, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
+
+
+def test_csrc_qk_norm_rope_backward_is_bitwise_reproducible():
+    from test_qk_norm_attention_triton import make_case
+
+    (q, k, _, qw, kw_), kw = make_case(2, 1100, 4, 128, 2, True, False, False, torch.bfloat16, seed=5)
+    tables = {n: kw[n].cuda() for n in ("cos", "sin", "token_group")}
+    torch.use_deterministic_algorithms(True)
+    try:
+        with kernels.use_backend("csrc"):
+            first, second = _grads_twice(lambda *a: kernels.qk_norm_rope(*a, **tables),
+                                         *(t.cuda() for t in (q, k, qw, kw_)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, c in zip(first, second, strict=True):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
+
+
+@triton.jit
+def _fill_kernel(x_ptr, n, value, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, value, mask=offs < n)
+
+
+def test_autotune_compiles_candidates_together_then_times_them():
+    """The autotuner's compile pass (Triton's AsyncCompileMode on a thread pool, run_kernel in
+    compile-only mode) writes nothing; the timed launches after it run the compiled kernels."""
+    from kiln.kernels import autotune
+
+    x = torch.zeros(5000, device="cuda")
+
+    def launch(block):
+        autotune.run_kernel(_fill_kernel, (triton.cdiv(x.numel(), block),), x, x.numel(), 2.0, BLOCK=block)
+
+    autotune._compile_all([128, 256, 512], launch)
+    assert not autotune._COMPILE_ONLY[0] and torch.count_nonzero(x) == 0
+    try:
+        assert autotune.choose(("fill", 5000), [128, 256, 512], launch, x) in (128, 256, 512)
+    finally:
+        autotune.forget()
+    assert torch.all(x == 2.0)
