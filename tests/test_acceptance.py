@@ -175,3 +175,18 @@ def test_provider_names_are_the_benchmarks_own():
     assert set(attention.providers(kw)) <= set(attention.PROVIDERS)
     assert set(qk_norm_rope.providers(kw)) <= set(qk_norm_rope.PROVIDERS)
     assert set(group_norm.providers()) <= set(group_norm.PROVIDERS)
+
+
+def test_a_case_without_graph_rows_falls_back_to_eager_timing_and_says_so():
+    rows = [r for r in passing_rows() if not (r.get("op") == "group_norm" and r["shape"] == [1, 128, 512, 512]
+                                              and r["layout"] == "nchw" and r["mode"] == "fwd")]
+    case = dict(op="group_norm", mode="fwd", timing="eager", shape=[1, 128, 512, 512], layout="nchw")
+    rows += [{**case, "provider": "triton", "p50_ms": 0.2, "pct_copy": 81.0},
+             {**case, "provider": "torch", "p50_ms": 1.2, "pct_copy": 14.0}]
+    v = by_point(rows)
+    gn = v["triton GroupNorm fwd and bwd, VAE shapes, NCHW and channels-last"]
+    assert gn.ok is True and "16/16 cases" in gn.measured and "eager timing in 1" in gn.measured
+    assert v["triton GroupNorm vs torch native at batch 1"].ok is True  # 1.2 / 0.2 = 6x, both eager
+    rows = [r for r in rows if not (r.get("provider") == "torch" and r.get("timing") == "eager")]
+    speed = by_point(rows)["triton GroupNorm vs torch native at batch 1"]  # ours eager, native nowhere: no ratio
+    assert speed.ok is None and "11/12 cases" in speed.measured
