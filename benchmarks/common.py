@@ -146,8 +146,8 @@ def provider_list(names: str, known: tuple[str, ...]) -> list[str]:
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in known]
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"{names!r}: {', '.join(unknown) or 'none given'}; "
-                         f"allowed values are {', '.join(known)}")
+        raise argparse.ArgumentTypeError(
+            f"{names!r}: {', '.join(unknown) or 'none given'}; allowed values are {', '.join(known)}")
     return chosen
 
 

@@ -174,9 +174,20 @@ def judge(rows: list[dict]) -> list[Verdict]:
     ]
 
 
-def write_verdicts(verdicts: list[Verdict], out: Path | None) -> str:
-    """The verdicts as a Markdown table (returned; also acceptance.md and .json in ``out``)."""
-    lines = ["| issue | acceptance point | target | measured | verdict |", "|---|---|---|---|---|"]
+def provenance_line(rows: list[dict]) -> str:
+    """Where the rows were measured: device, versions and commit of the first benchmark row."""
+    row = next((r for r in rows if "device" in r), None)
+    if row is None:
+        return "measured on: no benchmark rows"
+    return "measured on: " + ", ".join(f"{k} {row.get(k)}" for k in ("device", "torch", "triton", "cuda", "git"))
+
+
+def write_verdicts(rows: list[dict], out: Path | None) -> str:
+    """The verdicts of ``rows`` as a Markdown table under a provenance line (returned; also
+    acceptance.md and .json in ``out``)."""
+    verdicts = judge(rows)
+    lines = [provenance_line(rows), "", "| issue | acceptance point | target | measured | verdict |",
+             "|---|---|---|---|---|"]
     lines += [f"| {v.issue} | {v.point} | {v.target} | {v.measured} | {v.word} |" for v in verdicts]
     table = "\n".join(lines)
     if out is not None:

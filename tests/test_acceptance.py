@@ -190,3 +190,16 @@ def test_a_case_without_graph_rows_falls_back_to_eager_timing_and_says_so():
     rows = [r for r in rows if not (r.get("provider") == "torch" and r.get("timing") == "eager")]
     speed = by_point(rows)["triton GroupNorm vs torch native at batch 1"]  # ours eager, native nowhere: no ratio
     assert speed.ok is None and "11/12 cases" in speed.measured
+
+
+def test_verdict_files_name_where_the_rows_were_measured(tmp_path, capsys):
+    rows = [{"op": "copy", "device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+             "git": "abc1234", "gbps": 4300.0}] + passing_rows()
+    table = verdicts.write_verdicts(rows, tmp_path)
+    assert table.splitlines()[0] == ("measured on: device NVIDIA H200, torch 2.11.0, triton 3.6.0, cuda 13.0, "
+                                     "git abc1234")
+    assert (tmp_path / "acceptance.md").read_text() == table + "\n"
+    assert [v["verdict"] for v in json.loads((tmp_path / "acceptance.json").read_text())] == ["PASS"] * 10
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    acceptance.main(["--judge", str(tmp_path / "rows.jsonl")])  # the committed rows, judged again
+    assert capsys.readouterr().out == table + "\n"
