@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.benchmarks.common import append_rows
+from kiln.benchmarks.verdicts import write_verdicts
 
 PY = sys.executable
 BENCH = (PY, "-m", "kiln.engine.cli", "bench")
@@ -205,8 +206,6 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--judge", type=Path, help="only print the verdicts of this results.jsonl")
     args = p.parse_args(argv)
-    from kiln.benchmarks.verdicts import write_verdicts
-
     if args.judge:
         print(write_verdicts(read_rows(args.judge), None))
         return
