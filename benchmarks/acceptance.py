@@ -118,8 +118,8 @@ class Runner:
             print("build:", " ".join(argv))
             self.build_status = "dry run"
             return
-        log = open(self.out / "build.log", "w")
-        self.build = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.out / "build.log", "w") as log:  # the child keeps its own copy of the file
+            self.build = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def build_running(self) -> bool:
         return self.build is not None and self.build.poll() is None

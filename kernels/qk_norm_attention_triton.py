@@ -654,11 +654,12 @@ def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
 
 
 def _launch(kernel, grid, cfg: LaunchConfig, device: torch.device, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the config's launch knobs (through
-    :func:`autotune.run_kernel`, which only compiles while the autotuner compiles candidates). Descriptors made in the
-    kernel (warp-specialised configs) need Triton's global-scratch allocator (128 bytes per
-    descriptor and program): torch's caching allocator, set in a copy of the caller's context, so
-    for this launch only and whatever allocator the caller has set stays as it was."""
+    """``kernel[grid](*args, **kwargs)`` with the config's launch knobs, through
+    :func:`autotune.run_kernel` (which only compiles while the autotuner compiles candidates).
+    Descriptors made in the kernel (warp-specialised configs) need Triton's global-scratch
+    allocator (128 bytes per descriptor and program): torch's caching allocator, set in a copy of
+    the caller's context, so for this launch only and whatever allocator the caller has set stays
+    as it was."""
     def run():
         if cfg.ws and device.type == "cuda":  # the caching allocator orders its blocks on the current stream
             triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
