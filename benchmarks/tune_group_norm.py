@@ -1,10 +1,11 @@
-"""Sweep the Triton GroupNorm launch knobs (tile size, warps, programs per SM) on a GPU.
+"""Sweep the Triton GroupNorm launch knobs (kernel kind, tile size, warps, programs per SM) on a GPU.
 
     python -m kiln.benchmarks.tune_group_norm [--out FILE.jsonl]
 
 Prints the median device time (CUDA-graph replays) of forward and backward per shape and layout
 for every setting, and the best setting per case; rows carry the knobs, so the autotuner's
-candidate list (group_norm_triton.CANDIDATES) can be traced to numbers.
+candidate lists (group_norm_triton.CANDIDATES, group_norm_triton_pipelined.CANDIDATES) can be
+traced to numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     prov = provenance(dev)
-    knobs = list(itertools.product((1024, 2048, 4096), (4, 8), (4, 8)))
+    knobs = [gnt.Knobs(tile, warps, pps, kind) for kind in ("split", "pipelined")
+             for tile, warps, pps in itertools.product((1024, 2048, 4096), (4, 8), (2, 4, 8))]
     best = {}
     for shape, layout in itertools.product(SHAPES, ("nchw", "channels_last")):
         x = torch.randn(shape, device=dev, dtype=torch.bfloat16)
@@ -40,20 +42,21 @@ def main(argv=None) -> None:
             x = x.to(memory_format=torch.channels_last)
         w = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
         b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
-        for tile, warps, pps in knobs:
-            gnt.CANDIDATES = [gnt.Knobs(tile, warps, pps)]  # one candidate: launched untimed
+        for k in knobs:
+            gnt.candidates = lambda x, num_groups, k=k: [k]  # one candidate: launched untimed
             for mode, passes in (("fwd", 2), ("bwd", 3)):
                 q = bench_one(_triton, x, w, b, mode, "graph")  # device time: knobs do not move host cost
                 gbps = passes * x.numel() * x.element_size() / (q[1] / 1e3) / 1e9
                 row = {"op": "group_norm", "provider": "triton", "mode": mode, "shape": "x".join(map(str, shape)),
-                       "layout": layout, "timing": "graph", "tile": tile, "num_warps": warps, "programs_per_sm": pps,
+                       "layout": layout, "timing": "graph", "kind": k.kind, "tile": k.tile, "num_warps": k.num_warps,
+                       "programs_per_sm": k.programs_per_sm,
                        "p50_ms": q[1], "gbps": gbps, **prov}
                 append_rows(args.out, [row])
                 key = (row["shape"], layout, mode)
                 if key not in best or gbps > best[key]["gbps"]:
                     best[key] = row
     for (shape, layout, mode), r in sorted(best.items()):
-        print(f"{shape:14s} {layout:13s} {mode}  best {r['gbps']:7.0f} GB/s  tile={r['tile']} "
+        print(f"{shape:14s} {layout:13s} {mode}  best {r['gbps']:7.0f} GB/s  {r['kind']} tile={r['tile']} "
               f"warps={r['num_warps']} programs/SM={r['programs_per_sm']}")
 
 

@@ -7,7 +7,10 @@ programs read whole token rows (a group's channels are only 8-32 bytes of each r
 Group (n, g) holds M = (C/G)·S elements; its reduction is split over SPLIT programs along S,
 so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all. Groups
 that fit one program (<= 16,384 padded elements) also have a one-pass candidate that reads x once
-(group_norm_triton_onepass.py); the autotuner's timing on the GPU picks between them.
+(group_norm_triton_onepass.py), and every NCHW tensor a one-launch candidate that runs pass 2
+of a group a few groups behind its pass 1, so the re-read comes from L2
+(group_norm_triton_pipelined.py, built from this file's per-chunk helpers); the GPU's timing
+picks among them.
 
 Forward, two launches:
   1. _gn_stats_kernel  (N·G, SPLIT): per chunk count and the sums of d and d² for
@@ -46,19 +49,22 @@ STATS_BUFFER_DTYPE = torch.float32
 
 @dataclass(frozen=True)
 class Knobs:
-    """Launch knobs: elements per tile, warps per program, programs per SM (the reduction split);
-    ``onepass``: one program per group holding all of it (group_norm_triton_onepass.py; ``tile``
-    is then the largest padded group it takes)."""
+    """Launch knobs: elements per tile, warps per program, programs per SM (the reduction split),
+    and the kind of kernel: "split" (this file's two launches), "onepass" (one program per group
+    holding all of it, group_norm_triton_onepass.py; ``tile`` is then the largest padded group it
+    takes) or "pipelined" (one launch, pass 2 of a group a few groups behind its pass 1,
+    group_norm_triton_pipelined.py)."""
 
     tile: int
     num_warps: int
     programs_per_sm: int
-    onepass: bool = False
+    kind: str = "split"
 
     def __str__(self) -> str:
-        if self.onepass:
+        if self.kind == "onepass":
             return f"onepass{self.tile}/w{self.num_warps}"
-        return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}"
+        tail = "/pipelined" if self.kind == "pipelined" else ""
+        return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}{tail}"
 
 
 # Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
@@ -81,27 +87,32 @@ def _load_tile(ptr, n, c0, s0, C_END, S_END, stride_n, stride_c, stride_s,
 
 
 @triton.jit
-def _program(C, S, G, CHUNK, REVERSE: tl.constexpr):
-    """This program's (split, ng, sp, n, g, cg, s_begin, s_end): group ng = n·G + g, chunk sp of
-    SPLIT along S. REVERSE walks the grid backwards, so a second pass re-reads first the chunks
-    the first pass read last (still in L2, 50 MB on an H100)."""
+def _program(REVERSE: tl.constexpr):
+    """This program's (ng, sp, split): chunk sp of SPLIT along S of group ng = n·G + g. REVERSE
+    walks the grid backwards, so a second pass re-reads first the chunks the first pass read
+    last (still in L2, 50 MB on an H100)."""
     split = tl.num_programs(1)
     ng = tl.program_id(0)
     sp = tl.program_id(1)
     if REVERSE:
         ng = tl.num_programs(0) - 1 - ng
         sp = split - 1 - sp
-    n, g = ng // G, ng % G
-    cg = C // G
-    s_begin = sp * CHUNK
-    s_end = tl.minimum(s_begin + CHUNK, S)
-    return split, ng, sp, n, g, cg, s_begin, s_end
+    return ng, sp, split
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, False)
+def _chunk(ng, sp, C, S, G, CHUNK):
+    """(n, g, cg, s_begin, s_end) of chunk sp of group ng."""
+    n, g = ng // G, ng % G
+    s_begin = sp * CHUNK
+    return n, g, C // G, s_begin, tl.minimum(s_begin + CHUNK, S)
+
+
+@triton.jit
+def _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, stride_c, stride_s,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 1 of the forward on one chunk: its count, Σd and Σd² into the partials buffer."""
+    n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     # Shifted sums around a pivot (the group's first element, the same for every chunk):
     # var = E[d²] - E[d]² with d = x - pivot stays exact when |mean| >> std, and the loop is
     # pure loads + FMAs (one reduction at the end), so loads of consecutive tiles overlap.
@@ -122,13 +133,23 @@ def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride
 
 
 @triton.jit
+def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, sp, split = _program(False)
+    _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
 def _group_stats(x_ptr, part_ptr, n, g, cg, ng, split, eps, stride_n, stride_c, SPLIT_P2: tl.constexpr):
+    """Mean and rstd of group ng from its SPLIT partials. The loads bypass L1 (.cg): in the
+    pipelined kernel other SMs wrote them during this launch, and L1 is not coherent."""
     offs = tl.arange(0, SPLIT_P2)
     m = offs < split
     base = part_ptr + (ng * split + offs) * 3
-    total = tl.sum(tl.load(base, mask=m, other=0.0), axis=0)
-    mean_d = tl.sum(tl.load(base + 1, mask=m, other=0.0), axis=0) / total
-    var = tl.maximum(tl.sum(tl.load(base + 2, mask=m, other=0.0), axis=0) / total - mean_d * mean_d, 0.0)
+    total = tl.sum(tl.load(base, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+    mean_d = tl.sum(tl.load(base + 1, mask=m, other=0.0, cache_modifier=".cg"), axis=0) / total
+    sum_q = tl.sum(tl.load(base + 2, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+    var = tl.maximum(sum_q / total - mean_d * mean_d, 0.0)
     pivot = tl.load(x_ptr + n * stride_n + g * cg * stride_c).to(tl.float32)
     return pivot + mean_d, 1.0 / tl.sqrt(var + eps)
 
@@ -167,21 +188,32 @@ def _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_
 
 
 @triton.jit
-def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                   C, S, G, CHUNK, eps, stride_n, stride_c, stride_s,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                   SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, True)
-    mean, rstd = _group_stats(x_ptr, part_ptr, n, g, cg, ng, split, eps, stride_n, stride_c, SPLIT_P2)
-    if sp == 0:
-        tl.store(mean_ptr + ng, mean)
-        tl.store(rstd_ptr + ng, rstd)
+def _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
+               stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+               SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 2 of the forward on one chunk: y from x and its group's mean and rstd."""
+    n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
             _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                              stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU)
+
+
+@triton.jit
+def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                   C, S, G, CHUNK, eps, stride_n, stride_c, stride_s,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                   SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, sp, split = _program(True)
+    mean, rstd = _group_stats(x_ptr, part_ptr, ng // G, ng % G, C // G, ng, split, eps, stride_n, stride_c,
+                              SPLIT_P2)
+    if sp == 0:
+        tl.store(mean_ptr + ng, mean)
+        tl.store(rstd_ptr + ng, rstd)
+    _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
+               stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
@@ -208,13 +240,12 @@ def _bwd_tile(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, 
 
 
 @triton.jit
-def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
-                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, False)
-    mean = tl.load(mean_ptr + ng)
-    rstd = tl.load(rstd_ptr + ng)
+def _bwd_reduce_chunk(x_ptr, dy_ptr, mean, rstd, ng, sp, split, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                      C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 1 of the backward on one chunk: per channel A = Σ dm and B = Σ dm·x̂ into the partials."""
+    n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)  # reduced once per channel block
         acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
@@ -233,14 +264,25 @@ def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
-                      suma_ptr, sumb_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                      SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    split, ng, sp, n, g, cg, s_begin, s_end = _program(C, S, G, CHUNK, True)
-    mean = tl.load(mean_ptr + ng)
-    rstd = tl.load(rstd_ptr + ng)
-    # group sums of dxhat and dxhat·xhat from the per-channel partials of pass 1
+def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, sp, split = _program(False)
+    _bwd_reduce_chunk(x_ptr, dy_ptr, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng), ng, sp, split,
+                      w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr, C, S, G, CHUNK,
+                      stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                      HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, split, store, C, G,
+                    HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Group ng's Σ dx̂ = Σ_c w·f·A and Σ dx̂·x̂ = Σ_c w·f·B from the per-channel partials of pass 1
+    (loads past L1, as in _group_stats); with ``store``, A and B per (n, c) for the parameter
+    gradients too."""
+    n, g = ng // G, ng % G
+    cg = C // G
     g1 = 0.0
     g2 = 0.0
     offs_p = tl.arange(0, SPLIT_P2)
@@ -249,17 +291,26 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
         cmask = offs_c < (g + 1) * cg
         pm = cmask[:, None] & (offs_p[None, :] < split)
         base = part_ptr + ((n * C + offs_c[:, None]) * split + offs_p[None, :]) * 2
-        a = tl.sum(tl.load(base, mask=pm, other=0.0), axis=1)
-        b = tl.sum(tl.load(base + 1, mask=pm, other=0.0), axis=1)
-        if sp == 0:  # per-(n, c) totals for the parameter gradients
-            tl.store(suma_ptr + n * C + offs_c, a, mask=cmask)
-            tl.store(sumb_ptr + n * C + offs_c, b, mask=cmask)
+        a = tl.sum(tl.load(base, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+        b = tl.sum(tl.load(base + 1, mask=pm, other=0.0, cache_modifier=".cg"), axis=1)
+        tl.store(suma_ptr + n * C + offs_c, a, mask=cmask & store)
+        tl.store(sumb_ptr + n * C + offs_c, b, mask=cmask & store)
         w = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) if HAS_W else cmask.to(tl.float32)
         f = tl.full((BLOCK_C,), 1.0, tl.float32)
         if HAS_MOD:
             f = 1.0 + tl.load(scale_ptr + n * C + offs_c, mask=cmask, other=0.0).to(tl.float32)
         g1 += tl.sum(w * f * a, axis=0)
         g2 += tl.sum(w * f * b, axis=0)
+    return g1, g2
+
+
+@triton.jit
+def _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean, rstd, g1, g2, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                  C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 2 of the backward on one chunk: dx = rstd·(dx̂ − Σdx̂/M − x̂·Σdx̂x̂/M), dx̂ = dm·f·w."""
+    n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     inv_m = 1.0 / (cg * S).to(tl.float32)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
@@ -271,6 +322,19 @@ def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
             dx = rstd * (dxhat - g1 * inv_m - xhat * (g2 * inv_m))
             ptrs = dx_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
             tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                      suma_ptr, sumb_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                      SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, sp, split = _program(True)
+    g1, g2 = _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, split, sp == 0, C, G,
+                             HAS_W, HAS_MOD, SPLIT_P2, BLOCK_C)
+    _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng), g1, g2, ng, sp,
+                  w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
+                  dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,11 +389,13 @@ def _channels_last(x) -> bool:
 def candidates(x: torch.Tensor, num_groups: int) -> list[Knobs]:
     """Launch candidates for x: the two-pass knobs, plus the one-pass ones where an NCHW group
     fits on chip (their fit depends only on C/G and the power-of-two class of S: the key's)."""
-    if _channels_last(x):
-        return CANDIDATES
     from kiln.kernels import group_norm_triton_onepass as onepass
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
 
-    return CANDIDATES + [k for k in onepass.CANDIDATES if onepass.fits(x, num_groups, k)]
+    if _channels_last(x):
+        return CANDIDATES + pipelined.CANDIDATES
+    fitting = [k for k in onepass.CANDIDATES if onepass.fits(x, num_groups, k)]
+    return CANDIDATES + pipelined.CANDIDATES + fitting
 
 
 def _pick(direction: str, x: torch.Tensor, num_groups: int, flags: dict, launch) -> Knobs:
@@ -346,12 +412,16 @@ def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
     params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
 
     def launch(knobs: Knobs):
+        if knobs.kind == "pipelined":  # one launch, pass 2 behind pass 1 (group_norm_triton_pipelined.py)
+            from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+            return pipelined.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, knobs)
         if _channels_last(x):  # whole token rows per program (group_norm_triton_cl.py)
             from kiln.kernels import group_norm_triton_cl as cl
 
             cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
             return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
-        if knobs.onepass:  # the whole group in one program (group_norm_triton_onepass.py)
+        if knobs.kind == "onepass":  # the whole group in one program (group_norm_triton_onepass.py)
             from kiln.kernels import group_norm_triton_onepass as onepass
 
             return onepass.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, knobs)
@@ -382,12 +452,16 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
     params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
 
     def launch(knobs: Knobs):
+        if knobs.kind == "pipelined":
+            from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+            return pipelined.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, knobs)
         if _channels_last(x):
             from kiln.kernels import group_norm_triton_cl as cl
 
             cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
             return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
-        if knobs.onepass:
+        if knobs.kind == "onepass":
             from kiln.kernels import group_norm_triton_onepass as onepass
 
             return onepass.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, knobs)
@@ -419,8 +493,10 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, nu
     i32, f32 = "i32", "*fp32"
     pool = {**dict.fromkeys(("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr"),
                             f"*{dt}"),
-            **dict.fromkeys(("part_ptr", "mean_ptr", "rstd_ptr", "suma_ptr", "sumb_ptr", "g1_ptr", "g2_ptr"), f32),
-            **dict.fromkeys(("C", "S", "G", "CHUNK", "split"), i32), "eps": "fp32"}
+            **dict.fromkeys(("part_ptr", "mean_ptr", "rstd_ptr", "suma_ptr", "sumb_ptr", "g1_ptr", "g2_ptr",
+                             "gsum_ptr"), f32),
+            **dict.fromkeys(("C", "S", "G", "UG", "CHUNK", "split", "NG", "SPLIT", "LAG"), i32), "sync_ptr": "*i32",
+            "eps": "fp32"}
     strides = tuple(f"{p}stride_{a}" for p in ("", "d") for a in "ncs")
     sig = {k: (i32 if k in strides else pool[k]) for k in kernel.arg_names if k in pool or k in strides}
     r = compile_sm90(kernel, sig, constexprs, num_warps, aligned=("C", "S", "CHUNK", *strides), ones=ones)
@@ -436,6 +512,7 @@ def compile_for_sm90() -> list[dict]:
     """
     from kiln.kernels import group_norm_triton_cl as cl
     from kiln.kernels import group_norm_triton_onepass as onepass
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
 
     reports = []
     flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
@@ -462,6 +539,18 @@ def compile_for_sm90() -> list[dict]:
                     blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
                     for kernel in (onepass._onepass_fwd_kernel, onepass._onepass_bwd_kernel):
                         reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
+            for knobs in pipelined.CANDIDATES:  # NCHW: SPLIT_P2 at its largest (MAX_SPLIT chunks per group)
+                for block_c in (4, 16):
+                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c,
+                              "SPLIT_P2": pipelined.MAX_SPLIT}
+                    for kernel in (pipelined._gn_fwd_pipelined_kernel, pipelined._gn_bwd_pipelined_kernel):
+                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
+                for width, cg_p2 in ((8, 4), (32, 16)):  # channels-last units: 2 groups of 4 (1x128x512x512), 2 of 16
+                    blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "CG_P2": cg_p2,
+                              "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width}
+                    for kernel in (pipelined._gn_cl_fwd_pipelined_kernel, pipelined._gn_cl_bwd_pipelined_kernel):
+                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, cl_ones, "channels_last",
+                                                    knobs.num_warps))
         # finalize kernels launch with Triton's default 4 warps
         reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", 4))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},

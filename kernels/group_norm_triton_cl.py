@@ -19,7 +19,9 @@ Backward: 1. _cl_bwd_reduce_kernel (N, SPLIT): per channel A = Σ dm, B = Σ dm�
              g1 = Σ_c w·f·A, g2 = Σ_c w·f·B;
           3. _cl_bwd_dx_kernel (N, SPLIT): dx = rstd·(dm·f·w − g1/M − x̂·g2/M).
 Bytes: forward reads x twice and writes y; backward reads x and dy twice and writes dx (the
-partial sums are O(N·SPLIT·C)). Deterministic: no atomics, fixed reduction order.
+partial sums are O(N·SPLIT·C)). Deterministic: no atomics, fixed reduction order. The passes'
+bodies are helpers over a channel range [c_lo, c_hi), so the one-launch kernels of
+group_norm_triton_pipelined.py run them on blocks of groups.
 """
 
 from __future__ import annotations
@@ -43,24 +45,25 @@ def _chunk(S, CHUNK):
 
 @triton.jit
 def _per_channel(a_ptr, b_ptr, n, offs_c, cg, G, cmask):
-    """Each channel's entries of two (N, G) per-group fp32 arrays (mean and rstd, or g1 and g2)."""
+    """Each channel's entries of two (N, G) per-group fp32 arrays (mean and rstd, or g1 and g2);
+    past L1 (.cg): the pipelined kernels read them in the launch that wrote them."""
     g = offs_c // cg
-    return (tl.load(a_ptr + n * G + g, mask=cmask, other=0.0),
-            tl.load(b_ptr + n * G + g, mask=cmask, other=0.0))
+    return (tl.load(a_ptr + n * G + g, mask=cmask, other=0.0, cache_modifier=".cg"),
+            tl.load(b_ptr + n * G + g, mask=cmask, other=0.0, cache_modifier=".cg"))
 
 
 @triton.jit
-def _cl_stats_kernel(x_ptr, part_ptr, C, S, CHUNK, stride_n, stride_c, stride_s,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
-    for c0 in range(0, C, BLOCK_C):
+def _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c, stride_s,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 1 of the forward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
+        cmask = offs_c < c_hi
         pivot = tl.load(x_ptr + n * stride_n + offs_c * stride_c, mask=cmask, other=0.0).to(tl.float32)
         acc_s = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         acc_q = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, C, s_end, stride_n, stride_c, stride_s,
+            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, c_hi, s_end, stride_n, stride_c, stride_s,
                                                  BLOCK_C, BLOCK_S)
             d = tl.where(mask, x - pivot[:, None], 0.0)
             acc_s += d
@@ -71,9 +74,18 @@ def _cl_stats_kernel(x_ptr, part_ptr, C, S, CHUNK, stride_n, stride_c, stride_s,
 
 
 @triton.jit
+def _cl_stats_kernel(x_ptr, part_ptr, C, S, CHUNK, stride_n, stride_c, stride_s,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, 0, C, s_begin, s_end, C, stride_n, stride_c, stride_s,
+                    BLOCK_C, BLOCK_S)
+
+
+@triton.jit
 def _sum_splits(part_ptr, n, split, C, offs_c, cmask, row: tl.constexpr, CG_P2: tl.constexpr,
                 BLOCK_P: tl.constexpr):
-    """Σ over splits of row ``row`` (0 or 1) of the (N, SPLIT, 2, C) partials, per channel.
+    """Σ over splits of row ``row`` (0 or 1) of the (N, SPLIT, 2, C) partials, per channel (past
+    L1, as _per_channel).
 
     Reduced once after the loop: a tl.sum inside it, whose result feeds two expressions, crashed
     Triton 3.8's sm_90 pipeline (OptimizeThreadLocality assertion; found by compile_for_sm90)."""
@@ -82,36 +94,60 @@ def _sum_splits(part_ptr, n, split, C, offs_c, cmask, row: tl.constexpr, CG_P2: 
         offs_p = p0 + tl.arange(0, BLOCK_P)
         m = cmask[:, None] & (offs_p < split)[None, :]
         ptrs = part_ptr + ((n * split + offs_p[None, :]) * 2 + row) * C + offs_c[:, None]
-        acc += tl.load(ptrs, mask=m, other=0.0)
+        acc += tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _group_totals(part_ptr, C, G, split, CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
-    """A finalize program's group (program ng = n·G + g): its channels and both partial rows
-    summed over splits -> (ng, n, cg, offs_c, cmask, row0, row1)."""
-    ng = tl.program_id(0)
-    n, g = ng // G, ng % G
+def _group_totals(part_ptr, n, g, C, G, split, CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Group (n, g)'s channels and both partial rows summed over splits -> (cg, offs_c, cmask,
+    row0, row1)."""
     cg = C // G
     offs_c = g * cg + tl.arange(0, CG_P2)
     cmask = tl.arange(0, CG_P2) < cg
     row0 = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 0, CG_P2, BLOCK_P)
     row1 = _sum_splits(part_ptr, n, split, C, offs_c, cmask, 1, CG_P2, BLOCK_P)
-    return ng, n, cg, offs_c, cmask, row0, row1
+    return cg, offs_c, cmask, row0, row1
 
 
 @triton.jit
-def _cl_stats_finalize_kernel(x_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, split, eps, stride_n, stride_c,
-                              CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
-    ng, n, cg, offs_c, cmask, sd, sq = _group_totals(part_ptr, C, G, split, CG_P2, BLOCK_P)
+def _cl_group_stats(x_ptr, part_ptr, mean_ptr, rstd_ptr, n, g, C, S, G, split, eps, stride_n, stride_c,
+                    CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Mean and rstd of group (n, g) from its channels' partials, stored at n·G + g."""
+    cg, offs_c, cmask, sd, sq = _group_totals(part_ptr, n, g, C, G, split, CG_P2, BLOCK_P)
     p = tl.load(x_ptr + n * stride_n + offs_c * stride_c, mask=cmask, other=0.0).to(tl.float32)
     s_f = S.to(tl.float32)
     m = (cg * S).to(tl.float32)
     mean = tl.sum(tl.where(cmask, sd + s_f * p, 0.0), axis=0) / m
     dev = p - mean
     var = tl.sum(tl.where(cmask, sq + 2.0 * dev * sd + s_f * dev * dev, 0.0), axis=0) / m
-    tl.store(mean_ptr + ng, mean)
-    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps))
+    tl.store(mean_ptr + n * G + g, mean)
+    tl.store(rstd_ptr + n * G + g, 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps))
+
+
+@triton.jit
+def _cl_stats_finalize_kernel(x_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, split, eps, stride_n, stride_c,
+                              CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    ng = tl.program_id(0)
+    _cl_group_stats(x_ptr, part_ptr, mean_ptr, rstd_ptr, ng // G, ng % G, C, S, G, split, eps, stride_n, stride_c,
+                    CG_P2, BLOCK_P)
+
+
+@triton.jit
+def _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi, s_begin,
+                  s_end, C, G, stride_n, stride_c, stride_s,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 2 of the forward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
+    cg = C // G
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, offs_c < c_hi)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, c_hi, s_end, stride_n, stride_c, stride_s,
+                                                 BLOCK_C, BLOCK_S)
+            _normalize_store(x, mean[:, None], rstd[:, None], n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr,
+                             scale_ptr, shift_ptr, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU)
 
 
 @triton.jit
@@ -120,33 +156,27 @@ def _cl_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, sh
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
-    cg = C // G
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, offs_c < C)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, C, s_end, stride_n, stride_c, stride_s,
-                                                 BLOCK_C, BLOCK_S)
-            _normalize_store(x, mean[:, None], rstd[:, None], n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr,
-                             scale_ptr, shift_ptr, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU)
+    _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, 0, C, s_begin, s_end, C,
+                  G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
-def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
-                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+def _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                         n, sp, split, c_lo, c_hi, s_begin, s_end, C, G,
+                         stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 1 of the backward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
     cg = C // G
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
+        cmask = offs_c < c_hi
         mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, cmask)
         acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         for s0 in range(s_begin, s_end, BLOCK_S):
             xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
-                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, C,
+                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, c_hi,
                 s_end, C, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                 HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
             acc_a += dm
@@ -157,17 +187,63 @@ def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
 
 
 @triton.jit
-def _cl_bwd_finalize_kernel(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, C, G, split,
-                            HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, CG_P2: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
-    ng, n, cg, offs_c, cmask, a, b = _group_totals(part_ptr, C, G, split, CG_P2, BLOCK_P)
-    tl.store(suma_ptr + n * C + offs_c, a, mask=cmask)  # per-(n, c) sums for the parameter grads
+def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                         n, sp, split, 0, C, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
+                         dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _cl_bwd_group_sums(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, n, g, C, G, split,
+                       HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, CG_P2: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Group (n, g): A, B per channel (the parameter gradients' sums) and g1 = Σ_c w·f·A,
+    g2 = Σ_c w·f·B."""
+    cg, offs_c, cmask, a, b = _group_totals(part_ptr, n, g, C, G, split, CG_P2, BLOCK_P)
+    tl.store(suma_ptr + n * C + offs_c, a, mask=cmask)
     tl.store(sumb_ptr + n * C + offs_c, b, mask=cmask)
     wf = tl.load(w_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) if HAS_W else cmask.to(tl.float32)
     if HAS_MOD:
         wf = wf * (1.0 + tl.load(scale_ptr + n * C + offs_c, mask=cmask, other=0.0).to(tl.float32))
-    tl.store(g1_ptr + ng, tl.sum(wf * a, axis=0))
-    tl.store(g2_ptr + ng, tl.sum(wf * b, axis=0))
+    tl.store(g1_ptr + n * G + g, tl.sum(wf * a, axis=0))
+    tl.store(g2_ptr + n * G + g, tl.sum(wf * b, axis=0))
+
+
+@triton.jit
+def _cl_bwd_finalize_kernel(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, C, G, split,
+                            HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, CG_P2: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    ng = tl.program_id(0)
+    _cl_bwd_group_sums(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, ng // G, ng % G, C, G, split,
+                       HAS_W, HAS_MOD, CG_P2, BLOCK_P)
+
+
+@triton.jit
+def _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
+                     n, c_lo, c_hi, s_begin, s_end, C, S, G,
+                     stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Pass 2 of the backward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
+    cg = C // G
+    inv_m = 1.0 / (cg * S).to(tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < c_hi
+        mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, cmask)
+        g1, g2 = _per_channel(g1_ptr, g2_ptr, n, offs_c, cg, G, cmask)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
+                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, c_hi,
+                s_end, C, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+            dxhat = dm * (f * w)[:, None]
+            dx = rstd[:, None] * (dxhat - (g1 * inv_m)[:, None] - xhat * (g2 * inv_m)[:, None])
+            ptrs = dx_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+            tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -176,22 +252,9 @@ def _cl_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
-    cg = C // G
-    inv_m = 1.0 / (cg * S).to(tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, cmask)
-        g1, g2 = _per_channel(g1_ptr, g2_ptr, n, offs_c, cg, G, cmask)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
-                x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, C,
-                s_end, C, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
-            dxhat = dm * (f * w)[:, None]
-            dx = rstd[:, None] * (dxhat - (g1 * inv_m)[:, None] - xhat * (g2 * inv_m)[:, None])
-            ptrs = dx_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
-            tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
+                     n, 0, C, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                     HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from kiln.kernels.group_norm_triton import Knobs, _bwd_tile, _load_tile, _normal
 # tile's indices at once and compiles for sm_90a without spills at 96-126 registers (64 per
 # thread at 8 warps reached 255 and spilled). Groups up to 4,096 elements on 4 warps, up to
 # 16,384 (e.g. 16 channels × 32 × 32) on 16.
-CANDIDATES = [Knobs(4096, 4, 1, onepass=True), Knobs(16384, 16, 1, onepass=True)]
+CANDIDATES = [Knobs(4096, 4, 1, kind="onepass"), Knobs(16384, 16, 1, kind="onepass")]
 
 
 def blocks(x: torch.Tensor, num_groups: int) -> tuple[int, int]:

@@ -38,13 +38,14 @@ def test_triton_qk_norm_attention_on_cuda(case, dtype):
     check(*case, dtype, seed=1, device="cuda")
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 @pytest.mark.parametrize("case", [GPU_CASES[0], ((2, 320, 33, 17), 32, True, True, True, "silu"),
                                   ((2, 64, 7, 9, 5), 16, False, True, True, "silu")],
                          ids=["nchw", "cl", "nchw-onepass"])  # the last fits both one-pass knobs
 def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
     """Each GroupNorm launch-knob candidate the autotuner may pick for the case (candidate
-    ``index``, wrapping round; the one-pass ones where the group fits) passes the 2x rule."""
+    ``index``, wrapping round; the one-pass ones where the group fits, the pipelined ones on
+    NCHW) passes the 2x rule."""
     from test_group_norm_triton import check_against_reference
 
     from kiln.kernels import autotune
@@ -59,6 +60,36 @@ def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
     monkeypatch.setattr(gnt, "candidates", forced)
     autotune.forget()
     check_against_reference(case, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.parametrize("knobs", range(2), ids=["tile2048", "tile4096"])
+def test_pipelined_group_norm_at_vae_scale_on_cuda(knobs, monkeypatch):
+    """The one-launch GroupNorm where its programs really race: 1x128x512x512 bf16 (32 groups of
+    128 chunks, 264+ programs, a pass 2 two groups behind its pass 1). The 2x rule, then five
+    more forward + backward runs bitwise equal to the first (fixed-order reductions: a chunk
+    read before its group's statistics were published would show as a difference)."""
+    from test_group_norm_triton import _inputs, check_against_reference
+
+    from kiln.kernels import autotune
+    from kiln.kernels import group_norm_triton as gnt
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+    monkeypatch.setattr(gnt, "candidates", lambda x, num_groups: [pipelined.CANDIDATES[knobs]])
+    autotune.forget()
+    case = ((1, 128, 512, 512), 32, False, True, True, "silu")
+    check_against_reference(case, torch.bfloat16, device="cuda")
+    x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
+    x = x.cuda().requires_grad_()
+    p = {k: v.cuda() for k, v in p.items()}
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(6):
+        with kernels.use_backend("triton"):
+            y = kernels.group_norm(x, 32, activation="silu", **p)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        runs.append((y, dx))
+    for y, dx in runs[1:]:
+        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
 
 
 @pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")  # -k D128: one head dim per device call

@@ -99,18 +99,77 @@ ONEPASS_CASES = [c for c in CASES if not c[2] and _fits_one_program(c)] + [
 def test_onepass_candidates_match_the_reference(case, dtype, monkeypatch):
     """The one-pass kernels (a whole group per program, x read once) pass the same 2x rule as the
     two-pass path, forced here (the autotuner picks them only by timing on a GPU)."""
+    used = _forced(monkeypatch, "onepass")
+    check_against_reference(case, dtype)
+    assert len(used) == 2  # forward and backward
+
+
+def _forced(monkeypatch, kind):
+    """Offer the autotuner only the first candidate of ``kind``; returns the list of those used."""
     from kiln.kernels import group_norm_triton as gnt
 
     full, used = gnt.candidates, []
 
-    def onepass_only(x, num_groups):
-        picked = [k for k in full(x, num_groups) if k.onepass][:1]
+    def only(x, num_groups):
+        picked = [k for k in full(x, num_groups) if k.kind == kind][:1]
         used.extend(picked)
         return picked
 
-    monkeypatch.setattr(gnt, "candidates", onepass_only)
+    monkeypatch.setattr(gnt, "candidates", only)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-G{c[1]}-{'cl' if c[2] else 'nc'}" for c in CASES])
+def test_pipelined_candidates_match_the_reference(case, dtype, monkeypatch):
+    """The one-launch kernels (pass 2 of a group, or of a block of groups in channels-last, behind
+    its pass 1; work claimed by an atomic ticket; statistics published through flags) pass the
+    2x rule, forced here."""
+    used = _forced(monkeypatch, "pipelined")
     check_against_reference(case, dtype)
-    assert len(used) == 2  # forward and backward
+    assert len(used) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("lag", [1, 2, 5])
+def test_pipelined_schedule_at_every_lag(lag, channels_last, monkeypatch):
+    """Every order of the two passes the schedule can take: LAG 1 (a pass 2 right behind each
+    pass 1), 2, and every unit's pass 1 first (LAG = the 5 groups of 1x80x28x25 at G = 5, 3
+    chunks each; one group per unit in channels-last too, 16 channels each). A pass 2 claimed
+    before its unit's statistics would spin out (bounded) and compute with stale numbers, so a
+    wrong order fails here instead of hanging (checked by swapping the two phases in ``_item``:
+    the forward's output was off by 2e24)."""
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+    used = _forced(monkeypatch, "pipelined")
+    monkeypatch.setattr(pipelined, "lag", lambda grid, split, units: min(lag, units))
+    case = ((1, 80, 28, 25), 5, channels_last, True, True, "silu")
+    x, _ = _inputs(*case[:2], torch.float32, *case[2:5], seed=0)
+    cfg = pipelined.schedule(x, 5, pipelined.CANDIDATES[0])
+    assert (cfg["split"], cfg["units"]) == (3, 5)
+    check_against_reference(case, torch.float32)
+    assert len(used) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)])
+def test_pipelined_schedule_keeps_rereads_in_l2(shape, channels_last):
+    """The schedule an H100 (132 SMs) gets at issue 5's VAE shapes, bf16, G = 32 (meta tensors,
+    no GPU): between a chunk's two reads at most ~25 MB of x and dy are claimed (half the 50 MB
+    L2; whole-unit passes would be 134 MB at 1x128x512x512), every unit has several chunks and
+    the grid fills the GPU."""
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+    x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for knobs in pipelined.CANDIDATES:
+        cfg = pipelined.schedule(x, 32, knobs, sms=132)
+        assert pipelined.reuse_distance(cfg, x, tensors=2) <= 26e6, cfg
+        assert cfg["split"] >= 8 and cfg["grid"] == knobs.programs_per_sm * 132 and cfg["lag"] >= 1
+        if channels_last:  # whole groups, 16-byte aligned loads
+            width = cfg["UG"] * shape[1] // 32
+            assert cfg["UNIT_ALIGN"] == width and width * 2 >= pipelined.MIN_SEGMENT
 
 
 def test_fp32_matches_reference_closely():
@@ -181,10 +240,12 @@ def test_sm90_compile_check():
     In a subprocess without TRITON_INTERPRET."""
     from kiln.kernels.group_norm_triton import CANDIDATES
     from kiln.kernels.group_norm_triton_onepass import CANDIDATES as ONEPASS
+    from kiln.kernels.group_norm_triton_pipelined import CANDIDATES as PIPELINED
 
     reports = sm90_reports("kiln.kernels.group_norm_triton")
-    # bf16: every candidate (one-pass ones at 2 channel blocks); fp32: the default
-    assert len(reports) == 16 * len(CANDIDATES) + 4 * len(ONEPASS) + 2 + 16 + 2
+    # bf16: every candidate (one-pass ones at 2 channel blocks, pipelined ones at 2 per layout);
+    # fp32: the default
+    assert len(reports) == 16 * len(CANDIDATES) + 4 * len(ONEPASS) + 8 * len(PIPELINED) + 2 + 16 + 2
     for r in reports:
         assert r["registers"] and r["registers"] <= 255 and r["spills"] == 0 and r["local_ops"] == 0, r
         if "finalize" in r["kernel"]:  # O(N·C) partial sums, no tiles

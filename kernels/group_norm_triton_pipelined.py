@@ -1,0 +1,382 @@
+"""Triton GroupNorm in one launch: pass 2 of a group runs a few groups behind its pass 1.
+
+Why: the two-launch paths (group_norm_triton.py, group_norm_triton_cl.py) read the whole tensor
+in pass 1 before pass 2 re-reads it. At VAE shapes the tensor is larger than L2 (1x128x512x512
+bf16: x is 67 MB, x + dy 134 MB; H100/H200 L2 50 MB), so most of the re-read comes from HBM:
+the forward moves ~2.5 and the backward ~4.5 tensor-sizes for an ideal 2 and 3, a ceiling of
+~80% and ~67-73% of copy bandwidth (benchmarks/results/README.md), under issue 5's 80% target.
+Here the two passes are interleaved unit by unit, so each chunk's re-read follows its first
+read by a few MB of traffic and comes from L2: an ideal 2 / 3 tensor-sizes, one launch.
+
+A unit is one group in NCHW (a contiguous run of C/G·S elements) and, in channels-last, UG
+whole groups of one sample spanning up to UNIT_CHANNELS = 32 channels: a token row holds every
+group there, so a unit reads a 64-byte piece of each row (bf16) instead of the 8 bytes of one
+group. Work items are (phase, unit, chunk); programs claim them in a fixed order from an atomic
+ticket counter (a persistent grid of a few programs per SM, each looping until the tickets run
+out):
+
+    P1(0) .. P1(LAG-1), then P1(i + LAG), P2(i) for i = 0, 1, ..., then the last P2s
+
+where P1(u) is every chunk of unit u's pass 1 (forward: shifted sums; backward: per-channel
+A = Σ dm, B = Σ dm·x̂) and P2(u) every chunk of its pass 2 (y or dx). The chunk bodies are the
+two-launch kernels' own helpers. A P1 chunk stores its partials, then counts itself on the
+unit's flag (release); the unit's last P1 chunk reduces the partials to its groups' statistics
+in a fixed order (deterministic, no float atomics) and bumps the flag once more. A P2 chunk
+spins (acquire) until the flag says the statistics are there. LAG is chosen so the P1 chunks
+of unit i were claimed about two grids' worth of tickets before P2(i), so they are done and
+P2 rarely waits; the L2 reuse distance is then ~2 · grid · chunk bytes (2 x 264 programs x
+16-32 KB = 8-17 MB for the backward on an H100).
+
+No deadlock, whatever the residency: a ticket is claimed only by a running program; P1 items
+never wait, and a P2 item waits only for P1 items with smaller tickets, all claimed by running
+programs that finish them (induction on the ticket). Under the interpreter programs run one
+after another and the first takes every ticket in order, so no wait ever spins. A spin is still
+bounded (MAX_SPINS): a broken schedule gives wrong numbers that the tests catch, not a hung
+device or test.
+
+Loads of data written during the launch (partials, statistics) bypass L1 (``.cg``): L1 is not
+coherent across SMs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels import group_norm_triton_cl as cl
+from kiln.kernels.autotune import run_kernel
+from kiln.kernels.group_norm import memory_format_of
+from kiln.kernels.group_norm_triton import (
+    Knobs,
+    _bwd_dx_chunk,
+    _bwd_group_sums,
+    _bwd_reduce_chunk,
+    _fwd_chunk,
+    _group_stats,
+    _stats_chunk,
+    launch_config,
+)
+
+# 2048-4096-element tiles, 2 of them per work item (4-8K elements: 8-16 KB of bf16 x, twice that
+# with dy), 2 programs per SM: 264 on an H100, so ~4-17 MB of traffic between a chunk's two
+# reads. Compiled for sm_90a without spills (compile_for_sm90); the GPU's timing decides.
+CANDIDATES = [Knobs(2048, 8, 2, kind="pipelined"), Knobs(4096, 8, 2, kind="pipelined")]
+TILES_PER_ITEM = 2
+# channels-last units (unit_groups): at most 32 channels (64 bytes of a bf16 row), at least one
+# 16-byte load per row, x-bytes within 4 MB where possible, so that LAG 1's three units of x and
+# dy (25 MB) fit half of an H100's 50 MB L2
+UNIT_CHANNELS = 32
+MIN_SEGMENT = 16
+UNIT_BYTES = 4 << 20
+# chunks per group: the finalize reduces BLOCK_C x SPLIT_P2 partials at once (ptxas spilled 16
+# bytes of the 8-warp forward at SPLIT_P2 = 256, none at 128)
+MAX_SPLIT = 128
+# ~1 s of 0.5-1 µs atomics on a GPU, where a real wait is microseconds; under the interpreter
+# programs run one after another, so a wait that does not pass at once never will
+MAX_SPINS = tl.constexpr(8 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 20)
+
+
+@triton.jit
+def _item(t, NG, SPLIT, LAG):
+    """Ticket t -> (phase 0 or 1, group, chunk) in the order of the module docstring."""
+    blk = t // SPLIT
+    sp = t % SPLIT
+    j = blk - LAG
+    pairs = NG - LAG
+    head = blk < LAG
+    in_pairs = j < 2 * pairs
+    odd = j % 2
+    phase = tl.where(head, 0, tl.where(in_pairs, odd, 1))
+    ng = tl.where(head, blk, tl.where(in_pairs, j // 2 + (1 - odd) * LAG, j - pairs))
+    return phase, ng, sp
+
+
+@triton.jit
+def _arrive(flag_ptr, SPLIT):
+    """Count a finished pass-1 chunk on its group's flag; True for the group's last one. The
+    barrier orders every thread's stores before the (cumulative) release."""
+    tl.debug_barrier()
+    return tl.atomic_add(flag_ptr, 1, sem="acq_rel") == SPLIT - 1
+
+
+@triton.jit
+def _publish(flag_ptr):
+    tl.debug_barrier()
+    tl.atomic_add(flag_ptr, 1, sem="release")
+
+
+@triton.jit
+def _wait(flag_ptr, target):
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    spins = 0
+    while (seen < target) & (spins < MAX_SPINS):
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+        spins += 1
+
+
+@triton.jit
+def _gn_fwd_pipelined_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                             sync_ptr, C, S, G, CHUNK, NG, SPLIT, LAG, eps, stride_n, stride_c, stride_s,
+                             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                             SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # sync_ptr[0]: the ticket counter; sync_ptr[1 + ng]: group ng's flag (SPLIT + 1 = statistics ready)
+    total = 2 * NG * SPLIT
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        phase, ng, sp = _item(t, NG, SPLIT, LAG)
+        flag = sync_ptr + 1 + ng
+        if phase == 0:
+            _stats_chunk(x_ptr, part_ptr, ng, sp, SPLIT, C, S, G, CHUNK, stride_n, stride_c, stride_s,
+                         BLOCK_C, BLOCK_S)
+            if _arrive(flag, SPLIT):
+                mean, rstd = _group_stats(x_ptr, part_ptr, ng // G, ng % G, C // G, ng, SPLIT, eps, stride_n,
+                                          stride_c, SPLIT_P2)
+                tl.store(mean_ptr + ng, mean)
+                tl.store(rstd_ptr + ng, rstd)
+                _publish(flag)
+        else:
+            _wait(flag, SPLIT + 1)
+            mean = tl.load(mean_ptr + ng, cache_modifier=".cg")
+            rstd = tl.load(rstd_ptr + ng, cache_modifier=".cg")
+            _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
+                       stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        t = tl.atomic_add(sync_ptr, 1)
+
+
+@triton.jit
+def _gn_bwd_pipelined_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                             part_ptr, suma_ptr, sumb_ptr, gsum_ptr, sync_ptr, C, S, G, CHUNK, NG, SPLIT, LAG,
+                             stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                             SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # gsum_ptr (NG, 2): each group's Σ dx̂ and Σ dx̂·x̂, written by its last pass-1 chunk
+    total = 2 * NG * SPLIT
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        phase, ng, sp = _item(t, NG, SPLIT, LAG)
+        flag = sync_ptr + 1 + ng
+        mean = tl.load(mean_ptr + ng)
+        rstd = tl.load(rstd_ptr + ng)
+        if phase == 0:
+            _bwd_reduce_chunk(x_ptr, dy_ptr, mean, rstd, ng, sp, SPLIT, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                              part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c,
+                              dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+            if _arrive(flag, SPLIT):
+                g1, g2 = _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, SPLIT, True, C, G,
+                                         HAS_W, HAS_MOD, SPLIT_P2, BLOCK_C)
+                tl.store(gsum_ptr + 2 * ng, g1)
+                tl.store(gsum_ptr + 2 * ng + 1, g2)
+                _publish(flag)
+        else:
+            _wait(flag, SPLIT + 1)
+            g1 = tl.load(gsum_ptr + 2 * ng, cache_modifier=".cg")
+            g2 = tl.load(gsum_ptr + 2 * ng + 1, cache_modifier=".cg")
+            _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean, rstd, g1, g2, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                          HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        t = tl.atomic_add(sync_ptr, 1)
+
+
+@triton.jit
+def _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN: tl.constexpr):
+    """Channels-last unit u = n·(G/UG) + block: UG whole groups of sample n (their channels are
+    contiguous in every token row) -> (n, first group, c_lo, c_hi, s_begin, s_end) of chunk sp.
+    c_lo and c_hi are built as multiples of UNIT_ALIGN (the unit width's largest power-of-two
+    factor) so that Triton can prove the channel loads aligned: computed plainly, sm_90a got
+    2-byte scalar loads only."""
+    per_sample = G // UG
+    n = u // per_sample
+    g0 = (u % per_sample) * UG
+    width = UG * (C // G) // UNIT_ALIGN
+    c_lo = (u % per_sample) * width * UNIT_ALIGN
+    s_begin = sp * CHUNK
+    return n, g0, c_lo, c_lo + width * UNIT_ALIGN, s_begin, tl.minimum(s_begin + CHUNK, S)
+
+
+@triton.jit
+def _gn_cl_fwd_pipelined_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                sync_ptr, C, S, G, UG, CHUNK, NG, SPLIT, LAG, eps, stride_n, stride_c, stride_s,
+                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                                CG_P2: tl.constexpr, BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    # as the NCHW kernel, over units of UG groups (NG of them) instead of single groups
+    total = 2 * NG * SPLIT
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        phase, u, sp = _item(t, NG, SPLIT, LAG)
+        n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
+        flag = sync_ptr + 1 + u
+        if phase == 0:
+            cl._cl_stats_chunk(x_ptr, part_ptr, n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c,
+                               stride_s, BLOCK_C, BLOCK_S)
+            if _arrive(flag, SPLIT):
+                for g in range(g0, g0 + UG):
+                    cl._cl_group_stats(x_ptr, part_ptr, mean_ptr, rstd_ptr, n, g, C, S, G, SPLIT, eps, stride_n,
+                                       stride_c, CG_P2, BLOCK_P)
+                _publish(flag)
+        else:
+            _wait(flag, SPLIT + 1)
+            cl._cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi,
+                             s_begin, s_end, C, G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU,
+                             BLOCK_C, BLOCK_S)
+        t = tl.atomic_add(sync_ptr, 1)
+
+
+@triton.jit
+def _gn_cl_bwd_pipelined_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                part_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, sync_ptr, C, S, G, UG, CHUNK, NG, SPLIT,
+                                LAG, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
+                                CG_P2: tl.constexpr, BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    total = 2 * NG * SPLIT
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        phase, u, sp = _item(t, NG, SPLIT, LAG)
+        n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
+        flag = sync_ptr + 1 + u
+        if phase == 0:
+            cl._cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
+                                    n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
+                                    dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+            if _arrive(flag, SPLIT):
+                for g in range(g0, g0 + UG):
+                    cl._cl_bwd_group_sums(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, n, g, C, G,
+                                          SPLIT, HAS_W, HAS_MOD, CG_P2, BLOCK_P)
+                _publish(flag)
+        else:
+            _wait(flag, SPLIT + 1)
+            cl._cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr,
+                                g2_ptr, n, c_lo, c_hi, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s,
+                                dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        t = tl.atomic_add(sync_ptr, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedule and launchers
+# ---------------------------------------------------------------------------------------
+
+
+def lag(grid: int, split: int, units: int) -> int:
+    """Units (groups; channels-last: blocks of groups) between a unit's pass 1 and its pass 2:
+    P1(i)'s chunks come (2·LAG + 1)·SPLIT tickets before P2(i)'s, at least two grids' worth, so
+    they finished long before."""
+    return min(units, max(1, triton.cdiv(triton.cdiv(2 * grid, split) - 1, 2)))
+
+
+def unit_groups(x: torch.Tensor, num_groups: int) -> int:
+    """Groups per channels-last unit. A unit spans at most UNIT_CHANNELS channels and, where it
+    can, at least MIN_SEGMENT bytes of each row (one 16-byte load); among those widths the widest
+    whose x-bytes fit UNIT_BYTES, else the narrowest. 1x128x512x512 bf16: 2 groups (8 channels,
+    4 MB; 32 channels would be 17 MB, and three units of x and dy 100 MB, twice the L2)."""
+    C, S, size = x.shape[1], x[0, 0].numel(), x.element_size()
+    cg = C // num_groups
+    widths = [d for d in range(1, num_groups + 1) if num_groups % d == 0 and (d == 1 or d * cg <= UNIT_CHANNELS)]
+    whole = [d for d in widths if d * cg * size >= MIN_SEGMENT] or widths[-1:]
+    fitting = [d for d in whole if S * d * cg * size <= UNIT_BYTES]
+    return fitting[-1] if fitting else whole[0]
+
+
+def _nchw_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> dict:
+    cfg = launch_config(x, num_groups, knobs)
+    if gpu:  # ~TILES_PER_ITEM tiles of one group per chunk, at most MAX_SPLIT chunks
+        cg, S, block_s = x.shape[1] // num_groups, cfg["S"], cfg["BLOCK_S"]
+        per_item = max(1, TILES_PER_ITEM * knobs.tile // cg // block_s) * block_s
+        cfg["chunk"] = max(per_item, triton.cdiv(triton.cdiv(S, MAX_SPLIT), block_s) * block_s)
+        cfg["split"] = triton.cdiv(S, cfg["chunk"])
+    return {**cfg, "UG": 1, "units": x.shape[0] * num_groups}
+
+
+def _cl_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> dict:
+    N, C = x.shape[:2]
+    S = x[0, 0].numel()
+    ug = unit_groups(x, num_groups)
+    block_c = triton.next_power_of_2(ug * (C // num_groups))
+    block_s = max(1, min(triton.next_power_of_2(S), knobs.tile // block_c))
+    # GPU: TILES_PER_ITEM tiles of rows per chunk; interpreter: 3 chunks per unit
+    chunk = TILES_PER_ITEM * block_s if gpu else triton.cdiv(triton.cdiv(S, 3), block_s) * block_s
+    width = ug * (C // num_groups)
+    return {"S": S, "chunk": chunk, "split": triton.cdiv(S, chunk), "UG": ug, "units": N * num_groups // ug,
+            "BLOCK_C": block_c, "BLOCK_S": block_s, "CG_P2": triton.next_power_of_2(C // num_groups),
+            "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width & -width, "num_warps": knobs.num_warps}
+
+
+def schedule(x: torch.Tensor, num_groups: int, knobs: Knobs, sms: int | None = None) -> dict:
+    """Blocks, chunk, SPLIT, units, programs and LAG for x. A unit is a group (NCHW) or UG groups
+    of one sample (channels-last). On a GPU with ``sms`` SMs (x's device's count by default) a
+    chunk is ~TILES_PER_ITEM tiles of one unit and the grid programs_per_sm programs per SM;
+    under the interpreter a few chunks per unit (so the interleaving is exercised) and 3
+    programs."""
+    if sms is None and x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    gpu = sms is not None
+    cl_layout = memory_format_of(x) != torch.contiguous_format
+    cfg = (_cl_chunks if cl_layout else _nchw_chunks)(x, num_groups, knobs, gpu)
+    grid = min(2 * cfg["units"] * cfg["split"], knobs.programs_per_sm * sms if gpu else 3)
+    return {**cfg, "channels_last": cl_layout, "SPLIT_P2": triton.next_power_of_2(cfg["split"]), "grid": grid,
+            "lag": lag(grid, cfg["split"], cfg["units"])}
+
+
+def reuse_distance(cfg: dict, x: torch.Tensor, tensors: int) -> int:
+    """Bytes of ``tensors`` x-sized inputs claimed between a chunk's first read (P1) and its
+    re-read (P2), (2·LAG + 1)·SPLIT chunks: what L2 must hold for the re-read to hit."""
+    elements = x.numel() // (cfg["units"] * cfg["split"])
+    return (2 * cfg["lag"] + 1) * cfg["split"] * elements * x.element_size() * tensors
+
+
+def _sync(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    return torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
+
+
+def _shape_args(cfg: dict) -> tuple:
+    """(CHUNK, NG, SPLIT, LAG): the chunk length, the unit count and the schedule."""
+    return cfg["chunk"], cfg["units"], cfg["split"], cfg["lag"]
+
+
+def _blocks(cfg: dict) -> dict:
+    keys = ("CG_P2", "BLOCK_P", "UNIT_ALIGN") if cfg["channels_last"] else ("SPLIT_P2",)
+    return {**{k: cfg[k] for k in (*keys, "BLOCK_C", "BLOCK_S")}, "num_warps": cfg["num_warps"]}
+
+
+def fwd(x, strides, num_groups, params, flags, eps, knobs: Knobs):
+    """(y, mean, rstd) of x (NCHW or channels-last) in one launch."""
+    N, C = x.shape[:2]
+    cfg = schedule(x, num_groups, knobs)
+    y = torch.empty_like(x)
+    mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    grid, dims = (cfg["grid"],), (C, cfg["S"], num_groups)
+    if cfg["channels_last"]:  # partials (N, SPLIT, 2, C): Σd, Σd² per channel
+        part = torch.empty(N * cfg["split"] * 2 * C, device=x.device, dtype=torch.float32)
+        run_kernel(_gn_cl_fwd_pipelined_kernel, grid, x, y, part, mean, rstd, *params, _sync(x, cfg), *dims,
+                   cfg["UG"], *_shape_args(cfg), eps, *strides, **flags, **_blocks(cfg))
+    else:  # partials (N·G, SPLIT, 3): count, Σd, Σd²
+        part = torch.empty(N * num_groups * cfg["split"] * 3, device=x.device, dtype=torch.float32)
+        run_kernel(_gn_fwd_pipelined_kernel, grid, x, y, part, mean, rstd, *params, _sync(x, cfg), *dims,
+                   *_shape_args(cfg), eps, *strides, **flags, **_blocks(cfg))
+    return y, mean, rstd
+
+
+def bwd(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, knobs: Knobs):
+    """(dx, A, B) of x (NCHW or channels-last) in one launch; A, B (N, C) give the parameter
+    gradients."""
+    N, C = x.shape[:2]
+    cfg = schedule(x, num_groups, knobs)
+    dx = torch.empty_like(x)
+    sum_a = torch.empty(N, C, device=x.device, dtype=torch.float32)
+    sum_b = torch.empty_like(sum_a)
+    part = torch.empty(N * C * cfg["split"] * 2, device=x.device, dtype=torch.float32)
+    grid, dims = (cfg["grid"],), (C, cfg["S"], num_groups)
+    if cfg["channels_last"]:
+        g1 = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
+        g2 = torch.empty_like(g1)
+        run_kernel(_gn_cl_bwd_pipelined_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, g1, g2,
+                   _sync(x, cfg), *dims, cfg["UG"], *_shape_args(cfg), *strides, *dstrides, **flags, **_blocks(cfg))
+    else:
+        gsum = torch.empty(N * num_groups * 2, device=x.device, dtype=torch.float32)
+        run_kernel(_gn_bwd_pipelined_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, gsum,
+                   _sync(x, cfg), *dims, *_shape_args(cfg), *strides, *dstrides, **flags, **_blocks(cfg))
+    return dx, sum_a, sum_b
