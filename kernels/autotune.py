@@ -1,9 +1,9 @@
 """Launch configurations of kiln's Triton kernels, chosen by timing on the GPU once per shape class.
 
 A kernel module lists candidate configs per kernel (attention: :class:`LaunchConfig` tiles, warps,
-stages and pointer or TMA tile loads; GroupNorm: its tile / warps / split knobs); every candidate
-is compiled for sm_90a in CI (``compile_for_sm90``: no spills, HGMMA dots, 16-byte or TMA loads),
-the first one is the default.
+stages and pointer or TMA tile loads; GroupNorm: its kernel kind and tile / warps / split
+knobs); every candidate is compiled for sm_90a in CI (``compile_for_sm90``: no spills, HGMMA
+dots, 16-byte or TMA loads), the first one is the default.
 On a CUDA device the launcher times all candidates on the real arguments the first time a key
 (kernel, dtype, head dim or channels, flags, power-of-two size classes) is seen and keeps the
 fastest, as ``triton.autotune`` does, but:
@@ -12,7 +12,9 @@ fastest, as ``triton.autotune`` does, but:
   ``torch.use_deterministic_algorithms(True)`` (a config picked by timing could differ between a
   run and its resume, and block sizes change the summation order, so losses would not repeat
   bit for bit), while a CUDA graph is being captured, and with ``KILN_AUTOTUNE=0``;
-- choices are visible (:func:`choices`), so benchmark rows can say which config they timed.
+- choices are visible (:func:`choices`), so benchmark rows can say which config they timed;
+- with ``agree`` (GroupNorm, attention), a candidate whose results differ from the default's is
+  dropped before it is timed: a kernel that skips work would otherwise win the timing.
 
 Candidates must leave their outputs as one launch would (overwrite them, or zero what they
 accumulate into within the launch, as the attention's atomic backward does): timing runs each
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,24 +85,61 @@ def uses_default(key: tuple, probe: torch.Tensor) -> bool:
     return _DEFAULTS_ONLY[0] or (key not in _CHOSEN and tuning_allowed(probe) is not None)
 
 
-def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor):
-    """The config to launch for ``key``: remembered, timed now, or the default (candidates[0])."""
+def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor,
+           agree: Callable[[object, object], bool] | None = None):
+    """The config to launch for ``key``: remembered, timed now, or the default (candidates[0]).
+
+    With ``agree(default_result, result)``, each other candidate's result is first compared with
+    the default's, and one that disagrees is dropped with a warning instead of timed: a wrong
+    kernel that skips work is also a fast one (the one-launch GroupNorm's schedule if a Triton
+    version miscompiled its ticket atomics, or attention candidates no GPU has run yet). A
+    result is a copy of the tensors ``launch`` returns (launches that write into the caller's
+    buffers return those buffers)."""
     if len(candidates) == 1 or uses_default(key, probe):
         return candidates[0]
     if key in _CHOSEN:
         return _CHOSEN[key]
-    from triton.testing import do_bench
-
     _compile_all(candidates, launch)
-    times = []
-    for cfg in candidates:
-        try:
-            times.append(do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=25))
-        except Exception:  # a candidate the device cannot run (e.g. out of shared memory) drops out
-            times.append(float("inf"))
+    times = _times(key, candidates, launch, agree)
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _CHOSEN[key] = best
     return best
+
+
+def _times(key: tuple, candidates: Sequence, launch: Callable[[object], object],
+           agree: Callable[[object, object], bool] | None) -> list[float]:
+    """Median milliseconds of each candidate; inf for one that fails or disagrees (choose)."""
+    from triton.testing import do_bench
+
+    def result(cfg):
+        return tuple(t.clone() for t in launch(cfg))
+
+    reference = None
+    if agree is not None:
+        try:
+            reference = result(candidates[0])
+        except Exception:  # the default cannot run: it drops out when timed, the rest go unchecked
+            pass
+    times = []
+    for cfg in candidates:
+        try:
+            if reference is not None and cfg is not candidates[0] and not agree(reference, result(cfg)):
+                warnings.warn(f"autotune {'/'.join(map(str, key))}: {cfg} disagrees with the default "
+                              f"{candidates[0]}; not used", stacklevel=3)
+                times.append(float("inf"))
+                continue
+            times.append(do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=25))
+        except Exception:  # a candidate the device cannot run (e.g. out of shared memory) drops out
+            times.append(float("inf"))
+    return times
+
+
+def results_agree(reference: Sequence[torch.Tensor], result: Sequence[torch.Tensor], rtol: float = 0.02) -> bool:
+    """Whether two candidates' output tensors match within ``rtol`` of each reference tensor's
+    largest magnitude (2%: a few bf16 rounding steps, while a kernel that skipped work is off by
+    the size of the data)."""
+    return all(torch.allclose(o.float(), r.float(), rtol=rtol, atol=rtol * float(r.abs().max()) + 1e-6)
+               for r, o in zip(reference, result, strict=True))
 
 
 def run_kernel(kernel, grid, *args, **kwargs) -> None:

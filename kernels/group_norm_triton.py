@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.autotune import choose, run_kernel, size_class
+from kiln.kernels.autotune import choose, results_agree, run_kernel, size_class
 from kiln.kernels.group_norm import memory_format_of
 
 STATS_BUFFER_DTYPE = torch.float32
@@ -403,7 +403,7 @@ def _pick(direction: str, x: torch.Tensor, num_groups: int, flags: dict, launch)
     layout = "cl" if _channels_last(x) else "nchw"
     key = (f"group_norm_{direction}", layout, str(x.dtype).removeprefix("torch."), C, num_groups,
            flags["HAS_MOD"], flags["SILU"], size_class(N), size_class(x[0, 0].numel()))
-    return choose(key, candidates(x, num_groups), launch, x)
+    return choose(key, candidates(x, num_groups), launch, x, agree=results_agree)
 
 
 def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.autotune import LaunchConfig, choose, run_kernel, size_class, uses_default
+from kiln.kernels.autotune import LaunchConfig, choose, results_agree, run_kernel, size_class, uses_default
 
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked scores (a constexpr: kernels read it)
@@ -133,8 +133,10 @@ def tuning_key(kernel: str, q: torch.Tensor, flags: tuple, tma: bool) -> tuple:
 
 
 def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False) -> LaunchConfig:
+    """The launch config for ``kernel``. ``launch`` returns the tensors it wrote: a candidate whose
+    results disagree with the default's is not used (autotune.choose)."""
     key = tuning_key(kernel, q, flags, tma)
-    return choose(key, attn_candidates(kernel, q.dtype, q.shape[3], tma), launch, q)
+    return choose(key, attn_candidates(kernel, q.dtype, q.shape[3], tma), launch, q, agree=results_agree)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -683,6 +685,7 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
                 *_sources(cfg, "fwd", q, k, v), out, lse, pad, S, SR, H, *_qkv_strides(q, k, v), out.stride(0),
                 out.stride(1), out.stride(2), scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D),
                 HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
+        return (out,)  # what a candidate is checked on (lse past S is unused)
 
     launch(_pick("fwd", q, (has_pad, causal), launch, _tma_ok(q, k, v)))
     return out, lse
@@ -716,11 +719,13 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: 
         _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_n), B * H), cfg, q.device,
                 *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, dq_acc[0] if atomic else dk, S, SR, H,
                 *strides, scale, scale * LOG2E, DQ_ATOMIC=atomic, **common)
+        return (dk, dv, dq_acc[0]) if atomic else (dk, dv)
 
     def launch_dq(cfg: LaunchConfig):
         _launch(_attn_bwd_dq_kernel, (triton.cdiv(S, cfg.block_m), B * H), cfg, q.device,
                 *_sources(cfg, "dq", q, k, v, do), lse, delta, pad, dq, S, SR, H, *strides, scale, scale * LOG2E,
                 **common)
+        return (dq,)
 
     tma, flags = _tma_ok(q, k, v, do), (has_pad, causal)
     if _bwd_mode(q, flags, tma, launch_dkdv, launch_dq, mode) == "atomic":

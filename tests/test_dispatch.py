@@ -90,6 +90,37 @@ def test_autotune_keeps_the_default_where_it_cannot_time():
     assert autotune.size_class(1) == 1
 
 
+def test_autotune_drops_a_candidate_that_disagrees_with_the_default(monkeypatch):
+    """With ``agree``, a candidate whose result differs from the default's is not timed (and not
+    chosen, fast as it may be); one within a few rounding steps is. Timing faked: no GPU here."""
+    import triton.testing
+
+    from kiln.kernels import autotune
+
+    ref = torch.linspace(-3, 3, 64)
+    results = {"default": (ref,), "close": (ref * 1.003,), "wrong": (ref * 0.5,)}
+    speed = {"default": 3.0, "close": 2.0, "wrong": 1.0}
+    timed = []
+
+    def bench(fn, warmup, rep):
+        fn()
+        timed.append(fn.__defaults__[0])
+        return speed[fn.__defaults__[0]]
+
+    monkeypatch.setattr(autotune, "tuning_allowed", lambda t: None)
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    monkeypatch.setattr(autotune, "_compile_all", lambda candidates, launch: None)
+    try:
+        with pytest.warns(UserWarning, match="wrong disagrees with the default"):
+            best = autotune.choose(("agree", 1), ["default", "wrong", "close"], results.__getitem__, ref,
+                                   agree=autotune.results_agree)
+        assert best == "close" and timed == ["default", "close"]
+        # without agree the fastest wins, right or wrong (how it was before)
+        assert autotune.choose(("agree", 2), ["default", "wrong"], results.__getitem__, ref) == "wrong"
+    finally:
+        autotune.forget()
+
+
 def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
     """Before timing, every candidate's launch runs once in compile-only mode (run_kernel calls
     Triton's warmup) inside Triton's AsyncCompileMode on a thread pool, which joins the compiles
