@@ -35,6 +35,7 @@ numbers are the next GPU session's first measurement (benchmarks/group_norm.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -491,10 +492,9 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, nu
     from kiln.kernels.sm90 import compile_sm90
 
     i32, f32 = "i32", "*fp32"
-    pool = {**dict.fromkeys(("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr"),
-                            f"*{dt}"),
-            **dict.fromkeys(("part_ptr", "mean_ptr", "rstd_ptr", "suma_ptr", "sumb_ptr", "g1_ptr", "g2_ptr",
-                             "gsum_ptr"), f32),
+    data = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "out_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr")
+    pool = {**dict.fromkeys(data, f"*{dt}"),
+            **dict.fromkeys(("part_ptr", "mean_ptr", "rstd_ptr", "suma_ptr", "sumb_ptr", "g1_ptr", "g2_ptr"), f32),
             **dict.fromkeys(("C", "S", "G", "UG", "CHUNK", "split", "NG", "SPLIT", "LAG"), i32), "sync_ptr": "*i32",
             "eps": "fp32"}
     strides = tuple(f"{p}stride_{a}" for p in ("", "d") for a in "ncs")
@@ -540,17 +540,19 @@ def compile_for_sm90() -> list[dict]:
                     for kernel in (onepass._onepass_fwd_kernel, onepass._onepass_bwd_kernel):
                         reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
             for knobs in pipelined.CANDIDATES:  # NCHW: SPLIT_P2 at its largest (MAX_SPLIT chunks per group)
-                for block_c in (4, 16):
-                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c,
-                              "SPLIT_P2": pipelined.MAX_SPLIT}
-                    for kernel in (pipelined._gn_fwd_pipelined_kernel, pipelined._gn_bwd_pipelined_kernel):
-                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
-                for width, cg_p2 in ((8, 4), (32, 16)):  # channels-last units: 2 groups of 4 (1x128x512x512), 2 of 16
-                    blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "CG_P2": cg_p2,
+                for bwd, block_c in itertools.product((False, True), (4, 16)):
+                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c, "SPLIT_P2": pipelined.MAX_SPLIT,
+                              "CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}
+                    reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
+                                                {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw",
+                                                knobs.num_warps))
+                # channels-last units: 2 groups of 4 channels (1x128x512x512), 2 of 16 (C = 512)
+                for bwd, (width, cg_p2) in itertools.product((False, True), ((8, 4), (32, 16))):
+                    blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "SPLIT_P2": 1, "CG_P2": cg_p2,
                               "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width}
-                    for kernel in (pipelined._gn_cl_fwd_pipelined_kernel, pipelined._gn_cl_bwd_pipelined_kernel):
-                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, cl_ones, "channels_last",
-                                                    knobs.num_warps))
+                    reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
+                                                {**flags, **blocks, "BWD": bwd, "CL": True}, cl_ones, "channels_last",
+                                                knobs.num_warps))
         # finalize kernels launch with Triton's default 4 warps
         reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", 4))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},

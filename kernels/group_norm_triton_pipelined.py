@@ -18,8 +18,9 @@ out):
     P1(0) .. P1(LAG-1), then P1(i + LAG), P2(i) for i = 0, 1, ..., then the last P2s
 
 where P1(u) is every chunk of unit u's pass 1 (forward: shifted sums; backward: per-channel
-A = Σ dm, B = Σ dm·x̂) and P2(u) every chunk of its pass 2 (y or dx). The chunk bodies are the
-two-launch kernels' own helpers. A P1 chunk stores its partials, then counts itself on the
+A = Σ dm, B = Σ dm·x̂) and P2(u) every chunk of its pass 2 (y or dx). One kernel,
+_gn_pipelined_kernel, serves both directions and layouts (constexpr BWD and CL); its phase
+bodies are the two-launch kernels' own chunk helpers. A P1 chunk stores its partials, then counts itself on the
 unit's flag (release); the unit's last P1 chunk reduces the partials to its groups' statistics
 in a fixed order (deterministic, no float atomics) and bumps the flag once more. A P2 chunk
 spins (acquire) until the flag says the statistics are there. LAG is chosen so the P1 chunks
@@ -118,69 +119,6 @@ def _wait(flag_ptr, target):
 
 
 @triton.jit
-def _gn_fwd_pipelined_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                             sync_ptr, C, S, G, CHUNK, NG, SPLIT, LAG, eps, stride_n, stride_c, stride_s,
-                             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                             SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    # sync_ptr[0]: the ticket counter; sync_ptr[1 + ng]: group ng's flag (SPLIT + 1 = statistics ready)
-    total = 2 * NG * SPLIT
-    t = tl.atomic_add(sync_ptr, 1)
-    while t < total:
-        phase, ng, sp = _item(t, NG, SPLIT, LAG)
-        flag = sync_ptr + 1 + ng
-        if phase == 0:
-            _stats_chunk(x_ptr, part_ptr, ng, sp, SPLIT, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                         BLOCK_C, BLOCK_S)
-            if _arrive(flag, SPLIT):
-                mean, rstd = _group_stats(x_ptr, part_ptr, ng // G, ng % G, C // G, ng, SPLIT, eps, stride_n,
-                                          stride_c, SPLIT_P2)
-                tl.store(mean_ptr + ng, mean)
-                tl.store(rstd_ptr + ng, rstd)
-                _publish(flag)
-        else:
-            _wait(flag, SPLIT + 1)
-            mean = tl.load(mean_ptr + ng, cache_modifier=".cg")
-            rstd = tl.load(rstd_ptr + ng, cache_modifier=".cg")
-            _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
-                       stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
-        t = tl.atomic_add(sync_ptr, 1)
-
-
-@triton.jit
-def _gn_bwd_pipelined_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                             part_ptr, suma_ptr, sumb_ptr, gsum_ptr, sync_ptr, C, S, G, CHUNK, NG, SPLIT, LAG,
-                             stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                             SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    # gsum_ptr (NG, 2): each group's Σ dx̂ and Σ dx̂·x̂, written by its last pass-1 chunk
-    total = 2 * NG * SPLIT
-    t = tl.atomic_add(sync_ptr, 1)
-    while t < total:
-        phase, ng, sp = _item(t, NG, SPLIT, LAG)
-        flag = sync_ptr + 1 + ng
-        mean = tl.load(mean_ptr + ng)
-        rstd = tl.load(rstd_ptr + ng)
-        if phase == 0:
-            _bwd_reduce_chunk(x_ptr, dy_ptr, mean, rstd, ng, sp, SPLIT, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                              part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c,
-                              dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
-            if _arrive(flag, SPLIT):
-                g1, g2 = _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, SPLIT, True, C, G,
-                                         HAS_W, HAS_MOD, SPLIT_P2, BLOCK_C)
-                tl.store(gsum_ptr + 2 * ng, g1)
-                tl.store(gsum_ptr + 2 * ng + 1, g2)
-                _publish(flag)
-        else:
-            _wait(flag, SPLIT + 1)
-            g1 = tl.load(gsum_ptr + 2 * ng, cache_modifier=".cg")
-            g2 = tl.load(gsum_ptr + 2 * ng + 1, cache_modifier=".cg")
-            _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean, rstd, g1, g2, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                          HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
-        t = tl.atomic_add(sync_ptr, 1)
-
-
-@triton.jit
 def _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN: tl.constexpr):
     """Channels-last unit u = n·(G/UG) + block: UG whole groups of sample n (their channels are
     contiguous in every token row) -> (n, first group, c_lo, c_hi, s_begin, s_end) of chunk sp.
@@ -196,62 +134,118 @@ def _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN: tl.constexpr):
     return n, g0, c_lo, c_lo + width * UNIT_ALIGN, s_begin, tl.minimum(s_begin + CHUNK, S)
 
 
+# The kernel's arguments, passed whole to the phase helpers below (forward: out = y, dy = x and
+# the backward-only buffers are dummies; backward: out = dx)
 @triton.jit
-def _gn_cl_fwd_pipelined_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                sync_ptr, C, S, G, UG, CHUNK, NG, SPLIT, LAG, eps, stride_n, stride_c, stride_s,
-                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                                CG_P2: tl.constexpr, BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    # as the NCHW kernel, over units of UG groups (NG of them) instead of single groups
-    total = 2 * NG * SPLIT
-    t = tl.atomic_add(sync_ptr, 1)
-    while t < total:
-        phase, u, sp = _item(t, NG, SPLIT, LAG)
+def _pass1(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u, sp,
+           C, S, G, UG, CHUNK, SPLIT, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+           BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Chunk sp of unit u, pass 1: its partial sums (forward: Σd, Σd²; backward: Σ dm, Σ dm·x̂)."""
+    if CL:
         n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
-        flag = sync_ptr + 1 + u
-        if phase == 0:
-            cl._cl_stats_chunk(x_ptr, part_ptr, n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c,
-                               stride_s, BLOCK_C, BLOCK_S)
-            if _arrive(flag, SPLIT):
-                for g in range(g0, g0 + UG):
-                    cl._cl_group_stats(x_ptr, part_ptr, mean_ptr, rstd_ptr, n, g, C, S, G, SPLIT, eps, stride_n,
-                                       stride_c, CG_P2, BLOCK_P)
-                _publish(flag)
-        else:
-            _wait(flag, SPLIT + 1)
-            cl._cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi,
-                             s_begin, s_end, C, G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU,
-                             BLOCK_C, BLOCK_S)
-        t = tl.atomic_add(sync_ptr, 1)
-
-
-@triton.jit
-def _gn_cl_bwd_pipelined_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                                part_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, sync_ptr, C, S, G, UG, CHUNK, NG, SPLIT,
-                                LAG, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                                HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                                CG_P2: tl.constexpr, BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    total = 2 * NG * SPLIT
-    t = tl.atomic_add(sync_ptr, 1)
-    while t < total:
-        phase, u, sp = _item(t, NG, SPLIT, LAG)
-        n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
-        flag = sync_ptr + 1 + u
-        if phase == 0:
+        if BWD:
             cl._cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                                     n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
                                     dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        else:
+            cl._cl_stats_chunk(x_ptr, part_ptr, n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c,
+                               stride_s, BLOCK_C, BLOCK_S)
+    elif BWD:
+        _bwd_reduce_chunk(x_ptr, dy_ptr, tl.load(mean_ptr + u), tl.load(rstd_ptr + u), u, sp, SPLIT, w_ptr, b_ptr,
+                          scale_ptr, shift_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n,
+                          dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+    else:
+        _stats_chunk(x_ptr, part_ptr, u, sp, SPLIT, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _finalize(x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, u,
+              C, S, G, UG, SPLIT, eps, stride_n, stride_c, BWD: tl.constexpr, CL: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_MOD: tl.constexpr, SPLIT_P2: tl.constexpr, CG_P2: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Unit u's statistics from all its partials, by its last pass-1 chunk: forward mean and
+    rstd; backward A, B per channel and each group's g1 = Σ dx̂, g2 = Σ dx̂·x̂."""
+    if CL:
+        n = u // (G // UG)
+        g0 = (u % (G // UG)) * UG
+        for g in range(g0, g0 + UG):
+            if BWD:
+                cl._cl_bwd_group_sums(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, n, g, C, G,
+                                      SPLIT, HAS_W, HAS_MOD, CG_P2, BLOCK_P)
+            else:
+                cl._cl_group_stats(x_ptr, part_ptr, mean_ptr, rstd_ptr, n, g, C, S, G, SPLIT, eps, stride_n,
+                                   stride_c, CG_P2, BLOCK_P)
+    elif BWD:
+        g1, g2 = _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, u, SPLIT, True, C, G, HAS_W, HAS_MOD,
+                                 SPLIT_P2, BLOCK_C)
+        tl.store(g1_ptr + u, g1)
+        tl.store(g2_ptr + u, g2)
+    else:
+        mean, rstd = _group_stats(x_ptr, part_ptr, u // G, u % G, C // G, u, SPLIT, eps, stride_n, stride_c, SPLIT_P2)
+        tl.store(mean_ptr + u, mean)
+        tl.store(rstd_ptr + u, rstd)
+
+
+@triton.jit
+def _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr, u, sp,
+           C, S, G, UG, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+           BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
+           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Chunk sp of unit u, pass 2: y, or dx, from the unit's statistics (read past L1)."""
+    if CL:
+        n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
+        if BWD:
+            cl._cl_bwd_dx_chunk(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                g1_ptr, g2_ptr, n, c_lo, c_hi, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s,
+                                dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        else:
+            cl._cl_fwd_chunk(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi,
+                             s_begin, s_end, C, G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU,
+                             BLOCK_C, BLOCK_S)
+    else:
+        mean = tl.load(mean_ptr + u, cache_modifier=".cg")
+        rstd = tl.load(rstd_ptr + u, cache_modifier=".cg")
+        if BWD:
+            _bwd_dx_chunk(x_ptr, dy_ptr, out_ptr, mean, rstd, tl.load(g1_ptr + u, cache_modifier=".cg"),
+                          tl.load(g2_ptr + u, cache_modifier=".cg"), u, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                          C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                          HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+        else:
+            _fwd_chunk(x_ptr, out_ptr, mean, rstd, u, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
+                       stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _gn_pipelined_kernel(x_ptr, dy_ptr, out_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                         suma_ptr, sumb_ptr, g1_ptr, g2_ptr, sync_ptr, C, S, G, UG, CHUNK, NG, SPLIT, LAG, eps,
+                         stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                         BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_MOD: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr, CG_P2: tl.constexpr,
+                         BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Forward (BWD false) or backward of NCHW or channels-last (CL) x over NG units of SPLIT
+    chunks. sync_ptr[0] is the ticket counter, sync_ptr[1 + u] unit u's flag (SPLIT + 1 =
+    statistics ready)."""
+    total = 2 * NG * SPLIT
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        phase, u, sp = _item(t, NG, SPLIT, LAG)
+        flag = sync_ptr + 1 + u
+        if phase == 0:
+            _pass1(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u, sp,
+                   C, S, G, UG, CHUNK, SPLIT, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S)
             if _arrive(flag, SPLIT):
-                for g in range(g0, g0 + UG):
-                    cl._cl_bwd_group_sums(part_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr, n, g, C, G,
-                                          SPLIT, HAS_W, HAS_MOD, CG_P2, BLOCK_P)
+                _finalize(x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr,
+                          u, C, S, G, UG, SPLIT, eps, stride_n, stride_c, BWD, CL, HAS_W, HAS_MOD, SPLIT_P2, CG_P2,
+                          BLOCK_P, BLOCK_C)
                 _publish(flag)
         else:
             _wait(flag, SPLIT + 1)
-            cl._cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr,
-                                g2_ptr, n, c_lo, c_hi, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s,
-                                dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+            _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
+                   u, sp, C, S, G, UG, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
+                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S)
         t = tl.atomic_add(sync_ptr, 1)
 
 
@@ -287,7 +281,8 @@ def _nchw_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> d
         per_item = max(1, TILES_PER_ITEM * knobs.tile // cg // block_s) * block_s
         cfg["chunk"] = max(per_item, triton.cdiv(triton.cdiv(S, MAX_SPLIT), block_s) * block_s)
         cfg["split"] = triton.cdiv(S, cfg["chunk"])
-    return {**cfg, "UG": 1, "units": x.shape[0] * num_groups}
+    unused = {"CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}  # the channels-last kernel's
+    return {**cfg, "UG": 1, "units": x.shape[0] * num_groups, **unused}
 
 
 def _cl_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> dict:
@@ -316,7 +311,8 @@ def schedule(x: torch.Tensor, num_groups: int, knobs: Knobs, sms: int | None = N
     cl_layout = memory_format_of(x) != torch.contiguous_format
     cfg = (_cl_chunks if cl_layout else _nchw_chunks)(x, num_groups, knobs, gpu)
     grid = min(2 * cfg["units"] * cfg["split"], knobs.programs_per_sm * sms if gpu else 3)
-    return {**cfg, "channels_last": cl_layout, "SPLIT_P2": triton.next_power_of_2(cfg["split"]), "grid": grid,
+    split_p2 = 1 if cl_layout else triton.next_power_of_2(cfg["split"])  # (NCHW's; fixed where unused: one compile)
+    return {**cfg, "channels_last": cl_layout, "SPLIT_P2": split_p2, "grid": grid,
             "lag": lag(grid, cfg["split"], cfg["units"])}
 
 
@@ -327,56 +323,38 @@ def reuse_distance(cfg: dict, x: torch.Tensor, tensors: int) -> int:
     return (2 * cfg["lag"] + 1) * cfg["split"] * elements * x.element_size() * tensors
 
 
-def _sync(x: torch.Tensor, cfg: dict) -> torch.Tensor:
-    return torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
-
-
-def _shape_args(cfg: dict) -> tuple:
-    """(CHUNK, NG, SPLIT, LAG): the chunk length, the unit count and the schedule."""
-    return cfg["chunk"], cfg["units"], cfg["split"], cfg["lag"]
-
-
-def _blocks(cfg: dict) -> dict:
-    keys = ("CG_P2", "BLOCK_P", "UNIT_ALIGN") if cfg["channels_last"] else ("SPLIT_P2",)
-    return {**{k: cfg[k] for k in (*keys, "BLOCK_C", "BLOCK_S")}, "num_warps": cfg["num_warps"]}
+def _launch(x, dy, out, mean, rstd, params, flags, strides, dstrides, eps, cfg, bwd: bool):
+    """The one launch: (A, B) per (n, c) in the backward, None in the forward."""
+    N, C = x.shape[:2]
+    G = mean.shape[1]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    dummy = torch.empty(0, **f32)
+    # partials: count, Σd, Σd² per group and chunk in the NCHW forward, else two sums per channel and chunk
+    nchw_fwd = not (bwd or cfg["channels_last"])
+    part = torch.empty(N * G * cfg["split"] * 3 if nchw_fwd else N * C * cfg["split"] * 2, **f32)
+    sums = (torch.empty(N, C, **f32), torch.empty(N, C, **f32), torch.empty(N, G, **f32), torch.empty(N, G, **f32))
+    sums = sums if bwd else (dummy,) * 4
+    sync = torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
+    keys = ("SPLIT_P2", "CG_P2", "BLOCK_P", "UNIT_ALIGN", "BLOCK_C", "BLOCK_S", "num_warps")
+    run_kernel(_gn_pipelined_kernel, (cfg["grid"],), x, dy, out, part, mean, rstd, *params, *sums, sync, C, cfg["S"],
+               G, cfg["UG"], cfg["chunk"], cfg["units"], cfg["split"], cfg["lag"], eps, *strides, *dstrides,
+               BWD=bwd, CL=cfg["channels_last"], **flags, **{k: cfg[k] for k in keys})
+    return sums[:2] if bwd else None
 
 
 def fwd(x, strides, num_groups, params, flags, eps, knobs: Knobs):
     """(y, mean, rstd) of x (NCHW or channels-last) in one launch."""
-    N, C = x.shape[:2]
-    cfg = schedule(x, num_groups, knobs)
     y = torch.empty_like(x)
-    mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
+    mean = torch.empty(x.shape[0], num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    grid, dims = (cfg["grid"],), (C, cfg["S"], num_groups)
-    if cfg["channels_last"]:  # partials (N, SPLIT, 2, C): Σd, Σd² per channel
-        part = torch.empty(N * cfg["split"] * 2 * C, device=x.device, dtype=torch.float32)
-        run_kernel(_gn_cl_fwd_pipelined_kernel, grid, x, y, part, mean, rstd, *params, _sync(x, cfg), *dims,
-                   cfg["UG"], *_shape_args(cfg), eps, *strides, **flags, **_blocks(cfg))
-    else:  # partials (N·G, SPLIT, 3): count, Σd, Σd²
-        part = torch.empty(N * num_groups * cfg["split"] * 3, device=x.device, dtype=torch.float32)
-        run_kernel(_gn_fwd_pipelined_kernel, grid, x, y, part, mean, rstd, *params, _sync(x, cfg), *dims,
-                   *_shape_args(cfg), eps, *strides, **flags, **_blocks(cfg))
+    _launch(x, x, y, mean, rstd, params, flags, strides, strides, eps, schedule(x, num_groups, knobs), bwd=False)
     return y, mean, rstd
 
 
 def bwd(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, knobs: Knobs):
     """(dx, A, B) of x (NCHW or channels-last) in one launch; A, B (N, C) give the parameter
     gradients."""
-    N, C = x.shape[:2]
-    cfg = schedule(x, num_groups, knobs)
     dx = torch.empty_like(x)
-    sum_a = torch.empty(N, C, device=x.device, dtype=torch.float32)
-    sum_b = torch.empty_like(sum_a)
-    part = torch.empty(N * C * cfg["split"] * 2, device=x.device, dtype=torch.float32)
-    grid, dims = (cfg["grid"],), (C, cfg["S"], num_groups)
-    if cfg["channels_last"]:
-        g1 = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
-        g2 = torch.empty_like(g1)
-        run_kernel(_gn_cl_bwd_pipelined_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, g1, g2,
-                   _sync(x, cfg), *dims, cfg["UG"], *_shape_args(cfg), *strides, *dstrides, **flags, **_blocks(cfg))
-    else:
-        gsum = torch.empty(N * num_groups * 2, device=x.device, dtype=torch.float32)
-        run_kernel(_gn_bwd_pipelined_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, gsum,
-                   _sync(x, cfg), *dims, *_shape_args(cfg), *strides, *dstrides, **flags, **_blocks(cfg))
+    sum_a, sum_b = _launch(x, dy, dx, mean, rstd, params, flags, strides, dstrides, 0.0,
+                           schedule(x, num_groups, knobs), bwd=True)
     return dx, sum_a, sum_b
