@@ -33,8 +33,8 @@ No deadlock, whatever the residency: a ticket is claimed only by a running progr
 never wait, and a P2 item waits only for P1 items with smaller tickets, all claimed by running
 programs that finish them (induction on the ticket). Under the interpreter programs run one
 after another and the first takes every ticket in order, so no wait ever spins. A spin is still
-bounded (MAX_SPINS): a broken schedule gives wrong numbers that the tests catch, not a hung
-device or test.
+bounded (MAX_SPINS): a broken schedule gives NaN outputs (_wait), not a hung device or test,
+nor quietly wrong numbers.
 
 Loads of data written during the launch (partials, statistics) bypass L1 (``.cg``): L1 is not
 coherent across SMs.
@@ -111,12 +111,21 @@ def _publish(flag_ptr):
 
 
 @triton.jit
-def _wait(flag_ptr, target):
+def _wait(flag_ptr, target, stat_ptr, first, UG):
+    """Spin until the flag reaches target. Past MAX_SPINS (a broken schedule, never a real wait)
+    poison the unit's statistics (stat_ptr[first : first + UG], its groups' mean or g1) with NaN
+    and force the flag, so the outputs say so loudly instead of being quietly wrong, and the
+    unit's other chunks do not spin out one after another."""
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
     spins = 0
     while (seen < target) & (spins < MAX_SPINS):
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
         spins += 1
+    if seen < target:
+        for i in range(UG):
+            tl.store(stat_ptr + first + i, float("nan"))
+        tl.debug_barrier()
+        tl.atomic_max(flag_ptr, target, sem="release")
 
 
 @triton.jit
@@ -243,7 +252,7 @@ def _gn_pipelined_kernel(x_ptr, dy_ptr, out_ptr, part_ptr, mean_ptr, rstd_ptr, w
                           BLOCK_P, BLOCK_C)
                 _publish(flag)
         else:
-            _wait(flag, SPLIT + 1)
+            _wait(flag, SPLIT + 1, g1_ptr if BWD else mean_ptr, u * UG, UG)  # (a unit's groups: u·UG on)
             _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
                    u, sp, C, S, G, UG, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                    BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S)

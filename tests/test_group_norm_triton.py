@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl  # noqa: F401 (the @triton.jit function below must see it)
 from kernel_rule import assert_within_twice_torch, sm90_reports
 
 from kiln import kernels
+from kiln.kernels import group_norm_triton_pipelined as gnp
 from kiln.kernels.group_norm import _gn_bwd_op, _gn_fwd_op
 
 
@@ -136,9 +139,8 @@ def test_pipelined_schedule_at_every_lag(lag, channels_last, monkeypatch):
     """Every order of the two passes the schedule can take: LAG 1 (a pass 2 right behind each
     pass 1), 2, and every unit's pass 1 first (LAG = the 5 groups of 1x80x28x25 at G = 5, 3
     chunks each; one group per unit in channels-last too, 16 channels each). A pass 2 claimed
-    before its unit's statistics would spin out (bounded) and compute with stale numbers, so a
-    wrong order fails here instead of hanging (checked by swapping the two phases in ``_item``:
-    the forward's output was off by 4)."""
+    before its unit's statistics would spin out and give NaN (the next test), so a wrong order
+    fails here instead of hanging."""
     from kiln.kernels import group_norm_triton_pipelined as pipelined
 
     used = _forced(monkeypatch, "pipelined")
@@ -149,6 +151,26 @@ def test_pipelined_schedule_at_every_lag(lag, channels_last, monkeypatch):
     assert (cfg["split"], cfg["units"]) == (3, 5)
     check_against_reference(case, torch.float32)
     assert len(used) == 2
+
+
+@triton.jit
+def _phases_swapped(t, NG, SPLIT, LAG):
+    """The pipelined schedule with every pass 2 claimed before its pass 1."""
+    phase, unit, sp = gnp._item_in_order(t, NG, SPLIT, LAG)
+    return 1 - phase, unit, sp
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_a_broken_schedule_gives_nan_not_a_hang(channels_last, monkeypatch):
+    """Every pass 2 claimed before its pass 1: each wait is bounded, then poisons its unit's
+    statistics, so the output is NaN, loud in any loss check, rather than a hang or numbers from
+    stale statistics."""
+    _forced(monkeypatch, "pipelined")
+    monkeypatch.setattr(gnp, "_item_in_order", gnp._item, raising=False)
+    monkeypatch.setattr(gnp, "_item", _phases_swapped)
+    x, _ = _inputs((1, 80, 28, 25), 5, torch.float32, channels_last, False, False, seed=0)
+    with kernels.use_backend("triton"):
+        assert kernels.group_norm(x, 5).isnan().all()
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
