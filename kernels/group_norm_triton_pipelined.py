@@ -63,8 +63,9 @@ from kiln.kernels.group_norm_triton import (
 )
 
 # 2048-4096-element tiles, 2 of them per work item (4-8K elements: 8-16 KB of bf16 x, twice that
-# with dy), 2 programs per SM: 264 on an H100, so ~4-17 MB of traffic between a chunk's two
-# reads. Compiled for sm_90a without spills (compile_for_sm90); the GPU's timing decides.
+# with dy), 2 programs per SM: 264 on an H100, small enough work in flight that a chunk's two
+# reads are 9-25 MB of x and dy apart at issue 5's shapes (reuse_distance). Compiled for sm_90a
+# without spills (compile_for_sm90); the GPU's timing decides.
 CANDIDATES = [Knobs(2048, 8, 2, kind="pipelined"), Knobs(4096, 8, 2, kind="pipelined")]
 TILES_PER_ITEM = 2
 # channels-last units (unit_groups): at most 32 channels (64 bytes of a bf16 row), at least one
@@ -83,7 +84,7 @@ MAX_SPINS = tl.constexpr(8 if os.environ.get("TRITON_INTERPRET") == "1" else 1 <
 
 @triton.jit
 def _item(t, NG, SPLIT, LAG):
-    """Ticket t -> (phase 0 or 1, group, chunk) in the order of the module docstring."""
+    """Ticket t -> (phase 0 or 1, unit, chunk) in the order of the module docstring."""
     blk = t // SPLIT
     sp = t % SPLIT
     j = blk - LAG
@@ -98,7 +99,7 @@ def _item(t, NG, SPLIT, LAG):
 
 @triton.jit
 def _arrive(flag_ptr, SPLIT):
-    """Count a finished pass-1 chunk on its group's flag; True for the group's last one. The
+    """Count a finished pass-1 chunk on its unit's flag; True for the unit's last one. The
     barrier orders every thread's stores before the (cumulative) release."""
     tl.debug_barrier()
     return tl.atomic_add(flag_ptr, 1, sem="acq_rel") == SPLIT - 1
