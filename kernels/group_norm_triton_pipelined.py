@@ -37,7 +37,10 @@ bounded (MAX_SPINS): a broken schedule gives NaN outputs (_wait), not a hung dev
 nor quietly wrong numbers.
 
 Loads of data written during the launch (partials, statistics) bypass L1 (``.cg``): L1 is not
-coherent across SMs.
+coherent across SMs. In the sm_90a PTX (triton 3.8) every ticket and flag atomic is one
+thread's (``@p atom.global.gpu.acq_rel.add``, p = thread 0), its result broadcast through
+shared memory behind a ``bar.sync``, and a ``bar.sync`` precedes each release: the pattern of
+CUTLASS's semaphore.
 """
 
 from __future__ import annotations
