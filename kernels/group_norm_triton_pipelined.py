@@ -9,21 +9,21 @@ Here the two passes are interleaved unit by unit, so each chunk's re-read follow
 read by a few MB of traffic and comes from L2: an ideal 2 / 3 tensor-sizes, one launch.
 
 A unit is one group in NCHW (a contiguous run of C/G·S elements) and, in channels-last, UG
-whole groups of one sample spanning up to UNIT_CHANNELS = 32 channels: a token row holds every
-group there, so a unit reads a 64-byte piece of each row (bf16) instead of the 8 bytes of one
-group. Work items are (phase, unit, chunk); programs claim them in a fixed order from an atomic
-ticket counter (a persistent grid of a few programs per SM, each looping until the tickets run
-out):
+whole groups of one sample: a token row holds every group there, so a unit reads a 16-64 byte
+piece of each row (unit_groups: at most 32 channels, at most 4 MB where possible; 2 groups of
+4 channels at 1x128x512x512 bf16) rather than the 8 bytes of one group. Work items are
+(phase, unit, chunk); programs claim them in a fixed order from an atomic ticket counter (a
+persistent grid of a few programs per SM, each looping until the tickets run out):
 
     P1(0) .. P1(LAG-1), then P1(i + LAG), P2(i) for i = 0, 1, ..., then the last P2s
 
 where P1(u) is every chunk of unit u's pass 1 (forward: shifted sums; backward: per-channel
 A = Σ dm, B = Σ dm·x̂) and P2(u) every chunk of its pass 2 (y or dx). One kernel,
 _gn_pipelined_kernel, serves both directions and layouts (constexpr BWD and CL); its phase
-bodies are the two-launch kernels' own chunk helpers. A P1 chunk stores its partials, then counts itself on the
-unit's flag (release); the unit's last P1 chunk reduces the partials to its groups' statistics
-in a fixed order (deterministic, no float atomics) and bumps the flag once more. A P2 chunk
-spins (acquire) until the flag says the statistics are there. LAG is chosen so the P1 chunks
+bodies are the two-launch kernels' own chunk helpers. A P1 chunk stores its partials, then
+counts itself on the unit's flag (release); the unit's last P1 chunk reduces the partials to
+its groups' statistics in a fixed order (deterministic, no float atomics) and bumps the flag
+once more. A P2 chunk spins (acquire) until the flag says the statistics are there. LAG is chosen so the P1 chunks
 of unit i were claimed about two grids' worth of tickets before P2(i), so they are done and
 P2 rarely waits. The L2 reuse distance (bytes claimed between a chunk's two reads) is then
 (2·LAG + 1) units' chunks: 9-25 MB of x and dy in the backward at issue 5's VAE shapes on an
