@@ -7,10 +7,10 @@ programs read whole token rows (a group's channels are only 8-32 bytes of each r
 Group (n, g) holds M = (C/G)·S elements; its reduction is split over SPLIT programs along S,
 so batch 1 with G = 32 still launches ~4 programs per SM instead of 32 blocks in all. Groups
 that fit one program (<= 16,384 padded elements) also have a one-pass candidate that reads x once
-(group_norm_triton_onepass.py), and every NCHW tensor a one-launch candidate that runs pass 2
-of a group a few groups behind its pass 1, so the re-read comes from L2
-(group_norm_triton_pipelined.py, built from this file's per-chunk helpers); the GPU's timing
-picks among them.
+(group_norm_triton_onepass.py), and every tensor, NCHW or channels-last, one-launch candidates
+that run pass 2 of a group a few groups behind its pass 1, so the re-read comes from L2
+(group_norm_triton_pipelined.py, built from this file's and group_norm_triton_cl.py's per-chunk
+helpers); the GPU's timing picks among them.
 
 Forward, two launches:
   1. _gn_stats_kernel  (N·G, SPLIT): per chunk count and the sums of d and d² for
