@@ -343,12 +343,12 @@ def _launch(x, dy, out, mean, rstd, params, flags, strides, dstrides, eps, cfg, 
     N, C = x.shape[:2]
     G = mean.shape[1]
     f32 = {"device": x.device, "dtype": torch.float32}
-    dummy = torch.empty(0, **f32)
     # partials: count, Σd, Σd² per group and chunk in the NCHW forward, else two sums per channel and chunk
     nchw_fwd = not (bwd or cfg["channels_last"])
     part = torch.empty(N * G * cfg["split"] * 3 if nchw_fwd else N * C * cfg["split"] * 2, **f32)
-    sums = (torch.empty(N, C, **f32), torch.empty(N, C, **f32), torch.empty(N, G, **f32), torch.empty(N, G, **f32))
-    sums = sums if bwd else (dummy,) * 4
+    # backward: A, B per (n, c) and g1, g2 per (n, g); the forward passes empty placeholders
+    shapes = ((N, C), (N, C), (N, G), (N, G)) if bwd else ((0,),) * 4
+    sums = tuple(torch.empty(shape, **f32) for shape in shapes)
     sync = torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
     keys = ("SPLIT_P2", "CG_P2", "BLOCK_P", "UNIT_ALIGN", "BLOCK_C", "BLOCK_S", "num_warps")
     run_kernel(_gn_pipelined_kernel, (cfg["grid"],), x, dy, out, part, mean, rstd, *params, *sums, sync, C, cfg["S"],
