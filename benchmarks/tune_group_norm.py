@@ -1,4 +1,4 @@
-"""Sweep the Triton GroupNorm launch knobs (kernel kind, tile size, warps, programs per SM) on a GPU.
+"""Sweep the Triton GroupNorm launch knobs (kernel kind, tile, warps, programs per SM, stages) on a GPU.
 
     python -m kiln.benchmarks.tune_group_norm [--out FILE.jsonl]
 
@@ -33,8 +33,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     prov = provenance(dev)
-    knobs = [gnt.Knobs(tile, warps, pps, kind) for kind in ("split", "pipelined")
-             for tile, warps, pps in itertools.product((1024, 2048, 4096), (4, 8), (2, 4, 8))]
+    knobs = [gnt.Knobs(tile, warps, pps, kind, stages) for kind in ("split", "pipelined")
+             for tile, warps, pps, stages in itertools.product((1024, 2048, 4096), (4, 8), (2, 4, 8), (1, 3))]
     best = {}
     for shape, layout in itertools.product(SHAPES, ("nchw", "channels_last")):
         x = torch.randn(shape, device=dev, dtype=torch.bfloat16)
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
                 gbps = passes * x.numel() * x.element_size() / (q[1] / 1e3) / 1e9
                 row = {"op": "group_norm", "provider": "triton", "mode": mode, "shape": "x".join(map(str, shape)),
                        "layout": layout, "timing": "graph", "kind": k.kind, "tile": k.tile, "num_warps": k.num_warps,
-                       "programs_per_sm": k.programs_per_sm,
+                       "programs_per_sm": k.programs_per_sm, "stages": k.stages,
                        "p50_ms": q[1], "gbps": gbps, **prov}
                 append_rows(args.out, [row])
                 key = (row["shape"], layout, mode)
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
                     best[key] = row
     for (shape, layout, mode), r in sorted(best.items()):
         print(f"{shape:14s} {layout:13s} {mode}  best {r['gbps']:7.0f} GB/s  {r['kind']} tile={r['tile']} "
-              f"warps={r['num_warps']} programs/SM={r['programs_per_sm']}")
+              f"warps={r['num_warps']} programs/SM={r['programs_per_sm']} stages={r['stages']}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ Backward, with dm = dy·act'(m) and f = 1 + scale:
      dx = rstd·(dx̂ − Σdx̂/M − x̂·Σdx̂x̂/M) with dx̂ = dm·f·w.
   Parameter gradients follow from A and B in O(N·C): d_shift = A, d_scale = w·B + b·A,
   d_bias = Σ_n f·A, d_weight = Σ_n f·B.
+Loads in flight: every chunk loop walks its tiles with tl.range(num_stages=STAGES); at STAGES > 1
+Triton issues the next STAGES - 1 tiles' loads as cp.async copies into shared memory while the
+program computes on the current one. Unstaged, sm_90a code keeps one tile per program in flight
+(one 16-byte load per thread per loop trip), 16 KB per SM with the 2026-11-24 default, half of
+what streaming at copy speed asks (IN_FLIGHT_TARGET, loads_in_flight).
 Dtype policy: loads upcast to fp32, statistics and arithmetic in fp32, stores in x's dtype.
 Bytes: forward reads x twice and writes y once; backward reads x and dy twice, writes dx once.
 Limits: x must be contiguous in NCHW or channels-last(-3d) form (others are made so).
@@ -60,21 +65,44 @@ class Knobs:
     num_warps: int
     programs_per_sm: int
     kind: str = "split"
+    stages: int = 1
 
     def __str__(self) -> str:
         if self.kind == "onepass":
             return f"onepass{self.tile}/w{self.num_warps}"
-        tail = "/pipelined" if self.kind == "pipelined" else ""
+        tail = (f"/s{self.stages}" if self.stages > 1 else "") + ("/pipelined" if self.kind == "pipelined" else "")
         return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}{tail}"
 
 
 # Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
-# kernels/autotune.py times them once per shape class. The 2026-11-24 sweep that chose the default
-# measured mostly host time (benchmarks/results/README.md), so the GPU decides now. All compile
-# for sm_90a without spills (compile_for_sm90) and keep tile / (32 · warps) >= 8 elements per thread,
-# so 16-bit data moves in 16-byte loads (1024-element tiles at 8 warps compiled to 8-byte loads).
-CANDIDATES = [Knobs(2048, 8, 4), Knobs(4096, 8, 4), Knobs(1024, 4, 8), Knobs(2048, 4, 4)]
+# kernels/autotune.py times them once per shape class. All compile for sm_90a without spills
+# (compile_for_sm90) and keep tile / (32 · warps) >= 8 elements per thread, so 16-bit data moves
+# in 16-byte loads. ``stages`` > 1 software-pipelines each program's walk over its chunk (Triton
+# stages the next stages - 1 tiles through shared memory with cp.async while it computes on one):
+# a streaming kernel runs at copy speed only with enough loads in flight (loads_in_flight), and
+# one 2048-element tile per program of 8 warps, as the 2026-11-24 default had, gives 16 KB per SM
+# in the forward, half of IN_FLIGHT_TARGET. The last candidate is that default, kept to measure
+# what staging buys.
+CANDIDATES = [Knobs(2048, 4, 4, stages=3), Knobs(4096, 8, 2, stages=3), Knobs(1024, 4, 8, stages=4),
+              Knobs(2048, 8, 4)]
 DEFAULT = CANDIDATES[0]
+
+# Little's law: a streaming kernel reaches copy speed only with bandwidth x latency bytes of loads
+# in flight: ~4.3 TB/s (an H200's copy) x ~1 µs (an HBM load under full load; ~0.6 µs idle) over
+# 132 SMs is ~32 KB per SM (an H100, ~3 TB/s: ~23 KB). An estimate to check against the GPU's
+# timings (benchmarks/results/README.md), not a measurement.
+IN_FLIGHT_TARGET = 32 * 1024
+
+
+def loads_in_flight(knobs: Knobs, report: dict, tensors: int, element_size: int) -> int:
+    """Bytes of loads one SM keeps in flight running a kernel compiled with ``knobs`` (report:
+    sm90.compile_sm90's): programs resident at once (at most programs_per_sm; fewer where
+    registers or shared memory run out) x tiles each has requested (stages - 1, or the one it
+    waits on) x the tile's bytes in each of ``tensors`` inputs (x; x and dy in the backward)."""
+    from kiln.kernels.sm90 import resident_programs
+
+    programs = min(knobs.programs_per_sm, resident_programs(report))
+    return programs * max(1, knobs.stages - 1) * knobs.tile * element_size * tensors
 
 
 @triton.jit
@@ -111,7 +139,7 @@ def _chunk(ng, sp, C, S, G, CHUNK):
 
 @triton.jit
 def _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 1 of the forward on one chunk: its count, Σd and Σd² into the partials buffer."""
     n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     # Shifted sums around a pivot (the group's first element, the same for every chunk):
@@ -121,7 +149,7 @@ def _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, strid
     acc_s = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     acc_q = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
             d = tl.where(mask, x - pivot, 0.0)
@@ -135,9 +163,9 @@ def _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, strid
 
 @triton.jit
 def _gn_stats_kernel(x_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     ng, sp, split = _program(False)
-    _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+    _stats_chunk(x_ptr, part_ptr, ng, sp, split, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -191,11 +219,11 @@ def _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_
 @triton.jit
 def _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
                stride_n, stride_c, stride_s, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-               SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+               SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2 of the forward on one chunk: y from x and its group's mean and rstd."""
     n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, (g + 1) * cg, s_end, stride_n, stride_c,
                                                  stride_s, BLOCK_C, BLOCK_S)
             _normalize_store(x, mean, rstd, n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
@@ -206,7 +234,7 @@ def _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_
 def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                    C, S, G, CHUNK, eps, stride_n, stride_c, stride_s,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                   SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                   SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     ng, sp, split = _program(True)
     mean, rstd = _group_stats(x_ptr, part_ptr, ng // G, ng % G, C // G, ng, split, eps, stride_n, stride_c,
                               SPLIT_P2)
@@ -214,7 +242,7 @@ def _gn_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sca
         tl.store(mean_ptr + ng, mean)
         tl.store(rstd_ptr + ng, rstd)
     _fwd_chunk(x_ptr, y_ptr, mean, rstd, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
-               stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+               stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -244,13 +272,13 @@ def _bwd_tile(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, 
 def _bwd_reduce_chunk(x_ptr, dy_ptr, mean, rstd, ng, sp, split, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                       C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 1 of the backward on one chunk: per channel A = Σ dm and B = Σ dm·x̂ into the partials."""
     n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
         acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)  # reduced once per channel block
         acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
                 x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c0, s0, (g + 1) * cg, s_end, C,
                 stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
@@ -268,12 +296,12 @@ def _bwd_reduce_chunk(x_ptr, dy_ptr, mean, rstd, ng, sp, split, w_ptr, b_ptr, sc
 def _gn_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                           C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     ng, sp, split = _program(False)
     _bwd_reduce_chunk(x_ptr, dy_ptr, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng), ng, sp, split,
                       w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr, C, S, G, CHUNK,
                       stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                      HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                      HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -309,12 +337,12 @@ def _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, split, s
 def _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean, rstd, g1, g2, ng, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
                   C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2 of the backward on one chunk: dx = rstd·(dx̂ − Σdx̂/M − x̂·Σdx̂x̂/M), dx̂ = dm·f·w."""
     n, g, cg, s_begin, s_end = _chunk(ng, sp, C, S, G, CHUNK)
     inv_m = 1.0 / (cg * S).to(tl.float32)
     for c0 in range(g * cg, (g + 1) * cg, BLOCK_C):
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
                 x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c0, s0, (g + 1) * cg, s_end, C,
                 stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
@@ -329,13 +357,13 @@ def _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean, rstd, g1, g2, ng, sp, w_ptr, b_pt
 def _gn_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                       suma_ptr, sumb_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                      SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                      SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     ng, sp, split = _program(True)
     g1, g2 = _bwd_group_sums(part_ptr, suma_ptr, sumb_ptr, w_ptr, scale_ptr, ng, split, sp == 0, C, G,
                              HAS_W, HAS_MOD, SPLIT_P2, BLOCK_C)
     _bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng), g1, g2, ng, sp,
                   w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s,
-                  dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                  dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -368,7 +396,7 @@ def launch_config(x: torch.Tensor, num_groups: int, knobs: Knobs = DEFAULT) -> d
     chunk = triton.cdiv(triton.cdiv(S, split), block_s) * block_s
     split = triton.cdiv(S, chunk)
     return {"S": S, "split": split, "chunk": chunk, "BLOCK_C": block_c, "BLOCK_S": block_s,
-            "SPLIT_P2": triton.next_power_of_2(split), "num_warps": knobs.num_warps}
+            "SPLIT_P2": triton.next_power_of_2(split), "num_warps": knobs.num_warps, "STAGES": knobs.stages}
 
 
 def _dummy(x):
@@ -420,7 +448,7 @@ def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
         if _channels_last(x):  # whole token rows per program (group_norm_triton_cl.py)
             from kiln.kernels import group_norm_triton_cl as cl
 
-            cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
+            cfg = cl.launch_config(x, num_groups, knobs)
             return cl.fwd(x, (sn, sc, ss), num_groups, params, flags, eps, cfg)
         if knobs.kind == "onepass":  # the whole group in one program (group_norm_triton_onepass.py)
             from kiln.kernels import group_norm_triton_onepass as onepass
@@ -438,7 +466,7 @@ def _fwd_nchw(x, strides, num_groups, params, flags, eps, cfg):
     mean = torch.empty(N, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     grid = (N * num_groups, cfg["split"])
-    blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
+    blocks = {k: cfg[k] for k in ("BLOCK_C", "BLOCK_S", "STAGES", "num_warps")}
     run_kernel(_gn_stats_kernel, grid, x, part, C, cfg["S"], num_groups, cfg["chunk"], *strides, **blocks)
     run_kernel(_gn_fwd_kernel, grid, x, y, part, mean, rstd, *params, C, cfg["S"], num_groups, cfg["chunk"], eps,
                *strides, **flags, SPLIT_P2=cfg["SPLIT_P2"], **blocks)
@@ -460,7 +488,7 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, ac
         if _channels_last(x):
             from kiln.kernels import group_norm_triton_cl as cl
 
-            cfg = cl.launch_config(x, num_groups, knobs.tile, knobs.programs_per_sm, knobs.num_warps)
+            cfg = cl.launch_config(x, num_groups, knobs)
             return cl.bwd(dy, x, (sn, sc, ss), (dsn, dsc, dss), mean, rstd, num_groups, params, flags, cfg)
         if knobs.kind == "onepass":
             from kiln.kernels import group_norm_triton_onepass as onepass
@@ -479,7 +507,7 @@ def _bwd_nchw(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, c
     sum_b = torch.empty_like(sum_a)
     dx = torch.empty_like(x)
     grid = (N * num_groups, cfg["split"])
-    blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
+    blocks = {k: cfg[k] for k in ("BLOCK_C", "BLOCK_S", "STAGES", "num_warps")}
     run_kernel(_gn_bwd_reduce_kernel, grid, x, dy, mean, rstd, *params, part, C, cfg["S"], num_groups, cfg["chunk"],
                *strides, *dstrides, **flags, **blocks)
     run_kernel(_gn_bwd_dx_kernel, grid, x, dy, dx, mean, rstd, *params, part, sum_a, sum_b, C, cfg["S"], num_groups,
@@ -487,8 +515,11 @@ def _bwd_nchw(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, c
     return dx, sum_a, sum_b
 
 
-def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, num_warps: int) -> dict:
-    """One kernel compiled for sm_90a with ``dt`` data, a launch's alignment and unit strides."""
+def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, knobs: Knobs | None,
+                 tensors: int = 1) -> dict:
+    """One kernel compiled for sm_90a with ``dt`` data, a launch's alignment and unit strides, at
+    ``knobs``'s warps and stages (None: a finalize kernel, Triton's default 4 warps), with the
+    loads it keeps in flight per SM (loads_in_flight; ``tensors`` tile-sized inputs)."""
     from kiln.kernels.sm90 import compile_sm90
 
     i32, f32 = "i32", "*fp32"
@@ -499,8 +530,15 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, nu
             "eps": "fp32"}
     strides = tuple(f"{p}stride_{a}" for p in ("", "d") for a in "ncs")
     sig = {k: (i32 if k in strides else pool[k]) for k in kernel.arg_names if k in pool or k in strides}
-    r = compile_sm90(kernel, sig, constexprs, num_warps, aligned=("C", "S", "CHUNK", *strides), ones=ones)
-    return {**r, "dtype": dt, "layout": layout}
+    if "STAGES" in kernel.arg_names:
+        constexprs = {**constexprs, "STAGES": knobs.stages}
+    r = compile_sm90(kernel, sig, constexprs, knobs.num_warps if knobs else 4,
+                     aligned=("C", "S", "CHUNK", *strides), ones=ones)
+    r = {**r, "dtype": dt, "layout": layout}
+    if knobs is None:
+        return r
+    size = 2 if dt == "bf16" else 4
+    return {**r, "knobs": str(knobs), "in_flight_bytes": loads_in_flight(knobs, r, tensors, size)}
 
 
 def compile_for_sm90() -> list[dict]:
@@ -518,43 +556,43 @@ def compile_for_sm90() -> list[dict]:
     flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
     nchw, cl_ones = ("stride_s", "dstride_s"), ("stride_c", "dstride_c")
     finalize = {"CG_P2": 16, "BLOCK_P": cl.STAT_BLOCK}
-    # every candidate's tile and warps in bf16 (the training dtype); the default in fp32
+    # every candidate's tile, warps and stages in bf16 (the training dtype); the default in fp32
     for dt, knob_set in (("bf16", CANDIDATES), ("fp32", [DEFAULT])):
         for knobs in knob_set:
-            w = knobs.num_warps
             for block_c in (4, 16):  # C/G = 4 (C = 128, G = 32) and 10-16 (C = 320-512)
                 blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
-                for kernel, extra in ((_gn_stats_kernel, {}), (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}),
-                                      (_gn_bwd_reduce_kernel, flags),
-                                      (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16})):
-                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw", w))
+                for kernel, extra, tensors in ((_gn_stats_kernel, {}, 1),
+                                               (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}, 1),
+                                               (_gn_bwd_reduce_kernel, flags, 2),
+                                               (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16}, 2)):
+                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw", knobs, tensors))
             for block_c in (32, 128):  # C = 96 and C = 128-640
                 blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
-                for kernel, extra in ((cl._cl_stats_kernel, {}), (cl._cl_fwd_kernel, flags),
-                                      (cl._cl_bwd_reduce_kernel, flags), (cl._cl_bwd_dx_kernel, flags)):
-                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", w))
+                for kernel, extra, tensors in ((cl._cl_stats_kernel, {}, 1), (cl._cl_fwd_kernel, flags, 1),
+                                               (cl._cl_bwd_reduce_kernel, flags, 2), (cl._cl_bwd_dx_kernel, flags, 2)):
+                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", knobs,
+                                                tensors))
         if dt == "bf16":  # one-pass candidates at their largest group, narrow and wide channel blocks
             for knobs in onepass.CANDIDATES:
                 for block_c in (4, 16):
                     blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
-                    for kernel in (onepass._onepass_fwd_kernel, onepass._onepass_bwd_kernel):
-                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs.num_warps))
-            for knobs in pipelined.CANDIDATES:  # NCHW: SPLIT_P2 at its largest (MAX_SPLIT chunks per group)
+                    for kernel, tensors in ((onepass._onepass_fwd_kernel, 1), (onepass._onepass_bwd_kernel, 2)):
+                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs, tensors))
+            for knobs in pipelined.CANDIDATES:  # NCHW: SPLIT_P2 at its largest (max_split chunks per group)
                 for bwd, block_c in itertools.product((False, True), (4, 16)):
-                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c, "SPLIT_P2": pipelined.MAX_SPLIT,
-                              "CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}
+                    blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c,
+                              "SPLIT_P2": pipelined.max_split(block_c), "CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}
                     reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
-                                                {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw",
-                                                knobs.num_warps))
+                                                {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw", knobs,
+                                                1 + bwd))
                 # channels-last units: 2 groups of 4 channels (1x128x512x512), 2 of 16 (C = 512)
                 for bwd, (width, cg_p2) in itertools.product((False, True), ((8, 4), (32, 16))):
                     blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "SPLIT_P2": 1, "CG_P2": cg_p2,
                               "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width}
                     reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
                                                 {**flags, **blocks, "BWD": bwd, "CL": True}, cl_ones, "channels_last",
-                                                knobs.num_warps))
-        # finalize kernels launch with Triton's default 4 warps
-        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", 4))
+                                                knobs, 1 + bwd))
+        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", None))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},
-                                    (), "channels_last", 4))
+                                    (), "channels_last", None))
     return reports

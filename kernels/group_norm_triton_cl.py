@@ -54,7 +54,7 @@ def _per_channel(a_ptr, b_ptr, n, offs_c, cg, G, cmask):
 
 @triton.jit
 def _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c, stride_s,
-                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 1 of the forward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
     for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -62,7 +62,7 @@ def _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, c_lo, c_hi, s_begin, s_end, C
         pivot = tl.load(x_ptr + n * stride_n + offs_c * stride_c, mask=cmask, other=0.0).to(tl.float32)
         acc_s = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         acc_q = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, c_hi, s_end, stride_n, stride_c, stride_s,
                                                  BLOCK_C, BLOCK_S)
             d = tl.where(mask, x - pivot[:, None], 0.0)
@@ -75,10 +75,10 @@ def _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, c_lo, c_hi, s_begin, s_end, C
 
 @triton.jit
 def _cl_stats_kernel(x_ptr, part_ptr, C, S, CHUNK, stride_n, stride_c, stride_s,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
     _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, 0, C, s_begin, s_end, C, stride_n, stride_c, stride_s,
-                    BLOCK_C, BLOCK_S)
+                    BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -137,13 +137,13 @@ def _cl_stats_finalize_kernel(x_ptr, part_ptr, mean_ptr, rstd_ptr, C, S, G, spli
 def _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi, s_begin,
                   s_end, C, G, stride_n, stride_c, stride_s,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2 of the forward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
     cg = C // G
     for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, offs_c < c_hi)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             x, offs_c, offs_s, mask = _load_tile(x_ptr, n, c0, s0, c_hi, s_end, stride_n, stride_c, stride_s,
                                                  BLOCK_C, BLOCK_S)
             _normalize_store(x, mean[:, None], rstd[:, None], n, offs_c, offs_s, mask, C, y_ptr, w_ptr, b_ptr,
@@ -154,10 +154,10 @@ def _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shi
 def _cl_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
                    stride_n, stride_c, stride_s,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
     _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, 0, C, s_begin, s_end, C,
-                  G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                  G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_
                          n, sp, split, c_lo, c_hi, s_begin, s_end, C, G,
                          stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 1 of the backward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
     cg = C // G
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -174,7 +174,7 @@ def _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_
         mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, cmask)
         acc_a = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
         acc_b = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
                 x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, c_hi,
                 s_end, C, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
@@ -190,11 +190,11 @@ def _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_
 def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                           C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
     _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                          n, sp, split, 0, C, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
-                         dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                         dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -226,7 +226,7 @@ def _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc
                      n, c_lo, c_hi, s_begin, s_end, C, S, G,
                      stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2 of the backward on tokens [s_begin, s_end) and channels [c_lo, c_hi) of sample n."""
     cg = C // G
     inv_m = 1.0 / (cg * S).to(tl.float32)
@@ -235,7 +235,7 @@ def _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc
         cmask = offs_c < c_hi
         mean, rstd = _per_channel(mean_ptr, rstd_ptr, n, offs_c, cg, G, cmask)
         g1, g2 = _per_channel(g1_ptr, g2_ptr, n, offs_c, cg, G, cmask)
-        for s0 in range(s_begin, s_end, BLOCK_S):
+        for s0 in tl.range(s_begin, s_end, BLOCK_S, num_stages=STAGES):
             xhat, dm, f, w, offs_c, offs_s, mask = _bwd_tile(
                 x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean[:, None], rstd[:, None], n, c0, s0, c_hi,
                 s_end, C, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
@@ -250,11 +250,11 @@ def _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc
 def _cl_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
                       C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
     _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
                      n, 0, C, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                     HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                     HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,19 +272,20 @@ def block_c(C: int) -> int:
     return min(128, triton.next_power_of_2(C))
 
 
-def launch_config(x: torch.Tensor, num_groups: int, tile: int, programs_per_sm: int, num_warps: int) -> dict:
+def launch_config(x: torch.Tensor, num_groups: int, knobs) -> dict:
+    """Blocks and the split along tokens for channels-last x under ``knobs`` (group_norm_triton.Knobs)."""
     N, C = x.shape[:2]
     S = x[0, 0].numel()
     bc = block_c(C)
-    bs = max(1, min(triton.next_power_of_2(S), tile // bc))
+    bs = max(1, min(triton.next_power_of_2(S), knobs.tile // bc))
     if x.is_cuda:
-        target = programs_per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+        target = knobs.programs_per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         target = 3 * N  # interpreter: a few chunks per sample, so the split paths are tested
     split = max(1, min(triton.cdiv(target, N), triton.cdiv(S, bs)))
     chunk = triton.cdiv(triton.cdiv(S, split), bs) * bs
     return {"S": S, "split": triton.cdiv(S, chunk), "chunk": chunk, "BLOCK_C": bc, "BLOCK_S": bs,
-            "CG_P2": triton.next_power_of_2(C // num_groups), "num_warps": num_warps}
+            "CG_P2": triton.next_power_of_2(C // num_groups), "num_warps": knobs.num_warps, "STAGES": knobs.stages}
 
 
 def fwd(x, strides, num_groups, params, flags, eps, cfg):
@@ -296,7 +297,7 @@ def fwd(x, strides, num_groups, params, flags, eps, cfg):
     mean = torch.empty(N, G, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     grid = (N, split)
-    blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
+    blocks = {k: cfg[k] for k in ("BLOCK_C", "BLOCK_S", "STAGES", "num_warps")}
     run_kernel(_cl_stats_kernel, grid, x, part, C, cfg["S"], cfg["chunk"], *strides, **blocks)
     run_kernel(_cl_stats_finalize_kernel, (N * G,), x, part, mean, rstd, C, cfg["S"], G, split, eps, strides[0],
                strides[1], CG_P2=cfg["CG_P2"], BLOCK_P=STAT_BLOCK)
@@ -316,7 +317,7 @@ def bwd(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, cfg):
     g2 = torch.empty_like(g1)
     dx = torch.empty_like(x)
     grid = (N, split)
-    blocks = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": cfg["num_warps"]}
+    blocks = {k: cfg[k] for k in ("BLOCK_C", "BLOCK_S", "STAGES", "num_warps")}
     run_kernel(_cl_bwd_reduce_kernel, grid, x, dy, mean, rstd, *params, part, C, cfg["S"], G, cfg["chunk"], *strides,
                *dstrides, **flags, **blocks)
     w_ptr, _, scale_ptr, _ = params

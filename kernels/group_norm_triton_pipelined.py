@@ -66,11 +66,15 @@ from kiln.kernels.group_norm_triton import (
 )
 
 # 2048-4096-element tiles, 2 of them per work item (4-8K elements: 8-16 KB of bf16 x, twice that
-# with dy), 2 programs of 8 warps or 1 of 16 per SM (264 or 132 on an H100): little enough work
-# in flight that a chunk's two reads are 9-25 MB of x and dy apart at issue 5's shapes
-# (reuse_distance). Both compile for sm_90a without spills under triton 3.8 (CI) and 3.6 (the
-# GPU machine's; checked 2026-12-01, where 4096-element tiles on 8 warps spilled 8 bytes).
-CANDIDATES = [Knobs(2048, 8, 2, kind="pipelined"), Knobs(4096, 16, 1, kind="pipelined")]
+# with dy), 4 programs of 4 warps or 1 of 16 per SM (528 or 132 on an H100): little enough work
+# in flight that a chunk's two reads stay within ~25 MB of x and dy at issue 5's shapes
+# (reuse_distance). The first requests an item's two tiles together (stages = 3, cp.async) and so
+# keeps group_norm_triton.IN_FLIGHT_TARGET bytes of loads in flight per SM in both directions and
+# layouts (loads_in_flight; 32-64 KB under triton 3.8; 24 KB in the channels-last forward under
+# 3.6, where it also spills 8-40 bytes in NCHW). The second claims half as many tickets (one
+# atomic on one counter each: 8K per 1x128x512x512 forward against 16K), unstaged, and compiles
+# clean under both (it spilled 8-72 bytes under 3.6 with stages = 3).
+CANDIDATES = [Knobs(2048, 4, 4, kind="pipelined", stages=3), Knobs(4096, 16, 1, kind="pipelined")]
 TILES_PER_ITEM = 2
 # channels-last units (unit_groups): at most 32 channels (64 bytes of a bf16 row), at least one
 # 16-byte load per row, x-bytes within 4 MB where possible, so that LAG 1's three units of x and
@@ -78,9 +82,15 @@ TILES_PER_ITEM = 2
 UNIT_CHANNELS = 32
 MIN_SEGMENT = 16
 UNIT_BYTES = 4 << 20
-# chunks per group: the finalize reduces BLOCK_C x SPLIT_P2 partials at once (ptxas spilled 16
-# bytes of the 8-warp forward at SPLIT_P2 = 256, none at 128)
-MAX_SPLIT = 128
+# chunks per NCHW group: at most MAX_PARTIALS / BLOCK_C, since the finalize reduces BLOCK_C x
+# SPLIT_P2 partials at once (256 chunks at C/G = 4, 64 at 16). At 1x128x512x512 the 256 keep
+# chunks at two 2048-element tiles, where a cap of 128 made them 4 tiles and, with 528 programs,
+# put 38 MB of x and dy between a chunk's two reads (reuse_distance)
+MAX_PARTIALS = 1024
+
+
+def max_split(block_c: int) -> int:
+    return MAX_PARTIALS // block_c
 # ~1 s of 0.5-1 µs atomics on a GPU, where a real wait is microseconds; under the interpreter
 # programs run one after another, so a wait that does not pass at once never will
 MAX_SPINS = tl.constexpr(8 if os.environ.get("TRITON_INTERPRET") == "1" else 1 << 20)
@@ -155,23 +165,26 @@ def _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN: tl.constexpr):
 def _pass1(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u, sp,
            C, S, G, UG, CHUNK, SPLIT, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
            BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+           STAGES: tl.constexpr):
     """Chunk sp of unit u, pass 1: its partial sums (forward: Σd, Σd²; backward: Σ dm, Σ dm·x̂)."""
     if CL:
         n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
         if BWD:
             cl._cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                                     n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
-                                    dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                                    dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S,
+                                    STAGES)
         else:
             cl._cl_stats_chunk(x_ptr, part_ptr, n, sp, SPLIT, c_lo, c_hi, s_begin, s_end, C, stride_n, stride_c,
-                               stride_s, BLOCK_C, BLOCK_S)
+                               stride_s, BLOCK_C, BLOCK_S, STAGES)
     elif BWD:
         _bwd_reduce_chunk(x_ptr, dy_ptr, tl.load(mean_ptr + u), tl.load(rstd_ptr + u), u, sp, SPLIT, w_ptr, b_ptr,
                           scale_ptr, shift_ptr, part_ptr, C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n,
-                          dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                          dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
     else:
-        _stats_chunk(x_ptr, part_ptr, u, sp, SPLIT, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        _stats_chunk(x_ptr, part_ptr, u, sp, SPLIT, C, S, G, CHUNK, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S,
+                     STAGES)
 
 
 @triton.jit
@@ -206,18 +219,19 @@ def _finalize(x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, scale_ptr, suma_ptr, s
 def _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr, u, sp,
            C, S, G, UG, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
            BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+           SILU: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+           STAGES: tl.constexpr):
     """Chunk sp of unit u, pass 2: y, or dx, from the unit's statistics (read past L1)."""
     if CL:
         n, g0, c_lo, c_hi, s_begin, s_end = _cl_unit(u, sp, C, S, G, UG, CHUNK, UNIT_ALIGN)
         if BWD:
             cl._cl_bwd_dx_chunk(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
                                 g1_ptr, g2_ptr, n, c_lo, c_hi, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s,
-                                dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                                dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
         else:
             cl._cl_fwd_chunk(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, c_lo, c_hi,
                              s_begin, s_end, C, G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU,
-                             BLOCK_C, BLOCK_S)
+                             BLOCK_C, BLOCK_S, STAGES)
     else:
         mean = tl.load(mean_ptr + u, cache_modifier=".cg")
         rstd = tl.load(rstd_ptr + u, cache_modifier=".cg")
@@ -225,10 +239,10 @@ def _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, 
             _bwd_dx_chunk(x_ptr, dy_ptr, out_ptr, mean, rstd, tl.load(g1_ptr + u, cache_modifier=".cg"),
                           tl.load(g2_ptr + u, cache_modifier=".cg"), u, sp, w_ptr, b_ptr, scale_ptr, shift_ptr,
                           C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                          HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                          HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
         else:
             _fwd_chunk(x_ptr, out_ptr, mean, rstd, u, sp, w_ptr, b_ptr, scale_ptr, shift_ptr, C, S, G, CHUNK,
-                       stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S)
+                       stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
 
 @triton.jit
@@ -238,7 +252,7 @@ def _gn_pipelined_kernel(x_ptr, dy_ptr, out_ptr, part_ptr, mean_ptr, rstd_ptr, w
                          BWD: tl.constexpr, CL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_MOD: tl.constexpr, SILU: tl.constexpr, SPLIT_P2: tl.constexpr, CG_P2: tl.constexpr,
                          BLOCK_P: tl.constexpr, UNIT_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """Forward (BWD false) or backward of NCHW or channels-last (CL) x over NG units of SPLIT
     chunks. sync_ptr[0] is the ticket counter, sync_ptr[1 + u] unit u's flag (SPLIT + 1 =
     statistics ready)."""
@@ -250,7 +264,7 @@ def _gn_pipelined_kernel(x_ptr, dy_ptr, out_ptr, part_ptr, mean_ptr, rstd_ptr, w
         if phase == 0:
             _pass1(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, u, sp,
                    C, S, G, UG, CHUNK, SPLIT, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S)
+                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S, STAGES)
             if _arrive(flag, SPLIT):
                 _finalize(x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, scale_ptr, suma_ptr, sumb_ptr, g1_ptr, g2_ptr,
                           u, C, S, G, UG, SPLIT, eps, stride_n, stride_c, BWD, CL, HAS_W, HAS_MOD, SPLIT_P2, CG_P2,
@@ -260,7 +274,7 @@ def _gn_pipelined_kernel(x_ptr, dy_ptr, out_ptr, part_ptr, mean_ptr, rstd_ptr, w
             _wait(flag, SPLIT + 1, g1_ptr if BWD else mean_ptr, u * UG, UG)  # (a unit's groups: u·UG on)
             _pass2(x_ptr, dy_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
                    u, sp, C, S, G, UG, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
-                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S)
+                   BWD, CL, HAS_W, HAS_B, HAS_MOD, SILU, UNIT_ALIGN, BLOCK_C, BLOCK_S, STAGES)
         t = tl.atomic_add(sync_ptr, 1)
 
 
@@ -291,10 +305,10 @@ def unit_groups(x: torch.Tensor, num_groups: int) -> int:
 
 def _nchw_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> dict:
     cfg = launch_config(x, num_groups, knobs)
-    if gpu:  # ~TILES_PER_ITEM tiles of one group per chunk, at most MAX_SPLIT chunks
+    if gpu:  # ~TILES_PER_ITEM tiles of one group per chunk, at most max_split chunks
         cg, S, block_s = x.shape[1] // num_groups, cfg["S"], cfg["BLOCK_S"]
         per_item = max(1, TILES_PER_ITEM * knobs.tile // cg // block_s) * block_s
-        cfg["chunk"] = max(per_item, triton.cdiv(triton.cdiv(S, MAX_SPLIT), block_s) * block_s)
+        cfg["chunk"] = max(per_item, triton.cdiv(triton.cdiv(S, max_split(cfg["BLOCK_C"])), block_s) * block_s)
         cfg["split"] = triton.cdiv(S, cfg["chunk"])
     unused = {"CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}  # the channels-last kernel's
     return {**cfg, "UG": 1, "units": x.shape[0] * num_groups, **unused}
@@ -311,7 +325,8 @@ def _cl_chunks(x: torch.Tensor, num_groups: int, knobs: Knobs, gpu: bool) -> dic
     width = ug * (C // num_groups)
     return {"S": S, "chunk": chunk, "split": triton.cdiv(S, chunk), "UG": ug, "units": N * num_groups // ug,
             "BLOCK_C": block_c, "BLOCK_S": block_s, "CG_P2": triton.next_power_of_2(C // num_groups),
-            "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width & -width, "num_warps": knobs.num_warps}
+            "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width & -width, "num_warps": knobs.num_warps,
+            "STAGES": knobs.stages}
 
 
 def schedule(x: torch.Tensor, num_groups: int, knobs: Knobs, sms: int | None = None) -> dict:
@@ -350,7 +365,7 @@ def _launch(x, dy, out, mean, rstd, params, flags, strides, dstrides, eps, cfg, 
     shapes = ((N, C), (N, C), (N, G), (N, G)) if bwd else ((0,),) * 4
     sums = tuple(torch.empty(shape, **f32) for shape in shapes)
     sync = torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
-    keys = ("SPLIT_P2", "CG_P2", "BLOCK_P", "UNIT_ALIGN", "BLOCK_C", "BLOCK_S", "num_warps")
+    keys = ("SPLIT_P2", "CG_P2", "BLOCK_P", "UNIT_ALIGN", "BLOCK_C", "BLOCK_S", "STAGES", "num_warps")
     run_kernel(_gn_pipelined_kernel, (cfg["grid"],), x, dy, out, part, mean, rstd, *params, *sums, sync, C, cfg["S"],
                G, cfg["UG"], cfg["chunk"], cfg["units"], cfg["split"], cfg["lag"], eps, *strides, *dstrides,
                BWD=bwd, CL=cfg["channels_last"], **flags, **{k: cfg[k] for k in keys})

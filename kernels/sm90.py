@@ -87,6 +87,8 @@ def _facts(text: str) -> dict:
         "hgmma": sum(n for op, n in ops.items() if op.startswith("HGMMA")),
         "hmma": sum(n for op, n in ops.items() if op.startswith("HMMA")),
         "tma_loads": sum(n for op, n in ops.items() if op.startswith("UTMALDG")),
+        # cp.async copies global -> shared (Triton's software pipelining of a loop's loads)
+        "async_copies": sum(n for op, n in ops.items() if op.startswith("LDGSTS")),
         "global_load_bits": {str(k): v for k, v in sorted(loads.items())},
         "local_ops": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
         # global atomic adds: REDG.E.ADD (no return value, what an unused tl.atomic_add becomes) or
@@ -153,3 +155,24 @@ def wide_load_share(report: dict) -> float:
     bits = report["global_load_bits"]
     total = sum(bits.values())
     return bits.get("128", 0) / total if total else 0.0
+
+
+# One Hopper SM (H100 and H200 alike): 64K 32-bit registers, allocated per warp in units of 256;
+# at most 64 resident warps and 32 resident programs; 228 KB of shared memory, 1 KB of it
+# reserved per resident program (CUDA occupancy rules for compute capability 9.0).
+SM90_REGISTERS = 65536
+SM90_REGISTER_UNIT = 256
+SM90_MAX_WARPS = 64
+SM90_MAX_PROGRAMS = 32
+SM90_SHARED_BYTES = 228 * 1024
+SM90_SHARED_RESERVED = 1024
+
+
+def resident_programs(report: dict) -> int:
+    """How many programs of a compiled kernel (compile_sm90's report) one SM holds at once: the
+    least of what its registers, its shared memory and the SM's warp and program limits allow."""
+    warps = report["warps_launched"]
+    per_warp = -(-report["registers"] * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    by_registers = (SM90_REGISTERS // per_warp) // warps
+    by_shared = SM90_SHARED_BYTES // (report["shared_bytes"] + SM90_SHARED_RESERVED)
+    return min(by_registers, by_shared, SM90_MAX_WARPS // warps, SM90_MAX_PROGRAMS)

@@ -257,10 +257,11 @@ def test_torch_compile_fullgraph():
 
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, specialised per layout as a real
-    launch is, for every launch-knob candidate in bf16: no spills or local memory, and the x / dy
-    tiles move in 16-byte loads (the old channels-last path emitted 2-byte scalar loads only).
-    In a subprocess without TRITON_INTERPRET."""
-    from kiln.kernels.group_norm_triton import CANDIDATES
+    launch is, for every launch-knob candidate in bf16: no spills or local memory, the x / dy
+    tiles move in 16-byte loads (the old channels-last path emitted 2-byte scalar loads only), or
+    in cp.async copies where the candidate is staged, and the defaults keep enough loads in flight
+    per SM. In a subprocess without TRITON_INTERPRET."""
+    from kiln.kernels.group_norm_triton import CANDIDATES, IN_FLIGHT_TARGET
     from kiln.kernels.group_norm_triton_onepass import CANDIDATES as ONEPASS
     from kiln.kernels.group_norm_triton_pipelined import CANDIDATES as PIPELINED
 
@@ -276,3 +277,18 @@ def test_sm90_compile_check():
         # vectors (weight, bias, scale, shift, pivot). The old channels-last path loaded x and dy
         # in 2-byte loads only (9-18 LDG.E.U16, no LDG.E.128).
         assert r["global_load_bits"].get("128", 0) >= (2 if "bwd" in r["kernel"] else 1), r
+        # stages > 1: the chunk loop's tile loads become cp.async copies into shared memory
+        staged = "/s" in r["knobs"]
+        assert (r["async_copies"] > 0) == staged, r
+        if staged:  # (stages - 1) tiles of 1024+ 16-bit elements in shared memory
+            assert r["shared_bytes"] >= 2 * 2048, r
+    # The default two-launch candidate and the first one-launch candidate keep enough loads in
+    # flight per SM to stream at copy speed (IN_FLIGHT_TARGET, Little's law), in every kernel,
+    # layout and direction, bf16 and fp32; the 2026-11-24 default kept 16 KB in the forward.
+    for knobs in (CANDIDATES[0], PIPELINED[0]):
+        rows = [r for r in reports if r.get("knobs") == str(knobs)]
+        assert len(rows) == (32 if knobs.kind == "split" else 8)
+        assert min(r["in_flight_bytes"] for r in rows) >= IN_FLIGHT_TARGET, [
+            (r["kernel"], r["layout"], r["registers"], r["in_flight_bytes"]) for r in rows]
+    old_default = [r["in_flight_bytes"] for r in reports if r.get("knobs") == "tile2048/w8/pps4"]
+    assert min(old_default) == IN_FLIGHT_TARGET // 2
