@@ -88,7 +88,7 @@ CANDIDATES = [Knobs(2048, 4, 4, stages=3), Knobs(4096, 8, 2, stages=3), Knobs(10
 DEFAULT = CANDIDATES[0]
 
 # Little's law: a streaming kernel reaches copy speed only with bandwidth x latency bytes of loads
-# in flight: ~4.3 TB/s (an H200's copy) x ~1 µs (an HBM load under full load; ~0.6 µs idle) over
+# in flight: ~4.3 TB/s (an H200's copy) x ~1 µs (an HBM load under full load; ~0.5-0.6 µs idle) over
 # 132 SMs is ~32 KB per SM (an H100, ~3 TB/s: ~23 KB). An estimate to check against the GPU's
 # timings (benchmarks/results/README.md), not a measurement.
 IN_FLIGHT_TARGET = 32 * 1024
@@ -537,8 +537,10 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, kn
     r = {**r, "dtype": dt, "layout": layout}
     if knobs is None:
         return r
+    # one-pass kernels launch a program per group, so what shares an SM depends on N·G: not modelled
     size = 2 if dt == "bf16" else 4
-    return {**r, "knobs": str(knobs), "in_flight_bytes": loads_in_flight(knobs, r, tensors, size)}
+    flight = None if knobs.kind == "onepass" else loads_in_flight(knobs, r, tensors, size)
+    return {**r, "knobs": str(knobs), "in_flight_bytes": flight}
 
 
 def compile_for_sm90() -> list[dict]:
