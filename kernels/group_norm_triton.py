@@ -76,13 +76,14 @@ class Knobs:
 
 # Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
 # kernels/autotune.py times them once per shape class. All compile for sm_90a without spills
-# (compile_for_sm90) and keep tile / (32 · warps) >= 8 elements per thread, so 16-bit data moves
-# in 16-byte loads. ``stages`` > 1 software-pipelines each program's walk over its chunk (Triton
-# stages the next stages - 1 tiles through shared memory with cp.async while it computes on one):
-# a streaming kernel runs at copy speed only with enough loads in flight (loads_in_flight), and
-# one 2048-element tile per program of 8 warps, as the 2026-11-24 default had, gives 16 KB per SM
-# in the forward, half of IN_FLIGHT_TARGET. The last candidate is that default, kept to measure
-# what staging buys.
+# (compile_for_sm90, triton 3.8; under 3.6, the GPU machine's, the default's channels-last dx
+# kernel spills 8 bytes at 96 channels) and keep tile / (32 · warps) >= 8 elements per thread, so
+# 16-bit data moves in 16-byte loads. ``stages`` > 1 software-pipelines each program's walk over
+# its chunk (Triton stages the next stages - 1 tiles through shared memory with cp.async while it
+# computes on one): a streaming kernel runs at copy speed only with enough loads in flight
+# (loads_in_flight), and one 2048-element tile per program of 8 warps, as the 2026-11-24 default
+# had, gives 16 KB per SM in the forward, half of IN_FLIGHT_TARGET. The last candidate is that
+# default, kept to measure what staging buys.
 CANDIDATES = [Knobs(2048, 4, 4, stages=3), Knobs(4096, 8, 2, stages=3), Knobs(1024, 4, 8, stages=4),
               Knobs(2048, 8, 4)]
 DEFAULT = CANDIDATES[0]

@@ -70,10 +70,10 @@ from kiln.kernels.group_norm_triton import (
 # in flight that a chunk's two reads stay within ~25 MB of x and dy at issue 5's shapes
 # (reuse_distance). The first requests an item's two tiles together (stages = 3, cp.async) and so
 # keeps group_norm_triton.IN_FLIGHT_TARGET bytes of loads in flight per SM in both directions and
-# layouts (loads_in_flight; 32-64 KB under triton 3.8; 24 KB in the channels-last forward under
-# 3.6, where it also spills 8-40 bytes in NCHW). The second claims half as many tickets (one
-# atomic on one counter each: 8K per 1x128x512x512 forward against 16K), unstaged, and compiles
-# clean under both (it spilled 8-72 bytes under 3.6 with stages = 3).
+# layouts (loads_in_flight: 32-64 KB under triton 3.8; under 3.6, the GPU machine's, 24 KB in the
+# channels-last forward, whose 139 registers leave room for 3 programs). The second, unstaged,
+# claims half as many tickets (one atomic on one counter each: 8K per 1x128x512x512 forward
+# against 16K). Both compile for sm_90a without spills under triton 3.8 and 3.6 (2026-12-02).
 CANDIDATES = [Knobs(2048, 4, 4, kind="pipelined", stages=3), Knobs(4096, 16, 1, kind="pipelined")]
 TILES_PER_ITEM = 2
 # channels-last units (unit_groups): at most 32 channels (64 bytes of a bf16 row), at least one
