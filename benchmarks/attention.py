@@ -150,10 +150,11 @@ def bench_one(fn, args, mode):
     return do_bench(lambda: torch.autograd.grad(out, leaves[:3], dout, retain_graph=True), quantiles=[0.2, 0.5, 0.8])
 
 
-def _configs_for(S, D) -> dict[str, str]:
-    """The autotuner's choices for this shape class (key: kernel/dtype/D/pad/causal/tma/S class/B·H
-    class; the S class is read from the end, so flags added to the key do not shift it)."""
-    return {k: v for k, v in autotune.choices().items()
+def _for_shape(table: dict, S, D) -> dict:
+    """The entries of an autotuner table (choices or timings) for this shape class (key:
+    kernel/dtype/D/pad/causal/tma/S class/B·H class; the S class is read from the end, so flags
+    added to the key do not shift it)."""
+    return {k: v for k, v in table.items()
             if k.split("/")[2] == str(D) and k.split("/")[-2] == str(autotune.size_class(S))}
 
 
@@ -183,7 +184,8 @@ def run(shapes, out: Path | None = None, chosen: list[str] | None = None) -> lis
                 tflops = flops(B, S, H, D, mode) / (q[1] / 1e3) / 1e12
                 rows.append({**base, "p20_ms": q[0], "p50_ms": q[1], "p80_ms": q[2], "tflops": tflops})
                 if name in ("triton", "triton-core", "core-separate", "core-atomic"):
-                    rows[-1]["configs"] = _configs_for(S, D)
+                    rows[-1]["configs"] = _for_shape(autotune.choices(), S, D)
+                    rows[-1]["candidate_ms"] = _for_shape(autotune.timings(), S, D)
                 append_rows(out, rows[-1:])
                 print(f"{name:12s} {mode:8s} B{B} S{S} H{H} D{D} {q[1]:.3f} ms {tflops:6.1f} TFLOP/s", flush=True)
     return rows

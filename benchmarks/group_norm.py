@@ -112,8 +112,10 @@ def bench_one(fn, x, w, b, mode, timing="eager"):
 
 
 def _tuned_configs(tag: str) -> dict:
-    """The autotuner's knobs chosen for one shape and layout (kernels/autotune.py)."""
-    return {"configs": {k: v for k, v in autotune.choices().items() if tag in k}}
+    """The autotuner's knobs chosen for one shape and layout, and every candidate's median when
+    they were timed (kernels/autotune.py)."""
+    return {"configs": {k: v for k, v in autotune.choices().items() if tag in k},
+            "candidate_ms": {k: v for k, v in autotune.timings().items() if tag in k}}
 
 
 def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph", "eager"),

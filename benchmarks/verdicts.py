@@ -182,14 +182,30 @@ def provenance_line(rows: list[dict]) -> str:
     return "measured on: " + ", ".join(f"{k} {row.get(k)}" for k in ("device", "torch", "triton", "cuda", "git"))
 
 
+def candidate_lines(rows: list[dict]) -> list[str]:
+    """The autotuner's timings carried by the rows (``candidate_ms``: key -> candidate -> median
+    ms), fastest first, one line per key (the last row's wins): what each choice was made
+    against, e.g. a staged GroupNorm candidate against the unstaged control."""
+    keys: dict[str, dict] = {}
+    for r in rows:
+        keys.update(r.get("candidate_ms") or {})
+    if not keys:
+        return []
+    lines = ["", "Autotuner candidates, median ms, fastest first (-: failed, or disagreed with the default):", ""]
+    for key, cands in sorted(keys.items()):
+        ranked = sorted(cands.items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
+        lines.append(f"- `{key}`: " + ", ".join(f"{c} {'-' if ms is None else f'{ms:.4f}'}" for c, ms in ranked))
+    return lines
+
+
 def write_verdicts(rows: list[dict], out: Path | None) -> str:
-    """The verdicts of ``rows`` as a Markdown table under a provenance line (returned; also
-    acceptance.md and .json in ``out``)."""
+    """The verdicts of ``rows`` as a Markdown table under a provenance line, then the autotuner's
+    candidate timings (returned; also acceptance.md and .json in ``out``)."""
     verdicts = judge(rows)
     lines = [provenance_line(rows), "", "| issue | acceptance point | target | measured | verdict |",
              "|---|---|---|---|---|"]
     lines += [f"| {v.issue} | {v.point} | {v.target} | {v.measured} | {v.word} |" for v in verdicts]
-    table = "\n".join(lines)
+    table = "\n".join(lines + candidate_lines(rows))
     if out is not None:
         (Path(out) / "acceptance.md").write_text(table + "\n")
         (Path(out) / "acceptance.json").write_text(json.dumps([asdict(v) | {"verdict": v.word} for v in verdicts],

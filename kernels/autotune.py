@@ -12,7 +12,9 @@ fastest, as ``triton.autotune`` does, but:
   ``torch.use_deterministic_algorithms(True)`` (a config picked by timing could differ between a
   run and its resume, and block sizes change the summation order, so losses would not repeat
   bit for bit), while a CUDA graph is being captured, and with ``KILN_AUTOTUNE=0``;
-- choices are visible (:func:`choices`), so benchmark rows can say which config they timed;
+- choices are visible (:func:`choices`), so benchmark rows can say which config they timed, and
+  so is every candidate's median (:func:`timings`), so one benchmark run on a GPU also measures
+  the alternatives the choice was made against;
 - with ``agree`` (GroupNorm, attention), a candidate whose results differ from the default's is
   dropped before it is timed: a kernel that skips work would otherwise win the timing.
 
@@ -55,6 +57,7 @@ class LaunchConfig:
 
 
 _CHOSEN: dict[tuple, object] = {}
+_TIMES: dict[tuple, dict[str, float | None]] = {}  # key -> candidate -> median ms (None: dropped)
 _DEFAULTS_ONLY = [False]
 _COMPILE_ONLY = [False]
 
@@ -101,6 +104,7 @@ def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object],
         return _CHOSEN[key]
     _compile_all(candidates, launch)
     times = _times(key, candidates, launch, agree)
+    _TIMES[key] = {str(c): (ms if math.isfinite(ms) else None) for c, ms in zip(candidates, times, strict=True)}
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _CHOSEN[key] = best
     return best
@@ -183,6 +187,12 @@ def choices() -> dict[str, str]:
     return {"/".join(map(str, k)): str(v) for k, v in _CHOSEN.items()}
 
 
+def timings() -> dict[str, dict[str, float | None]]:
+    """Each timed key's candidates with their median milliseconds (None: failed, or disagreed with
+    the default), for benchmark rows: the model behind a candidate list is checked against them."""
+    return {"/".join(map(str, k)): dict(v) for k, v in _TIMES.items()}
+
+
 @contextlib.contextmanager
 def defaults_only() -> Iterator[None]:
     """Launch every kernel with its default config inside the block (benchmarks: tuned vs not)."""
@@ -194,5 +204,6 @@ def defaults_only() -> Iterator[None]:
 
 
 def forget() -> None:
-    """Drop every choice (tests; a benchmark comparing defaults with tuned configs)."""
+    """Drop every choice and timing (tests; a benchmark comparing defaults with tuned configs)."""
     _CHOSEN.clear()
+    _TIMES.clear()

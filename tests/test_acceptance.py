@@ -204,3 +204,17 @@ def test_verdict_files_name_where_the_rows_were_measured(tmp_path, capsys):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     acceptance.main(["--judge", str(tmp_path / "rows.jsonl")])  # the committed rows, judged again
     assert capsys.readouterr().out == table + "\n"
+
+
+def test_verdict_file_lists_the_candidates_each_choice_was_made_against(tmp_path):
+    """Rows that carry the autotuner's timings (candidate_ms) add one line per key, fastest
+    first, dropped candidates last; a later row's timings of a key replace an earlier row's."""
+    key = "group_norm_fwd/nchw/bfloat16/128/32/False/False/1/262144"
+    rows = passing_rows() + [
+        {"op": "group_norm", "provider": "triton", "candidate_ms": {key: {"a": 0.09, "b": 0.05}}},
+        {"op": "group_norm", "provider": "triton", "candidate_ms": {key: {"a": 0.08, "b": 0.06, "c": None}}},
+    ]
+    table = verdicts.write_verdicts(rows, tmp_path)
+    assert table.splitlines()[-1] == f"- `{key}`: b 0.0600, a 0.0800, c -"
+    assert sum(line.startswith("- `") for line in table.splitlines()) == 1
+    assert verdicts.candidate_lines(passing_rows()) == []

@@ -115,10 +115,13 @@ def test_autotune_drops_a_candidate_that_disagrees_with_the_default(monkeypatch)
             best = autotune.choose(("agree", 1), ["default", "wrong", "close"], results.__getitem__, ref,
                                    agree=autotune.results_agree)
         assert best == "close" and timed == ["default", "close"]
+        # every candidate's median is kept for benchmark rows; the dropped one has none
+        assert autotune.timings() == {"agree/1": {"default": 3.0, "wrong": None, "close": 2.0}}
         # without agree the fastest wins, right or wrong (how it was before)
         assert autotune.choose(("agree", 2), ["default", "wrong"], results.__getitem__, ref) == "wrong"
     finally:
         autotune.forget()
+    assert autotune.timings() == {}
 
 
 def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):

@@ -280,7 +280,7 @@ def test_warp_specialised_candidates_are_offered_with_tma_and_can_be_switched_of
 
 def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
     """benchmarks/attention.py reports the configs chosen for its shape class from the tuner's keys."""
-    from kiln.benchmarks.attention import _configs_for
+    from kiln.benchmarks.attention import _for_shape
     from kiln.kernels import autotune
     from kiln.kernels.qk_norm_attention_triton import LaunchConfig, tuning_key
 
@@ -288,7 +288,7 @@ def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
     q = torch.empty(3, 4173, 24, 128, dtype=torch.bfloat16)
     autotune._CHOSEN[tuning_key("fwd", q, (False, False), True)] = LaunchConfig(128, 64, 8, 3, tma=True)
     autotune._CHOSEN[tuning_key("fwd", q[:, :1000], (False, False), True)] = LaunchConfig(64, 64, 4, 3)
-    assert list(_configs_for(4173, 128).values()) == ["128x64/w8/s3/tma"]
+    assert list(_for_shape(autotune.choices(), 4173, 128).values()) == ["128x64/w8/s3/tma"]
 
 
 def test_sm90_compile_check():
