@@ -255,6 +255,25 @@ def test_torch_compile_fullgraph():
     assert "kiln.group_norm_fwd.default" in seen
 
 
+def test_resident_programs_follow_the_sm90_occupancy_rules():
+    """Programs per SM from registers (allocated per warp in 256s), shared memory (plus 1 KB each)
+    and the 64-warp limit, the numbers behind loads_in_flight; and what the model gives a kernel."""
+    from kiln.kernels.group_norm_triton import Knobs, loads_in_flight
+    from kiln.kernels.sm90 import resident_programs
+
+    def report(registers, warps, shared):
+        return {"registers": registers, "warps_launched": warps, "shared_bytes": shared}
+
+    assert resident_programs(report(40, 8, 32)) == 6  # 40·32 = 1280 per warp: 51 warps
+    assert resident_programs(report(255, 8, 0)) == 1  # 8192 per warp: 8 warps
+    assert resident_programs(report(32, 4, 100 * 1024)) == 2  # 228 KB / 101 KB
+    assert resident_programs(report(16, 16, 0)) == 4  # the 64-warp limit
+    # 4 programs asked, 6 fit: 4 x 2 tiles in flight (stages 3) x 4 KB of bf16 x = 32 KB
+    assert loads_in_flight(Knobs(2048, 8, 4, stages=3), report(40, 8, 32), 1, 2) == 32 * 1024
+    # unstaged, the backward's x and dy, 2 programs fit: 2 x 1 tile x 4 KB x 2 tensors = 16 KB
+    assert loads_in_flight(Knobs(2048, 8, 4), report(127, 8, 0), 2, 2) == 16 * 1024
+
+
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, specialised per layout as a real
     launch is, for every launch-knob candidate in bf16: no spills or local memory, the x / dy
