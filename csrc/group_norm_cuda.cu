@@ -70,6 +70,26 @@ struct ChannelWalk {
   }
 };
 
+// Vectors a thread loads before it uses any, in the NCHW loops that walk channels (gn_normalize,
+// gn_bwd_dx). Left alone, nvcc keeps a ChannelWalk loop (carried channel index) at 1-2 16-byte
+// loads a trip (sm_90a disassembly, 2026-12-02: trip_vector_loads 2 in both, counting x and dy):
+// 8-16 KB of loads in flight per SM at ~4 blocks of 256 threads, where streaming at copy speed
+// asks ~32 KB (Little's law: ~4.3 TB/s x ~1 µs over 132 SMs). gn_partials' plain loop nvcc
+// unrolls 4x by itself.
+constexpr int kUnroll = 4;
+
+// The next kUnroll positions of a walk: element offsets (-1 from `hi` on) and channels in group.
+struct WalkBatch {
+  int64_t off[kUnroll], c[kUnroll];
+  __device__ __forceinline__ WalkBatch(ChannelWalk& w, int64_t hi, const GNDev& d, int64_t n, int64_t g) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u, w.next()) {
+      off[u] = w.e < hi ? d.offset(n, g, w.e) : -1;
+      c[u] = w.c;
+    }
+  }
+};
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) gn_partials(const T* __restrict__ x, GNDev d, float* __restrict__ part) {
   __shared__ float red[32];
@@ -137,16 +157,24 @@ __global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x
   }
   __syncthreads();
   const int64_t hi = d.hi(split);
-  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi; w.next()) {
-    const int64_t off = d.offset(n, g, w.e), c = w.c;  // HW % V == 0: one channel per vector
-    const Vec<T, V> xv = load_vec<T, V>(x + off);
-    Vec<T, V> yv;
+  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi;) {
+    const WalkBatch at(w, hi, d, n, g);  // HW % V == 0: one channel per vector
+    Vec<T, V> xv[kUnroll];
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const float m = static_cast<float>(xv.v[v]) * coef[c] + coef[d.Cg + c];
-      yv.v[v] = static_cast<T>(silu ? m * sigmoidf_(m) : m);
+    for (int u = 0; u < kUnroll; ++u)
+      if (at.off[u] >= 0) xv[u] = load_vec<T, V>(x + at.off[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (at.off[u] < 0) continue;
+      const int64_t c = at.c[u];
+      Vec<T, V> yv;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float m = static_cast<float>(xv[u].v[v]) * coef[c] + coef[d.Cg + c];
+        yv.v[v] = static_cast<T>(silu ? m * sigmoidf_(m) : m);
+      }
+      store_vec<T, V>(y + at.off[u], yv);
     }
-    store_vec<T, V>(y + off, yv);
   }
 }
 
@@ -246,17 +274,25 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
   const float m1 = block_sum(s1, red) / d.M, m2 = block_sum(s2, red) / d.M;
   const float mu = mean[ng], r = rstd[ng];
   const int64_t hi = d.hi(split);
-  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi; w.next()) {
-    const int64_t off = d.offset(n, g, w.e), c = w.c;
-    const Vec<T, V> xv = load_vec<T, V>(x + off), dv = load_vec<T, V>(dy + off);
-    Vec<T, V> out;
+  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi;) {
+    const WalkBatch at(w, hi, d, n, g);
+    Vec<T, V> xv[kUnroll], dv[kUnroll];
 #pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const float xh = (static_cast<float>(xv.v[v]) - mu) * r;
-      const float dm = dm_of(static_cast<float>(dv.v[v]), xh * wf[c] + bf[c], silu);
-      out.v[v] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
+    for (int u = 0; u < kUnroll; ++u)
+      if (at.off[u] >= 0) xv[u] = load_vec<T, V>(x + at.off[u]), dv[u] = load_vec<T, V>(dy + at.off[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (at.off[u] < 0) continue;
+      const int64_t c = at.c[u];
+      Vec<T, V> out;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float xh = (static_cast<float>(xv[u].v[v]) - mu) * r;
+        const float dm = dm_of(static_cast<float>(dv[u].v[v]), xh * wf[c] + bf[c], silu);
+        out.v[v] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
+      }
+      store_vec<T, V>(dx + at.off[u], out);
     }
-    store_vec<T, V>(dx + off, out);
   }
 }
 

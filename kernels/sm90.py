@@ -77,6 +77,41 @@ def _short_names(mangled: list[str]) -> list[str]:
     return [re.sub(r"^(?:void )?(?:\w+::)*", "", name) for name in names]
 
 
+def _instructions(text: str) -> tuple[list[str], dict[str, int]]:
+    """Instructions of a disassembly in order, and the index each address or label starts at
+    (cuobjdump writes branch targets as addresses, nvdisasm as ``.L_x_N`` labels)."""
+    code, where, pending = [], {}, []
+    for line in text.splitlines():
+        label = re.match(r"\s*(\.L\w+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            for name in [f"0x{int(m.group(1), 16):x}", *pending]:
+                where[name] = len(code)
+            pending = []
+            code.append(m.group(2))
+    return code, where
+
+
+def trip_vector_loads(text: str) -> int:
+    """The most 16-byte global loads (LDG.E.128, or LDGSTS.E.128 cp.async copies) one trip of an
+    innermost loop issues, per thread: what a streaming loop keeps in flight unless the
+    compiler overlaps trips (loops are read off backward branches; innermost: containing no
+    other). nvcc unrolls a plain strided loop 4x on its own (4 loads a trip); a loop with
+    carried index arithmetic it may leave at 1."""
+    code, where = _instructions(text)
+    loops = []
+    for i, ins in enumerate(code):
+        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:`\()?(0x[0-9a-f]+|\.L\w+)", ins)
+        if m and m.group(1) in where and where[m.group(1)] <= i:
+            loops.append((where[m.group(1)], i))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    wide = [sum(1 for ins in code[a:b + 1] if re.search(r"\bLDG(?:STS)?\.\S*128", ins)) for a, b in inner]
+    return max(wide, default=0)
+
+
 def _facts(text: str) -> dict:
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", text))
     loads = collections.Counter()
@@ -96,6 +131,7 @@ def _facts(text: str) -> dict:
         "atomic_adds": sum(n for op, n in ops.items() if op.startswith(("RED", "ATOMG")) and ".ADD" in op),
         # subroutine calls, e.g. the ~70-instruction emulated 64-bit integer division
         "calls": sum(n for op, n in ops.items() if op.startswith("CALL")),
+        "trip_vector_loads": trip_vector_loads(text),
     }
 
 

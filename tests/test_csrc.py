@@ -34,9 +34,12 @@ def test_cuda_kernels_were_compiled_for_sm90a():
         assert csrc.has_cuda_kernels(op), op
 
 
-# The hot CUDA kernels (16/32-bit instantiations with 16-byte vectors) and, for the two walking
-# token rows with `#pragma unroll 4`, how many 16-byte loads the unrolled loop must show.
-_STREAMING = {"gn_partials": 1, "gn_normalize": 1, "gn_bwd_partials": 1, "gn_bwd_dx": 1,
+# The hot CUDA kernels (16/32-bit instantiations with 16-byte vectors) and how many 16-byte loads
+# one trip of the loop that streams x (and dy) must issue per thread before using them
+# (sm90.trip_vector_loads): the loads a thread keeps in flight. The channels-last ones walk token
+# rows with `#pragma unroll 4`; the NCHW ones nvcc unrolls (gn_partials 4x, gn_bwd_partials 2x)
+# or batch kUnroll positions of a ChannelWalk (gn_normalize, gn_bwd_dx: 1-2 before 2026-12-02).
+_STREAMING = {"gn_partials": 4, "gn_normalize": 4, "gn_bwd_partials": 4, "gn_bwd_dx": 8,
               "gn_cl_partials": 4, "gn_cl_apply": 4, "gn_cl_bwd_partials": 8, "gn_cl_dx": 8}
 
 
@@ -45,8 +48,9 @@ def test_cuda_kernels_disassembly_on_sm90a():
     """What the sm_90a code does, read off the disassembly (cuobjdump, shipped with Triton): no
     local memory (spills) in any 16/32-bit kernel; the GroupNorm kernels move data in 16-byte
     vectors, at most one 2-byte load (the group's shift element): channels-last included, whose
-    per-group blocks used 2-byte loads at C/G = 4 before the whole-row rewrite; the QK-norm+RoPE
-    kernels load vectors at D = 128 and 256."""
+    per-group blocks used 2-byte loads at C/G = 4 before the whole-row rewrite, and issue several
+    of them per loop trip before using any; the QK-norm+RoPE kernels load vectors at D = 128 and
+    256."""
     from kiln.kernels import sm90
 
     facts = sm90.csrc_sass_facts(csrc.library_path())
@@ -59,6 +63,7 @@ def test_cuda_kernels_disassembly_on_sm90a():
             assert found, (kernel, inst)
             for name, bits in found.items():
                 assert bits.get("128", 0) >= wide and bits.get("16", 0) <= 1, (name, bits)
+                assert facts[name]["trip_vector_loads"] >= wide, (name, facts[name])
     # QK-norm+RoPE with P = 2 or 4 pairs per lane (D = 128, 256): each half row is one vector
     # per lane (bf16 4 or 8 bytes), no 2-byte loads left (the scalar path had 8-16 per row).
     for kernel in ("norm_rope_fwd_kernel", "norm_rope_bwd_kernel"):
