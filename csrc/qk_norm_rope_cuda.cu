@@ -110,33 +110,95 @@ struct RowTables {
   }
 };
 
+// Rows a warp loads before it uses any. One row is 256 bytes of x at D = 128 in bf16, and the
+// forward at 48 registers held 5 blocks of 8 warps per SM: 10 KB of x in flight per SM, a third
+// of what streaming at copy speed asks (~32 KB: ~4.3 TB/s x ~1 µs over 132 SMs, Little's law).
+// Two rows a trip: 64 registers, 4 blocks, 16 KB (backward, x and dy: 16 -> 24 KB at 78
+// registers, 3 blocks; sm_90a, 2026-12-02).
+constexpr int kRowsPerTrip = 2;
+
+// The next kRowsPerTrip rows of a warp's walk: row index (-1 from `rows` on), token, x offset.
+struct RowBatch {
+  int64_t r[kRowsPerTrip], s[kRowsPerTrip], off[kRowsPerTrip];
+  __device__ __forceinline__ RowBatch(RowWalk& w, const RowShape& sh) {
+#pragma unroll
+    for (int u = 0; u < kRowsPerTrip; ++u, w.next(sh)) {
+      r[u] = w.r < sh.rows() ? w.r : -1;
+      s[u] = w.s;
+      off[u] = w.offset(sh);
+    }
+  }
+};
+
 template <typename T, int P, bool VEC>
 __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                   float* __restrict__ rstd, RopeDev d, float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
-  for (RowWalk w = warp_rows(d.shape); w.r < rows; w.next(d.shape)) {
-    const T* xr = x + w.offset(d.shape);
-    float lo[P], hi[P];
-    load_part<P, VEC>(xr, j0, h2, lo);
-    load_part<P, VEC>(xr + h2, j0, h2, hi);
-    float sq = 0.f;
+  for (RowWalk w = warp_rows(d.shape); w.r < rows;) {
+    const RowBatch at(w, d.shape);
+    float lo[kRowsPerTrip][P], hi[kRowsPerTrip][P];
 #pragma unroll
-    for (int p = 0; p < P; ++p) sq += lo[p] * lo[p] + hi[p] * hi[p];
-    const float rs = rsqrtf(warp_sum(sq) / D + eps);
-    if (lane == 0) rstd[w.r] = rs;
-    const RowTables<P, VEC> t(d, w.s, d.tg ? d.tg[w.s] : 0, j0);
-    float out_lo[P], out_hi[P];
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const float a = lo[p] * rs * t.w_lo[p], b = hi[p] * rs * t.w_hi[p];
-      out_lo[p] = d.cos ? a * t.c_lo[p] - b * t.s_lo[p] : a;
-      out_hi[p] = d.cos ? b * t.c_hi[p] + a * t.s_hi[p] : b;
+    for (int u = 0; u < kRowsPerTrip; ++u) {
+      if (at.r[u] < 0) continue;
+      load_part<P, VEC>(x + at.off[u], j0, h2, lo[u]);
+      load_part<P, VEC>(x + at.off[u] + h2, j0, h2, hi[u]);
     }
-    T* yr = y + w.r * D;
-    store_part<P, VEC>(yr, j0, h2, out_lo);
-    store_part<P, VEC>(yr + h2, j0, h2, out_hi);
+#pragma unroll
+    for (int u = 0; u < kRowsPerTrip; ++u) {
+      if (at.r[u] < 0) continue;  // the same for the whole warp (warp_sum below)
+      float sq = 0.f;
+#pragma unroll
+      for (int p = 0; p < P; ++p) sq += lo[u][p] * lo[u][p] + hi[u][p] * hi[u][p];
+      const float rs = rsqrtf(warp_sum(sq) / D + eps);
+      if (lane == 0) rstd[at.r[u]] = rs;
+      const RowTables<P, VEC> t(d, at.s[u], d.tg ? d.tg[at.s[u]] : 0, j0);
+      float out_lo[P], out_hi[P];
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const float a = lo[u][p] * rs * t.w_lo[p], b = hi[u][p] * rs * t.w_hi[p];
+        out_lo[p] = d.cos ? a * t.c_lo[p] - b * t.s_lo[p] : a;
+        out_hi[p] = d.cos ? b * t.c_hi[p] + a * t.s_hi[p] : b;
+      }
+      T* yr = y + at.r[u] * D;
+      store_part<P, VEC>(yr, j0, h2, out_lo);
+      store_part<P, VEC>(yr + h2, j0, h2, out_hi);
+    }
   }
+}
+
+// One row of the backward from its loaded dy and x halves: dx stored, the weight-gradient terms
+// added to this warp's slice dw_w (lane-owned columns: no atomics).
+template <int P, bool VEC, typename T>
+__device__ __forceinline__ void row_bwd(const RopeDev& d, int64_t r, int64_t s, int64_t j0,
+                                        const float* __restrict__ rstd, const float (&da)[P], const float (&db)[P],
+                                        float (&xh_lo)[P], float (&xh_hi)[P], T* __restrict__ dx, float* dw_w) {
+  const int64_t D = d.shape.D, h2 = D / 2, g = d.tg ? d.tg[s] : 0;
+  const float rs = rstd[r];
+  const RowTables<P, VEC> t(d, s, g, j0);
+  float dn_lo[P], dn_hi[P];
+  float dot = 0.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    // transpose of the rotation, then x̂ = x·rstd
+    dn_lo[p] = d.cos ? da[p] * t.c_lo[p] + db[p] * t.s_hi[p] : da[p];
+    dn_hi[p] = d.cos ? db[p] * t.c_hi[p] - da[p] * t.s_lo[p] : db[p];
+    xh_lo[p] *= rs, xh_hi[p] *= rs;
+    dot += dn_lo[p] * t.w_lo[p] * xh_lo[p] + dn_hi[p] * t.w_hi[p] * xh_hi[p];
+  }
+  dot = warp_sum(dot) / D;
+  float out_lo[P], out_hi[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    out_lo[p] = rs * (dn_lo[p] * t.w_lo[p] - xh_lo[p] * dot);
+    out_hi[p] = rs * (dn_hi[p] * t.w_hi[p] - xh_hi[p] * dot);
+    if (j0 + p < h2) {
+      dw_w[g * D + j0 + p] += dn_lo[p] * xh_lo[p];
+      dw_w[g * D + h2 + j0 + p] += dn_hi[p] * xh_hi[p];
+    }
+  }
+  store_part<P, VEC>(dx + r * D, j0, h2, out_lo);
+  store_part<P, VEC>(dx + r * D + h2, j0, h2, out_hi);
 }
 
 template <typename T, int P, bool VEC>
@@ -150,39 +212,22 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
   const int lane = threadIdx.x & 31;
   float* dw_w = dw_s + (threadIdx.x >> 5) * gd;
   const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
-  for (RowWalk w = warp_rows(d.shape); w.r < rows; w.next(d.shape)) {
-    const int64_t g = d.tg ? d.tg[w.s] : 0;
-    const float rs = rstd[w.r];
-    float da[P], db[P], xh_lo[P], xh_hi[P];
-    load_part<P, VEC>(dy + w.r * D, j0, h2, da);
-    load_part<P, VEC>(dy + w.r * D + h2, j0, h2, db);
-    const T* xr = x + w.offset(d.shape);
-    load_part<P, VEC>(xr, j0, h2, xh_lo);
-    load_part<P, VEC>(xr + h2, j0, h2, xh_hi);
-    const RowTables<P, VEC> t(d, w.s, g, j0);
-    float dn_lo[P], dn_hi[P];
-    float dot = 0.f;
+  for (RowWalk w = warp_rows(d.shape); w.r < rows;) {
+    const RowBatch at(w, d.shape);
+    float dy_lo[kRowsPerTrip][P], dy_hi[kRowsPerTrip][P], x_lo[kRowsPerTrip][P], x_hi[kRowsPerTrip][P];
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      // transpose of the rotation, then x̂ = x·rstd
-      dn_lo[p] = d.cos ? da[p] * t.c_lo[p] + db[p] * t.s_hi[p] : da[p];
-      dn_hi[p] = d.cos ? db[p] * t.c_hi[p] - da[p] * t.s_lo[p] : db[p];
-      xh_lo[p] *= rs, xh_hi[p] *= rs;
-      dot += dn_lo[p] * t.w_lo[p] * xh_lo[p] + dn_hi[p] * t.w_hi[p] * xh_hi[p];
+    for (int u = 0; u < kRowsPerTrip; ++u) {
+      if (at.r[u] < 0) continue;
+      load_part<P, VEC>(dy + at.r[u] * D, j0, h2, dy_lo[u]);
+      load_part<P, VEC>(dy + at.r[u] * D + h2, j0, h2, dy_hi[u]);
+      load_part<P, VEC>(x + at.off[u], j0, h2, x_lo[u]);
+      load_part<P, VEC>(x + at.off[u] + h2, j0, h2, x_hi[u]);
     }
-    dot = warp_sum(dot) / D;
-    float out_lo[P], out_hi[P];
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      out_lo[p] = rs * (dn_lo[p] * t.w_lo[p] - xh_lo[p] * dot);
-      out_hi[p] = rs * (dn_hi[p] * t.w_hi[p] - xh_hi[p] * dot);
-      if (j0 + p < h2) {  // lane-owned columns of this warp's slice: no atomics
-        dw_w[g * D + j0 + p] += dn_lo[p] * xh_lo[p];
-        dw_w[g * D + h2 + j0 + p] += dn_hi[p] * xh_hi[p];
-      }
+    for (int u = 0; u < kRowsPerTrip; ++u) {
+      if (at.r[u] < 0) continue;  // the same for the whole warp (warp_sum below)
+      row_bwd<P, VEC>(d, at.r[u], at.s[u], j0, rstd, dy_lo[u], dy_hi[u], x_lo[u], x_hi[u], dx, dw_w);
     }
-    store_part<P, VEC>(dx + w.r * D, j0, h2, out_lo);
-    store_part<P, VEC>(dx + w.r * D + h2, j0, h2, out_hi);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < gd; i += kThreads) {
