@@ -2,7 +2,7 @@
 // across threads or blocks runs in a fixed order (block_sum, column_sums), no atomics.
 //
 // NCHW: a group's Cg·HW elements are contiguous, so every (n, g) group is cut into `splits`
-// contiguous chunks, one block each: batch-1 VAE shapes (N·G = 32 groups) still put ~4 blocks on
+// contiguous chunks, one block each: batch-1 VAE shapes (N·G = 32 groups) still put ~3 blocks on
 // each of the 132 SMs of an H100 (PyTorch's kernel runs one block per group there). Loads are
 // 16-byte vectors when HW % V == 0.
 //   forward:  gn_partials (shifted Σ, Σ² of each chunk: exact when |mean| >> std) -> gn_normalize
@@ -70,25 +70,49 @@ struct ChannelWalk {
   }
 };
 
-// Vectors a thread loads before it uses any, in the NCHW loops that walk channels (gn_normalize,
-// gn_bwd_dx). Left alone, nvcc keeps a ChannelWalk loop (carried channel index) at 1-2 16-byte
-// loads a trip (sm_90a disassembly, 2026-12-02: trip_vector_loads 2 in both, counting x and dy):
-// 8-16 KB of loads in flight per SM at ~4 blocks of 256 threads, where streaming at copy speed
-// asks ~32 KB (Little's law: ~4.3 TB/s x ~1 µs over 132 SMs). gn_partials' plain loop nvcc
-// unrolls 4x by itself.
-constexpr int kUnroll = 4;
+// Positions a thread loads before it uses any, in the NCHW loops that walk channels (gn_normalize:
+// 4 vectors of x; gn_bwd_dx: 2 of x and 2 of dy). Left alone, nvcc keeps a ChannelWalk loop
+// (carried channel index) at 1-2 16-byte loads a trip (sm_90a disassembly, 2026-12-02), 16 KB of
+// loads in flight per SM at 4 blocks of 256 threads, where streaming at copy speed asks ~32 KB
+// (Little's law: ~4.3 TB/s x ~1 µs over 132 SMs). Batched: 64 bytes per thread; gn_normalize
+// at 76 registers holds 3 blocks per SM, gn_bwd_dx at 64 four (4 positions there took 124: 2).
+// gn_partials' plain loop nvcc unrolls 4x by itself.
+constexpr int kMaxUnroll = 4;
 
-// The next kUnroll positions of a walk: element offsets (-1 from `hi` on) and channels in group.
+// The next U positions of a walk: element offsets (-1 from `hi` on) and channels in group.
+template <int U>
 struct WalkBatch {
-  int64_t off[kUnroll], c[kUnroll];
+  int64_t off[U], c[U];
   __device__ __forceinline__ WalkBatch(ChannelWalk& w, int64_t hi, const GNDev& d, int64_t n, int64_t g) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u, w.next()) {
+    for (int u = 0; u < U; ++u, w.next()) {
       off[u] = w.e < hi ? d.offset(n, g, w.e) : -1;
       c[u] = w.c;
     }
   }
 };
+
+// Chunk `split` of group (n, g), kMaxUnroll / K positions at a time: every position's vector of
+// each of the K inputs is loaded first, then f(offset, channel in group, vectors) runs per position.
+template <typename T, int V, int K, typename F>
+__device__ __forceinline__ void stream_chunk(const GNDev& d, int64_t n, int64_t g, int split,
+                                             const T* const (&in)[K], F&& f) {
+  constexpr int U = kMaxUnroll / K;
+  const int64_t hi = d.hi(split);
+  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi;) {
+    const WalkBatch<U> at(w, hi, d, n, g);  // HW % V == 0: one channel per vector
+    Vec<T, V> v[U][K];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (at.off[u] < 0) continue;
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[u][k] = load_vec<T, V>(in[k] + at.off[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (at.off[u] >= 0) f(at.off[u], at.c[u], v[u]);
+  }
+}
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) gn_partials(const T* __restrict__ x, GNDev d, float* __restrict__ part) {
@@ -156,26 +180,16 @@ __global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x
     coef[d.Cg + cl] = md.bf - mean * rstd * md.wf;
   }
   __syncthreads();
-  const int64_t hi = d.hi(split);
-  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi;) {
-    const WalkBatch at(w, hi, d, n, g);  // HW % V == 0: one channel per vector
-    Vec<T, V> xv[kUnroll];
+  const T* const in[1] = {x};
+  stream_chunk<T, V>(d, n, g, split, in, [&](int64_t off, int64_t c, const Vec<T, V> (&v)[1]) {
+    Vec<T, V> yv;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (at.off[u] >= 0) xv[u] = load_vec<T, V>(x + at.off[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (at.off[u] < 0) continue;
-      const int64_t c = at.c[u];
-      Vec<T, V> yv;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const float m = static_cast<float>(xv[u].v[v]) * coef[c] + coef[d.Cg + c];
-        yv.v[v] = static_cast<T>(silu ? m * sigmoidf_(m) : m);
-      }
-      store_vec<T, V>(y + at.off[u], yv);
+    for (int i = 0; i < V; ++i) {
+      const float m = static_cast<float>(v[0].v[i]) * coef[c] + coef[d.Cg + c];
+      yv.v[i] = static_cast<T>(silu ? m * sigmoidf_(m) : m);
     }
-  }
+    store_vec<T, V>(y + off, yv);
+  });
 }
 
 // Per-channel factors of the backward in shared memory: wf[Cg], bf[Cg] (see ChannelMod).
@@ -273,27 +287,17 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
   }
   const float m1 = block_sum(s1, red) / d.M, m2 = block_sum(s2, red) / d.M;
   const float mu = mean[ng], r = rstd[ng];
-  const int64_t hi = d.hi(split);
-  for (ChannelWalk w(d.lo(split) + threadIdx.x * V, kThreads * V, d.HW); w.e < hi;) {
-    const WalkBatch at(w, hi, d, n, g);
-    Vec<T, V> xv[kUnroll], dv[kUnroll];
+  const T* const in[2] = {x, dy};
+  stream_chunk<T, V>(d, n, g, split, in, [&](int64_t off, int64_t c, const Vec<T, V> (&v)[2]) {
+    Vec<T, V> out;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (at.off[u] >= 0) xv[u] = load_vec<T, V>(x + at.off[u]), dv[u] = load_vec<T, V>(dy + at.off[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (at.off[u] < 0) continue;
-      const int64_t c = at.c[u];
-      Vec<T, V> out;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const float xh = (static_cast<float>(xv[u].v[v]) - mu) * r;
-        const float dm = dm_of(static_cast<float>(dv[u].v[v]), xh * wf[c] + bf[c], silu);
-        out.v[v] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
-      }
-      store_vec<T, V>(dx + at.off[u], out);
+    for (int i = 0; i < V; ++i) {
+      const float xh = (static_cast<float>(v[0].v[i]) - mu) * r;
+      const float dm = dm_of(static_cast<float>(v[1].v[i]), xh * wf[c] + bf[c], silu);
+      out.v[i] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
     }
-  }
+    store_vec<T, V>(dx + off, out);
+  });
 }
 
 // ================================ channels-last ===============================================
@@ -552,9 +556,10 @@ int vec_width(const GNShape& s, std::initializer_list<const void*> ptrs) {
 }
 
 // Chunks of `len` units of which one block needs at least `min_len` (4 vectors per thread) so
-// that N·splits blocks make ~4 per SM: (splits, chunk) with chunk a multiple of `align`.
-std::pair<int, int64_t> split_plan(int64_t blocks_per_split, int64_t len, int64_t min_len, int64_t align) {
-  const int64_t target = 4LL * sm_count();
+// that N·splits blocks make ~per_sm per SM: (splits, chunk) with chunk a multiple of `align`.
+std::pair<int, int64_t> split_plan(int64_t blocks_per_split, int64_t len, int64_t min_len, int64_t align,
+                                   int64_t per_sm) {
+  const int64_t target = per_sm * sm_count();
   int64_t splits = std::max<int64_t>(1, (target + blocks_per_split - 1) / blocks_per_split);
   splits = std::min<int64_t>({splits, std::max<int64_t>(1, (len + min_len - 1) / min_len), 1024});
   int64_t chunk = (len + splits - 1) / splits;
@@ -564,16 +569,22 @@ std::pair<int, int64_t> split_plan(int64_t blocks_per_split, int64_t len, int64_
 
 GNDev make_dev(const GNShape& s, int V) {
   GNDev d{s.C, s.HW, s.Cg, s.G, s.group_size(), 0, 1};
-  std::tie(d.splits, d.chunk) = split_plan(s.N * s.G, d.M, int64_t(kThreads) * V * 4, V);
+  // 3 blocks per SM: what gn_normalize's 76 registers let an SM hold at once (a 4th would run
+  // in a second wave, alone on its SM, with a third of the loads in flight)
+  std::tie(d.splits, d.chunk) = split_plan(s.N * s.G, d.M, int64_t(kThreads) * V * 4, V, 3);
   return d;
 }
 
-ClDev make_cl_dev(const GNShape& s, int V) {
+// per_sm: blocks per SM the launches' registers let run at once in whole waves (sm_90a,
+// 2026-12-02): forward 4 (gn_cl_partials 52 registers: 4 fit; gn_cl_apply 48: 5); backward 6
+// (gn_cl_bwd_partials 101: 2 fit; gn_cl_dx 78: 3), where 4 left gn_cl_dx a second wave of one
+// block per SM.
+ClDev make_cl_dev(const GNShape& s, int V, int64_t per_sm) {
   ClDev d{s.HW, s.C, s.G, s.Cg, V, s.C / V, 0, 0, 0, 1};
   d.tpr = static_cast<int>(std::min<int64_t>(d.CV, kThreads));
   d.rows = kThreads / d.tpr;
   const int64_t min_tokens = std::max<int64_t>(1, int64_t(kThreads) * V * 4 / s.C);
-  std::tie(d.splits, d.chunk) = split_plan(s.N, s.HW, min_tokens, 1);
+  std::tie(d.splits, d.chunk) = split_plan(s.N, s.HW, min_tokens, 1, per_sm);
   return d;
 }
 
@@ -588,7 +599,7 @@ void launch_fwd(const GNPrepared& pr, double eps, bool silu, at::Tensor& y, at::
   const GNShape& s = pr.s;
   const T* x = pr.x.const_data_ptr<T>();
   if (s.channels_last) {
-    const ClDev d = make_cl_dev(s, V);
+    const ClDev d = make_cl_dev(s, V, 4);
     const dim3 grid(d.splits, s.N);
     at::Tensor part = f32(mean, {s.N, d.splits, 2, s.C}), tot = f32(mean, {2, s.N, s.C}), coef = f32(mean, {s.N, 2, s.C});
     gn_cl_partials<T, V><<<grid, kThreads, 0, stream>>>(x, d, part.data_ptr<float>());
@@ -641,7 +652,7 @@ void launch_bwd(const GNPrepared& pr, bool silu, const at::Tensor& dy, const at:
   const T *x = pr.x.const_data_ptr<T>(), *dyp = dy.const_data_ptr<T>();
   const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
   if (s.channels_last) {
-    const ClDev d = make_cl_dev(s, V);
+    const ClDev d = make_cl_dev(s, V, 6);
     const dim3 grid(d.splits, s.N);
     at::Tensor part = f32(mean, {s.N, d.splits, 2, s.C}), coef = f32(mean, {s.N, 4, s.C});
     gn_cl_bwd_partials<T, V><<<grid, kThreads, 0, stream>>>(dyp, x, d, mp, rp, pr.params(), silu,

@@ -38,8 +38,8 @@ def test_cuda_kernels_were_compiled_for_sm90a():
 # one trip of the loop that streams x (and dy) must issue per thread before using them
 # (sm90.trip_vector_loads): the loads a thread keeps in flight. The channels-last ones walk token
 # rows with `#pragma unroll 4`; the NCHW ones nvcc unrolls (gn_partials 4x, gn_bwd_partials 2x)
-# or batch kUnroll positions of a ChannelWalk (gn_normalize, gn_bwd_dx: 1-2 before 2026-12-02).
-_STREAMING = {"gn_partials": 4, "gn_normalize": 4, "gn_bwd_partials": 4, "gn_bwd_dx": 8,
+# or a ChannelWalk is read in batches (stream_chunk: gn_normalize, gn_bwd_dx; 1-2 before 2026-12-02).
+_STREAMING = {"gn_partials": 4, "gn_normalize": 4, "gn_bwd_partials": 4, "gn_bwd_dx": 4,
               "gn_cl_partials": 4, "gn_cl_apply": 4, "gn_cl_bwd_partials": 8, "gn_cl_dx": 8}
 
 
