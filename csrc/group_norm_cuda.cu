@@ -72,9 +72,10 @@ struct ChannelWalk {
 
 // Positions a thread loads before it uses any, in the NCHW loops that walk channels (gn_normalize:
 // 4 vectors of x; gn_bwd_dx: 2 of x and 2 of dy). Left alone, nvcc keeps a ChannelWalk loop
-// (carried channel index) at 1-2 16-byte loads a trip (sm_90a disassembly, 2026-12-02), 16 KB of
-// loads in flight per SM at 4 blocks of 256 threads, where streaming at copy speed asks ~32 KB
-// (Little's law: ~4.3 TB/s x ~1 µs over 132 SMs). Batched: 64 bytes per thread; gn_normalize
+// (carried channel index) at one 16-byte load of each input a trip (sm_90a disassembly,
+// 2026-12-02): 16 KB of loads in flight per SM in gn_normalize at 4 blocks of 256 threads (32 in
+// gn_bwd_dx), where streaming at copy speed asks ~32 KB (Little's law: ~4.3 TB/s x ~1 µs over
+// 132 SMs). Batched: 64 bytes per thread; gn_normalize
 // at 76 registers holds 3 blocks per SM, gn_bwd_dx at 64 four (4 positions there took 124: 2).
 // gn_partials' plain loop nvcc unrolls 4x by itself.
 constexpr int kMaxUnroll = 4;
