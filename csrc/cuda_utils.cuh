@@ -1,13 +1,60 @@
-// Device helpers shared by kiln_ext's CUDA kernels: vector loads, block reductions and the
-// fixed-order column sum that makes every cross-block reduction deterministic (no atomics).
+// Device helpers shared by kiln_ext's CUDA kernels: launches, vector loads, block reductions and
+// the fixed-order column sum that makes every cross-block reduction deterministic (no atomics).
+// The host side reaches CUDA only through launch_kernel (KILN_LAUNCH), DeviceGuard,
+// current_stream, sm_count and KILN_CUDA_IMPL, so that with KILN_CUDA_EMU defined the same .cu
+// files compile as C++ and their kernels run on the CPU (emu/cuda_emu.h, a tests-only build).
 #pragma once
 
+#include <torch/library.h>
+
+#include <utility>
+
+#ifdef KILN_CUDA_EMU
+#include "emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 namespace kiln {
+
+// kernel<<<grid, block, smem, stream>>>(args...), then a launch check that names the launch
+// (`what`: its source text, from KILN_LAUNCH).
+template <typename... KArgs, typename... Args>
+void launch_kernel(const char* what, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+#ifdef KILN_CUDA_EMU
+  kiln_emu::launch(what, kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "kiln_ext: KILN_LAUNCH(", what, "): ", cudaGetErrorString(err));
+#endif
+}
+#define KILN_LAUNCH(...) ::kiln::launch_kernel(#__VA_ARGS__, __VA_ARGS__)
+
+#ifdef KILN_CUDA_EMU
+// Dynamic shared memory (one per kernel): `extern __shared__ T name[]` on the GPU.
+#define KILN_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::kiln_emu::dynamic_smem())
+// The emulated kernels implement kiln_emu's copies of the schemas, on CPU tensors.
+#define KILN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(kiln_emu, CPU, m)
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor&) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+inline int sm_count() { return kiln_emu::sm_count(); }  // KILN_EMU_SMS, default an H100's 132
+#else
+#define KILN_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define KILN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(kiln_ext, CUDA, m)
+struct DeviceGuard {
+  c10::cuda::CUDAGuard guard;
+  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
+};
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+#endif
 
 // V contiguous elements moved as one 16-byte (or narrower) transaction.
 template <typename T, int V>
@@ -50,14 +97,14 @@ constexpr int max_vec() {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
 // Dynamic shared memory of `floats` fp32 for `kernel`, opting in above the default 48 KB.
 template <typename Kernel>
 size_t smem_floats(Kernel kernel, int64_t floats) {
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+#ifndef KILN_CUDA_EMU  // (the emulator checks the 227 KB limit at the launch)
   if (bytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+#endif
   return bytes;
 }
 
@@ -92,8 +139,7 @@ __global__ void __launch_bounds__(32 * kSumRows) column_sums(const float* __rest
 inline void launch_column_sums(const float* part, int64_t N, int64_t rows, int64_t cols, int64_t split_col,
                                float* out0, float* out1, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((cols + 31) / 32), static_cast<unsigned>(N)), block(32, kSumRows);
-  column_sums<<<grid, block, 0, stream>>>(part, rows, cols, split_col, out0, out1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KILN_LAUNCH(column_sums, grid, block, 0, stream, part, rows, cols, split_col, out0, out1);
 }
 
 }  // namespace

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x
                                                           const float* __restrict__ part, GNParams p, double eps,
                                                           bool silu, float* __restrict__ mean_out,
                                                           float* __restrict__ rstd_out) {
-  extern __shared__ float coef[];  // a[Cg], b[Cg]: y = x·a + b per channel
+  KILN_DYNAMIC_SMEM(float, coef);  // a[Cg], b[Cg]: y = x·a + b per channel
   __shared__ float red[32], stats[2];
   const int split = blockIdx.x;
   const int64_t ng = blockIdx.y, n = ng / d.G, g = ng % d.G;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_partials(const T* __restrict_
                                                              const float* __restrict__ mean,
                                                              const float* __restrict__ rstd, GNParams p, bool silu,
                                                              float* __restrict__ part) {
-  extern __shared__ float sm[];  // wf[Cg], bf[Cg]
+  KILN_DYNAMIC_SMEM(float, sm);  // wf[Cg], bf[Cg]
   __shared__ float red[32];
   float *wf = sm, *bf = sm + d.Cg;
   const int split = blockIdx.x;
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
                                                        GNDev d, const float* __restrict__ mean,
                                                        const float* __restrict__ rstd, GNParams p, bool silu,
                                                        const float* __restrict__ A, const float* __restrict__ B) {
-  extern __shared__ float sm[];  // wf[Cg], bf[Cg]
+  KILN_DYNAMIC_SMEM(float, sm);  // wf[Cg], bf[Cg]
   __shared__ float red[32];
   float *wf = sm, *bf = sm + d.Cg;
   const int split = blockIdx.x;
@@ -603,27 +603,22 @@ void launch_fwd(const GNPrepared& pr, double eps, bool silu, at::Tensor& y, at::
     const ClDev d = make_cl_dev(s, V, 4);
     const dim3 grid(d.splits, s.N);
     at::Tensor part = f32(mean, {s.N, d.splits, 2, s.C}), tot = f32(mean, {2, s.N, s.C}), coef = f32(mean, {s.N, 2, s.C});
-    gn_cl_partials<T, V><<<grid, kThreads, 0, stream>>>(x, d, part.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    KILN_LAUNCH(gn_cl_partials<T, V>, grid, kThreads, 0, stream, x, d, part.data_ptr<float>());
     float* S1 = tot.data_ptr<float>();
     launch_column_sums(part.const_data_ptr<float>(), s.N, d.splits, 2 * s.C, s.C, S1, S1 + s.N * s.C, stream);
-    gn_cl_stats<T><<<s.N * s.G, kStatThreads, 0, stream>>>(x, d, S1, S1 + s.N * s.C, pr.params(), eps,
-                                                            mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                                            coef.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gn_cl_apply<T, V><<<grid, kThreads, 0, stream>>>(x, y.data_ptr<T>(), d, coef.const_data_ptr<float>(), silu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    KILN_LAUNCH(gn_cl_stats<T>, s.N * s.G, kStatThreads, 0, stream, x, d, S1, S1 + s.N * s.C, pr.params(), eps,
+                mean.data_ptr<float>(), rstd.data_ptr<float>(), coef.data_ptr<float>());
+    KILN_LAUNCH(gn_cl_apply<T, V>, grid, kThreads, 0, stream, x, y.data_ptr<T>(), d, coef.const_data_ptr<float>(),
+                silu);
     return;
   }
   const GNDev d = make_dev(s, V);
   const dim3 grid(d.splits, s.N * s.G);
   at::Tensor part = f32(mean, {s.N * s.G, d.splits, 2});
-  gn_partials<T, V><<<grid, kThreads, 0, stream>>>(x, d, part.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KILN_LAUNCH(gn_partials<T, V>, grid, kThreads, 0, stream, x, d, part.data_ptr<float>());
   const size_t smem = smem_floats(gn_normalize<T, V>, 2 * d.Cg);
-  gn_normalize<T, V><<<grid, kThreads, smem, stream>>>(x, y.data_ptr<T>(), d, part.data_ptr<float>(), pr.params(),
-                                                       eps, silu, mean.data_ptr<float>(), rstd.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KILN_LAUNCH(gn_normalize<T, V>, grid, kThreads, smem, stream, x, y.data_ptr<T>(), d, part.data_ptr<float>(),
+              pr.params(), eps, silu, mean.data_ptr<float>(), rstd.data_ptr<float>());
 }
 
 // NCHW backward partials: a warp per channel piece when the chunk spans >= 4 channels (short
@@ -636,14 +631,13 @@ void launch_bwd_partials(const GNPrepared& pr, const GNDev& d, bool silu, const 
   const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
   if (d.chunk >= 4 * d.HW) {
     auto kernel = gn_bwd_partials<T, V, 32>;
-    kernel<<<grid, kThreads, smem_floats(kernel, 2 * d.Cg), stream>>>(dy, x, d, mp, rp, pr.params(), silu,
-                                                                      part.data_ptr<float>());
+    KILN_LAUNCH(kernel, grid, kThreads, smem_floats(kernel, 2 * d.Cg), stream, dy, x, d, mp, rp, pr.params(), silu,
+                part.data_ptr<float>());
   } else {
     auto kernel = gn_bwd_partials<T, V, kThreads>;
-    kernel<<<grid, kThreads, smem_floats(kernel, 2 * d.Cg), stream>>>(dy, x, d, mp, rp, pr.params(), silu,
-                                                                      part.data_ptr<float>());
+    KILN_LAUNCH(kernel, grid, kThreads, smem_floats(kernel, 2 * d.Cg), stream, dy, x, d, mp, rp, pr.params(), silu,
+                part.data_ptr<float>());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int V>
@@ -656,29 +650,25 @@ void launch_bwd(const GNPrepared& pr, bool silu, const at::Tensor& dy, const at:
     const ClDev d = make_cl_dev(s, V, 6);
     const dim3 grid(d.splits, s.N);
     at::Tensor part = f32(mean, {s.N, d.splits, 2, s.C}), coef = f32(mean, {s.N, 4, s.C});
-    gn_cl_bwd_partials<T, V><<<grid, kThreads, 0, stream>>>(dyp, x, d, mp, rp, pr.params(), silu,
-                                                            part.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    KILN_LAUNCH(gn_cl_bwd_partials<T, V>, grid, kThreads, 0, stream, dyp, x, d, mp, rp, pr.params(), silu,
+                part.data_ptr<float>());
     launch_column_sums(part.const_data_ptr<float>(), s.N, d.splits, 2 * s.C, s.C, A.data_ptr<float>(),
                        B.data_ptr<float>(), stream);
-    gn_cl_bwd_coefs<<<s.N * s.G, kStatThreads, 0, stream>>>(d, mp, rp, pr.params(), A.const_data_ptr<float>(),
-                                                             B.const_data_ptr<float>(), coef.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gn_cl_dx<T, V><<<grid, kThreads, 0, stream>>>(dyp, x, dx.data_ptr<T>(), d, coef.const_data_ptr<float>(), silu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    KILN_LAUNCH(gn_cl_bwd_coefs, s.N * s.G, kStatThreads, 0, stream, d, mp, rp, pr.params(),
+                A.const_data_ptr<float>(), B.const_data_ptr<float>(), coef.data_ptr<float>());
+    KILN_LAUNCH(gn_cl_dx<T, V>, grid, kThreads, 0, stream, dyp, x, dx.data_ptr<T>(), d, coef.const_data_ptr<float>(),
+                silu);
     return;
   }
   const GNDev d = make_dev(s, V);
   at::Tensor part = f32(mean, {s.N * s.G, d.splits, 2, s.Cg});
   launch_bwd_partials<T, V>(pr, d, silu, dyp, mean, rstd, part, stream);
   const int64_t nc = s.N * s.C;
-  gn_bwd_channel_sums<<<static_cast<unsigned>((nc + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      d, s.N, part.const_data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KILN_LAUNCH(gn_bwd_channel_sums, static_cast<unsigned>((nc + kThreads - 1) / kThreads), kThreads, 0, stream, d,
+              s.N, part.const_data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>());
   const dim3 grid(d.splits, s.N * s.G);
-  gn_bwd_dx<T, V><<<grid, kThreads, smem_floats(gn_bwd_dx<T, V>, 2 * d.Cg), stream>>>(
-      dyp, x, dx.data_ptr<T>(), d, mp, rp, pr.params(), silu, A.const_data_ptr<float>(), B.const_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KILN_LAUNCH(gn_bwd_dx<T, V>, grid, kThreads, smem_floats(gn_bwd_dx<T, V>, 2 * d.Cg), stream, dyp, x,
+              dx.data_ptr<T>(), d, mp, rp, pr.params(), silu, A.const_data_ptr<float>(), B.const_data_ptr<float>());
 }
 
 void check_cuda_shape(const GNShape& s) {
@@ -691,14 +681,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, double eps, std::string activation) {
   const bool silu = parse_activation(activation);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const GNPrepared pr = gn_prepare(x, num_groups, weight, bias, scale, shift);
   check_cuda_shape(pr.s);
   at::Tensor y = at::empty_like(pr.x);
   at::Tensor mean = f32(x, {pr.s.N, pr.s.G});
   at::Tensor rstd = at::empty_like(mean);
   if (x.numel() == 0) return {y, mean, rstd};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.x.scalar_type(), "kiln_group_norm_fwd_cuda", [&] {
     constexpr int VMAX = max_vec<scalar_t>();
     if (vec_width<scalar_t>(pr.s, {pr.x.const_data_ptr(), y.const_data_ptr()}) == VMAX)
@@ -715,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, int64_t num_groups,
     std::string activation) {
   const bool silu = parse_activation(activation);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const GNPrepared pr = gn_prepare(x, num_groups, weight, bias, scale, shift);
   check_cuda_shape(pr.s);
   KILN_CHECK(dy.sizes() == x.sizes(), "group_norm backward: dy ", dy.sizes(), " != x ", x.sizes());
@@ -725,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
   at::Tensor A = at::zeros({pr.s.N, pr.s.C}, x.options().dtype(at::kFloat));  // zeros when x is empty (HW = 0)
   at::Tensor B = at::zeros_like(A);
   if (x.numel() == 0) return {dx, A, B};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pr.x.scalar_type(), "kiln_group_norm_bwd_cuda", [&] {
     constexpr int VMAX = max_vec<scalar_t>();
     if (vec_width<scalar_t>(pr.s, {pr.x.const_data_ptr(), dyc.const_data_ptr(), dx.const_data_ptr()}) == VMAX)
@@ -739,7 +729,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cuda(
 }  // namespace
 }  // namespace kiln
 
-TORCH_LIBRARY_IMPL(kiln_ext, CUDA, m) {
+KILN_CUDA_IMPL(m) {
   m.impl("group_norm_fwd", &kiln::group_norm_fwd_cuda);
   m.impl("group_norm_bwd", &kiln::group_norm_bwd_cuda);
 }

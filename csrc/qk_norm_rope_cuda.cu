@@ -205,7 +205,7 @@ template <typename T, int P, bool VEC>
 __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                                                   const float* __restrict__ rstd, T* __restrict__ dx,
                                                                   float* __restrict__ dw_part, RopeDev d) {
-  extern __shared__ float dw_s[];  // (kWarps, G, D): one slice per warp
+  KILN_DYNAMIC_SMEM(float, dw_s);  // (kWarps, G, D): one slice per warp
   const int64_t gd = d.shape.G * d.shape.D;
   for (int64_t i = threadIdx.x; i < kWarps * gd; i += kThreads) dw_s[i] = 0.f;
   __syncthreads();
@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_fwd(const at::Tensor& x, const at::
                                                  const c10::optional<at::Tensor>& cos,
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);
   const RowShape& sh = a.shape;
@@ -298,15 +298,15 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_fwd(const at::Tensor& x, const at::
   at::Tensor rstd = at::empty({sh.B, sh.S, sh.H}, x.options().dtype(at::kFloat));
   if (sh.rows() == 0) return {y, rstd};
   const RopeDev d = make_dev(a);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const bool vec = vectors_ok(a, static_cast<int>((sh.D / 2 + 31) / 32), {&a.x, &y});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kiln_norm_rope_fwd_cuda", [&] {
     with_pairs(sh.D, vec, [&](auto pairs, auto vector) {
       constexpr int P = decltype(pairs)::value;
       constexpr bool VEC = decltype(vector)::value;
-      norm_rope_fwd_kernel<scalar_t, P, VEC><<<grid_for(sh.rows()), kThreads, 0, stream>>>(
-          a.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<float>(), d, static_cast<float>(eps));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      KILN_LAUNCH(norm_rope_fwd_kernel<scalar_t, P, VEC>, grid_for(sh.rows()), kThreads, 0, stream,
+                  a.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<float>(), d,
+                  static_cast<float>(eps));
     });
   });
   return {y, rstd};
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
                                                  const c10::optional<at::Tensor>& sin,
                                                  const c10::optional<at::Tensor>& token_group,
                                                  const at::Tensor& rstd) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const RopeArgs a = rope_args(x, weight, cos, sin, token_group);
   check_cuda(a);
   const RowShape& sh = a.shape;
@@ -327,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
   at::Tensor dw = at::zeros({sh.G, sh.D}, x.options().dtype(at::kFloat));  // zeros when there are no rows
   if (sh.rows() > 0) {
     const RopeDev d = make_dev(a);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = current_stream();
     const int grid = grid_for(sh.rows());
     at::Tensor part = at::empty({grid, sh.G * sh.D}, dw.options());
     const bool vec = vectors_ok(a, static_cast<int>((sh.D / 2 + 31) / 32), {&a.x, &dyc, &dx});
@@ -336,10 +336,9 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
         constexpr int P = decltype(pairs)::value;
         constexpr bool VEC = decltype(vector)::value;
         auto kernel = norm_rope_bwd_kernel<scalar_t, P, VEC>;
-        kernel<<<grid, kThreads, smem_floats(kernel, kWarps * sh.G * sh.D), stream>>>(
-            dyc.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), rc.const_data_ptr<float>(),
-            dx.data_ptr<scalar_t>(), part.data_ptr<float>(), d);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        KILN_LAUNCH(kernel, grid, kThreads, smem_floats(kernel, kWarps * sh.G * sh.D), stream,
+                    dyc.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), rc.const_data_ptr<float>(),
+                    dx.data_ptr<scalar_t>(), part.data_ptr<float>(), d);
       });
     });
     const int64_t gd = sh.G * sh.D;
@@ -351,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
 }  // namespace
 }  // namespace kiln
 
-TORCH_LIBRARY_IMPL(kiln_ext, CUDA, m) {
+KILN_CUDA_IMPL(m) {
   m.impl("qk_norm_rope_fwd", &kiln::qk_pair_fwd<&kiln::norm_rope_fwd>);
   m.impl("qk_norm_rope_bwd", &kiln::qk_pair_bwd<&kiln::norm_rope_bwd>);
 }

@@ -1,0 +1,2 @@
+// ../qk_norm_rope_cuda.cu compiled as C++ with KILN_CUDA_EMU: its kernels run on the CPU (cuda_emu.h).
+#include "../qk_norm_rope_cuda.cu"

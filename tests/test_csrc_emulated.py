@@ -1,0 +1,140 @@
+"""kiln_ext's CUDA kernels (csrc/*.cu) run on the CPU by the emulator (emulated_cuda.py,
+csrc/emu/cuda_emu.h) and held to the same FlashAttention 2x rule as every kernel, for the output
+and all gradients: the GPU code is checked on every CI run, not only when a GPU is lent.
+
+Two launch plans each, since the plans read the SM count: an H100's 132 SMs (GroupNorm cuts
+groups and token ranges into many blocks, one QK-norm warp per row or two) and a single SM (few
+GroupNorm blocks, each QK-norm warp walks many rows with its carried (b, s, h) digits: the
+kRowsPerTrip batching and its tails)."""
+
+import pytest
+import torch
+from emulated_cuda import as_csrc_cpu, build
+from kernel_rule import assert_within_twice_torch
+from test_group_norm_triton import CASES, _inputs, check_against_reference
+from test_qk_norm_attention_triton import make_case
+from test_qk_norm_rope import _on, _run, check
+
+from kiln import kernels
+
+SMS = [132, 1]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# beyond CASES: NCHW groups in 16-byte vectors of bf16 (HW % 8 == 0) long enough to be split at
+# 132 SMs (8192-element chunks at 4 vectors a thread), and a channels-last C = 8 (one thread a row)
+EXTRA_GN = [
+    ((2, 128, 16, 16), 32, False, True, True, "silu"),
+    ((1, 32, 64, 64), 8, False, True, False, None),
+    ((2, 8, 24, 20), 2, True, True, True, "silu"),
+]
+
+
+@pytest.mark.parametrize("sms", SMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES + EXTRA_GN,
+                         ids=[f"{c[0]}-G{c[1]}-{'cl' if c[2] else 'nc'}" for c in CASES + EXTRA_GN])
+def test_group_norm_cuda_kernels_within_twice_torch_error(case, dtype, sms):
+    with as_csrc_cpu(sms):
+        check_against_reference(case, dtype, backend="csrc")
+
+
+def test_group_norm_cuda_kernels_on_unaligned_inputs():
+    """A view 2 bytes into its storage: no 16-byte vectors (vec_width 1), the scalar kernels."""
+    shape, groups = (2, 64, 8, 8), 16
+    x, p = _inputs(shape, groups, torch.bfloat16, False, True, True, seed=3)
+    x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(shape)
+    assert x.data_ptr() % 16
+    with as_csrc_cpu(), kernels.use_backend("csrc"):
+        y = kernels.group_norm(x, groups, activation="silu", **p)
+    ref = kernels.group_norm_ref(x.double(), groups, activation="silu", **{k: v.double() for k, v in p.items()})
+    lowp = kernels.group_norm_ref(x, groups, activation="silu", upcast=False, **p)
+    assert_within_twice_torch(["out"], [y], [ref], [lowp], torch.bfloat16)
+
+
+@pytest.mark.parametrize("sms", SMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,H,D,G,rope", [(2, 93, 3, 64, 2, True), (1, 21, 2, 40, 0, False),
+                                            (3, 17, 1, 128, 1, True), (1, 11, 5, 256, 2, True)])
+def test_qk_norm_rope_cuda_kernels_within_twice_torch_error(B, S, H, D, G, rope, dtype, sms):
+    with as_csrc_cpu(sms):
+        check(B, S, H, D, G, rope, dtype, "csrc")
+
+
+@pytest.mark.parametrize("sms", SMS)
+def test_qk_norm_rope_cuda_kernels_on_packed_qkv(sms):
+    """q and k as views of a packed (B, S, 3, H, D) bf16 QKV: rows read through the (b, s, h)
+    strides, 4-byte vectors at D = 128."""
+    B, S, H, D = 2, 37, 3, 128
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(torch.bfloat16)
+    qw, kw_ = ((1 + 0.2 * torch.randn(2, D, generator=g)).to(torch.bfloat16) for _ in range(2))
+    angle = torch.arange(S)[:, None] * torch.rand(D // 2, generator=g).repeat(2)[None]
+    tables = {"cos": angle.cos(), "sin": angle.sin(), "token_group": (torch.arange(S) >= 9).long()}
+    douts = [torch.randn(B, S, H, D, generator=g).to(torch.bfloat16) for _ in range(2)]
+
+    def on_views(qkv, qw, kw_, **kw):
+        return _on("csrc")(qkv[:, :, 0], qkv[:, :, 1], qw, kw_, **kw)
+
+    def ref(qkv, qw, kw_, **kw):
+        return kernels.qk_norm_rope_ref(qkv[:, :, 0], qkv[:, :, 1], qw, kw_, **kw)
+
+    with as_csrc_cpu(sms):
+        ours = _run(on_views, (qkv, qw, kw_), tables, douts)
+    exact = _run(ref, (qkv.double(), qw.double(), kw_.double()),
+                 {n: v.double() if n != "token_group" else v for n, v in tables.items()}, [d.double() for d in douts])
+    lowp = _run(ref, (qkv, qw, kw_), tables, douts)
+    assert_within_twice_torch(["q_out", "k_out", "dqkv", "dq_weight", "dk_weight"], ours, exact, lowp, torch.bfloat16)
+
+
+def _gn_grads(order):
+    # fp32 channels-last with C / 4 > 256 channel vectors: two passes of each block over its
+    # rows, the second reusing the shared partials of the first (rows_to_partials)
+    (shape, groups, act) = ((2, 1040, 3, 5), 16, "silu")
+    x, p = _inputs(shape, groups, torch.float32, True, True, True, seed=9)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for xx in (x, x.contiguous()):  # channels-last, then NCHW
+        leaves = [xx.clone().requires_grad_(), *(v.clone().requires_grad_() for v in p.values())]
+        with as_csrc_cpu(4, order), kernels.use_backend("csrc"):
+            y = kernels.group_norm(leaves[0], groups, activation=act, **dict(zip(p, leaves[1:], strict=True)))
+            y.backward(dy)
+        outs += [y.detach(), *(t.grad for t in leaves)]
+    return outs
+
+
+def _qk_grads(order):
+    (q, k, _, qw, kw_), kw = make_case(2, 45, 3, 64, 2, True, False, False, torch.float32, seed=5)
+    kw.pop("causal")
+    g = torch.Generator().manual_seed(6)
+    douts = [torch.randn(q.shape, generator=g) for _ in range(2)]
+    with as_csrc_cpu(1, order):
+        return _run(_on("csrc"), (q, k, qw, kw_), kw, douts)
+
+
+def test_fiber_order_does_not_change_a_bit():
+    """The emulator runs a block's threads first to last, or last to first: a missing
+    __syncthreads around shared memory (the channels-last partials, the QK weight-gradient
+    slices) would let one order read what the other had not yet written."""
+    for grads in (_gn_grads, _qk_grads):
+        fwd, rev = grads("forward"), grads("reverse")
+        assert all(torch.equal(a, b) for a, b in zip(fwd, rev, strict=True)), grads.__name__
+
+
+def test_the_emulator_reports_the_bugs_it_is_for():
+    """Its own check, on kernels written with each bug (csrc/emu/selftest.cpp)."""
+    build()
+    run = torch.ops.kiln_emu.emulator_selftest
+    with as_csrc_cpu(order="forward"):
+        race_fwd, clean_fwd = run("race"), run("no_race")
+    with as_csrc_cpu(order="reverse"):
+        race_rev, clean_rev = run("race"), run("no_race")
+    expected = (torch.arange(256) // 32 + 1) % 8 + 1  # warp w reads warp w + 1's w + 2
+    assert torch.equal(clean_fwd, expected.float()) and torch.equal(clean_rev, clean_fwd)
+    assert not torch.equal(race_fwd, race_rev)  # the missing barrier shows as an order dependence
+    for name, why in [("deadlock", "deadlock"), ("divergent_barrier", "different places"),
+                      ("exited_lane", "exited lanes"), ("smem_too_big", "227 KB")]:
+        with as_csrc_cpu(), pytest.raises(RuntimeError, match=why):
+            run(name)
+    with as_csrc_cpu():
+        assert run("smem_nan").isnan().all()  # dynamic shared memory starts as NaN, not zeros
+        assert run("barrier_after_exit").sum() == 32  # legal: exited threads count as arrived
