@@ -1,14 +1,19 @@
-// QK RMSNorm + rotate-half RoPE on CUDA, forward and backward: one warp per (b, s, h) row.
+// QK RMSNorm + rotate-half RoPE on CUDA, forward and backward: a warp per item of R rows, the
+// heads h0 .. h0 + R - 1 of one token (b, s) (R = rows_per_item: 4 for bf16 at D = 128).
 //
 // Lane l holds the P contiguous pairs (j, j + D/2) for j = l·P .. l·P + P - 1 < D/2, so the
 // rotate-half partner of every element it owns is in its own registers (no shuffles for RoPE) and,
 // when P is 2 or 4 and the row is aligned, each half moves as one P-element vector (bf16 D = 128:
 // 4-byte loads, D = 256: 8-byte; fp32 tables 8-16 bytes) instead of P scalar loads. The row's sum
 // of squares is one warp reduction. Rows are read through their (b, s, h) strides, so q and k may
-// be views of a packed (B, S, 3, H, D) QKV; a warp steps through its rows with carries instead of
-// three 64-bit divisions per row: each is a CALL of a ~70-instruction emulation, and at D = 128 a
+// be views of a packed (B, S, 3, H, D) QKV; a warp steps through its items with carries instead of
+// three 64-bit divisions per item: each is a CALL of a ~70-instruction emulation, and at D = 128 a
 // lane moves 16 bytes per row, for which an H100 at copy speed can issue only ~180 instructions.
 // D <= 256 -> P <= 4.
+// Why items of one token's heads: the token's tables (its weight row, cos and sin: 6·P fp32 a
+// lane, 1 KB a warp at D = 128, four times the row's 256 bytes of bf16 x) are loaded once for
+// the item's rows, together with them, where a warp per row loaded them for every row, after the
+// row's reduction: a second round trip each. The rows' loads all go out before any is used.
 // The weight gradient (G, D) is deterministic: each warp accumulates its rows into its own (G, D)
 // slice of shared memory (a lane owns its columns: no atomics), the block adds its 8 slices in
 // order into one (G, D) partial, and column_sums adds the blocks' partials in order (grid capped
@@ -40,23 +45,47 @@ RopeDev make_dev(const RopeArgs& a) {
           a.token_group.defined() ? a.token_group.const_data_ptr<int64_t>() : nullptr};
 }
 
-// This warp's rows r = first, first + step, ... with r = (b·S + s)·H + h, advanced by adding the
-// step's (b, s, h) digits with carries (step_h < H and step_s < S, so one carry each).
-struct RowWalk {
-  int64_t r, b, s, h, step, step_b, step_s, step_h;
-  __device__ RowWalk(const RowShape& sh, int64_t first, int64_t step_)
-      : r(first), b(first / (sh.S * sh.H)), s((first / sh.H) % sh.S), h(first % sh.H), step(step_),
-        step_b(step_ / (sh.S * sh.H)), step_s((step_ / sh.H) % sh.S), step_h(step_ % sh.H) {}
+// Rows per item (the loads a warp has in flight before it uses any): 4 for 16-bit types, fewer
+// for 4- and 8-byte types at D > 64, whose rows at 4 spilled (fp32 at D = 128: 8 bytes). A warp
+// per row (48 registers, 5 blocks of 8 warps per SM) held 10 KB of x in flight per SM at bf16
+// D = 128, a third of what streaming at copy speed asks (~32 KB: ~4.3 TB/s x ~1 µs over 132 SMs,
+// Little's law). sm_90a, 2026-12-02, bf16: forward 64 registers at D = 128 (4 blocks: 32 KB of x
+// in flight) and 104 at 256 (2 blocks: 32 KB); backward 122 and 188 (2 and 1 blocks: 32 KB of
+// x and dy).
+template <typename T, int P>
+constexpr int rows_per_item() {
+  return sizeof(T) <= 2 || P == 1 ? 4 : P == 2 ? 2 : 1;
+}
+
+// This warp's items i = first, first + step, ... of the (B, S, C) grid of items, C = ceil(H / R)
+// per token (R rows per item), advanced by adding the step's (b, s, c) digits with carries
+// (step_c < C and step_s < S, so one carry each).
+template <int R>
+struct ItemWalk {
+  int64_t i, b, s, c, C, step, step_b, step_s, step_c;
+  __device__ ItemWalk(const RowShape& sh, int64_t first, int64_t step_) : i(first), C((sh.H + R - 1) / R) {
+    b = first / (sh.S * C), s = (first / C) % sh.S, c = first % C;
+    step = step_, step_b = step_ / (sh.S * C), step_s = (step_ / C) % sh.S, step_c = step_ % C;
+  }
   __device__ __forceinline__ void next(const RowShape& sh) {
-    r += step, h += step_h, s += step_s, b += step_b;
-    if (h >= sh.H) h -= sh.H, ++s;
+    i += step, c += step_c, s += step_s, b += step_b;
+    if (c >= C) c -= C, ++s;
     if (s >= sh.S) s -= sh.S, ++b;
   }
-  __device__ __forceinline__ int64_t offset(const RowShape& sh) const { return b * sh.sb + s * sh.ss + h * sh.sh; }
+  __device__ __forceinline__ bool more(const RowShape& sh) const { return i < sh.B * sh.S * C; }
+  __device__ __forceinline__ int64_t h0() const { return c * R; }
+  __device__ __forceinline__ int rows(const RowShape& sh) const {  // < R in a token's last item
+    return static_cast<int>(min(int64_t(R), sh.H - h0()));
+  }
+  __device__ __forceinline__ int64_t row(const RowShape& sh, int u) const { return (b * sh.S + s) * sh.H + h0() + u; }
+  __device__ __forceinline__ int64_t offset(const RowShape& sh, int u) const {
+    return b * sh.sb + s * sh.ss + (h0() + u) * sh.sh;
+  }
 };
 
-__device__ __forceinline__ RowWalk warp_rows(const RowShape& sh) {
-  return RowWalk(sh, int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5), int64_t(gridDim.x) * kWarps);
+template <int R>
+__device__ __forceinline__ ItemWalk<R> warp_items(const RowShape& sh) {
+  return ItemWalk<R>(sh, int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5), int64_t(gridDim.x) * kWarps);
 }
 
 // Elements j0 .. j0 + P - 1 of p as floats (0 past `end`): one P-wide vector when VEC (then
@@ -110,49 +139,31 @@ struct RowTables {
   }
 };
 
-// Rows a warp loads before it uses any. One row is 256 bytes of x at D = 128 in bf16, and the
-// forward at 48 registers held 5 blocks of 8 warps per SM: 10 KB of x in flight per SM, a third
-// of what streaming at copy speed asks (~32 KB: ~4.3 TB/s x ~1 µs over 132 SMs, Little's law).
-// Two rows a trip: 64 registers, 4 blocks, 16 KB (backward, x and dy: 16 -> 24 KB at 78
-// registers, 3 blocks; sm_90a, 2026-12-02).
-constexpr int kRowsPerTrip = 2;
-
-// The next kRowsPerTrip rows of a warp's walk: row index (-1 from `rows` on), token, x offset.
-struct RowBatch {
-  int64_t r[kRowsPerTrip], s[kRowsPerTrip], off[kRowsPerTrip];
-  __device__ __forceinline__ RowBatch(RowWalk& w, const RowShape& sh) {
-#pragma unroll
-    for (int u = 0; u < kRowsPerTrip; ++u, w.next(sh)) {
-      r[u] = w.r < sh.rows() ? w.r : -1;
-      s[u] = w.s;
-      off[u] = w.offset(sh);
-    }
-  }
-};
-
 template <typename T, int P, bool VEC>
 __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                   float* __restrict__ rstd, RopeDev d, float eps) {
+  constexpr int R = rows_per_item<T, P>();
   const int lane = threadIdx.x & 31;
-  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
-  for (RowWalk w = warp_rows(d.shape); w.r < rows;) {
-    const RowBatch at(w, d.shape);
-    float lo[kRowsPerTrip][P], hi[kRowsPerTrip][P];
+  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P;
+  for (ItemWalk<R> w = warp_items<R>(d.shape); w.more(d.shape); w.next(d.shape)) {
+    const int n = w.rows(d.shape);  // the same for the whole warp (warp_sum below)
+    float lo[R][P], hi[R][P];
 #pragma unroll
-    for (int u = 0; u < kRowsPerTrip; ++u) {
-      if (at.r[u] < 0) continue;
-      load_part<P, VEC>(x + at.off[u], j0, h2, lo[u]);
-      load_part<P, VEC>(x + at.off[u] + h2, j0, h2, hi[u]);
+    for (int u = 0; u < R; ++u) {
+      if (u >= n) continue;
+      load_part<P, VEC>(x + w.offset(d.shape, u), j0, h2, lo[u]);
+      load_part<P, VEC>(x + w.offset(d.shape, u) + h2, j0, h2, hi[u]);
     }
+    const RowTables<P, VEC> t(d, w.s, d.tg ? d.tg[w.s] : 0, j0);
 #pragma unroll
-    for (int u = 0; u < kRowsPerTrip; ++u) {
-      if (at.r[u] < 0) continue;  // the same for the whole warp (warp_sum below)
+    for (int u = 0; u < R; ++u) {
+      if (u >= n) continue;
       float sq = 0.f;
 #pragma unroll
       for (int p = 0; p < P; ++p) sq += lo[u][p] * lo[u][p] + hi[u][p] * hi[u][p];
       const float rs = rsqrtf(warp_sum(sq) / D + eps);
-      if (lane == 0) rstd[at.r[u]] = rs;
-      const RowTables<P, VEC> t(d, at.s[u], d.tg ? d.tg[at.s[u]] : 0, j0);
+      const int64_t r = w.row(d.shape, u);
+      if (lane == 0) rstd[r] = rs;
       float out_lo[P], out_hi[P];
 #pragma unroll
       for (int p = 0; p < P; ++p) {
@@ -160,9 +171,8 @@ __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __rest
         out_lo[p] = d.cos ? a * t.c_lo[p] - b * t.s_lo[p] : a;
         out_hi[p] = d.cos ? b * t.c_hi[p] + a * t.s_hi[p] : b;
       }
-      T* yr = y + at.r[u] * D;
-      store_part<P, VEC>(yr, j0, h2, out_lo);
-      store_part<P, VEC>(yr + h2, j0, h2, out_hi);
+      store_part<P, VEC>(y + r * D, j0, h2, out_lo);
+      store_part<P, VEC>(y + r * D + h2, j0, h2, out_hi);
     }
   }
 }
@@ -170,12 +180,10 @@ __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __rest
 // One row of the backward from its loaded dy and x halves: dx stored, the weight-gradient terms
 // added to this warp's slice dw_w (lane-owned columns: no atomics).
 template <int P, bool VEC, typename T>
-__device__ __forceinline__ void row_bwd(const RopeDev& d, int64_t r, int64_t s, int64_t j0,
-                                        const float* __restrict__ rstd, const float (&da)[P], const float (&db)[P],
+__device__ __forceinline__ void row_bwd(const RopeDev& d, const RowTables<P, VEC>& t, int64_t r, int64_t g,
+                                        int64_t j0, float rs, const float (&da)[P], const float (&db)[P],
                                         float (&xh_lo)[P], float (&xh_hi)[P], T* __restrict__ dx, float* dw_w) {
-  const int64_t D = d.shape.D, h2 = D / 2, g = d.tg ? d.tg[s] : 0;
-  const float rs = rstd[r];
-  const RowTables<P, VEC> t(d, s, g, j0);
+  const int64_t D = d.shape.D, h2 = D / 2;
   float dn_lo[P], dn_hi[P];
   float dot = 0.f;
 #pragma unroll
@@ -211,22 +219,27 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
   __syncthreads();
   const int lane = threadIdx.x & 31;
   float* dw_w = dw_s + (threadIdx.x >> 5) * gd;
-  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P, rows = d.shape.rows();
-  for (RowWalk w = warp_rows(d.shape); w.r < rows;) {
-    const RowBatch at(w, d.shape);
-    float dy_lo[kRowsPerTrip][P], dy_hi[kRowsPerTrip][P], x_lo[kRowsPerTrip][P], x_hi[kRowsPerTrip][P];
+  constexpr int R = rows_per_item<T, P>();
+  const int64_t D = d.shape.D, h2 = D / 2, j0 = int64_t(lane) * P;
+  for (ItemWalk<R> w = warp_items<R>(d.shape); w.more(d.shape); w.next(d.shape)) {
+    const int n = w.rows(d.shape);  // the same for the whole warp (warp_sum in row_bwd)
+    float dy_lo[R][P], dy_hi[R][P], x_lo[R][P], x_hi[R][P], rs[R];
 #pragma unroll
-    for (int u = 0; u < kRowsPerTrip; ++u) {
-      if (at.r[u] < 0) continue;
-      load_part<P, VEC>(dy + at.r[u] * D, j0, h2, dy_lo[u]);
-      load_part<P, VEC>(dy + at.r[u] * D + h2, j0, h2, dy_hi[u]);
-      load_part<P, VEC>(x + at.off[u], j0, h2, x_lo[u]);
-      load_part<P, VEC>(x + at.off[u] + h2, j0, h2, x_hi[u]);
+    for (int u = 0; u < R; ++u) {
+      if (u >= n) continue;
+      const int64_t r = w.row(d.shape, u), off = w.offset(d.shape, u);
+      rs[u] = rstd[r];
+      load_part<P, VEC>(dy + r * D, j0, h2, dy_lo[u]);
+      load_part<P, VEC>(dy + r * D + h2, j0, h2, dy_hi[u]);
+      load_part<P, VEC>(x + off, j0, h2, x_lo[u]);
+      load_part<P, VEC>(x + off + h2, j0, h2, x_hi[u]);
     }
+    const int64_t g = d.tg ? d.tg[w.s] : 0;
+    const RowTables<P, VEC> t(d, w.s, g, j0);
 #pragma unroll
-    for (int u = 0; u < kRowsPerTrip; ++u) {
-      if (at.r[u] < 0) continue;  // the same for the whole warp (warp_sum below)
-      row_bwd<P, VEC>(d, at.r[u], at.s[u], j0, rstd, dy_lo[u], dy_hi[u], x_lo[u], x_hi[u], dx, dw_w);
+    for (int u = 0; u < R; ++u) {
+      if (u >= n) continue;
+      row_bwd<P, VEC>(d, t, w.row(d.shape, u), g, j0, rs[u], dy_lo[u], dy_hi[u], x_lo[u], x_hi[u], dx, dw_w);
     }
   }
   __syncthreads();
@@ -238,8 +251,11 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
   }
 }
 
-int grid_for(int64_t rows) {
-  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+template <typename T, int P>
+int grid_for(const RowShape& sh) {
+  constexpr int R = rows_per_item<T, P>();
+  const int64_t items = sh.B * sh.S * ((sh.H + R - 1) / R);
+  const int64_t blocks = (items + kWarps - 1) / kWarps;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8LL * sm_count())));
 }
 
@@ -304,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_fwd(const at::Tensor& x, const at::
     with_pairs(sh.D, vec, [&](auto pairs, auto vector) {
       constexpr int P = decltype(pairs)::value;
       constexpr bool VEC = decltype(vector)::value;
-      KILN_LAUNCH(norm_rope_fwd_kernel<scalar_t, P, VEC>, grid_for(sh.rows()), kThreads, 0, stream,
+      KILN_LAUNCH(norm_rope_fwd_kernel<scalar_t, P, VEC>, grid_for<scalar_t, P>(sh), kThreads, 0, stream,
                   a.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<float>(), d,
                   static_cast<float>(eps));
     });
@@ -328,13 +344,15 @@ std::tuple<at::Tensor, at::Tensor> norm_rope_bwd(const at::Tensor& dy, const at:
   if (sh.rows() > 0) {
     const RopeDev d = make_dev(a);
     const cudaStream_t stream = current_stream();
-    const int grid = grid_for(sh.rows());
-    at::Tensor part = at::empty({grid, sh.G * sh.D}, dw.options());
+    int grid = 0;
+    at::Tensor part;  // (grid, G·D): each block's weight-gradient partial
     const bool vec = vectors_ok(a, static_cast<int>((sh.D / 2 + 31) / 32), {&a.x, &dyc, &dx});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kiln_norm_rope_bwd_cuda", [&] {
       with_pairs(sh.D, vec, [&](auto pairs, auto vector) {
         constexpr int P = decltype(pairs)::value;
         constexpr bool VEC = decltype(vector)::value;
+        grid = grid_for<scalar_t, P>(sh);
+        part = at::empty({grid, sh.G * sh.D}, dw.options());
         auto kernel = norm_rope_bwd_kernel<scalar_t, P, VEC>;
         KILN_LAUNCH(kernel, grid, kThreads, smem_floats(kernel, kWarps * sh.G * sh.D), stream,
                     dyc.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), rc.const_data_ptr<float>(),

@@ -95,12 +95,18 @@ def _instructions(text: str) -> tuple[list[str], dict[str, int]]:
     return code, where
 
 
-def trip_vector_loads(text: str) -> int:
-    """The most 16-byte global loads (LDG.E.128, or LDGSTS.E.128 cp.async copies) one trip of an
-    innermost loop issues, per thread: what a streaming loop keeps in flight unless the
-    compiler overlaps trips (loops are read off backward branches; innermost: containing no
-    other). nvcc unrolls a plain strided loop 4x on its own (4 loads a trip); a loop with
-    carried index arithmetic it may leave at 1."""
+def _load_bits(instruction: str) -> int | None:
+    """Access width of a global load (or cp.async copy) instruction; None for any other."""
+    m = re.search(r"\bLDG(?:STS)?((?:\.\w+)*)\s", instruction)
+    return _bits("LDG" + m.group(1)) if m else None
+
+
+def trip_vector_loads(text: str, bits: int = 128) -> int:
+    """The most 16-byte global loads (LDG.E.128, or LDGSTS.E.128 cp.async copies; ``bits``-wide
+    ones if given) one trip of an innermost loop issues, per thread: what a streaming loop keeps
+    in flight unless the compiler overlaps trips (loops are read off backward branches;
+    innermost: containing no other). nvcc unrolls a plain strided loop 4x on its own (4 loads a
+    trip); a loop with carried index arithmetic it may leave at 1."""
     code, where = _instructions(text)
     loops = []
     for i, ins in enumerate(code):
@@ -108,7 +114,7 @@ def trip_vector_loads(text: str) -> int:
         if m and m.group(1) in where and where[m.group(1)] <= i:
             loops.append((where[m.group(1)], i))
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    wide = [sum(1 for ins in code[a:b + 1] if re.search(r"\bLDG(?:STS)?\.\S*128", ins)) for a, b in inner]
+    wide = [sum(1 for ins in code[a:b + 1] if _load_bits(ins) == bits) for a, b in inner]
     return max(wide, default=0)
 
 
@@ -132,6 +138,7 @@ def _facts(text: str) -> dict:
         # subroutine calls, e.g. the ~70-instruction emulated 64-bit integer division
         "calls": sum(n for op, n in ops.items() if op.startswith("CALL")),
         "trip_vector_loads": trip_vector_loads(text),
+        "trip_loads_32": trip_vector_loads(text, 32),  # 4-byte ones: QK-norm+RoPE's rows at bf16 D = 128
     }
 
 

@@ -70,6 +70,11 @@ def test_cuda_kernels_disassembly_on_sm90a():
         for inst in ("c10::BFloat16, 2, true", "c10::BFloat16, 4, true", "c10::Half, 4, true"):
             bits = facts[f"{kernel}<{inst}>"]["global_load_bits"]
             assert "16" not in bits and "8" not in bits, (kernel, inst, bits)
+    # ... and at bf16 D = 128 a warp's item of 4 rows (one token's heads) loads them all before
+    # using any: 4 rows x 2 halves of x in the forward, x and dy in the backward (a warp per row
+    # or two issued 4 and 10 before 2026-12-02; the 10 counted the rows' 2 rstd loads)
+    assert facts["norm_rope_fwd_kernel<c10::BFloat16, 2, true>"]["trip_loads_32"] >= 8
+    assert facts["norm_rope_bwd_kernel<c10::BFloat16, 2, true>"]["trip_loads_32"] >= 16
 
 
 def test_reason_when_the_extension_is_missing(monkeypatch):

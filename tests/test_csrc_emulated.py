@@ -3,9 +3,9 @@ csrc/emu/cuda_emu.h) and held to the same FlashAttention 2x rule as every kernel
 and all gradients: the GPU code is checked on every CI run, not only when a GPU is lent.
 
 Two launch plans each, since the plans read the SM count: an H100's 132 SMs (GroupNorm cuts
-groups and token ranges into many blocks, one QK-norm warp per row or two) and a single SM (few
-GroupNorm blocks, each QK-norm warp walks many rows with its carried (b, s, h) digits: the
-kRowsPerTrip batching and its tails)."""
+groups and token ranges into many blocks, a QK-norm warp takes one item of a token's heads or
+two) and a single SM (few GroupNorm blocks, each QK-norm warp walks many items with its carried
+(b, s, head-chunk) digits, H = 1, 2, 3, 5 leaving short last items)."""
 
 import pytest
 import torch
