@@ -7,9 +7,12 @@ groups and token ranges into many blocks, a QK-norm warp takes one item of a tok
 two) and a single SM (few GroupNorm blocks, each QK-norm warp walks many items with its carried
 (b, s, head-chunk) digits, H = 1, 2, 3, 5 leaving short last items)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from emulated_cuda import as_csrc_cpu, build
+from emulated_cuda import ASAN, as_csrc_cpu, asan_env, build
 from kernel_rule import assert_within_twice_torch
 from test_group_norm_triton import CASES, _inputs, check_against_reference
 from test_qk_norm_attention_triton import make_case
@@ -19,6 +22,7 @@ from kiln import kernels
 
 SMS = [132, 1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 # beyond CASES: NCHW groups in 16-byte vectors of bf16 (HW % 8 == 0) long enough to be split at
 # 132 SMs (8192-element chunks at 4 vectors a thread), and a channels-last C = 8 (one thread a row)
@@ -30,7 +34,7 @@ EXTRA_GN = [
 
 
 @pytest.mark.parametrize("sms", SMS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES + EXTRA_GN,
                          ids=[f"{c[0]}-G{c[1]}-{'cl' if c[2] else 'nc'}" for c in CASES + EXTRA_GN])
 def test_group_norm_cuda_kernels_within_twice_torch_error(case, dtype, sms):
@@ -52,7 +56,7 @@ def test_group_norm_cuda_kernels_on_unaligned_inputs():
 
 
 @pytest.mark.parametrize("sms", SMS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("B,S,H,D,G,rope", [(2, 93, 3, 64, 2, True), (1, 21, 2, 40, 0, False),
                                             (3, 17, 1, 128, 1, True), (1, 11, 5, 256, 2, True)])
 def test_qk_norm_rope_cuda_kernels_within_twice_torch_error(B, S, H, D, G, rope, dtype, sms):
@@ -138,3 +142,17 @@ def test_the_emulator_reports_the_bugs_it_is_for():
     with as_csrc_cpu():
         assert run("smem_nan").isnan().all()  # dynamic shared memory starts as NaN, not zeros
         assert run("barrier_after_exit").sum() == 32  # legal: exited threads count as arrived
+
+
+@pytest.mark.skipif(ASAN, reason="this is the run under AddressSanitizer")
+def test_no_access_outside_the_tensors_under_addresssanitizer():
+    """The bf16 and layout cases again, in a process under AddressSanitizer with the emulated
+    kernels built with -fsanitize=address: a load or store past a tensor's allocation (a tail a
+    bound misses) aborts it with the report. Checked by letting a token's last QK item read 4
+    heads when it has 3: a heap-buffer-overflow in norm_rope_fwd_kernel."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k",
+           "bf16 or packed or unaligned or bugs"]
+    proc = subprocess.run(cmd, env=asan_env(), capture_output=True, text=True, timeout=1800)
+    report = proc.stderr[max(0, proc.stderr.find("ERROR: AddressSanitizer")):][:4000]  # its head names the access
+    assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr, (proc.stdout[-2000:], report)
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
