@@ -116,9 +116,10 @@ def _qk_grads(order):
 
 
 def test_fiber_order_does_not_change_a_bit():
-    """The emulator runs a block's threads first to last, or last to first: a missing
-    __syncthreads around shared memory (the channels-last partials, the QK weight-gradient
-    slices) would let one order read what the other had not yet written."""
+    """The emulator gives a block's warps priority first to last, or last to first (and runs
+    the blocks in that order): a missing __syncthreads around shared memory (the block sums, the
+    channels-last partials, the QK weight-gradient slices), or a block that read another's
+    output within a launch, would let one order read what the other had not yet written."""
     for grads in (_gn_grads, _qk_grads):
         fwd, rev = grads("forward"), grads("reverse")
         assert all(torch.equal(a, b) for a, b in zip(fwd, rev, strict=True)), grads.__name__
@@ -129,12 +130,13 @@ def test_the_emulator_reports_the_bugs_it_is_for():
     build()
     run = torch.ops.kiln_emu.emulator_selftest
     with as_csrc_cpu(order="forward"):
-        race_fwd, clean_fwd = run("race"), run("no_race")
+        race_fwd, clean_fwd, chain_fwd = run("race"), run("no_race"), run("chained_blocks")
     with as_csrc_cpu(order="reverse"):
-        race_rev, clean_rev = run("race"), run("no_race")
+        race_rev, clean_rev, chain_rev = run("race"), run("no_race"), run("chained_blocks")
     expected = (torch.arange(256) // 32 + 1) % 8 + 1  # warp w reads warp w + 1's w + 2
     assert torch.equal(clean_fwd, expected.float()) and torch.equal(clean_rev, clean_fwd)
     assert not torch.equal(race_fwd, race_rev)  # the missing barrier shows as an order dependence
+    assert not torch.equal(chain_fwd, chain_rev)  # and so does a block that reads another's output
     for name, why in [("deadlock", "deadlock"), ("divergent_barrier", "different places"),
                       ("exited_lane", "exited lanes"), ("smem_too_big", "227 KB")]:
         with as_csrc_cpu(), pytest.raises(RuntimeError, match=why):

@@ -5,8 +5,9 @@
 // Model: the blocks of a launch run one after another; a block's threads are fibers (ucontext) on
 // one OS thread, switched only at __syncthreads and warp shuffles, so a run is deterministic and
 // its interleaving chosen (run_block): each warp runs as far ahead of the others as it can, warp
-// 0 first or, with KILN_EMU_ORDER=reverse, the last first. A missing barrier then lets the two
-// orders read different values (the tests compare them bit for bit).
+// 0 first or, with KILN_EMU_ORDER=reverse, the last first (and the blocks last to first). A
+// missing barrier, or a block that reads what another block of the same launch writes, then
+// gives the two orders different values (the tests compare them bit for bit).
 // What it checks, with an error naming the kernel's problem instead of a hang or a wrong number:
 // - a __syncthreads or shuffle that not every live thread (or lane) reaches: deadlock; threads
 //   waiting at __syncthreads on different source lines (a barrier in divergent code);
@@ -213,13 +214,14 @@ void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, s
   l.body = [&] { std::apply(kernel, params); };  // each thread gets its own copies of the arguments
   Launch* outer = launch_state();
   launch_state() = &l;
+  const bool rev = reverse_order();  // blocks last to first too: a block must not need another's results
+  const unsigned blocks = grid.x * grid.y * grid.z;
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          l.block_idx = dim3(x, y, z);
-          run_block();
-        }
+    for (unsigned k = 0; k < blocks; ++k) {
+      const unsigned b = rev ? blocks - 1 - k : k;
+      l.block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+      run_block();
+    }
   } catch (...) {
     launch_state() = outer;
     throw;

@@ -1,5 +1,5 @@
 // Kernels with the bugs the emulator must report (tests/test_csrc_emulated.py): a shared-memory
-// race (a missing __syncthreads), a deadlock, a barrier in divergent code, a shuffle with an
+// race (a missing __syncthreads), a block that needs another's output, a deadlock, a barrier in divergent code, a shuffle with an
 // exited lane, too much shared memory; and a legal barrier after other threads have exited.
 // kiln_emu::emulator_selftest(name) runs one and returns what its threads read.
 #include <ATen/ATen.h>
@@ -23,6 +23,12 @@ __global__ void neighbour_read(float* out) {
   out[threadIdx.x] = kiln::warp_sum(seen) / 32;  // a shuffle lets one warp run ahead of the next
   __syncthreads();
   if ((threadIdx.x & 31) == 0) slot[warp] = -1.f;  // what a late reader would see
+}
+
+// Block b adds to what block b - 1 wrote: right only if the blocks run in order, which a GPU
+// does not promise.
+__global__ void chained_blocks(float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = 1.f + (blockIdx.x > 0 ? out[blockIdx.x - 1] : 0.f);
 }
 
 // Half of each warp waits at the barrier, the other half at a shuffle that needs the first half.
@@ -66,6 +72,8 @@ at::Tensor emulator_selftest(const std::string& name) {
     KILN_LAUNCH(neighbour_read<false>, 1, 256, 0, nullptr, o);
   else if (name == "no_race")
     KILN_LAUNCH(neighbour_read<true>, 1, 256, 0, nullptr, o);
+  else if (name == "chained_blocks")
+    KILN_LAUNCH(chained_blocks, 8, 32, 0, nullptr, o);
   else if (name == "deadlock")
     KILN_LAUNCH(half_warp_barrier, 1, 256, 0, nullptr, o);
   else if (name == "divergent_barrier")
