@@ -20,7 +20,8 @@
 //   backward: gn_cl_bwd_partials (per channel A, B) -> column_sums (= the A, B outputs) ->
 //             gn_cl_bwd_coefs (per channel dx = a·dm + q·x + k) -> gn_cl_dx.
 // Traffic (both layouts): forward reads x twice and writes y; backward reads x, dy twice and
-// writes dx; the partials are O(N·splits·C) floats.
+// writes dx; the partials are O(N·splits·C) floats. The second read walks the chunks backwards
+// (reversed_x), so up to an L2's worth of it comes from L2 rather than HBM.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -44,6 +45,12 @@ __device__ __forceinline__ float dm_of(float dy, float m, bool silu) {
   const float sg = sigmoidf_(m);
   return dy * sg * (1.f + m * (1.f - sg));
 }
+
+// The second passes (the y and dx kernels) take their blocks' chunks in the reverse order of the
+// first: blocks start roughly in blockIdx order, so the chunks the first pass read last, still
+// in L2 (50 MB on an H100, 60 MB on an H200), are re-read first (Triton's _program(REVERSE)).
+__device__ __forceinline__ int reversed_x() { return static_cast<int>(gridDim.x - 1 - blockIdx.x); }
+__device__ __forceinline__ int64_t reversed_y() { return int64_t(gridDim.y) - 1 - blockIdx.y; }
 
 // ================================ NCHW ========================================================
 
@@ -167,8 +174,8 @@ __global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x
                                                           float* __restrict__ rstd_out) {
   KILN_DYNAMIC_SMEM(float, coef);  // a[Cg], b[Cg]: y = x·a + b per channel
   __shared__ float red[32], stats[2];
-  const int split = blockIdx.x;
-  const int64_t ng = blockIdx.y, n = ng / d.G, g = ng % d.G;
+  const int split = reversed_x();  // the second pass: see reversed_x
+  const int64_t ng = reversed_y(), n = ng / d.G, g = ng % d.G;
   group_stats(x, d, part, ng, eps, stats, red);
   const float mean = stats[0], rstd = stats[1];
   if (split == 0 && threadIdx.x == 0) {
@@ -276,8 +283,8 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
   KILN_DYNAMIC_SMEM(float, sm);  // wf[Cg], bf[Cg]
   __shared__ float red[32];
   float *wf = sm, *bf = sm + d.Cg;
-  const int split = blockIdx.x;
-  const int64_t ng = blockIdx.y, n = ng / d.G, g = ng % d.G;
+  const int split = reversed_x();
+  const int64_t ng = reversed_y(), n = ng / d.G, g = ng % d.G;
   bwd_coefs(d, p, n, g, wf, bf);
   __syncthreads();
   // mean over the group of dx̂ = dm·wf and of dx̂·x̂, from the per-channel sums.
@@ -325,8 +332,8 @@ struct ClLane {
   __device__ int64_t c0(const ClDev& d, int k) const { return (c_lane + int64_t(k) * d.tpr) * d.V; }
 };
 
-__device__ __forceinline__ int64_t cl_t0(const ClDev& d) { return int64_t(blockIdx.x) * d.chunk; }
-__device__ __forceinline__ int64_t cl_t1(const ClDev& d) { return min(cl_t0(d) + d.chunk, d.HW); }
+__device__ __forceinline__ int64_t cl_t0(const ClDev& d, int64_t split) { return split * d.chunk; }
+__device__ __forceinline__ int64_t cl_t1(const ClDev& d, int64_t t0) { return min(t0 + d.chunk, d.HW); }
 
 // Sum each thread's a[V], b[V] over the block's row lanes (fixed order) and store them as this
 // block's partials of its V channels: out[c] (first quantity) and out[C + c] (second).
@@ -359,7 +366,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) gn_cl_partials(const T* __restrict__ x, ClDev d, float* __restrict__ part) {
   __shared__ float red[2 * kThreads * V];
   const ClLane l(d);
-  const int64_t n = blockIdx.y, t0 = cl_t0(d), t1 = cl_t1(d);
+  const int64_t n = blockIdx.y, t0 = cl_t0(d, blockIdx.x), t1 = cl_t1(d, t0);
   const T* xn = x + n * d.HW * d.C;
   float* out = part + (n * d.splits + blockIdx.x) * 2 * d.C;
   for (int k = 0; k < d.passes(); ++k) {
@@ -429,7 +436,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) gn_cl_apply(const T* __restrict__ x, T* __restrict__ y, ClDev d,
                                                          const float* __restrict__ coef, bool silu) {
   const ClLane l(d);
-  const int64_t n = blockIdx.y, t0 = cl_t0(d), t1 = cl_t1(d), base = n * d.HW * d.C;
+  const int64_t n = reversed_y(), t0 = cl_t0(d, reversed_x()), t1 = cl_t1(d, t0), base = n * d.HW * d.C;
   for (int k = 0; k < d.passes(); ++k) {
     if (!l.valid(d, k)) break;  // no block-wide syncs here: idle lanes may leave
     const int64_t c0 = l.c0(d, k);
@@ -458,7 +465,7 @@ __global__ void __launch_bounds__(kThreads) gn_cl_bwd_partials(const T* __restri
                                                                 float* __restrict__ part) {
   __shared__ float red[2 * kThreads * V];
   const ClLane l(d);
-  const int64_t n = blockIdx.y, t0 = cl_t0(d), t1 = cl_t1(d), base = n * d.HW * d.C;
+  const int64_t n = blockIdx.y, t0 = cl_t0(d, blockIdx.x), t1 = cl_t1(d, t0), base = n * d.HW * d.C;
   float* out = part + (n * d.splits + blockIdx.x) * 2 * d.C;
   for (int k = 0; k < d.passes(); ++k) {
     const bool valid = l.valid(d, k);
@@ -521,7 +528,7 @@ __global__ void __launch_bounds__(kThreads) gn_cl_dx(const T* __restrict__ dy, c
                                                       T* __restrict__ dx, ClDev d, const float* __restrict__ coef,
                                                       bool silu) {
   const ClLane l(d);
-  const int64_t n = blockIdx.y, t0 = cl_t0(d), t1 = cl_t1(d), base = n * d.HW * d.C;
+  const int64_t n = reversed_y(), t0 = cl_t0(d, reversed_x()), t1 = cl_t1(d, t0), base = n * d.HW * d.C;
   for (int k = 0; k < d.passes(); ++k) {
     if (!l.valid(d, k)) break;
     const int64_t c0 = l.c0(d, k);

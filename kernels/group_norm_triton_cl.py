@@ -13,11 +13,12 @@ Forward: 1. _cl_stats_kernel (N, SPLIT): per channel, Σd and Σd² of d = x - p
             channel's first token (shifted sums, as the NCHW path, stay exact when |mean| >> std);
          2. _cl_stats_finalize_kernel (N·G): mean = Σ_c(Σd_c + S·p_c)/M and
             Σ(x - mean)² = Σ_c [Σd²_c + 2(p_c - mean)Σd_c + S(p_c - mean)²], M = cg·S;
-         3. _cl_fwd_kernel (N, SPLIT): y as in the NCHW path with per-channel mean, rstd.
+         3. _cl_fwd_kernel (N, SPLIT): y as in the NCHW path with per-channel mean, rstd, the
+            grid walked backwards (the chunks pass 1 read last are re-read first, from L2).
 Backward: 1. _cl_bwd_reduce_kernel (N, SPLIT): per channel A = Σ dm, B = Σ dm·x̂;
           2. _cl_bwd_finalize_kernel (N·G): A, B per (n, c) and the group sums
              g1 = Σ_c w·f·A, g2 = Σ_c w·f·B;
-          3. _cl_bwd_dx_kernel (N, SPLIT): dx = rstd·(dm·f·w − g1/M − x̂·g2/M).
+          3. _cl_bwd_dx_kernel (N, SPLIT): dx = rstd·(dm·f·w − g1/M − x̂·g2/M), backwards too.
 Bytes: forward reads x twice and writes y; backward reads x and dy twice and writes dx (the
 partial sums are O(N·SPLIT·C)). Deterministic: no atomics, fixed reduction order. The passes'
 bodies are helpers over a channel range [c_lo, c_hi), so the one-launch kernels of
@@ -37,8 +38,14 @@ STAT_BLOCK = 64  # splits combined per step of a finalize kernel
 
 
 @triton.jit
-def _chunk(S, CHUNK):
+def _chunk(S, CHUNK, REVERSE: tl.constexpr):
+    """This program's (n, sp, split, s_begin, s_end): tokens [s_begin, s_end) of sample n, chunk sp
+    of split. REVERSE walks the grid backwards: the second passes (y, dx) re-read first what
+    the first pass read last, still in L2 (50 MB on an H100), as group_norm_triton._program."""
     n, sp = tl.program_id(0), tl.program_id(1)
+    if REVERSE:
+        n = tl.num_programs(0) - 1 - n
+        sp = tl.num_programs(1) - 1 - sp
     s_begin = sp * CHUNK
     return n, sp, tl.num_programs(1), s_begin, tl.minimum(s_begin + CHUNK, S)
 
@@ -76,7 +83,7 @@ def _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, c_lo, c_hi, s_begin, s_end, C
 @triton.jit
 def _cl_stats_kernel(x_ptr, part_ptr, C, S, CHUNK, stride_n, stride_c, stride_s,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK, False)
     _cl_stats_chunk(x_ptr, part_ptr, n, sp, split, 0, C, s_begin, s_end, C, stride_n, stride_c, stride_s,
                     BLOCK_C, BLOCK_S, STAGES)
 
@@ -155,7 +162,7 @@ def _cl_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, sh
                    stride_n, stride_c, stride_s,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK, True)
     _cl_fwd_chunk(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, n, 0, C, s_begin, s_end, C,
                   G, stride_n, stride_c, stride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
 
@@ -191,7 +198,7 @@ def _cl_bwd_reduce_kernel(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale
                           C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK, False)
     _cl_bwd_reduce_chunk(x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, part_ptr,
                          n, sp, split, 0, C, s_begin, s_end, C, G, stride_n, stride_c, stride_s,
                          dstride_n, dstride_c, dstride_s, HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
@@ -251,7 +258,7 @@ def _cl_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, s
                       C, S, G, CHUNK, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, SILU: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
-    n, sp, split, s_begin, s_end = _chunk(S, CHUNK)
+    n, sp, split, s_begin, s_end = _chunk(S, CHUNK, True)
     _cl_bwd_dx_chunk(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, g1_ptr, g2_ptr,
                      n, 0, C, s_begin, s_end, C, S, G, stride_n, stride_c, stride_s, dstride_n, dstride_c, dstride_s,
                      HAS_W, HAS_B, HAS_MOD, SILU, BLOCK_C, BLOCK_S, STAGES)
