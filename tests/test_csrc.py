@@ -150,17 +150,20 @@ def test_bad_arguments_get_clear_errors():
         torch.ops.kiln_ext.group_norm_fwd(torch.randn(1, 4, 3), 3, None, None, None, None, 1e-5, "none")
 
 
-def test_model_trains_on_the_csrc_pre_kernel_plus_sdpa_with_the_reference_losses(tmp_path, run_config):
+def pre_kernel_losses(run_dir, run_config, backend: str) -> torch.Tensor:
+    """The losses of 3 training steps with attention = "norm_rope_sdpa" on ``backend``."""
     from kiln.engine.metrics import read_metrics
     from kiln.engine.train import train
 
-    losses = {}
-    for backend in ("torch", "csrc"):
-        cfg = run_config(steps=3)
-        cfg.model.attention = "norm_rope_sdpa"
-        cfg.train.kernel_backend = backend
-        cfg.sample.num_prompts = 0
-        train(cfg, tmp_path / backend)
-        losses[backend] = [r["loss"] for r in read_metrics(tmp_path / backend) if "loss" in r]
-    assert len(losses["csrc"]) == 3
-    torch.testing.assert_close(torch.tensor(losses["csrc"]), torch.tensor(losses["torch"]), rtol=1e-5, atol=1e-6)
+    cfg = run_config(steps=3)
+    cfg.model.attention = "norm_rope_sdpa"
+    cfg.train.kernel_backend = backend
+    cfg.sample.num_prompts = 0
+    train(cfg, run_dir)
+    return torch.tensor([r["loss"] for r in read_metrics(run_dir) if "loss" in r])
+
+
+def test_model_trains_on_the_csrc_pre_kernel_plus_sdpa_with_the_reference_losses(tmp_path, run_config):
+    ours, ref = (pre_kernel_losses(tmp_path / b, run_config, b) for b in ("csrc", "torch"))
+    assert len(ours) == 3
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

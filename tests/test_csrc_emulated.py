@@ -14,6 +14,7 @@ import pytest
 import torch
 from emulated_cuda import ASAN, as_csrc_cpu, asan_env, build
 from kernel_rule import assert_within_twice_torch
+from test_csrc import pre_kernel_losses
 from test_group_norm_triton import CASES, _inputs, check_against_reference
 from test_qk_norm_attention_triton import make_case
 from test_qk_norm_rope import _on, _run, check
@@ -88,6 +89,16 @@ def test_qk_norm_rope_cuda_kernels_on_packed_qkv(sms):
                  {n: v.double() if n != "token_group" else v for n, v in tables.items()}, [d.double() for d in douts])
     lowp = _run(ref, (qkv, qw, kw_), tables, douts)
     assert_within_twice_torch(["q_out", "k_out", "dqkv", "dq_weight", "dk_weight"], ours, exact, lowp, torch.bfloat16)
+
+
+def test_model_trains_on_the_emulated_cuda_pre_kernel_with_the_reference_losses(tmp_path, run_config):
+    """Three training steps through the CUDA QK-norm+RoPE kernels (attention = "norm_rope_sdpa"):
+    the reference backend's losses."""
+    with as_csrc_cpu(4):
+        ours = pre_kernel_losses(tmp_path / "csrc", run_config, "csrc")
+    ref = pre_kernel_losses(tmp_path / "torch", run_config, "torch")
+    assert len(ours) == 3
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def _gn_grads(order):
