@@ -17,7 +17,8 @@ that needs more than is left is skipped and says so, and the verdicts mark what 
                 attention core forward and backward (issue 4); rerun with KILN_ATTN_WS=0 if it
                 fails or hangs (Triton's warp specialisation is the newest, least-proven path)
   group_norm    the four VAE shapes, NCHW and channels-last, CUDA-graph and eager timing:
-                triton, csrc, torch native (issues 5 and 7)
+                triton, csrc, torch native (issues 5 and 7); NCHW device time of csrc's two plans
+                forced (csrc-two-pass, csrc-one-launch: is its size rule right?)
   qk_norm_rope  the target shape, both timings: csrc, triton, eager (issue 7)
   tests-triton  tests/test_gpu_kernels.py without csrc: every Triton launch candidate against the
                 reference with the 2x rule (xdist workers, so the JIT compiles run in parallel)
@@ -69,8 +70,8 @@ def stages(rows: Path, copy_gbps: float | None, workers: int) -> list[Stage]:
         Stage("attention", (*BENCH, "attention", "--shapes", "target", *out, "--providers",
                             "triton,triton-core,core-separate,core-atomic,eager,sdpa-cudnn,compile"), 200, 60,
               retry_env={"KILN_ATTN_WS": "0"}),
-        Stage("group_norm", (*BENCH, "group_norm", "--providers", "csrc,triton,torch", *copy,
-                             *out), 150, 40, csrc="after"),
+        Stage("group_norm", (*BENCH, "group_norm", "--providers", "csrc,csrc-two-pass,csrc-one-launch,triton,torch",
+                             *copy, *out), 150, 40, csrc="after"),
         Stage("qk_norm_rope", (*BENCH, "qk_norm_rope", "--shapes", "target", "--providers",
                                "csrc,triton,eager", *copy, *out), 60, 20, csrc="after"),
         Stage("tests-triton", (*PYTEST, *xdist, "-k", "not csrc"), 240, 60),

@@ -12,12 +12,17 @@ backward reads x and dy and writes dx (3·numel·itemsize); parameters and stati
 O(N·C) and ignored. Providers: torch native (F.group_norm), torch.compile of the reference,
 apex when installed, kiln triton, kiln csrc (the compiled CUDA kernels,
 when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
+``csrc`` picks its NCHW plan by size (csrc/group_norm_cuda.cu, gn_plan: one launch when the
+tensors pass 1 reads exceed the L2); ``csrc-two-pass`` and ``csrc-one-launch`` force each plan
+(KILN_CSRC_GN_PLAN), NCHW and device time only, so one run shows whether that rule is right.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import os
 from pathlib import Path
 
 import torch
@@ -37,7 +42,9 @@ from kiln.benchmarks.common import (
 from kiln.kernels import autotune
 
 SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (8, 512, 64, 64)]
-PROVIDERS = ("csrc", "triton", "torch", "compile", "apex")
+PROVIDERS = ("csrc", "csrc-two-pass", "csrc-one-launch", "triton", "torch", "compile", "apex")
+# providers that run csrc under one forced NCHW plan (the value of KILN_CSRC_GN_PLAN)
+CSRC_PLANS = {"csrc-two-pass": "two_pass", "csrc-one-launch": "pipelined"}
 
 
 def providers():
@@ -52,7 +59,9 @@ def providers():
                 return kernels.group_norm(x, 32, w, b)
         return fn
 
-    out = {"csrc": on("csrc")} if kernels.available_backends()["csrc"] is None else {}
+    out = {}
+    if kernels.available_backends()["csrc"] is None:
+        out = {"csrc": on("csrc")} | dict.fromkeys(CSRC_PLANS, on("csrc"))
     out |= {"triton": on("triton"), "torch": lambda x, w, b: F.group_norm(x, 32, w, b)}
     apex = _apex_provider()
     if apex is not None:
@@ -111,6 +120,27 @@ def bench_one(fn, x, w, b, mode, timing="eager"):
     return time_ms(make_step, timing)
 
 
+@contextlib.contextmanager
+def _plan(provider: str):
+    """KILN_CSRC_GN_PLAN for the whole measurement (the backward reads it when autograd runs it)."""
+    plan, saved = CSRC_PLANS.get(provider), os.environ.get("KILN_CSRC_GN_PLAN")
+    if plan:
+        os.environ["KILN_CSRC_GN_PLAN"] = plan
+    try:
+        yield
+    finally:
+        if plan and saved is None:
+            os.environ.pop("KILN_CSRC_GN_PLAN")
+        elif plan:
+            os.environ["KILN_CSRC_GN_PLAN"] = saved
+
+
+def _measured(name: str, layout: str, timing: str, timing_modes) -> bool:
+    """The forced-plan providers: NCHW only (channels-last has one plan), device time where timed."""
+    return name not in CSRC_PLANS or (layout == "nchw" and timing == ("graph" if "graph" in timing_modes
+                                                                     else timing_modes[0]))
+
+
 def _tuned_configs(tag: str) -> dict:
     """The autotuner's knobs chosen for one shape and layout, and every candidate's median when
     they were timed (kernels/autotune.py)."""
@@ -134,14 +164,17 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
             b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
             for (name, fn), (mode, passes), timing in itertools.product(
                     select(providers(), chosen).items(), (("fwd", 2), ("bwd", 3)), timing_modes):
+                if not _measured(name, layout, timing, timing_modes):
+                    continue
                 base = {"op": "group_norm", "provider": name, "mode": mode, "timing": timing, "shape": list(shape),
                         "layout": layout, "dtype": "bf16", **prov}
                 tag = f"/{'cl' if layout == 'channels_last' else 'nchw'}/bfloat16/{shape[1]}/"
-                rows.append(bandwidth_row(
-                    base, functools.partial(bench_one, fn, x, w, b, mode, timing),
-                    passes * x.numel() * x.element_size(), copy_gbps, out,
-                    f"{name:8s} {mode} {timing:5s} {shape} {layout:13s}",
-                    functools.partial(_tuned_configs, tag) if name == "triton" else None))
+                with _plan(name):
+                    rows.append(bandwidth_row(
+                        base, functools.partial(bench_one, fn, x, w, b, mode, timing),
+                        passes * x.numel() * x.element_size(), copy_gbps, out,
+                        f"{name:8s} {mode} {timing:5s} {shape} {layout:13s}",
+                        functools.partial(_tuned_configs, tag) if name == "triton" else None))
     return rows
 
 

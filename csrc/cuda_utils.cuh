@@ -1,12 +1,15 @@
-// Device helpers shared by kiln_ext's CUDA kernels: launches, vector loads, block reductions and
-// the fixed-order column sum that makes every cross-block reduction deterministic (no atomics).
+// Device helpers shared by kiln_ext's CUDA kernels: launches, vector loads, block reductions,
+// the fixed-order column sum that makes every cross-block reduction deterministic (no float
+// atomics), and the integer counters by which the blocks of one launch signal each other.
 // The host side reaches CUDA only through launch_kernel (KILN_LAUNCH), DeviceGuard,
-// current_stream, sm_count and KILN_CUDA_IMPL, so that with KILN_CUDA_EMU defined the same .cu
+// current_stream, sm_count, l2_bytes, blocks_per_sm and KILN_CUDA_IMPL, so that with KILN_CUDA_EMU defined the same .cu
 // files compile as C++ and their kernels run on the CPU (emu/cuda_emu.h, a tests-only build).
 #pragma once
 
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #ifdef KILN_CUDA_EMU
@@ -45,6 +48,14 @@ struct DeviceGuard {
 };
 inline cudaStream_t current_stream() { return nullptr; }
 inline int sm_count() { return kiln_emu::sm_count(); }  // KILN_EMU_SMS, default an H100's 132
+inline int64_t l2_bytes() {  // KILN_EMU_L2_BYTES, default an H100's 50 MB
+  const char* e = std::getenv("KILN_EMU_L2_BYTES");
+  return e ? std::atoll(e) : int64_t(50) << 20;
+}
+template <typename Kernel>
+int blocks_per_sm(Kernel, int, size_t) {
+  return 2;
+}
 #else
 #define KILN_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
 #define KILN_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(kiln_ext, CUDA, m)
@@ -54,6 +65,35 @@ struct DeviceGuard {
 };
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int64_t l2_bytes() { return at::cuda::getCurrentDeviceProperties()->l2CacheSize; }
+// Blocks of `kernel` one SM holds at once (registers, shared memory, threads).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  return std::max(1, n);
+}
+
+// ---- signals between the blocks of one launch (group_norm_cuda.cu's one-launch plan) --------
+// A counter in global memory: a block's thread 0 adds to it after a __syncthreads and a fence
+// (release: every thread's earlier stores are visible first) and another block's thread 0
+// spins on an acquire load, then releases its block with a __syncthreads. Data written during
+// the launch is read with __ldcg (from L2: L1 is not coherent between SMs).
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Spin until *flag >= target; false after ~1 s (2^20 tries ~1 µs apart): a broken schedule,
+// never a real wait (those are microseconds), is reported in the results instead of a hung GPU.
+__device__ __forceinline__ bool wait_at_least(const int* flag, int target) {
+  for (int i = 0; i < (1 << 20); ++i) {
+    if (load_acquire(flag) >= target) return true;
+    __nanosleep(1000);
+  }
+  return false;
+}
 #endif
 
 // V contiguous elements moved as one 16-byte (or narrower) transaction.

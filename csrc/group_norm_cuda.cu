@@ -1,5 +1,5 @@
 // GroupNorm (+ modulation, + SiLU) forward and backward on CUDA. Deterministic: every reduction
-// across threads or blocks runs in a fixed order (block_sum, column_sums), no atomics.
+// across threads or blocks runs in a fixed order (block_sum, column_sums), no float atomics.
 //
 // NCHW: a group's Cg·HW elements are contiguous, so every (n, g) group is cut into `splits`
 // contiguous chunks, one block each: batch-1 VAE shapes (N·G = 32 groups) still put ~3 blocks on
@@ -22,10 +22,15 @@
 // Traffic (both layouts): forward reads x twice and writes y; backward reads x, dy twice and
 // writes dx; the partials are O(N·splits·C) floats. The second read walks the chunks backwards
 // (reversed_x), so up to an L2's worth of it comes from L2 rather than HBM.
+// NCHW in one launch (gn_pipelined, for tensors larger than L2: gn_plan): each group's pass 2
+// follows its pass 1 a few groups later, so the re-read comes from L2 (see its section).
+// Deterministic too: the blocks signal each other with integer counters only.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -122,11 +127,12 @@ __device__ __forceinline__ void stream_chunk(const GNDev& d, int64_t n, int64_t 
   }
 }
 
+// Shifted Σ, Σ² of chunk `split` of group ng -> part[(ng·splits + split)·2 ..]: the shift is the
+// group's first element, so the sums stay exact when |mean| >> std.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) gn_partials(const T* __restrict__ x, GNDev d, float* __restrict__ part) {
-  __shared__ float red[32];
-  const int split = blockIdx.x;
-  const int64_t ng = blockIdx.y, n = ng / d.G, g = ng % d.G;
+__device__ __forceinline__ void partials_chunk(const T* __restrict__ x, const GNDev& d, int64_t ng, int split,
+                                               float* __restrict__ part, float* red) {
+  const int64_t n = ng / d.G, g = ng % d.G;
   const float shift = static_cast<float>(x[d.offset(n, g, 0)]);
   float s1 = 0.f, s2 = 0.f;
   for (int64_t e = d.lo(split) + threadIdx.x * V; e < d.hi(split); e += kThreads * V) {
@@ -146,15 +152,21 @@ __global__ void __launch_bounds__(kThreads) gn_partials(const T* __restrict__ x,
   }
 }
 
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) gn_partials(const T* __restrict__ x, GNDev d, float* __restrict__ part) {
+  __shared__ float red[32];
+  partials_chunk<T, V>(x, d, blockIdx.y, blockIdx.x, part, red);
+}
+
 // Merge the group's partials (every block of the group does it: splits <= 1024 pairs of floats).
 template <typename T>
 __device__ void group_stats(const T* x, const GNDev& d, const float* part, int64_t ng, double eps, float* smem2,
                             float* red) {
   const int64_t n = ng / d.G, g = ng % d.G;
   float s1 = 0.f, s2 = 0.f;
-  for (int j = threadIdx.x; j < d.splits; j += blockDim.x) {
-    s1 += part[(ng * d.splits + j) * 2];
-    s2 += part[(ng * d.splits + j) * 2 + 1];
+  for (int j = threadIdx.x; j < d.splits; j += blockDim.x) {  // (__ldcg: in one launch, other SMs wrote them)
+    s1 += __ldcg(part + (ng * d.splits + j) * 2);
+    s2 += __ldcg(part + (ng * d.splits + j) * 2 + 1);
   }
   s1 = block_sum(s1, red);
   s2 = block_sum(s2, red);
@@ -167,22 +179,16 @@ __device__ void group_stats(const T* x, const GNDev& d, const float* part, int64
   __syncthreads();
 }
 
+// y = act(x·a_c + b_c) over chunk `split` of group ng, a_c = rstd·wf_c, b_c = bf_c − mean·a_c
+// (coef: 2·Cg floats of shared memory).
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x, T* __restrict__ y, GNDev d,
-                                                          const float* __restrict__ part, GNParams p, double eps,
-                                                          bool silu, float* __restrict__ mean_out,
-                                                          float* __restrict__ rstd_out) {
-  KILN_DYNAMIC_SMEM(float, coef);  // a[Cg], b[Cg]: y = x·a + b per channel
-  __shared__ float red[32], stats[2];
-  const int split = reversed_x();  // the second pass: see reversed_x
-  const int64_t ng = reversed_y(), n = ng / d.G, g = ng % d.G;
-  group_stats(x, d, part, ng, eps, stats, red);
-  const float mean = stats[0], rstd = stats[1];
-  if (split == 0 && threadIdx.x == 0) {
-    mean_out[ng] = mean;
-    rstd_out[ng] = rstd;
-  }
-  for (int64_t cl = threadIdx.x; cl < d.Cg; cl += kThreads) {
+__device__ __forceinline__ void normalize_chunk(const T* __restrict__ x, T* __restrict__ y, const GNDev& d, int64_t ng,
+                                                int split, float mean, float rstd, const GNParams& p, bool silu,
+                                                float* coef) {
+  const int64_t n = ng / d.G, g = ng % d.G;
+  // (not unrolled: unrolled 4x in gn_pipelined, ptxas kept its 64-bit trip bound on the stack)
+#pragma unroll 1
+  for (int cl = threadIdx.x; cl < static_cast<int>(d.Cg); cl += kThreads) {
     const ChannelMod md = channel_mod(p, n, g * d.Cg + cl, d.C);
     coef[cl] = rstd * md.wf;
     coef[d.Cg + cl] = md.bf - mean * rstd * md.wf;
@@ -200,9 +206,28 @@ __global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x
   });
 }
 
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) gn_normalize(const T* __restrict__ x, T* __restrict__ y, GNDev d,
+                                                          const float* __restrict__ part, GNParams p, double eps,
+                                                          bool silu, float* __restrict__ mean_out,
+                                                          float* __restrict__ rstd_out) {
+  KILN_DYNAMIC_SMEM(float, coef);  // a[Cg], b[Cg]: y = x·a + b per channel
+  __shared__ float red[32], stats[2];
+  const int split = reversed_x();  // the second pass: see reversed_x
+  const int64_t ng = reversed_y();
+  group_stats(x, d, part, ng, eps, stats, red);
+  const float mean = stats[0], rstd = stats[1];
+  if (split == 0 && threadIdx.x == 0) {
+    mean_out[ng] = mean;
+    rstd_out[ng] = rstd;
+  }
+  normalize_chunk<T, V>(x, y, d, ng, split, mean, rstd, p, silu, coef);
+}
+
 // Per-channel factors of the backward in shared memory: wf[Cg], bf[Cg] (see ChannelMod).
 __device__ void bwd_coefs(const GNDev& d, const GNParams& p, int64_t n, int64_t g, float* wf, float* bf) {
-  for (int64_t cl = threadIdx.x; cl < d.Cg; cl += blockDim.x) {
+#pragma unroll 1  // (as normalize_chunk's)
+  for (int cl = threadIdx.x; cl < static_cast<int>(d.Cg); cl += blockDim.x) {
     const ChannelMod md = channel_mod(p, n, g * d.Cg + cl, d.C);
     wf[cl] = md.wf;
     bf[cl] = md.bf;
@@ -218,23 +243,16 @@ __device__ __forceinline__ float team_sum(float v, float* red) {
     return block_sum(v, red);
 }
 
-// Per channel piece of the block's chunk: A = Σ dm, B = Σ dm·x̂ -> part (N·G, splits, 2, Cg).
-// A chunk covers channels lo/HW .. (hi-1)/HW; a team (warp, or the whole block when pieces are
-// long) reduces one piece at a time, in a fixed order. Entries of channels outside the chunk
-// are never written nor read (gn_bwd_channel_sums reads only the overlapping chunks).
+// Per channel piece of chunk `split` of group ng: A = Σ dm, B = Σ dm·x̂ -> part (N·G, splits, 2,
+// Cg). A chunk covers channels lo/HW .. (hi-1)/HW; a team of TEAM threads (a warp, or the whole
+// block when pieces are long) reduces one piece at a time, in a fixed order. Entries of channels
+// outside the chunk are never written nor read (only the overlapping chunks are summed).
 template <typename T, int V, int TEAM>
-__global__ void __launch_bounds__(kThreads) gn_bwd_partials(const T* __restrict__ dy, const T* __restrict__ x, GNDev d,
-                                                             const float* __restrict__ mean,
-                                                             const float* __restrict__ rstd, GNParams p, bool silu,
-                                                             float* __restrict__ part) {
-  KILN_DYNAMIC_SMEM(float, sm);  // wf[Cg], bf[Cg]
-  __shared__ float red[32];
-  float *wf = sm, *bf = sm + d.Cg;
-  const int split = blockIdx.x;
-  const int64_t ng = blockIdx.y, n = ng / d.G, g = ng % d.G;
-  bwd_coefs(d, p, n, g, wf, bf);
-  __syncthreads();
-  const float mu = mean[ng], r = rstd[ng];
+__device__ __forceinline__ void bwd_partials_chunk(const T* __restrict__ dy, const T* __restrict__ x, const GNDev& d,
+                                                   int64_t ng, int split, float mu, float r, bool silu,
+                                                   const float* wf, const float* bf, float* red,
+                                                   float* __restrict__ part) {
+  const int64_t n = ng / d.G, g = ng % d.G;
   const int64_t lo = d.lo(split), hi = d.hi(split);
   const int team = threadIdx.x / TEAM, lane = threadIdx.x % TEAM;
   float* out = part + (ng * d.splits + split) * 2 * d.Cg;
@@ -242,6 +260,9 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_partials(const T* __restrict_
   for (int64_t c = lo / d.HW + team; c <= (hi - 1) / d.HW; c += kThreads / TEAM) {
     const int64_t seg_hi = min(hi, (c + 1) * d.HW);
     float a = 0.f, b = 0.f;
+    // 2 trips at a time: 4 16-byte loads in flight a thread (nvcc did so by itself in
+    // gn_bwd_partials, not inside gn_pipelined: 2 there, sm_90a, 2026-12-02)
+#pragma unroll 2
     for (int64_t e = max(lo, c * d.HW) + lane * V; e < seg_hi; e += TEAM * V) {
       const int64_t off = d.offset(n, g, e);
       const Vec<T, V> xv = load_vec<T, V>(x + off), dv = load_vec<T, V>(dy + off);
@@ -259,20 +280,61 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_partials(const T* __restrict_
   }
 }
 
-// A[n, c], B[n, c]: sums of the chunks that overlap channel c, in chunk order. One thread each.
+template <typename T, int V, int TEAM>
+__global__ void __launch_bounds__(kThreads) gn_bwd_partials(const T* __restrict__ dy, const T* __restrict__ x, GNDev d,
+                                                             const float* __restrict__ mean,
+                                                             const float* __restrict__ rstd, GNParams p, bool silu,
+                                                             float* __restrict__ part) {
+  KILN_DYNAMIC_SMEM(float, sm);  // wf[Cg], bf[Cg]
+  __shared__ float red[32];
+  const int64_t ng = blockIdx.y;
+  bwd_coefs(d, p, ng / d.G, ng % d.G, sm, sm + d.Cg);
+  __syncthreads();
+  bwd_partials_chunk<T, V, TEAM>(dy, x, d, ng, blockIdx.x, mean[ng], rstd[ng], silu, sm, sm + d.Cg, red, part);
+}
+
+// A and B of channel cl of group ng: the sums of the chunks that overlap it, in chunk order.
+struct SumPair {
+  float a, b;
+};
+__device__ __forceinline__ SumPair channel_sums(const GNDev& d, const float* __restrict__ part, int64_t ng, int64_t cl) {
+  float a = 0.f, b = 0.f;
+  for (int64_t j = cl * d.HW / d.chunk; j <= ((cl + 1) * d.HW - 1) / d.chunk; ++j) {
+    const float* pj = part + (ng * d.splits + j) * 2 * d.Cg;
+    a += __ldcg(pj + cl);
+    b += __ldcg(pj + d.Cg + cl);
+  }
+  return {a, b};
+}
+
+// A[n, c], B[n, c] for every channel. One thread each.
 __global__ void gn_bwd_channel_sums(GNDev d, int64_t N, const float* __restrict__ part, float* __restrict__ A,
                                     float* __restrict__ B) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * d.C) return;
-  const int64_t n = i / d.C, c = i % d.C, g = c / d.Cg, cl = c % d.Cg, ng = n * d.G + g;
-  float a = 0.f, b = 0.f;
-  for (int64_t j = cl * d.HW / d.chunk; j <= ((cl + 1) * d.HW - 1) / d.chunk; ++j) {
-    const float* pj = part + (ng * d.splits + j) * 2 * d.Cg;
-    a += pj[cl];
-    b += pj[d.Cg + cl];
-  }
-  A[i] = a;
-  B[i] = b;
+  const int64_t n = i / d.C, c = i % d.C;
+  const SumPair ab = channel_sums(d, part, n * d.G + c / d.Cg, c % d.Cg);
+  A[i] = ab.a;
+  B[i] = ab.b;
+}
+
+// dx over chunk `split` of group ng: dx = r·(dm·wf − m1 − x̂·m2), with m1, m2 the group means of
+// dx̂ = dm·wf and of dx̂·x̂.
+template <typename T, int V>
+__device__ __forceinline__ void dx_chunk(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                         const GNDev& d, int64_t ng, int split, float mu, float r, float m1, float m2,
+                                         bool silu, const float* wf, const float* bf) {
+  const T* const in[2] = {x, dy};
+  stream_chunk<T, V>(d, ng / d.G, ng % d.G, split, in, [&](int64_t off, int64_t c, const Vec<T, V> (&v)[2]) {
+    Vec<T, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float xh = (static_cast<float>(v[0].v[i]) - mu) * r;
+      const float dm = dm_of(static_cast<float>(v[1].v[i]), xh * wf[c] + bf[c], silu);
+      out.v[i] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
+    }
+    store_vec<T, V>(dx + off, out);
+  });
 }
 
 template <typename T, int V>
@@ -287,25 +349,187 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
   const int64_t ng = reversed_y(), n = ng / d.G, g = ng % d.G;
   bwd_coefs(d, p, n, g, wf, bf);
   __syncthreads();
-  // mean over the group of dx̂ = dm·wf and of dx̂·x̂, from the per-channel sums.
   float s1 = 0.f, s2 = 0.f;
   for (int64_t cl = threadIdx.x; cl < d.Cg; cl += kThreads) {
     s1 += wf[cl] * A[n * d.C + g * d.Cg + cl];
     s2 += wf[cl] * B[n * d.C + g * d.Cg + cl];
   }
   const float m1 = block_sum(s1, red) / d.M, m2 = block_sum(s2, red) / d.M;
-  const float mu = mean[ng], r = rstd[ng];
-  const T* const in[2] = {x, dy};
-  stream_chunk<T, V>(d, n, g, split, in, [&](int64_t off, int64_t c, const Vec<T, V> (&v)[2]) {
-    Vec<T, V> out;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const float xh = (static_cast<float>(v[0].v[i]) - mu) * r;
-      const float dm = dm_of(static_cast<float>(v[1].v[i]), xh * wf[c] + bf[c], silu);
-      out.v[i] = static_cast<T>(r * (dm * wf[c] - m1 - xh * m2));
+  dx_chunk<T, V>(dy, x, dx, d, ng, split, mean[ng], rstd[ng], m1, m2, silu, wf, bf);
+}
+
+// ================================ NCHW in one launch =========================================
+//
+// Why: the two launches above read all of x (and dy) in pass 1 before pass 2 re-reads it. At VAE
+// shapes that is more than L2 holds (1x128x512x512 bf16: x 67 MB, x and dy 134 MB; 50 MB of L2 on
+// an H100, 60 on an H200), so even walking backwards about half of the re-read comes from HBM:
+// ~2.5 tensor-sizes moved in the forward and ~4.2 in the backward for an ideal 2 and 3, ceilings
+// of ~80% and ~73% of copy bandwidth against issue 7's 80% (benchmarks/results/README.md).
+// Here each group's pass 2 runs a few groups behind its pass 1 in one launch, so a chunk is
+// re-read after a few MB of other traffic, from L2 (Triton's group_norm_triton_pipelined.py).
+//
+// Work items are (pass, group, chunk), claimed in a fixed order from a ticket counter by a grid
+// of as many blocks as the SMs hold at once, each looping until the tickets run out:
+//     P1(0) .. P1(lag-1), then P1(i + lag), P2(i) for i = 0, 1, ..., then the last lag P2s,
+// P1(u) every chunk of group u's pass 1 (partials_chunk / bwd_partials_chunk), P2(u) every chunk
+// of its pass 2 (normalize_chunk / dx_chunk). A P1 chunk counts itself on the group's flag; the
+// last one reduces the group's partials in a fixed order (deterministic: no float atomics) and
+// raises the flag once more; a P2 chunk first waits for that. No deadlock whatever the
+// residency: P1 items never wait, and a P2 item waits only for items of earlier tickets, all
+// claimed by running blocks that finish them without waiting (induction on the ticket).
+// lag puts two grids' worth of tickets between P1(i)'s chunks and P2(i)'s, so the wait is rare.
+
+// The one-launch state: sync[0] the ticket counter, sync[1 + u] group u's flag (P1 chunks done;
+// splits + 1 once its statistics are out).
+template <typename T>
+struct PipeArgs {
+  const T* x;
+  const T* dy;  // backward only
+  T* out;       // y or dx
+  GNDev d;
+  GNParams p;
+  bool silu;
+  float eps;
+  float* mean;  // forward: written by each group's last P1 chunk; backward: read
+  float* rstd;
+  float* part;  // forward (N·G, splits, 2); backward (N·G, splits, 2, Cg)
+  float* A;     // backward: (N, C) outputs, and m12 (N·G, 2) = the group means m1, m2 of dx_chunk
+  float* B;
+  float* m12;
+  int* sync;
+  int64_t units;  // N·G
+  int64_t lag;
+};
+
+struct PipeItem {
+  bool pass2;
+  int64_t unit;
+  int chunk;
+};
+
+// Ticket t -> its item, in the order above.
+__device__ __forceinline__ PipeItem pipe_item(int64_t t, int64_t units, int splits, int64_t lag) {
+  const int64_t blk = t / splits;
+  const int chunk = static_cast<int>(t % splits);
+  if (blk < lag) return {false, blk, chunk};
+  const int64_t j = blk - lag, pairs = units - lag;
+  if (j < 2 * pairs) return {(j & 1) != 0, (j & 1) ? j / 2 : j / 2 + lag, chunk};
+  return {true, j - pairs, chunk};
+}
+
+// A P1 chunk counts itself on its group's flag: true in the group's last one (every block calls
+// it). The barrier puts every thread's partials before thread 0's fenced add (release); the
+// fence after it (acquire) and the second barrier put the other chunks' partials before the
+// last one's reads.
+__device__ __forceinline__ bool pipe_arrive(int* flag, int splits, int* last) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *last = atomicAdd(flag, 1) == splits - 1;
+    __threadfence();
+  }
+  __syncthreads();
+  return *last != 0;
+}
+
+__device__ __forceinline__ void pipe_publish(int* flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(flag, 1);
+  }
+}
+
+// A P2 chunk's wait for its group's statistics. A wait that times out (a broken schedule, never
+// a real one) poisons them with NaN and raises the flag, so the outputs say so instead of being
+// quietly wrong and the group's other chunks do not time out one after another.
+__device__ __forceinline__ void pipe_wait(int* flag, int target, float* stats, int count) {
+  if (threadIdx.x == 0 && !wait_at_least(flag, target)) {
+    for (int i = 0; i < count; ++i) stats[i] = nanf("");
+    __threadfence();
+    atomicMax(flag, target);
+  }
+  __syncthreads();
+}
+
+// The last P1 chunk of group ng in the backward: A, B of its channels (outputs) and the group
+// means m1 = Σ wf·A / M, m2 = Σ wf·B / M -> m12[2·ng ..].
+template <typename T>
+__device__ void pipe_bwd_finalize(const PipeArgs<T>& a, int64_t ng, const float* wf, float* red) {
+  const GNDev& d = a.d;
+  const int64_t first = (ng / d.G) * d.C + (ng % d.G) * d.Cg;  // (n, g·Cg) in (N, C)
+  float s1 = 0.f, s2 = 0.f;
+  for (int64_t cl = threadIdx.x; cl < d.Cg; cl += kThreads) {
+    const SumPair ab = channel_sums(d, a.part, ng, cl);
+    a.A[first + cl] = ab.a;
+    a.B[first + cl] = ab.b;
+    s1 += wf[cl] * ab.a;
+    s2 += wf[cl] * ab.b;
+  }
+  s1 = block_sum(s1, red);
+  s2 = block_sum(s2, red);
+  if (threadIdx.x == 0) a.m12[2 * ng] = s1 / d.M, a.m12[2 * ng + 1] = s2 / d.M;
+}
+
+template <typename T, int V, bool BWD, int TEAM>
+__device__ void pipe_pass1(const PipeArgs<T>& a, int64_t ng, int chunk, float* sm, float* red, float* stats,
+                           int* last) {
+  const GNDev& d = a.d;
+  int* flag = a.sync + 1 + ng;
+  if constexpr (BWD) {
+    bwd_coefs(d, a.p, ng / d.G, ng % d.G, sm, sm + d.Cg);
+    __syncthreads();
+    bwd_partials_chunk<T, V, TEAM>(a.dy, a.x, d, ng, chunk, a.mean[ng], a.rstd[ng], a.silu, sm, sm + d.Cg, red,
+                                   a.part);
+    if (pipe_arrive(flag, d.splits, last)) {
+      pipe_bwd_finalize(a, ng, sm, red);
+      pipe_publish(flag);
     }
-    store_vec<T, V>(dx + off, out);
-  });
+  } else {
+    partials_chunk<T, V>(a.x, d, ng, chunk, a.part, red);
+    if (pipe_arrive(flag, d.splits, last)) {
+      group_stats(a.x, d, a.part, ng, a.eps, stats, red);
+      if (threadIdx.x == 0) a.mean[ng] = stats[0], a.rstd[ng] = stats[1];
+      pipe_publish(flag);
+    }
+  }
+}
+
+template <typename T, int V, bool BWD>
+__device__ void pipe_pass2(const PipeArgs<T>& a, int64_t ng, int chunk, float* sm) {
+  const GNDev& d = a.d;
+  float* stats = BWD ? a.m12 + 2 * ng : a.mean + ng;
+  pipe_wait(a.sync + 1 + ng, d.splits + 1, stats, BWD ? 2 : 1);
+  if constexpr (BWD) {
+    bwd_coefs(d, a.p, ng / d.G, ng % d.G, sm, sm + d.Cg);
+    __syncthreads();
+    dx_chunk<T, V>(a.dy, a.x, a.out, d, ng, chunk, a.mean[ng], a.rstd[ng], __ldcg(a.m12 + 2 * ng),
+                   __ldcg(a.m12 + 2 * ng + 1), a.silu, sm, sm + d.Cg);
+  } else {
+    normalize_chunk<T, V>(a.x, a.out, d, ng, chunk, __ldcg(a.mean + ng), __ldcg(a.rstd + ng), a.p, a.silu, sm);
+  }
+}
+
+// TEAM: the backward partials' team (bwd_partials_chunk); unused in the forward.
+template <typename T, int V, bool BWD, int TEAM>
+__global__ void __launch_bounds__(kThreads) gn_pipelined(PipeArgs<T> a) {
+  KILN_DYNAMIC_SMEM(float, sm);  // 2·Cg: forward a, b of normalize_chunk; backward wf, bf
+  __shared__ float red[32], stats[2];
+  __shared__ int64_t ticket;
+  __shared__ int last;
+  const int64_t total = 2 * a.units * a.d.splits;
+  for (;;) {
+    if (threadIdx.x == 0) ticket = atomicAdd(a.sync, 1);
+    __syncthreads();
+    const int64_t t = ticket;
+    __syncthreads();  // every thread has read it before thread 0 claims the next
+    if (t >= total) return;
+    const PipeItem it = pipe_item(t, a.units, a.d.splits, a.lag);
+    if (it.pass2)
+      pipe_pass2<T, V, BWD>(a, it.unit, it.chunk, sm);
+    else
+      pipe_pass1<T, V, BWD, TEAM>(a, it.unit, it.chunk, sm, red, stats, &last);
+  }
 }
 
 // ================================ channels-last ===============================================
@@ -596,6 +820,75 @@ ClDev make_cl_dev(const GNShape& s, int V, int64_t per_sm) {
   return d;
 }
 
+// ---- the NCHW one-launch plan ----
+
+// Elements per work item: 8192 (16 KB of bf16 x: one trip of normalize_chunk's 4 vectors a
+// thread, two of dx_chunk's), or a third of a small group so that every group has a few. At
+// 1x128x512x512 bf16 that is 128 chunks a group, 8K tickets a launch, and with 3 blocks per SM
+// on 132 SMs lag 3: a chunk's two reads 7 groups (15 MB of x; 29 MB of x and dy) apart.
+constexpr int64_t kPipeChunk = 8192;
+
+GNDev make_pipe_dev(const GNShape& s, int V) {
+  GNDev d{s.C, s.HW, s.Cg, s.G, s.group_size(), 0, 1};
+  const int64_t third = (d.M + 2) / 3;
+  d.chunk = std::min<int64_t>(kPipeChunk, (third + V - 1) / V * V);
+  d.splits = static_cast<int>((d.M + d.chunk - 1) / d.chunk);
+  return d;
+}
+
+// Groups between a group's P1 and its P2: P1(i)'s chunks are claimed (2·lag + 1)·splits tickets
+// before P2(i)'s, at least two grids' worth, so they are done by then.
+int64_t pipe_lag(int64_t grid, int splits, int64_t units) {
+  const int64_t per_grid = (2 * grid + splits - 1) / splits;
+  return std::min<int64_t>(units, std::max<int64_t>(1, per_grid / 2));
+}
+
+enum class Plan { TwoPass, Pipelined };
+
+// KILN_CSRC_GN_PLAN = auto (default) | two_pass | pipelined. auto: the one launch when the bytes
+// pass 1 reads (x; x and dy in the backward) exceed the L2, where the two-launch re-read comes
+// partly from HBM (a rule from the traffic model, not yet from a measurement: the GroupNorm
+// benchmark times both plans). Channels-last has only the two-launch plan.
+Plan gn_plan(const GNShape& s, int tensors, size_t itemsize) {
+  const char* env = std::getenv("KILN_CSRC_GN_PLAN");
+  const std::string v = env ? env : "auto";
+  KILN_CHECK(v == "auto" || v == "two_pass" || v == "pipelined", "KILN_CSRC_GN_PLAN='", v,
+             "': expected auto, two_pass or pipelined");
+  KILN_CHECK(!(v == "pipelined" && s.channels_last),
+             "KILN_CSRC_GN_PLAN=pipelined: the one-launch GroupNorm is NCHW only, x is channels-last");
+  if (v == "two_pass" || s.channels_last) return Plan::TwoPass;
+  if (v == "pipelined") return Plan::Pipelined;
+  const int64_t bytes = int64_t(tensors) * s.N * s.C * s.HW * static_cast<int64_t>(itemsize);
+  return bytes > l2_bytes() ? Plan::Pipelined : Plan::TwoPass;
+}
+
+// The one launch, forward (dy, A, B null; mean, rstd written) or backward (mean, rstd read).
+template <typename T, int V, bool BWD>
+void launch_pipelined(const GNPrepared& pr, bool silu, double eps, const T* dy, T* out, float* mean, float* rstd,
+                      float* A, float* B, cudaStream_t stream) {
+  const GNShape& s = pr.s;
+  const GNDev d = make_pipe_dev(s, V);
+  const int64_t units = s.N * s.G, tickets = 2 * units * d.splits;
+  KILN_CHECK(tickets < (int64_t(1) << 30), "group_norm (CUDA, one launch): ", tickets,
+             " work items exceed the int ticket counter");
+  const at::TensorOptions f = pr.x.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({units, d.splits, BWD ? 2 * s.Cg : 2}, f);
+  at::Tensor m12 = at::empty({BWD ? 2 * units : 0}, f);
+  at::Tensor sync = at::zeros({1 + units}, pr.x.options().dtype(at::kInt));
+  PipeArgs<T> a{pr.x.const_data_ptr<T>(), dy, out, d, pr.params(), silu, static_cast<float>(eps), mean, rstd,
+                part.data_ptr<float>(), A, B, m12.data_ptr<float>(), sync.data_ptr<int>(), units, 0};
+  auto run = [&](auto kernel) {
+    const size_t smem = smem_floats(kernel, 2 * d.Cg);
+    const int64_t grid = std::min<int64_t>(tickets, int64_t(sm_count()) * blocks_per_sm(kernel, kThreads, smem));
+    a.lag = pipe_lag(grid, d.splits, units);
+    KILN_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, a);
+  };
+  if constexpr (BWD) {
+    if (d.chunk >= 4 * d.HW) return run(gn_pipelined<T, V, BWD, 32>);  // as launch_bwd_partials
+  }
+  run(gn_pipelined<T, V, BWD, kThreads>);
+}
+
 constexpr int64_t kMaxCg = 12288;  // NCHW: 2·Cg fp32 of shared memory (wf, bf or a, b) in 96 KB
 constexpr int kStatThreads = 128;  // per-(n, g) finalize blocks of the channels-last path
 
@@ -606,6 +899,7 @@ void launch_fwd(const GNPrepared& pr, double eps, bool silu, at::Tensor& y, at::
                 cudaStream_t stream) {
   const GNShape& s = pr.s;
   const T* x = pr.x.const_data_ptr<T>();
+  const Plan plan = gn_plan(s, 1, sizeof(T));
   if (s.channels_last) {
     const ClDev d = make_cl_dev(s, V, 4);
     const dim3 grid(d.splits, s.N);
@@ -619,6 +913,9 @@ void launch_fwd(const GNPrepared& pr, double eps, bool silu, at::Tensor& y, at::
                 silu);
     return;
   }
+  if (plan == Plan::Pipelined)
+    return launch_pipelined<T, V, false>(pr, silu, eps, nullptr, y.data_ptr<T>(), mean.data_ptr<float>(),
+                                         rstd.data_ptr<float>(), nullptr, nullptr, stream);
   const GNDev d = make_dev(s, V);
   const dim3 grid(d.splits, s.N * s.G);
   at::Tensor part = f32(mean, {s.N * s.G, d.splits, 2});
@@ -653,6 +950,7 @@ void launch_bwd(const GNPrepared& pr, bool silu, const at::Tensor& dy, const at:
   const GNShape& s = pr.s;
   const T *x = pr.x.const_data_ptr<T>(), *dyp = dy.const_data_ptr<T>();
   const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
+  const Plan plan = gn_plan(s, 2, sizeof(T));
   if (s.channels_last) {
     const ClDev d = make_cl_dev(s, V, 6);
     const dim3 grid(d.splits, s.N);
@@ -667,6 +965,9 @@ void launch_bwd(const GNPrepared& pr, bool silu, const at::Tensor& dy, const at:
                 silu);
     return;
   }
+  if (plan == Plan::Pipelined)
+    return launch_pipelined<T, V, true>(pr, silu, 0.0, dyp, dx.data_ptr<T>(), mean.data_ptr<float>(),
+                                        rstd.data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>(), stream);
   const GNDev d = make_dev(s, V);
   at::Tensor part = f32(mean, {s.N * s.G, d.splits, 2, s.Cg});
   launch_bwd_partials<T, V>(pr, d, silu, dyp, mean, rstd, part, stream);

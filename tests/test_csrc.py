@@ -64,6 +64,14 @@ def test_cuda_kernels_disassembly_on_sm90a():
             for name, bits in found.items():
                 assert bits.get("128", 0) >= wide and bits.get("16", 0) <= 1, (name, bits)
                 assert facts[name]["trip_vector_loads"] >= wide, (name, facts[name])
+    # the NCHW one-launch GroupNorm (gn_pipelined<T, V, backward, team>): its pass-2 loops as
+    # streaming as the two-launch kernels', its ticket, arrival and publication atomic adds; two
+    # 2-byte loads of the group's shift element (its pass 1 and its finalize) in the forward
+    for inst in ("c10::BFloat16, 8, false, 256", "c10::BFloat16, 8, true, 256", "c10::BFloat16, 8, true, 32",
+                 "float, 4, false, 256", "float, 4, true, 256"):
+        f = facts[f"gn_pipelined<{inst}>"]
+        assert f["trip_vector_loads"] >= 4 and f["global_load_bits"].get("16", 0) <= 2, (inst, f)
+        assert f["atomic_adds"] >= 3, (inst, f)
     # QK-norm+RoPE with P = 2 or 4 pairs per lane (D = 128, 256): each half row is one vector
     # per lane (bf16 4 or 8 bytes), no 2-byte loads left (the scalar path had 8-16 per row).
     for kernel in ("norm_rope_fwd_kernel", "norm_rope_bwd_kernel"):

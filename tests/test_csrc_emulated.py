@@ -43,6 +43,52 @@ def test_group_norm_cuda_kernels_within_twice_torch_error(case, dtype, sms):
         check_against_reference(case, dtype, backend="csrc")
 
 
+NCHW_GN = [c for c in CASES + EXTRA_GN if not c[2]]
+
+
+@pytest.mark.parametrize("sms", SMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", NCHW_GN, ids=[f"{c[0]}-G{c[1]}" for c in NCHW_GN])
+def test_group_norm_one_launch_plan_within_twice_torch_error(case, dtype, sms):
+    """The NCHW one-launch plan (gn_pipelined: tickets, per-group flags, the last chunk's
+    finalize): a few chunks a group, lag 1 on one SM (2 blocks), every group ahead at 132. A
+    chunk that waited for statistics not yet published would stop the emulator with an error."""
+    with as_csrc_cpu(sms, gn_plan="pipelined"):
+        check_against_reference(case, dtype, backend="csrc")
+
+
+def _gn_outputs(x, p, groups, dy, **emu):
+    leaves = [x.clone().requires_grad_(), *(v.clone().requires_grad_() for v in p.values())]
+    with as_csrc_cpu(**emu), kernels.use_backend("csrc"):
+        y = kernels.group_norm(leaves[0], groups, activation="silu", **dict(zip(p, leaves[1:], strict=True)))
+        y.backward(dy)
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def test_group_norm_plan_auto_takes_the_one_launch_when_the_bytes_exceed_l2():
+    """auto: two launches while x (forward; x and dy backward) fit the L2, one launch beyond.
+    The plans cut groups into different chunks, so their sums differ in the last bits: equal
+    bits say which plan ran."""
+    shape, groups = (2, 64, 24, 24), 8  # x 295 KB in fp32, x and dy 590 KB
+    x, p = _inputs(shape, groups, torch.float32, False, True, True, seed=2)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    two, one = (_gn_outputs(x, p, groups, dy, sms=4, gn_plan=plan) for plan in ("two_pass", "pipelined"))
+    assert not all(torch.equal(a, b) for a, b in zip(two, one, strict=True))
+    for l2, expect in [(None, two), (1 << 20, two), (100_000, one)]:
+        auto = _gn_outputs(x, p, groups, dy, sms=4, l2_bytes=l2)
+        assert all(torch.equal(a, b) for a, b in zip(auto, expect, strict=True)), l2
+
+
+def test_group_norm_plan_errors_name_the_setting():
+    x = torch.randn(1, 8, 4, 4)
+    with as_csrc_cpu(gn_plan="fast"), kernels.use_backend("csrc"), \
+            pytest.raises(RuntimeError, match="KILN_CSRC_GN_PLAN='fast': expected auto, two_pass or pipelined"):
+        kernels.group_norm(x, 2)
+    with as_csrc_cpu(gn_plan="pipelined"), kernels.use_backend("csrc"), \
+            pytest.raises(RuntimeError, match="NCHW only, x is channels-last"):
+        kernels.group_norm(x.to(memory_format=torch.channels_last), 2)
+
+
 def test_group_norm_cuda_kernels_on_unaligned_inputs():
     """A view 2 bytes into its storage: no 16-byte vectors (vec_width 1), the scalar kernels."""
     shape, groups = (2, 64, 8, 8), 16
@@ -104,16 +150,13 @@ def test_model_trains_on_the_emulated_cuda_pre_kernel_with_the_reference_losses(
 def _gn_grads(order):
     # fp32 channels-last with C / 4 > 256 channel vectors: two passes of each block over its
     # rows, the second reusing the shared partials of the first (rows_to_partials)
-    (shape, groups, act) = ((2, 1040, 3, 5), 16, "silu")
+    shape, groups = (2, 1040, 3, 5), 16
     x, p = _inputs(shape, groups, torch.float32, True, True, True, seed=9)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     outs = []
-    for xx in (x, x.contiguous()):  # channels-last, then NCHW
-        leaves = [xx.clone().requires_grad_(), *(v.clone().requires_grad_() for v in p.values())]
-        with as_csrc_cpu(4, order), kernels.use_backend("csrc"):
-            y = kernels.group_norm(leaves[0], groups, activation=act, **dict(zip(p, leaves[1:], strict=True)))
-            y.backward(dy)
-        outs += [y.detach(), *(t.grad for t in leaves)]
+    # channels-last, then NCHW in two launches and in one
+    for xx, plan in ((x, None), (x.contiguous(), "two_pass"), (x.contiguous(), "pipelined")):
+        outs += _gn_outputs(xx, p, groups, dy, sms=4, order=order, gn_plan=plan)
     return outs
 
 

@@ -170,6 +170,39 @@ def test_csrc_group_norm_on_cuda(case, dtype):
     check_against_reference(case, dtype, device="cuda", backend="csrc")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in CSRC_GPU_CASES if not c[2]], ids=lambda c: "x".join(map(str, c[0])))
+def test_csrc_one_launch_group_norm_on_cuda(case, dtype, monkeypatch):
+    """The NCHW one-launch plan (gn_pipelined), forced on the shapes the size rule gives two."""
+    from test_group_norm_triton import check_against_reference
+
+    monkeypatch.setenv("KILN_CSRC_GN_PLAN", "pipelined")
+    check_against_reference(case, dtype, device="cuda", backend="csrc")
+
+
+def test_csrc_one_launch_group_norm_at_vae_scale_on_cuda():
+    """The csrc one-launch GroupNorm where its blocks really race: 1x128x512x512 bf16 (the size
+    rule's choice there: 67 MB of x, 32 groups of 128 chunks, lag 2-3). The 2x rule, then five
+    more forward + backward runs bitwise equal to the first (a chunk that read its group's
+    statistics before they were published would show as a difference)."""
+    from test_group_norm_triton import _inputs, check_against_reference
+
+    case = ((1, 128, 512, 512), 32, False, True, True, "silu")
+    check_against_reference(case, torch.bfloat16, device="cuda", backend="csrc")
+    x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
+    x = x.cuda().requires_grad_()
+    p = {k: v.cuda() for k, v in p.items()}
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(6):
+        with kernels.use_backend("csrc"):
+            y = kernels.group_norm(x, 32, activation="silu", **p)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        runs.append((y, dx))
+    for y, dx in runs[1:]:
+        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+
+
 @pytest.mark.parametrize("backend", ["csrc", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", [(2, 333, 4, 64, 2, True), (1, 1100, 2, 128, 2, True), (2, 200, 3, 80, 0, False),

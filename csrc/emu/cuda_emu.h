@@ -14,9 +14,12 @@
 // - a full-mask shuffle in a warp some of whose lanes have exited;
 // - dynamic shared memory over the 227 KB an sm_90 block may have; it is filled with NaN at every
 //   block's start, so a read before any write shows up in the results.
-// Not modelled: memory ordering between threads other than at barriers (the kernels have no
-// atomics), timing, registers. `__shared__` arrays are function-local statics: one block at a time
-// uses them.
+// - a block that waits for a counter no block has yet raised (wait_at_least): blocks run in turn,
+//   so it would wait forever; on a GPU the one-launch GroupNorm's ticket order rules that out
+//   (a block waits only for work of earlier tickets), so here it is a broken schedule.
+// Not modelled: memory ordering between threads other than at barriers (integer atomics and
+// fences act at once: one fiber runs at a time), timing, registers. `__shared__` arrays are
+// function-local statics: one block at a time uses them.
 #pragma once
 
 #include <ucontext.h>
@@ -269,6 +272,32 @@ template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   if (mask != 0xffffffffu) ::kiln_emu::fail("only full-mask shuffles are emulated");
   return ::kiln_emu::shfl_xor(v, lane_mask);
+}
+
+// Integer atomics and fences: with one fiber running at a time, plain reads and writes.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p += v;
+  return old;
+}
+inline int atomicMax(int* p, int v) {
+  const int old = *p;
+  *p = std::max(old, v);
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+inline int load_acquire(const int* p) { return *p; }
+// A wait that does not pass at once never will: the blocks that could raise the counter have
+// run already or run only after this one.
+inline bool wait_at_least(const int* flag, int target) {
+  if (*flag < target)
+    ::kiln_emu::fail("waits for a counter at " + std::to_string(*flag) + " to reach " + std::to_string(target) +
+                     ", which no block still running can raise (a broken ticket order)");
+  return true;
 }
 
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
