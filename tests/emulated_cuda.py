@@ -73,16 +73,18 @@ def _set_env(name: str, value: str | None) -> None:
 
 @contextlib.contextmanager
 def as_csrc_cpu(sms: int | None = None, order: str = "forward", gn_plan: str | None = None,
-                l2_bytes: int | None = None):
+                l2_bytes: int | None = None, resident: int | None = None, seed: int | None = None):
     """Within: kiln_ext's ops on CPU tensors run the emulated CUDA kernels, on ``sms`` emulated
     SMs (the launch plans' sm_count; default an H100's 132), each block's warps given priority
     in ``order`` ("forward": warp 0 first, or "reverse"), the NCHW GroupNorm on ``gn_plan``
     (KILN_CSRC_GN_PLAN: "two_pass", "pipelined", or by default "auto", which compares the bytes
-    with an L2 of ``l2_bytes``, default an H100's 50 MB). The C++ CPU kernels are back on exit
+    with an L2 of ``l2_bytes``, default an H100's 50 MB), with ``resident`` blocks at once
+    (default 1: in turn) whose turns are drawn from ``seed``. The C++ CPU kernels are back on exit
     (the dispatcher keeps the kernel an override displaced)."""
     build()
     env = {"KILN_EMU_SMS": str(sms) if sms else None, "KILN_EMU_ORDER": order, "KILN_CSRC_GN_PLAN": gn_plan,
-           "KILN_EMU_L2_BYTES": str(l2_bytes) if l2_bytes else None}
+           "KILN_EMU_L2_BYTES": str(l2_bytes) if l2_bytes else None,
+           "KILN_EMU_RESIDENT": str(resident) if resident else None, "KILN_EMU_SEED": str(seed) if seed else None}
     saved = {k: os.environ.get(k) for k in env}
     lib = torch.library.Library("kiln_ext", "IMPL")
     try:

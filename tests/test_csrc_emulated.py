@@ -65,6 +65,29 @@ def _gn_outputs(x, p, groups, dy, **emu):
     return [y.detach(), *(t.grad for t in leaves)]
 
 
+@pytest.mark.parametrize("case", NCHW_GN, ids=[f"{c[0]}-G{c[1]}" for c in NCHW_GN])
+def test_group_norm_one_launch_plan_with_resident_blocks_bf16(case):
+    """The same with 4 blocks resident at once (2 SMs' worth: lag 1), their turns passed at every
+    atomic: pass-2 chunks claimed before their group's statistics really wait for them."""
+    with as_csrc_cpu(2, gn_plan="pipelined", resident=4, seed=sum(case[0])):
+        check_against_reference(case, torch.bfloat16, backend="csrc")
+
+
+def test_group_norm_one_launch_blocks_really_wait_and_agree_bit_for_bit():
+    """With resident blocks (three seeds: three interleavings) the one launch gives the bits of
+    the blocks-in-turn run (fixed-order reductions, whichever block finalizes a group), and some
+    pass-2 chunks did wait (emulator_waits counts the polls that found a flag short)."""
+    shape, groups = (2, 64, 24, 24), 8
+    x, p = _inputs(shape, groups, torch.float32, False, True, True, seed=5)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    in_turn = _gn_outputs(x, p, groups, dy, sms=2, gn_plan="pipelined")
+    before = torch.ops.kiln_emu.emulator_waits()
+    for seed in (1, 2, 3):
+        resident = _gn_outputs(x, p, groups, dy, sms=2, gn_plan="pipelined", resident=4, seed=seed)
+        assert all(torch.equal(a, b) for a, b in zip(in_turn, resident, strict=True)), seed
+    assert torch.ops.kiln_emu.emulator_waits() > before
+
+
 def test_group_norm_plan_auto_takes_the_one_launch_when_the_bytes_exceed_l2():
     """auto: two launches while x (forward; x and dy backward) fit the L2, one launch beyond.
     The plans cut groups into different chunks, so their sums differ in the last bits: equal
@@ -195,7 +218,13 @@ def test_the_emulator_reports_the_bugs_it_is_for():
                       ("exited_lane", "exited lanes"), ("smem_too_big", "227 KB")]:
         with as_csrc_cpu(), pytest.raises(RuntimeError, match=why):
             run(name)
+    with as_csrc_cpu(order="reverse"), pytest.raises(RuntimeError, match="no block still running can raise"):
+        run("signal_chain")  # block 1 first, alone: its wait for block 0 would never end
+    for order in ("forward", "reverse"):
+        with as_csrc_cpu(order=order, resident=2):
+            assert run("signal_chain")[:2].tolist() == [1.0, 2.0]  # resident together: it waits, then reads
     with as_csrc_cpu():
+        assert run("signal_chain")[:2].tolist() == [1.0, 2.0]  # in turn, block 0 first
         assert run("smem_nan").isnan().all()  # dynamic shared memory starts as NaN, not zeros
         assert run("barrier_after_exit").sum() == 32  # legal: exited threads count as arrived
 

@@ -8,6 +8,12 @@
 // 0 first or, with KILN_EMU_ORDER=reverse, the last first (and the blocks last to first). A
 // missing barrier, or a block that reads what another block of the same launch writes, then
 // gives the two orders different values (the tests compare them bit for bit).
+// With KILN_EMU_RESIDENT=R > 1, R blocks are resident at once, for kernels whose blocks signal
+// each other (integer atomics, wait_at_least): one OS thread each (its own fibers, shared memory
+// and `__shared__` statics), of which one runs at a time (Baton); the turn passes at every
+// integer atomic and every unsuccessful poll of wait_at_least, to a block drawn by a generator
+// seeded with KILN_EMU_SEED. Blocks then really wait for each other, in an order that changes
+// with the seed.
 // What it checks, with an error naming the kernel's problem instead of a hang or a wrong number:
 // - a __syncthreads or shuffle that not every live thread (or lane) reaches: deadlock; threads
 //   waiting at __syncthreads on different source lines (a barrier in divergent code);
@@ -19,20 +25,24 @@
 //   (a block waits only for work of earlier tickets), so here it is a broken schedule.
 // Not modelled: memory ordering between threads other than at barriers (integer atomics and
 // fences act at once: one fiber runs at a time), timing, registers. `__shared__` arrays are
-// function-local statics: one block at a time uses them.
+// function-local thread_local statics: one block at a time uses them on each OS thread.
 #pragma once
 
 #include <ucontext.h>
 
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -43,7 +53,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 
 struct dim3 {
   unsigned x, y, z;
@@ -80,8 +90,81 @@ struct Launch {
 };
 
 inline Launch*& launch_state() {
-  static Launch* l = nullptr;
+  static thread_local Launch* l = nullptr;
   return l;
+}
+
+// The turn among the OS threads of resident blocks (KILN_EMU_RESIDENT): exactly one runs.
+class Baton {
+ public:
+  Baton(int n, uint64_t seed) : live_(n, 1), rng_(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  // Wait for the first turn; false if the launch failed meanwhile.
+  bool start(int me) {
+    std::unique_lock<std::mutex> lk(m_);
+    cv_.wait(lk, [&] { return turn_ == me || failed_; });
+    return !failed_;
+  }
+  // Hand the turn to a live block (perhaps this one) and wait to get it back.
+  void pass(int me) {
+    std::unique_lock<std::mutex> lk(m_);
+    turn_ = draw();
+    cv_.notify_all();
+    cv_.wait(lk, [&] { return turn_ == me || failed_; });
+  }
+  bool failed() {
+    std::lock_guard<std::mutex> lk(m_);
+    return failed_;
+  }
+  void finish(int me) {
+    std::lock_guard<std::mutex> lk(m_);
+    live_[me] = 0;
+    for (char v : live_)
+      if (v) {
+        turn_ = draw();
+        break;
+      }
+    cv_.notify_all();
+  }
+  void fail() {
+    std::lock_guard<std::mutex> lk(m_);
+    failed_ = true;
+    cv_.notify_all();
+  }
+  int live() {
+    std::lock_guard<std::mutex> lk(m_);
+    int n = 0;
+    for (char v : live_) n += v;
+    return n;
+  }
+
+ private:
+  int draw() {  // a live block, uniformly (xorshift64)
+    rng_ ^= rng_ << 13, rng_ ^= rng_ >> 7, rng_ ^= rng_ << 17;
+    std::vector<int> alive;
+    for (int i = 0; i < static_cast<int>(live_.size()); ++i)
+      if (live_[i]) alive.push_back(i);
+    return alive[rng_ % alive.size()];
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  int turn_ = 0;
+  std::vector<char> live_;
+  bool failed_ = false;
+  uint64_t rng_;
+};
+
+struct Residency {
+  Baton* baton = nullptr;
+  int slot = 0;
+};
+inline Residency& residency() {
+  static thread_local Residency r;
+  return r;
+}
+// Polls of wait_at_least that found the counter short, over all launches (emulator_waits).
+inline std::atomic<int64_t>& short_polls() {
+  static std::atomic<int64_t> n{0};
+  return n;
 }
 inline Launch& L() { return *launch_state(); }
 
@@ -109,9 +192,31 @@ inline void fiber_entry() {
   swapcontext(&l.cur->ctx, &l.sched);
 }
 
-inline void fail(const std::string& why) {
-  throw std::runtime_error("kiln CUDA emulation: kernel " + L().kernel + ", block (" +
-                           std::to_string(L().block_idx.x) + ", " + std::to_string(L().block_idx.y) + "): " + why);
+inline std::string failure(const std::string& why) {
+  return "kiln CUDA emulation: kernel " + L().kernel + ", block (" + std::to_string(L().block_idx.x) + ", " +
+         std::to_string(L().block_idx.y) + "): " + why;
+}
+
+// An error found by the scheduler: thrown at once.
+[[noreturn]] inline void fail(const std::string& why) { throw std::runtime_error(failure(why)); }
+
+// An error found by a running thread (a fiber): recorded, and the fiber ends there; run_block
+// throws it on its own stack. (Not thrown on the fiber's stack: AddressSanitizer's unwinding
+// checks misread a switched stack, 2026-12-02.)
+[[noreturn]] inline void fiber_fail(const std::string& why) {
+  Launch& l = L();
+  if (l.error.empty()) l.error = failure(why);
+  l.cur->state = State::Done;
+  swapcontext(&l.cur->ctx, &l.sched);
+  std::abort();  // never resumed
+}
+
+// A point where another resident block may run (every integer atomic, every short poll).
+inline void handoff() {
+  Residency& r = residency();
+  if (!r.baton) return;
+  r.baton->pass(r.slot);
+  if (r.baton->failed()) fiber_fail("stopped: another resident block failed");
 }
 
 // Release the fibers waiting at a barrier once everyone it waits for is there: the block
@@ -193,14 +298,15 @@ inline void run_block() {
   }
 }
 
-// Runs kernel(args...) over the grid: what `kernel<<<grid, block, smem, stream>>>(args...)` does.
-template <typename... KArgs, typename... Args>
-void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
-  if (smem_bytes > kMaxSharedBytes)
-    throw std::runtime_error(std::string("kiln CUDA emulation: kernel ") + name + " asks for " +
-                             std::to_string(smem_bytes) + " bytes of dynamic shared memory (sm_90: 227 KB)");
-  const std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
-  Launch l;
+inline int resident_blocks() {
+  const char* e = std::getenv("KILN_EMU_RESIDENT");
+  return e ? std::max(1, std::atoi(e)) : 1;
+}
+
+// A launch's per-OS-thread state: fibers (one per thread of a block) and dynamic shared memory.
+template <typename Params, typename Kernel>
+void prepare(Launch& l, const char* name, Kernel kernel, const Params& params, dim3 grid, dim3 block,
+             size_t smem_bytes) {
   l.kernel = name;
   l.grid = grid;
   l.block = block;
@@ -214,17 +320,65 @@ void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, s
     f.lin = i;
     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
   }
-  l.body = [&] { std::apply(kernel, params); };  // each thread gets its own copies of the arguments
+  l.body = [kernel, &params] { std::apply(kernel, params); };  // each thread gets its own copies of the arguments
+}
+
+// Blocks k = first, first + stride, ... of the launch (last to first in reverse order).
+inline void run_blocks(Launch& l, unsigned first, unsigned stride) {
+  const bool rev = reverse_order();  // blocks last to first too: a block must not need another's results
+  const unsigned blocks = l.grid.x * l.grid.y * l.grid.z;
+  for (unsigned k = first; k < blocks; k += stride) {
+    const unsigned b = rev ? blocks - 1 - k : k;
+    l.block_idx = dim3(b % l.grid.x, (b / l.grid.x) % l.grid.y, b / (l.grid.x * l.grid.y));
+    run_block();
+  }
+}
+
+// R resident blocks: OS thread i runs blocks i, i + R, ... while holding the baton.
+template <typename Params, typename Kernel>
+void run_resident(int R, const char* name, Kernel kernel, const Params& params, dim3 grid, dim3 block,
+                  size_t smem_bytes) {
+  const char* seed = std::getenv("KILN_EMU_SEED");
+  Baton baton(R, seed ? std::strtoull(seed, nullptr, 10) : 1);
+  std::vector<std::string> errors(R);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < R; ++i)
+    threads.emplace_back([&, i] {
+      Launch l;
+      prepare(l, name, kernel, params, grid, block, smem_bytes);
+      launch_state() = &l;
+      residency() = {&baton, i};
+      try {
+        if (baton.start(i)) run_blocks(l, i, R);
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+        baton.fail();
+      }
+      residency() = {};
+      launch_state() = nullptr;
+      baton.finish(i);
+    });
+  for (std::thread& t : threads) t.join();
+  for (const std::string& e : errors)  // the first block's own error, not a block stopped by it
+    if (!e.empty() && e.find("another resident block failed") == std::string::npos) throw std::runtime_error(e);
+}
+
+// Runs kernel(args...) over the grid: what `kernel<<<grid, block, smem, stream>>>(args...)` does.
+template <typename... KArgs, typename... Args>
+void launch(const char* name, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  if (smem_bytes > kMaxSharedBytes)
+    throw std::runtime_error(std::string("kiln CUDA emulation: kernel ") + name + " asks for " +
+                             std::to_string(smem_bytes) + " bytes of dynamic shared memory (sm_90: 227 KB)");
+  const std::tuple<std::decay_t<KArgs>...> params(std::forward<Args>(args)...);
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  const int R = static_cast<int>(std::min<unsigned>(resident_blocks(), blocks));
+  if (R > 1) return run_resident(R, name, kernel, params, grid, block, smem_bytes);
+  Launch l;
+  prepare(l, name, kernel, params, grid, block, smem_bytes);
   Launch* outer = launch_state();
   launch_state() = &l;
-  const bool rev = reverse_order();  // blocks last to first too: a block must not need another's results
-  const unsigned blocks = grid.x * grid.y * grid.z;
   try {
-    for (unsigned k = 0; k < blocks; ++k) {
-      const unsigned b = rev ? blocks - 1 - k : k;
-      l.block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
-      run_block();
-    }
+    run_blocks(l, 0, 1);
   } catch (...) {
     launch_state() = outer;
     throw;
@@ -237,7 +391,7 @@ T shfl_xor(T v, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a value wider than 8 bytes");
   Launch& l = L();
   const int me = l.cur->lin, partner = (me & ~31) | ((me & 31) ^ lane_mask);
-  if (partner >= static_cast<int>(l.fibers.size())) fail("a warp shuffle with a lane past the block's threads");
+  if (partner >= static_cast<int>(l.fibers.size())) fiber_fail("a warp shuffle with a lane past the block's threads");
   std::memcpy(&l.slots[me], &v, sizeof(T));
   park(State::Warp);  // every lane has written
   T r;
@@ -270,17 +424,20 @@ inline void sync_block(int line) {
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
-  if (mask != 0xffffffffu) ::kiln_emu::fail("only full-mask shuffles are emulated");
+  if (mask != 0xffffffffu) ::kiln_emu::fiber_fail("only full-mask shuffles are emulated");
   return ::kiln_emu::shfl_xor(v, lane_mask);
 }
 
-// Integer atomics and fences: with one fiber running at a time, plain reads and writes.
+// Integer atomics and fences: with one fiber running at a time, plain reads and writes; each
+// atomic lets another resident block run first.
 inline int atomicAdd(int* p, int v) {
+  ::kiln_emu::handoff();
   const int old = *p;
   *p += v;
   return old;
 }
 inline int atomicMax(int* p, int v) {
+  ::kiln_emu::handoff();
   const int old = *p;
   *p = std::max(old, v);
   return old;
@@ -291,12 +448,18 @@ T __ldcg(const T* p) {
   return *p;
 }
 inline int load_acquire(const int* p) { return *p; }
-// A wait that does not pass at once never will: the blocks that could raise the counter have
-// run already or run only after this one.
+// Polls until *flag >= target, letting the other resident blocks run in between. A wait that no
+// block still running can end (blocks in turn: it does not pass at once; resident blocks: all
+// others have finished, or 10^6 polls) is a broken schedule, reported as such.
 inline bool wait_at_least(const int* flag, int target) {
-  if (*flag < target)
-    ::kiln_emu::fail("waits for a counter at " + std::to_string(*flag) + " to reach " + std::to_string(target) +
-                     ", which no block still running can raise (a broken ticket order)");
+  ::kiln_emu::Residency& r = ::kiln_emu::residency();
+  for (int polls = 0; *flag < target; ++polls) {
+    if (!r.baton || r.baton->live() == 1 || polls == 1000000)
+      ::kiln_emu::fiber_fail("waits for a counter at " + std::to_string(*flag) + " to reach " + std::to_string(target) +
+                       ", which no block still running can raise (a broken ticket order)");
+    ++::kiln_emu::short_polls();
+    ::kiln_emu::handoff();
+  }
   return true;
 }
 

@@ -1,6 +1,7 @@
 // Kernels with the bugs the emulator must report (tests/test_csrc_emulated.py): a shared-memory
-// race (a missing __syncthreads), a block that needs another's output, a deadlock, a barrier in divergent code, a shuffle with an
-// exited lane, too much shared memory; and a legal barrier after other threads have exited.
+// race (a missing __syncthreads), a block that needs another's output, a deadlock, a barrier in
+// divergent code, a shuffle with an exited lane, too much shared memory, a wait no running block
+// can end; and a legal barrier after other threads have exited, a legal wait between resident blocks.
 // kiln_emu::emulator_selftest(name) runs one and returns what its threads read.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -65,6 +66,20 @@ __global__ void dynamic_smem(float* out) {
   out[threadIdx.x] = buf[threadIdx.x];
 }
 
+// Block 1 waits for block 0's signal: fine when both are resident (KILN_EMU_RESIDENT=2), a
+// wait nobody can end when the blocks run in turn and block 1 comes first (reverse order).
+__global__ void signal_chain(float* out, int* flag) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    out[0] = 1.f;
+    __threadfence();
+    atomicAdd(flag, 1);
+  }
+  if (blockIdx.x == 1 && threadIdx.x == 0) {
+    wait_at_least(flag, 1);
+    out[1] = out[0] + 1.f;
+  }
+}
+
 at::Tensor emulator_selftest(const std::string& name) {
   at::Tensor out = at::zeros({256}, at::kFloat);
   float* o = out.data_ptr<float>();
@@ -84,7 +99,10 @@ at::Tensor emulator_selftest(const std::string& name) {
     KILN_LAUNCH(shuffle_after_exit, 1, 256, 0, nullptr, o);
   else if (name == "smem_nan")
     KILN_LAUNCH(dynamic_smem, 1, 256, 256 * sizeof(float), nullptr, o);
-  else if (name == "smem_too_big")
+  else if (name == "signal_chain") {
+    at::Tensor flag = at::zeros({1}, at::kInt);
+    KILN_LAUNCH(signal_chain, 2, 32, 0, nullptr, o, flag.data_ptr<int>());
+  } else if (name == "smem_too_big")
     KILN_LAUNCH(dynamic_smem, 1, 256, 228 * 1024, nullptr, o);
   else
     TORCH_CHECK(false, "emulator_selftest: unknown case ", name);
@@ -93,4 +111,10 @@ at::Tensor emulator_selftest(const std::string& name) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kiln_emu, m) { m.def("emulator_selftest(str name) -> Tensor", &emulator_selftest); }
+// Polls of wait_at_least that found their counter short so far (the resident blocks really waited).
+int64_t emulator_waits() { return kiln_emu::short_polls().load(); }
+
+TORCH_LIBRARY_FRAGMENT(kiln_emu, m) {
+  m.def("emulator_selftest(str name) -> Tensor", &emulator_selftest);
+  m.def("emulator_waits() -> int", &emulator_waits);
+}
