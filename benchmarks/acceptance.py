@@ -17,7 +17,7 @@ that needs more than is left is skipped and says so, and the verdicts mark what 
                 attention core forward and backward (issue 4); rerun with KILN_ATTN_WS=0 if it
                 fails or hangs (Triton's warp specialisation is the newest, least-proven path)
   group_norm    the four VAE shapes, NCHW and channels-last, CUDA-graph and eager timing:
-                triton, csrc, torch native (issues 5 and 7); NCHW device time of csrc's two plans
+                triton, csrc, torch native (issues 5 and 7); device time of csrc's two plans
                 forced (csrc-two-pass, csrc-one-launch: is its size rule right?)
   qk_norm_rope  the target shape, both timings: csrc, triton, eager (issue 7)
   tests-triton  tests/test_gpu_kernels.py without csrc: every Triton launch candidate against the

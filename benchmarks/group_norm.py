@@ -12,9 +12,9 @@ backward reads x and dy and writes dx (3·numel·itemsize); parameters and stati
 O(N·C) and ignored. Providers: torch native (F.group_norm), torch.compile of the reference,
 apex when installed, kiln triton, kiln csrc (the compiled CUDA kernels,
 when built). bf16, G = 32, VAE shapes, NCHW and channels-last.
-``csrc`` picks its NCHW plan by size (csrc/group_norm_cuda.cu, gn_plan: one launch when the
-tensors pass 1 reads exceed the L2); ``csrc-two-pass`` and ``csrc-one-launch`` force each plan
-(KILN_CSRC_GN_PLAN), NCHW and device time only, so one run shows whether that rule is right.
+``csrc`` picks its plan by size (csrc/group_norm_cuda.cu, gn_plan: one launch when the tensors
+pass 1 reads exceed the L2); ``csrc-two-pass`` and ``csrc-one-launch`` force each plan
+(KILN_CSRC_GN_PLAN), device time only, so one run shows whether that rule is right.
 """
 
 from __future__ import annotations
@@ -135,10 +135,9 @@ def _plan(provider: str):
             os.environ["KILN_CSRC_GN_PLAN"] = saved
 
 
-def _measured(name: str, layout: str, timing: str, timing_modes) -> bool:
-    """The forced-plan providers: NCHW only (channels-last has one plan), device time where timed."""
-    return name not in CSRC_PLANS or (layout == "nchw" and timing == ("graph" if "graph" in timing_modes
-                                                                     else timing_modes[0]))
+def _measured(name: str, timing: str, timing_modes) -> bool:
+    """The forced-plan providers: device time where it is timed."""
+    return name not in CSRC_PLANS or timing == ("graph" if "graph" in timing_modes else timing_modes[0])
 
 
 def _tuned_configs(tag: str) -> dict:
@@ -164,7 +163,7 @@ def run(shapes, copy_gbps: float, out: Path | None = None, timing_modes=("graph"
             b = torch.randn(shape[1], device=dev, dtype=torch.bfloat16, requires_grad=True)
             for (name, fn), (mode, passes), timing in itertools.product(
                     select(providers(), chosen).items(), (("fwd", 2), ("bwd", 3)), timing_modes):
-                if not _measured(name, layout, timing, timing_modes):
+                if not _measured(name, timing, timing_modes):
                     continue
                 base = {"op": "group_norm", "provider": name, "mode": mode, "timing": timing, "shape": list(shape),
                         "layout": layout, "dtype": "bf16", **prov}

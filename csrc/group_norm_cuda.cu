@@ -22,9 +22,10 @@
 // Traffic (both layouts): forward reads x twice and writes y; backward reads x, dy twice and
 // writes dx; the partials are O(N·splits·C) floats. The second read walks the chunks backwards
 // (reversed_x), so up to an L2's worth of it comes from L2 rather than HBM.
-// NCHW in one launch (gn_pipelined, for tensors larger than L2: gn_plan): each group's pass 2
-// follows its pass 1 a few groups later, so the re-read comes from L2 (see its section).
-// Deterministic too: the blocks signal each other with integer counters only.
+// In one launch (gn_pipelined, gn_cl_pipelined; for tensors larger than L2: gn_plan): each unit's
+// pass 2 (NCHW a group; channels-last a few groups of one sample) follows its pass 1 a few units
+// later, so the re-read comes from L2 (see their sections). Deterministic too: the blocks signal
+// each other with integer counters only.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -33,6 +34,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common.h"
 #include "cuda_utils.cuh"
@@ -510,6 +512,26 @@ __device__ void pipe_pass2(const PipeArgs<T>& a, int64_t ng, int chunk, float* s
   }
 }
 
+// The work loop of a one-launch kernel: claim a ticket (thread 0; `ticket` in shared memory),
+// run its item, until the tickets run out. pass1(unit, chunk), pass2(unit, chunk).
+template <typename P1, typename P2>
+__device__ __forceinline__ void pipe_run(int* counter, int64_t units, int splits, int64_t lag, int64_t* ticket,
+                                         P1&& pass1, P2&& pass2) {
+  const int64_t total = 2 * units * splits;
+  for (;;) {
+    if (threadIdx.x == 0) *ticket = atomicAdd(counter, 1);
+    __syncthreads();
+    const int64_t t = *ticket;
+    __syncthreads();  // every thread has read it before thread 0 claims the next
+    if (t >= total) return;
+    const PipeItem it = pipe_item(t, units, splits, lag);
+    if (it.pass2)
+      pass2(it.unit, it.chunk);
+    else
+      pass1(it.unit, it.chunk);
+  }
+}
+
 // TEAM: the backward partials' team (bwd_partials_chunk); unused in the forward.
 template <typename T, int V, bool BWD, int TEAM>
 __global__ void __launch_bounds__(kThreads) gn_pipelined(PipeArgs<T> a) {
@@ -517,19 +539,10 @@ __global__ void __launch_bounds__(kThreads) gn_pipelined(PipeArgs<T> a) {
   __shared__ float red[32], stats[2];
   __shared__ int64_t ticket;
   __shared__ int last;
-  const int64_t total = 2 * a.units * a.d.splits;
-  for (;;) {
-    if (threadIdx.x == 0) ticket = atomicAdd(a.sync, 1);
-    __syncthreads();
-    const int64_t t = ticket;
-    __syncthreads();  // every thread has read it before thread 0 claims the next
-    if (t >= total) return;
-    const PipeItem it = pipe_item(t, a.units, a.d.splits, a.lag);
-    if (it.pass2)
-      pipe_pass2<T, V, BWD>(a, it.unit, it.chunk, sm);
-    else
-      pipe_pass1<T, V, BWD, TEAM>(a, it.unit, it.chunk, sm, red, stats, &last);
-  }
+  pipe_run(
+      a.sync, a.units, a.d.splits, a.lag, &ticket,
+      [&](int64_t u, int k) { pipe_pass1<T, V, BWD, TEAM>(a, u, k, sm, red, stats, &last); },
+      [&](int64_t u, int k) { pipe_pass2<T, V, BWD>(a, u, k, sm); });
 }
 
 // ================================ channels-last ===============================================
@@ -774,6 +787,252 @@ __global__ void __launch_bounds__(kThreads) gn_cl_dx(const T* __restrict__ dy, c
   }
 }
 
+// ================================ channels-last in one launch =================================
+//
+// As gn_pipelined, for (N, HW, C) rows: a unit is UG whole groups of one sample, W = UG·Cg
+// contiguous channels of every token row (cl_unit_groups: at most 32 channels, at least one
+// 16-byte vector a row where possible, ~4 MB of x; 1x128x512x512 bf16: 2 groups, 8 channels,
+// 16 of each 256-byte row), and a chunk a run of tokens of it. A unit thus reads half of every
+// 32-byte sector it touches; the other half is the next unit's, read a few MB of traffic later
+// from L2, so HBM moves each byte about once (Triton's channels-last units likewise).
+// Thread = (row lane, vector lane): VW = W / V vectors a row, `rows` = kThreads / VW rows at a time.
+
+struct ClPipeDev {
+  int64_t HW, C, G, Cg;
+  int UG, W, VW, rows;  // groups and channels per unit, vectors per unit row, row lanes
+  int64_t chunk;        // tokens per work item
+  int splits;           // chunks per unit
+  int64_t units;        // N·G / UG
+  __device__ __forceinline__ int64_t n_of(int64_t u) const { return u / (G / UG); }
+  __device__ __forceinline__ int64_t c_lo(int64_t u) const { return (u % (G / UG)) * W; }
+};
+
+template <typename T>
+struct ClPipeArgs {
+  const T* x;
+  const T* dy;  // backward only
+  T* out;
+  ClPipeDev d;
+  GNParams p;
+  bool silu;
+  float eps;
+  float* mean;  // (N·G): forward written by each unit's finalize; backward read
+  float* rstd;
+  float* part;  // (units, splits, 2, W)
+  float* coef;  // (N, 2, C) forward a, b; (N, 4, C) backward a, b, q, k: written by the finalize
+  float* A;     // backward outputs (N, C)
+  float* B;
+  int* sync;
+  int64_t lag;
+};
+
+// This thread's place: vector lane j (channels c_lo + j·V ..), row lane r; active if r < rows.
+struct ClPipeLane {
+  int j, r;
+  bool active;
+  __device__ ClPipeLane(const ClPipeDev& d)
+      : j(threadIdx.x % d.VW), r(threadIdx.x / d.VW), active(threadIdx.x / d.VW < d.rows) {}
+};
+
+// Σ over row lanes (fixed order) of each thread's a[V], b[V] -> out[j·V + v] and out[W + j·V + v].
+template <int V>
+__device__ void unit_rows_to_partials(const float (&a)[V], const float (&b)[V], const ClPipeDev& d,
+                                      const ClPipeLane& l, float* red, float* out) {
+  float* ra = red;
+  float* rb = red + kThreads * V;
+#pragma unroll
+  for (int v = 0; v < V; ++v) ra[threadIdx.x * V + v] = a[v], rb[threadIdx.x * V + v] = b[v];
+  __syncthreads();
+  if (l.active && l.r == 0) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      float sa = 0.f, sb = 0.f;
+      for (int r = 0; r < d.rows; ++r) sa += ra[(r * d.VW + l.j) * V + v], sb += rb[(r * d.VW + l.j) * V + v];
+      out[l.j * V + v] = sa;
+      out[d.W + l.j * V + v] = sb;
+    }
+  }
+}
+
+// Pass 1 of chunk k of unit u: forward Σ(x - p_c), Σ(x - p_c)² (p_c the channel's token 0);
+// backward A = Σ dm, B = Σ dm·x̂ -> part[u, k].
+template <typename T, int V, bool BWD>
+__device__ void cl_pipe_pass1(const ClPipeArgs<T>& a, int64_t u, int k, float* red) {
+  const ClPipeDev& d = a.d;
+  const ClPipeLane l(d);
+  const int64_t n = d.n_of(u), c0 = d.c_lo(u) + l.j * V, t0 = k * d.chunk, t1 = min(t0 + d.chunk, d.HW);
+  const T* xn = a.x + n * d.HW * d.C;
+  float s1[V], s2[V], q0[V], q1[V], q2[V], q3[V];  // forward: q0 the pivot; backward: mean, rstd, wf, bf
+#pragma unroll
+  for (int v = 0; v < V; ++v) s1[v] = s2[v] = q0[v] = q1[v] = q2[v] = q3[v] = 0.f;
+  if (l.active) {
+    if constexpr (BWD) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int64_t ng = n * d.G + (c0 + v) / d.Cg;
+        const ChannelMod md = channel_mod(a.p, n, c0 + v, d.C);
+        q0[v] = a.mean[ng], q1[v] = a.rstd[ng], q2[v] = md.wf, q3[v] = md.bf;
+      }
+    } else {
+      const Vec<T, V> pv = load_vec<T, V>(xn + c0);
+#pragma unroll
+      for (int v = 0; v < V; ++v) q0[v] = static_cast<float>(pv.v[v]);
+    }
+#pragma unroll 4
+    for (int64_t t = t0 + l.r; t < t1; t += d.rows) {
+      const Vec<T, V> xv = load_vec<T, V>(xn + t * d.C + c0);
+      if constexpr (BWD) {
+        const Vec<T, V> dv = load_vec<T, V>(a.dy + n * d.HW * d.C + t * d.C + c0);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float xh = (static_cast<float>(xv.v[v]) - q0[v]) * q1[v];
+          const float dm = dm_of(static_cast<float>(dv.v[v]), xh * q2[v] + q3[v], a.silu);
+          s1[v] += dm;
+          s2[v] += dm * xh;
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float dv = static_cast<float>(xv.v[v]) - q0[v];
+          s1[v] += dv;
+          s2[v] += dv * dv;
+        }
+      }
+    }
+  }
+  unit_rows_to_partials<V>(s1, s2, d, l, red, a.part + (u * d.splits + k) * 2 * d.W);
+}
+
+// The last pass-1 chunk of unit u: per channel totals over the chunks (fixed order: lane i of a
+// channel sums chunks i, i + lanes, ..., then the lanes are added in order) -> fin[0, W) and
+// fin[W, 2W); then the unit's statistics and per-channel coefficients (as gn_cl_stats /
+// gn_cl_bwd_coefs) -> coef, and mean, rstd (forward) or A, B (backward).
+template <typename T, bool BWD>
+__device__ void cl_pipe_finalize(const ClPipeArgs<T>& a, int64_t u, float* red, float* fin) {
+  const ClPipeDev& d = a.d;
+  const int lanes = kThreads / d.W, c = threadIdx.x % d.W, lane = threadIdx.x / d.W;
+  float s1 = 0.f, s2 = 0.f;
+  if (lane < lanes)
+    for (int k = lane; k < d.splits; k += lanes) {
+      const float* pk = a.part + (u * d.splits + k) * 2 * d.W;
+      s1 += __ldcg(pk + c);
+      s2 += __ldcg(pk + d.W + c);
+    }
+  red[threadIdx.x] = s1, red[kThreads + threadIdx.x] = s2;
+  __syncthreads();
+  const int64_t n = d.n_of(u), c_lo = d.c_lo(u);
+  if (threadIdx.x < d.W) {
+    float t1 = 0.f, t2 = 0.f;
+    for (int i = 0; i < lanes; ++i) t1 += red[i * d.W + threadIdx.x], t2 += red[kThreads + i * d.W + threadIdx.x];
+    fin[threadIdx.x] = t1, fin[d.W + threadIdx.x] = t2;
+    if constexpr (BWD) a.A[n * d.C + c_lo + threadIdx.x] = t1, a.B[n * d.C + c_lo + threadIdx.x] = t2;
+  }
+  __syncthreads();
+  float* gstat = fin + 2 * d.W;  // per group of the unit: two floats
+  const float hw = static_cast<float>(d.HW), M = static_cast<float>(d.Cg * d.HW);
+  if (threadIdx.x < d.UG) {
+    const int64_t g = c_lo / d.Cg + threadIdx.x, ng = n * d.G + g;
+    const float* S1 = fin + threadIdx.x * d.Cg;
+    const float* S2 = fin + d.W + threadIdx.x * d.Cg;
+    if constexpr (BWD) {  // m1 = Σ wf·A / M, m2 = Σ wf·B / M
+      float m1 = 0.f, m2 = 0.f;
+      for (int64_t i = 0; i < d.Cg; ++i) {
+        const float wf = channel_mod(a.p, n, g * d.Cg + i, d.C).wf;
+        m1 += wf * S1[i], m2 += wf * S2[i];
+      }
+      gstat[2 * threadIdx.x] = m1 / M, gstat[2 * threadIdx.x + 1] = m2 / M;
+    } else {  // mean and rstd from the shifted sums (gn_cl_stats)
+      const T* x0 = a.x + n * d.HW * d.C + g * d.Cg;  // token 0 of the group's channels
+      float s = 0.f;
+      for (int64_t i = 0; i < d.Cg; ++i) s += S1[i] + hw * static_cast<float>(x0[i]);
+      const float mean = s / M;
+      float q = 0.f;
+      for (int64_t i = 0; i < d.Cg; ++i) {
+        const float dev = static_cast<float>(x0[i]) - mean;
+        q += S2[i] + 2.f * dev * S1[i] + hw * dev * dev;
+      }
+      const float rstd = rsqrtf(fmaxf(q / M, 0.f) + a.eps);
+      gstat[2 * threadIdx.x] = mean, gstat[2 * threadIdx.x + 1] = rstd;
+      a.mean[ng] = mean, a.rstd[ng] = rstd;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < d.W) {
+    const int64_t cc = c_lo + threadIdx.x, gl = threadIdx.x / d.Cg;
+    const ChannelMod md = channel_mod(a.p, n, cc, d.C);
+    if constexpr (BWD) {  // dx = a·dm + q·x + k (gn_cl_bwd_coefs)
+      const int64_t ng = n * d.G + cc / d.Cg;
+      const float mu = a.mean[ng], r = a.rstd[ng], m1 = gstat[2 * gl], m2 = gstat[2 * gl + 1], ac = r * md.wf;
+      a.coef[(n * 4) * d.C + cc] = ac;
+      a.coef[(n * 4 + 1) * d.C + cc] = md.bf - mu * ac;
+      a.coef[(n * 4 + 2) * d.C + cc] = -r * r * m2;
+      a.coef[(n * 4 + 3) * d.C + cc] = r * r * m2 * mu - r * m1;
+    } else {
+      const float mean = gstat[2 * gl], rstd = gstat[2 * gl + 1];
+      a.coef[(n * 2) * d.C + cc] = rstd * md.wf;
+      a.coef[(n * 2 + 1) * d.C + cc] = md.bf - mean * rstd * md.wf;
+    }
+  }
+}
+
+// Pass 2 of chunk k of unit u: y = act(x·a + b), or dx = a·dm + q·x + k.
+template <typename T, int V, bool BWD>
+__device__ void cl_pipe_pass2(const ClPipeArgs<T>& a, int64_t u, int k) {
+  constexpr int P = BWD ? 4 : 2;
+  const ClPipeDev& d = a.d;
+  const ClPipeLane l(d);
+  const int64_t n = d.n_of(u), c0 = d.c_lo(u) + l.j * V, t0 = k * d.chunk, t1 = min(t0 + d.chunk, d.HW);
+  pipe_wait(a.sync + 1 + u, d.splits + 1, a.coef + n * P * d.C + d.c_lo(u), d.W);  // (poisons plane a)
+  if (!l.active) return;
+  float cf[P][V];
+#pragma unroll
+  for (int q = 0; q < P; ++q)
+#pragma unroll
+    for (int v = 0; v < V; ++v) cf[q][v] = __ldcg(a.coef + (n * P + q) * d.C + c0 + v);
+  const int64_t base = n * d.HW * d.C;
+#pragma unroll 4
+  for (int64_t t = t0 + l.r; t < t1; t += d.rows) {
+    const int64_t off = base + t * d.C + c0;
+    const Vec<T, V> xv = load_vec<T, V>(a.x + off);
+    Vec<T, V> o;
+    if constexpr (BWD) {
+      const Vec<T, V> dv = load_vec<T, V>(a.dy + off);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float xf = static_cast<float>(xv.v[v]);
+        const float dm = dm_of(static_cast<float>(dv.v[v]), xf * cf[0][v] + cf[1][v], a.silu);
+        o.v[v] = static_cast<T>(cf[0][v] * dm + cf[2][v] * xf + cf[3][v]);
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float m = static_cast<float>(xv.v[v]) * cf[0][v] + cf[1][v];
+        o.v[v] = static_cast<T>(a.silu ? m * sigmoidf_(m) : m);
+      }
+    }
+    store_vec<T, V>(a.out + off, o);
+  }
+}
+
+template <typename T, int V, bool BWD>
+__global__ void __launch_bounds__(kThreads) gn_cl_pipelined(ClPipeArgs<T> a) {
+  KILN_DYNAMIC_SMEM(float, fin);  // 2·W channel totals, then 2·UG group statistics
+  __shared__ float red[2 * kThreads * V];
+  __shared__ int64_t ticket;
+  __shared__ int last;
+  int* flags = a.sync + 1;
+  pipe_run(
+      a.sync, a.d.units, a.d.splits, a.lag, &ticket,
+      [&](int64_t u, int k) {
+        cl_pipe_pass1<T, V, BWD>(a, u, k, red);
+        if (pipe_arrive(flags + u, a.d.splits, &last)) {
+          cl_pipe_finalize<T, BWD>(a, u, red, fin);
+          pipe_publish(flags + u);
+        }
+      },
+      [&](int64_t u, int k) { cl_pipe_pass2<T, V, BWD>(a, u, k); });
+}
+
 // ---- host side -------------------------------------------------------------------------------
 
 // Vector width for this layout: 16-byte vectors when every vector stays inside one channel run
@@ -843,20 +1102,38 @@ int64_t pipe_lag(int64_t grid, int splits, int64_t units) {
   return std::min<int64_t>(units, std::max<int64_t>(1, per_grid / 2));
 }
 
+// Groups per channels-last unit (group_norm_triton_pipelined.unit_groups' rule): of the unit
+// widths of at most 32 channels (a whole group if one is wider), those whose rows hold at least
+// one 16-byte vector where any do; among them the widest whose x fits 4 MB (so that a chunk's
+// two reads, ~3 units apart with x and dy, fit in half an L2), else the narrowest.
+int cl_unit_groups(const GNShape& s, size_t itemsize) {
+  std::vector<int> widths, whole, fitting;
+  for (int d = 1; d <= s.G; ++d)
+    if (s.G % d == 0 && (d == 1 || d * s.Cg <= 32)) widths.push_back(d);
+  for (int d : widths)
+    if (d * s.Cg * int64_t(itemsize) >= 16) whole.push_back(d);
+  if (whole.empty()) whole.push_back(widths.back());
+  for (int d : whole)
+    if (s.HW * d * s.Cg * int64_t(itemsize) <= (int64_t(4) << 20)) fitting.push_back(d);
+  return fitting.empty() ? whole.front() : fitting.back();
+}
+
 enum class Plan { TwoPass, Pipelined };
 
 // KILN_CSRC_GN_PLAN = auto (default) | two_pass | pipelined. auto: the one launch when the bytes
 // pass 1 reads (x; x and dy in the backward) exceed the L2, where the two-launch re-read comes
 // partly from HBM (a rule from the traffic model, not yet from a measurement: the GroupNorm
-// benchmark times both plans). Channels-last has only the two-launch plan.
+// benchmark times both plans). Channels-last units wider than kThreads channels (C/G > 256)
+// have only the two-launch plan.
 Plan gn_plan(const GNShape& s, int tensors, size_t itemsize) {
   const char* env = std::getenv("KILN_CSRC_GN_PLAN");
   const std::string v = env ? env : "auto";
   KILN_CHECK(v == "auto" || v == "two_pass" || v == "pipelined", "KILN_CSRC_GN_PLAN='", v,
              "': expected auto, two_pass or pipelined");
-  KILN_CHECK(!(v == "pipelined" && s.channels_last),
-             "KILN_CSRC_GN_PLAN=pipelined: the one-launch GroupNorm is NCHW only, x is channels-last");
-  if (v == "two_pass" || s.channels_last) return Plan::TwoPass;
+  const bool one_ok = !s.channels_last || cl_unit_groups(s, itemsize) * s.Cg <= kThreads;
+  KILN_CHECK(one_ok || v != "pipelined", "KILN_CSRC_GN_PLAN=pipelined: channels-last with C/G = ", s.Cg,
+             " channels per group, more than a block's ", kThreads, " threads; use two_pass or auto");
+  if (v == "two_pass" || !one_ok) return Plan::TwoPass;
   if (v == "pipelined") return Plan::Pipelined;
   const int64_t bytes = int64_t(tensors) * s.N * s.C * s.HW * static_cast<int64_t>(itemsize);
   return bytes > l2_bytes() ? Plan::Pipelined : Plan::TwoPass;
@@ -889,6 +1166,47 @@ void launch_pipelined(const GNPrepared& pr, bool silu, double eps, const T* dy, 
   run(gn_pipelined<T, V, BWD, kThreads>);
 }
 
+// The channels-last one launch: forward (dy, A, B null; mean, rstd written) or backward.
+template <typename T, int V, bool BWD>
+void launch_cl_pipelined(const GNPrepared& pr, bool silu, double eps, const T* dy, T* out, float* mean, float* rstd,
+                         float* A, float* B, cudaStream_t stream) {
+  const GNShape& s = pr.s;
+  ClPipeDev d{s.HW, s.C, s.G, s.Cg, cl_unit_groups(s, sizeof(T)), 0, 0, 0, 0, 1, 0};
+  d.W = static_cast<int>(d.UG * s.Cg);
+  d.VW = d.W / V;
+  d.rows = kThreads / d.VW;
+  const int64_t third = (s.HW + 2) / 3;  // a few chunks a unit at small HW, as make_pipe_dev
+  d.chunk = std::max<int64_t>(1, std::min<int64_t>(kPipeChunk / d.W, third));
+  d.splits = static_cast<int>((s.HW + d.chunk - 1) / d.chunk);
+  d.units = s.N * s.G / d.UG;
+  const int64_t tickets = 2 * d.units * d.splits;
+  KILN_CHECK(tickets < (int64_t(1) << 30), "group_norm (CUDA, one launch): ", tickets,
+             " work items exceed the int ticket counter");
+  const at::TensorOptions f = pr.x.options().dtype(at::kFloat);
+  at::Tensor part = at::empty({d.units, d.splits, 2, d.W}, f);
+  at::Tensor coef = at::empty({s.N, BWD ? 4 : 2, s.C}, f);
+  at::Tensor sync = at::zeros({1 + d.units}, pr.x.options().dtype(at::kInt));
+  ClPipeArgs<T> a{pr.x.const_data_ptr<T>(), dy, out, d, pr.params(), silu, static_cast<float>(eps), mean, rstd,
+                  part.data_ptr<float>(), coef.data_ptr<float>(), A, B, sync.data_ptr<int>(), 0};
+  auto kernel = gn_cl_pipelined<T, V, BWD>;
+  const size_t smem = smem_floats(kernel, 2 * d.W + 2 * d.UG);
+  const int64_t grid = std::min<int64_t>(tickets, int64_t(sm_count()) * blocks_per_sm(kernel, kThreads, smem));
+  a.lag = pipe_lag(grid, d.splits, d.units);
+  KILN_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, a);
+}
+
+// The unit's channels as V-wide vectors when its width allows (each unit's first channel then
+// 16-byte aligned), else scalars.
+template <typename T, int V, bool BWD>
+void launch_cl_pipelined_any(const GNPrepared& pr, bool silu, double eps, const T* dy, T* out, float* mean,
+                             float* rstd, float* A, float* B, cudaStream_t stream) {
+  const int64_t W = cl_unit_groups(pr.s, sizeof(T)) * pr.s.Cg;
+  if (W % V == 0)
+    launch_cl_pipelined<T, V, BWD>(pr, silu, eps, dy, out, mean, rstd, A, B, stream);
+  else
+    launch_cl_pipelined<T, 1, BWD>(pr, silu, eps, dy, out, mean, rstd, A, B, stream);
+}
+
 constexpr int64_t kMaxCg = 12288;  // NCHW: 2·Cg fp32 of shared memory (wf, bf or a, b) in 96 KB
 constexpr int kStatThreads = 128;  // per-(n, g) finalize blocks of the channels-last path
 
@@ -900,6 +1218,9 @@ void launch_fwd(const GNPrepared& pr, double eps, bool silu, at::Tensor& y, at::
   const GNShape& s = pr.s;
   const T* x = pr.x.const_data_ptr<T>();
   const Plan plan = gn_plan(s, 1, sizeof(T));
+  if (s.channels_last && plan == Plan::Pipelined)
+    return launch_cl_pipelined_any<T, V, false>(pr, silu, eps, nullptr, y.data_ptr<T>(), mean.data_ptr<float>(),
+                                                rstd.data_ptr<float>(), nullptr, nullptr, stream);
   if (s.channels_last) {
     const ClDev d = make_cl_dev(s, V, 4);
     const dim3 grid(d.splits, s.N);
@@ -951,6 +1272,10 @@ void launch_bwd(const GNPrepared& pr, bool silu, const at::Tensor& dy, const at:
   const T *x = pr.x.const_data_ptr<T>(), *dyp = dy.const_data_ptr<T>();
   const float *mp = mean.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
   const Plan plan = gn_plan(s, 2, sizeof(T));
+  if (s.channels_last && plan == Plan::Pipelined)
+    return launch_cl_pipelined_any<T, V, true>(pr, silu, 0.0, dyp, dx.data_ptr<T>(), mean.data_ptr<float>(),
+                                               rstd.data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>(),
+                                               stream);
   if (s.channels_last) {
     const ClDev d = make_cl_dev(s, V, 6);
     const dim3 grid(d.splits, s.N);

@@ -72,6 +72,11 @@ def test_cuda_kernels_disassembly_on_sm90a():
         f = facts[f"gn_pipelined<{inst}>"]
         assert f["trip_vector_loads"] >= 4 and f["global_load_bits"].get("16", 0) <= 2, (inst, f)
         assert f["atomic_adds"] >= 3, (inst, f)
+    # ... and the channels-last one (gn_cl_pipelined<T, V, backward>): 4 rows a trip of x, of x and dy
+    for inst, wide in (("c10::BFloat16, 8, false", 4), ("c10::BFloat16, 8, true", 8), ("float, 4, false", 4),
+                       ("float, 4, true", 8)):
+        f = facts[f"gn_cl_pipelined<{inst}>"]
+        assert f["trip_vector_loads"] >= wide and f["atomic_adds"] >= 3, (inst, f)
     # QK-norm+RoPE with P = 2 or 4 pairs per lane (D = 128, 256): each half row is one vector
     # per lane (bf16 4 or 8 bytes), no 2-byte loads left (the scalar path had 8-16 per row).
     for kernel in ("norm_rope_fwd_kernel", "norm_rope_bwd_kernel"):

@@ -5,7 +5,8 @@ and all gradients: the GPU code is checked on every CI run, not only when a GPU 
 Two launch plans each, since the plans read the SM count: an H100's 132 SMs (GroupNorm cuts
 groups and token ranges into many blocks, a QK-norm warp takes one item of a token's heads or
 two) and a single SM (few GroupNorm blocks, each QK-norm warp walks many items with its carried
-(b, s, head-chunk) digits, H = 1, 2, 3, 5 leaving short last items)."""
+(b, s, head-chunk) digits, H = 1, 2, 3, 5 leaving short last items). The GroupNorm's one-launch
+plans (gn_pipelined, gn_cl_pipelined) run with their blocks in turn and with 4 resident at once."""
 
 import subprocess
 import sys
@@ -43,16 +44,16 @@ def test_group_norm_cuda_kernels_within_twice_torch_error(case, dtype, sms):
         check_against_reference(case, dtype, backend="csrc")
 
 
-NCHW_GN = [c for c in CASES + EXTRA_GN if not c[2]]
+GN_IDS = [f"{c[0]}-G{c[1]}-{'cl' if c[2] else 'nc'}" for c in CASES + EXTRA_GN]
 
 
 @pytest.mark.parametrize("sms", SMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", NCHW_GN, ids=[f"{c[0]}-G{c[1]}" for c in NCHW_GN])
+@pytest.mark.parametrize("case", CASES + EXTRA_GN, ids=GN_IDS)
 def test_group_norm_one_launch_plan_within_twice_torch_error(case, dtype, sms):
-    """The NCHW one-launch plan (gn_pipelined: tickets, per-group flags, the last chunk's
-    finalize): a few chunks a group, lag 1 on one SM (2 blocks), every group ahead at 132. A
-    chunk that waited for statistics not yet published would stop the emulator with an error."""
+    """The one-launch plan (gn_pipelined, gn_cl_pipelined: tickets, per-unit flags, the last
+    chunk's finalize): a few chunks a unit, lag 1 on one SM (2 blocks), every unit ahead at 132.
+    A chunk that waited for statistics not yet published would stop the emulator with an error."""
     with as_csrc_cpu(sms, gn_plan="pipelined"):
         check_against_reference(case, dtype, backend="csrc")
 
@@ -65,12 +66,13 @@ def _gn_outputs(x, p, groups, dy, **emu):
     return [y.detach(), *(t.grad for t in leaves)]
 
 
-@pytest.mark.parametrize("case", NCHW_GN, ids=[f"{c[0]}-G{c[1]}" for c in NCHW_GN])
+@pytest.mark.parametrize("case", CASES + EXTRA_GN, ids=GN_IDS)
 def test_group_norm_one_launch_plan_with_resident_blocks_bf16(case):
     """The same with 4 blocks resident at once (2 SMs' worth: lag 1), their turns passed at every
     atomic: pass-2 chunks claimed before their group's statistics really wait for them."""
-    with as_csrc_cpu(2, gn_plan="pipelined", resident=4, seed=sum(case[0])):
-        check_against_reference(case, torch.bfloat16, backend="csrc")
+    for seed in (1, 2):  # two interleavings
+        with as_csrc_cpu(2, gn_plan="pipelined", resident=4, seed=seed):
+            check_against_reference(case, torch.bfloat16, backend="csrc")
 
 
 def test_group_norm_one_launch_blocks_really_wait_and_agree_bit_for_bit():
@@ -80,12 +82,13 @@ def test_group_norm_one_launch_blocks_really_wait_and_agree_bit_for_bit():
     shape, groups = (2, 64, 24, 24), 8
     x, p = _inputs(shape, groups, torch.float32, False, True, True, seed=5)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(6))
-    in_turn = _gn_outputs(x, p, groups, dy, sms=2, gn_plan="pipelined")
-    before = torch.ops.kiln_emu.emulator_waits()
-    for seed in (1, 2, 3):
-        resident = _gn_outputs(x, p, groups, dy, sms=2, gn_plan="pipelined", resident=4, seed=seed)
-        assert all(torch.equal(a, b) for a, b in zip(in_turn, resident, strict=True)), seed
-    assert torch.ops.kiln_emu.emulator_waits() > before
+    for xx in (x, x.to(memory_format=torch.channels_last)):
+        in_turn = _gn_outputs(xx, p, groups, dy, sms=2, gn_plan="pipelined")
+        before = torch.ops.kiln_emu.emulator_waits()
+        for seed in (1, 2, 3):
+            resident = _gn_outputs(xx, p, groups, dy, sms=2, gn_plan="pipelined", resident=4, seed=seed)
+            assert all(torch.equal(a, b) for a, b in zip(in_turn, resident, strict=True)), seed
+        assert torch.ops.kiln_emu.emulator_waits() > before
 
 
 def test_group_norm_plan_auto_takes_the_one_launch_when_the_bytes_exceed_l2():
@@ -107,9 +110,10 @@ def test_group_norm_plan_errors_name_the_setting():
     with as_csrc_cpu(gn_plan="fast"), kernels.use_backend("csrc"), \
             pytest.raises(RuntimeError, match="KILN_CSRC_GN_PLAN='fast': expected auto, two_pass or pipelined"):
         kernels.group_norm(x, 2)
+    wide = torch.randn(1, 600, 2, 2).to(memory_format=torch.channels_last)  # 300 channels a group
     with as_csrc_cpu(gn_plan="pipelined"), kernels.use_backend("csrc"), \
-            pytest.raises(RuntimeError, match="NCHW only, x is channels-last"):
-        kernels.group_norm(x.to(memory_format=torch.channels_last), 2)
+            pytest.raises(RuntimeError, match="C/G = 300 channels per group, more than a block's 256 threads"):
+        kernels.group_norm(wide, 2)
 
 
 def test_group_norm_cuda_kernels_on_unaligned_inputs():

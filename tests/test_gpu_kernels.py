@@ -171,23 +171,25 @@ def test_csrc_group_norm_on_cuda(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", [c for c in CSRC_GPU_CASES if not c[2]], ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("case", CSRC_GPU_CASES, ids=lambda c: "x".join(map(str, c[0])) + ("-cl" if c[2] else ""))
 def test_csrc_one_launch_group_norm_on_cuda(case, dtype, monkeypatch):
-    """The NCHW one-launch plan (gn_pipelined), forced on the shapes the size rule gives two."""
+    """The one-launch plans (gn_pipelined, gn_cl_pipelined), forced on shapes the size rule
+    gives two launches."""
     from test_group_norm_triton import check_against_reference
 
     monkeypatch.setenv("KILN_CSRC_GN_PLAN", "pipelined")
     check_against_reference(case, dtype, device="cuda", backend="csrc")
 
 
-def test_csrc_one_launch_group_norm_at_vae_scale_on_cuda():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_csrc_one_launch_group_norm_at_vae_scale_on_cuda(channels_last):
     """The csrc one-launch GroupNorm where its blocks really race: 1x128x512x512 bf16 (the size
-    rule's choice there: 67 MB of x, 32 groups of 128 chunks, lag 2-3). The 2x rule, then five
-    more forward + backward runs bitwise equal to the first (a chunk that read its group's
-    statistics before they were published would show as a difference)."""
+    rule's choice there: 67 MB of x; NCHW 32 groups of 128 chunks, channels-last 16 units of 2
+    groups, 256 chunks). The 2x rule, then five more forward + backward runs bitwise equal to the
+    first (a chunk that read its unit's statistics before they were published would show)."""
     from test_group_norm_triton import _inputs, check_against_reference
 
-    case = ((1, 128, 512, 512), 32, False, True, True, "silu")
+    case = ((1, 128, 512, 512), 32, channels_last, True, True, "silu")
     check_against_reference(case, torch.bfloat16, device="cuda", backend="csrc")
     x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
     x = x.cuda().requires_grad_()
