@@ -62,13 +62,33 @@ def test_every_group_norm_knob_on_cuda(case, index, monkeypatch):
     check_against_reference(case, torch.bfloat16, device="cuda")
 
 
+def assert_runs_agree_bitwise(case, backend: str, runs: int = 6) -> None:
+    """``runs`` forward + backward passes of a one-launch GroupNorm (bf16, G = 32, SiLU) give the
+    same bits: fixed-order reductions, so a chunk that read its unit's statistics before they
+    were published would show as a difference."""
+    from test_group_norm_triton import _inputs
+
+    x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
+    x = x.cuda().requires_grad_()
+    p = {k: v.cuda() for k, v in p.items()}
+    dy = torch.randn_like(x)
+    out = []
+    for _ in range(runs):
+        with kernels.use_backend(backend):
+            y = kernels.group_norm(x, 32, activation="silu", **p)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        out.append((y, dx))
+    for y, dx in out[1:]:
+        assert torch.equal(y, out[0][0]) and torch.equal(dx, out[0][1])
+
+
 @pytest.mark.parametrize("knobs", range(2), ids=["tile2048", "tile4096"])
 def test_pipelined_group_norm_at_vae_scale_on_cuda(knobs, monkeypatch):
     """The one-launch GroupNorm where its programs really race: 1x128x512x512 bf16 (32 groups of
     128 chunks, 132-264 programs, a pass 2 one or two groups behind its pass 1). The 2x rule,
     then five more forward + backward runs bitwise equal to the first (fixed-order reductions:
     a chunk read before its group's statistics were published would show as a difference)."""
-    from test_group_norm_triton import _inputs, check_against_reference
+    from test_group_norm_triton import check_against_reference
 
     from kiln.kernels import autotune
     from kiln.kernels import group_norm_triton as gnt
@@ -78,18 +98,7 @@ def test_pipelined_group_norm_at_vae_scale_on_cuda(knobs, monkeypatch):
     autotune.forget()
     case = ((1, 128, 512, 512), 32, False, True, True, "silu")
     check_against_reference(case, torch.bfloat16, device="cuda")
-    x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
-    x = x.cuda().requires_grad_()
-    p = {k: v.cuda() for k, v in p.items()}
-    dy = torch.randn_like(x)
-    runs = []
-    for _ in range(6):
-        with kernels.use_backend("triton"):
-            y = kernels.group_norm(x, 32, activation="silu", **p)
-        (dx,) = torch.autograd.grad(y, x, dy)
-        runs.append((y, dx))
-    for y, dx in runs[1:]:
-        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+    assert_runs_agree_bitwise(case, "triton")
 
 
 @pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")  # -k D128: one head dim per device call
@@ -187,22 +196,11 @@ def test_csrc_one_launch_group_norm_at_vae_scale_on_cuda(channels_last):
     rule's choice there: 67 MB of x; NCHW 32 groups of 128 chunks, channels-last 16 units of 2
     groups, 256 chunks). The 2x rule, then five more forward + backward runs bitwise equal to the
     first (a chunk that read its unit's statistics before they were published would show)."""
-    from test_group_norm_triton import _inputs, check_against_reference
+    from test_group_norm_triton import check_against_reference
 
     case = ((1, 128, 512, 512), 32, channels_last, True, True, "silu")
     check_against_reference(case, torch.bfloat16, device="cuda", backend="csrc")
-    x, p = _inputs(case[0], case[1], torch.bfloat16, *case[2:5], seed=11)
-    x = x.cuda().requires_grad_()
-    p = {k: v.cuda() for k, v in p.items()}
-    dy = torch.randn_like(x)
-    runs = []
-    for _ in range(6):
-        with kernels.use_backend("csrc"):
-            y = kernels.group_norm(x, 32, activation="silu", **p)
-        (dx,) = torch.autograd.grad(y, x, dy)
-        runs.append((y, dx))
-    for y, dx in runs[1:]:
-        assert torch.equal(y, runs[0][0]) and torch.equal(dx, runs[0][1])
+    assert_runs_agree_bitwise(case, "csrc")
 
 
 @pytest.mark.parametrize("backend", ["csrc", "triton"])
