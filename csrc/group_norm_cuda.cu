@@ -1083,8 +1083,9 @@ ClDev make_cl_dev(const GNShape& s, int V, int64_t per_sm) {
 
 // Elements per work item: 8192 (16 KB of bf16 x: one trip of normalize_chunk's 4 vectors a
 // thread, two of dx_chunk's), or a third of a small group so that every group has a few. At
-// 1x128x512x512 bf16 that is 128 chunks a group, 8K tickets a launch, and with 3 blocks per SM
-// on 132 SMs lag 3: a chunk's two reads 7 groups (15 MB of x; 29 MB of x and dy) apart.
+// 1x128x512x512 bf16 that is 128 chunks a group, 8K tickets a launch; on 132 SMs the forward
+// (80 registers, 3 blocks per SM) gets lag 3, a chunk's two reads 7 groups (15 MB of x) apart,
+// the backward (98 registers, 2 blocks) lag 2, 5 groups (21 MB of x and dy) apart.
 constexpr int64_t kPipeChunk = 8192;
 
 GNDev make_pipe_dev(const GNShape& s, int V) {
@@ -1118,6 +1119,22 @@ int cl_unit_groups(const GNShape& s, size_t itemsize) {
   return fitting.empty() ? whole.front() : fitting.back();
 }
 
+// A one-launch kernel's launch: as many blocks as the SMs hold at once (at most one a ticket),
+// its lag, its counters (zeros: the ticket, then a flag per unit).
+template <typename Args, typename... KArgs>
+void launch_one(void (*kernel)(KArgs...), Args& a, int64_t smem_count, int splits, int64_t units,
+                const at::Tensor& like, cudaStream_t stream) {
+  const int64_t tickets = 2 * units * splits;
+  KILN_CHECK(tickets < (int64_t(1) << 30), "group_norm (CUDA, one launch): ", tickets,
+             " work items exceed the int ticket counter");
+  const at::Tensor sync = at::zeros({1 + units}, like.options().dtype(at::kInt));
+  a.sync = sync.data_ptr<int>();
+  const size_t smem = smem_floats(kernel, smem_count);
+  const int64_t grid = std::min<int64_t>(tickets, int64_t(sm_count()) * blocks_per_sm(kernel, kThreads, smem));
+  a.lag = pipe_lag(grid, splits, units);
+  KILN_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, a);
+}
+
 enum class Plan { TwoPass, Pipelined };
 
 // KILN_CSRC_GN_PLAN = auto (default) | two_pass | pipelined. auto: the one launch when the bytes
@@ -1145,25 +1162,17 @@ void launch_pipelined(const GNPrepared& pr, bool silu, double eps, const T* dy, 
                       float* A, float* B, cudaStream_t stream) {
   const GNShape& s = pr.s;
   const GNDev d = make_pipe_dev(s, V);
-  const int64_t units = s.N * s.G, tickets = 2 * units * d.splits;
-  KILN_CHECK(tickets < (int64_t(1) << 30), "group_norm (CUDA, one launch): ", tickets,
-             " work items exceed the int ticket counter");
+  const int64_t units = s.N * s.G;
   const at::TensorOptions f = pr.x.options().dtype(at::kFloat);
   at::Tensor part = at::empty({units, d.splits, BWD ? 2 * s.Cg : 2}, f);
   at::Tensor m12 = at::empty({BWD ? 2 * units : 0}, f);
-  at::Tensor sync = at::zeros({1 + units}, pr.x.options().dtype(at::kInt));
   PipeArgs<T> a{pr.x.const_data_ptr<T>(), dy, out, d, pr.params(), silu, static_cast<float>(eps), mean, rstd,
-                part.data_ptr<float>(), A, B, m12.data_ptr<float>(), sync.data_ptr<int>(), units, 0};
-  auto run = [&](auto kernel) {
-    const size_t smem = smem_floats(kernel, 2 * d.Cg);
-    const int64_t grid = std::min<int64_t>(tickets, int64_t(sm_count()) * blocks_per_sm(kernel, kThreads, smem));
-    a.lag = pipe_lag(grid, d.splits, units);
-    KILN_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, a);
-  };
+                part.data_ptr<float>(), A, B, m12.data_ptr<float>(), nullptr, units, 0};
   if constexpr (BWD) {
-    if (d.chunk >= 4 * d.HW) return run(gn_pipelined<T, V, BWD, 32>);  // as launch_bwd_partials
+    if (d.chunk >= 4 * d.HW)  // as launch_bwd_partials: a warp per channel piece
+      return launch_one(gn_pipelined<T, V, BWD, 32>, a, 2 * d.Cg, d.splits, units, pr.x, stream);
   }
-  run(gn_pipelined<T, V, BWD, kThreads>);
+  launch_one(gn_pipelined<T, V, BWD, kThreads>, a, 2 * d.Cg, d.splits, units, pr.x, stream);
 }
 
 // The channels-last one launch: forward (dy, A, B null; mean, rstd written) or backward.
@@ -1179,20 +1188,12 @@ void launch_cl_pipelined(const GNPrepared& pr, bool silu, double eps, const T* d
   d.chunk = std::max<int64_t>(1, std::min<int64_t>(kPipeChunk / d.W, third));
   d.splits = static_cast<int>((s.HW + d.chunk - 1) / d.chunk);
   d.units = s.N * s.G / d.UG;
-  const int64_t tickets = 2 * d.units * d.splits;
-  KILN_CHECK(tickets < (int64_t(1) << 30), "group_norm (CUDA, one launch): ", tickets,
-             " work items exceed the int ticket counter");
   const at::TensorOptions f = pr.x.options().dtype(at::kFloat);
   at::Tensor part = at::empty({d.units, d.splits, 2, d.W}, f);
   at::Tensor coef = at::empty({s.N, BWD ? 4 : 2, s.C}, f);
-  at::Tensor sync = at::zeros({1 + d.units}, pr.x.options().dtype(at::kInt));
   ClPipeArgs<T> a{pr.x.const_data_ptr<T>(), dy, out, d, pr.params(), silu, static_cast<float>(eps), mean, rstd,
-                  part.data_ptr<float>(), coef.data_ptr<float>(), A, B, sync.data_ptr<int>(), 0};
-  auto kernel = gn_cl_pipelined<T, V, BWD>;
-  const size_t smem = smem_floats(kernel, 2 * d.W + 2 * d.UG);
-  const int64_t grid = std::min<int64_t>(tickets, int64_t(sm_count()) * blocks_per_sm(kernel, kThreads, smem));
-  a.lag = pipe_lag(grid, d.splits, d.units);
-  KILN_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, smem, stream, a);
+                  part.data_ptr<float>(), coef.data_ptr<float>(), A, B, nullptr, 0};
+  launch_one(gn_cl_pipelined<T, V, BWD>, a, 2 * d.W + 2 * d.UG, d.splits, d.units, pr.x, stream);
 }
 
 // The unit's channels as V-wide vectors when its width allows (each unit's first channel then
