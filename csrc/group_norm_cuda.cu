@@ -660,13 +660,14 @@ __global__ void gn_cl_stats(const T* __restrict__ x, ClDev d, const float* __res
   }
 }
 
-// `planes` per-channel coefficient planes of sample n (coef (N, planes, C)) for V channels from c0.
+// `planes` per-channel coefficient planes of sample n (coef (N, planes, C)) for V channels from c0
+// (__ldcg: in the one launch another SM wrote them).
 template <int V, int P>
 __device__ __forceinline__ void load_planes(const float* coef, int64_t n, int64_t C, int64_t c0, float (&out)[P][V]) {
 #pragma unroll
   for (int q = 0; q < P; ++q)
 #pragma unroll
-    for (int v = 0; v < V; ++v) out[q][v] = coef[(n * P + q) * C + c0 + v];
+    for (int v = 0; v < V; ++v) out[q][v] = __ldcg(coef + (n * P + q) * C + c0 + v);
 }
 
 template <typename T, int V>
@@ -985,10 +986,7 @@ __device__ void cl_pipe_pass2(const ClPipeArgs<T>& a, int64_t u, int k) {
   pipe_wait(a.sync + 1 + u, d.splits + 1, a.coef + n * P * d.C + d.c_lo(u), d.W);  // (poisons plane a)
   if (!l.active) return;
   float cf[P][V];
-#pragma unroll
-  for (int q = 0; q < P; ++q)
-#pragma unroll
-    for (int v = 0; v < V; ++v) cf[q][v] = __ldcg(a.coef + (n * P + q) * d.C + c0 + v);
+  load_planes<V, P>(a.coef, n, d.C, c0, cf);
   const int64_t base = n * d.HW * d.C;
 #pragma unroll 4
   for (int64_t t = t0 + l.r; t < t1; t += d.rows) {

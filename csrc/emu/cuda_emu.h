@@ -447,7 +447,6 @@ template <typename T>
 T __ldcg(const T* p) {
   return *p;
 }
-inline int load_acquire(const int* p) { return *p; }
 // Polls until *flag >= target, letting the other resident blocks run in between. A wait that no
 // block still running can end (blocks in turn: it does not pass at once; resident blocks: all
 // others have finished, or 10^6 polls) is a broken schedule, reported as such.
