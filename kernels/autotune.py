@@ -46,13 +46,16 @@ class LaunchConfig:
     # and splits the program's kept rows between two consumer warp groups of num_warps warps each
     # (3 · num_warps warps launched), as FlashAttention-3 does
     ws: bool = False
+    # the atomic backward's dkdv kernel (with tma): dQ tiles added by TMA bulk reductions instead of
+    # per-thread fp32 atomics (qk_norm_attention_triton._dq_atomic_add)
+    bulk_dq: bool = False
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
 
     def __str__(self) -> str:
-        tail = "/ws" if self.ws else "/tma" if self.tma else ""
+        tail = ("/ws" if self.ws else "/tma" if self.tma else "") + ("/bulk-dq" if self.bulk_dq else "")
         return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tail}"
 
 

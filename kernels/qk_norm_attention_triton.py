@@ -60,6 +60,30 @@ BLOCK_T = 16  # tokens per pre-pass program
 DELTA_BLOCK = 64  # queries per program of the backward's rowsum(dO · O)
 
 
+def _interpreter_descriptor_add() -> None:
+    """Give Triton's interpreter the descriptor reduction it lacks (3.6 and 3.8: ``desc.atomic_add``
+    reaches ``InterpreterBuilder.create_descriptor_reduce``, which is not there), so the TMA dQ
+    adds run on CPU as on the GPU, through the same box coordinates. The interpreter runs one
+    program at a time, so the box's load + add + store is the reduction exactly; ADD only, the
+    one kiln uses. Nothing changes where Triton has its own."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != interpreter._ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind} in the interpreter (kiln adds only)")
+        old = self.create_descriptor_load(desc, indices, None, None)
+        return self.create_descriptor_store(desc, interpreter.TensorHandle(old.data + value.data, old.dtype), indices)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+
+
+_interpreter_descriptor_add()
+
+
 # Candidate (BLOCK_M, BLOCK_N, warps, stages[, tma[, ws]]) per kernel, 16-bit inputs; the first is
 # the default. ``tma`` candidates load their Q, K, V (and dO) tiles with the Tensor Memory
 # Accelerator (host-built tensor descriptors over the (B, S, H·D) view; rows past S come back as
@@ -96,11 +120,19 @@ ATTN_CANDIDATES = {
     # the "atomic" backward's dkdv kernel (dQ added with fp32 atomics, see _bwd_mode): its dQ tile
     # takes registers, so at D = 128 only TMA tiles stay spill-free under both Triton 3.8 and the
     # GPU machine's 3.6 (the pointer 64x64/w8 spills 24-28 bytes under 3.6, 4 warps 288 under
-    # 3.8), and so does 64x128 at D = 64 only with TMA and 2 stages (20-1544 bytes otherwise); at
-    # D = 256 every candidate spills (516+ bytes) and there is none; nor a warp-specialised one
-    # (the pass fails on the atomics in NVGPUWarpSpecialization)
-    ("dkdv_dq", 64): [_C(64, 64, 4, 3), _C(64, 128, 8, 2, tma=True), _C(64, 64, 4, 3, tma=True)],
-    ("dkdv_dq", 128): [_C(64, 64, 8, 3, tma=True), _C(64, 64, 8, 2, tma=True)],
+    # 3.8), and so does 64x128 at D = 64 only with TMA and 2 stages (20-1544 bytes otherwise).
+    # ``bulk-dq`` ones add their dQ tiles by TMA bulk reduction (_dq_atomic_add): 20-32 registers
+    # fewer at D = 128 (216 / 212 for s3 / s2, from 236 / 244), still not enough for larger tiles
+    # (64x128 spills 1.3 KB, 4 warps 128-144 bytes; 128x64 needs 241 KB of shared memory); at
+    # D = 64, 64x128/w8/s2 spills 8 bytes with it under 3.8 and stays a per-thread-add candidate
+    # (128-key blocks: half the adds of 64-key ones), 128x64/w8/s3 bulk-dq is spill-free (184
+    # registers under 3.8, 179 under 3.6). The per-thread TMA candidates beside bulk-dq ones of the
+    # same tiles are the control. At D = 256 every candidate spills (516+ bytes) and there is none;
+    # nor a warp-specialised one (the pass fails on the atomics, see _attn_bwd_dkdv_kernel)
+    ("dkdv_dq", 64): [_C(64, 64, 4, 3), _C(64, 128, 8, 2, tma=True), _C(64, 64, 4, 3, tma=True),
+                      _C(64, 64, 4, 3, tma=True, bulk_dq=True), _C(128, 64, 8, 3, tma=True, bulk_dq=True)],
+    ("dkdv_dq", 128): [_C(64, 64, 8, 3, tma=True, bulk_dq=True), _C(64, 64, 8, 2, tma=True, bulk_dq=True),
+                       _C(64, 64, 8, 3, tma=True)],
     ("dkdv_dq", 256): [],
     # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
     ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True),
@@ -118,12 +150,14 @@ def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) 
     """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq", "dkdv_dq": dkdv
     adding dQ with atomics); the TMA ones
     only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`), the warp-specialised
-    ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves)."""
+    ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves),
+    the bulk-dq ones unless ``KILN_ATTN_BULK_DQ=0`` (likewise for its TMA bulk reductions)."""
     if dtype == torch.float32:
         return FP32_CANDIDATES[kernel]
     ws = os.environ.get("KILN_ATTN_WS", "1") != "0"
+    bulk = os.environ.get("KILN_ATTN_BULK_DQ", "1") != "0"
     cands = ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)]
-    return [c for c in cands if (tma or not c.tma) and (ws or not c.ws)]
+    return [c for c in cands if (tma or not c.tma) and (ws or not c.ws) and (bulk or not c.bulk_dq)]
 
 
 def tuning_key(kernel: str, q: torch.Tensor, flags: tuple, tma: bool) -> tuple:
@@ -481,12 +515,22 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _dq_atomic_add(dq_ptr, ds, k, b, h, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC: tl.constexpr):
-    """dQ += scale · dS·K for queries offs_m, into the fp32 (B, S, H, D) accumulator: every key
-    block's program adds to the same query rows (red.global.add.f32, no return value)."""
+def _dq_atomic_add(dq_ptr, ds, k, b, h, start_m, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC: tl.constexpr,
+                   BULK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """dQ += scale · dS·K for queries start_m + offs_m, into the fp32 (B, S, H, D) accumulator:
+    every key block's program adds to the same query rows. Per-thread red.global.add.f32 (REDG: 32
+    a thread per 64x128 tile at 8 warps), or when BULK (LaunchConfig.bulk_dq) dq_ptr is a host
+    descriptor over the accumulator's (B, S, H·D) view and the tile goes in one bulk tensor
+    reduction (cp.reduce.async.bulk.tensor .add, UTMAREDG: the TMA unit adds it in L2, the warps
+    only stage it in shared memory), FlashAttention-3's way; rows past S are dropped by the
+    hardware. The same fp32 adds reach L2 either way; the bulk one frees registers and issue slots
+    (216 registers instead of 236 in the bf16 D = 128 64x64/w8/s3 kernel)."""
     part = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale  # (BLOCK_M, BLOCK_D)
-    tl.atomic_add(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :], part,
-                  mask=(offs_m < S)[:, None] & dm[None, :], sem="relaxed")
+    if BULK:
+        dq_ptr.atomic_add([b, start_m, h * D], part.reshape(1, BLOCK_M, D))
+    else:
+        tl.atomic_add(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgs + offs_d[None, :], part,
+                      mask=(offs_m < S)[:, None] & dm[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -519,13 +563,16 @@ def _attn_bwd_dkdv_kernel(
     S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh, scale, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    WS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    WS: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_BULK: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys, looping over query blocks; q, do (and k, v unless WS) are
     descriptors when TMA. With DQ_ATOMIC also dQ (the "atomic" backward): each query block's
     scale · dS·K is added into dq_ptr, a zeroed fp32 (B, S, H, D) buffer, so the dq kernel and its
-    recomputed QK^T and dO·V^T (2 of the backward's 7 matmuls) are not needed. Not with WS:
-    Triton's warp specialisation fails on the atomics (3.8, NVGPUWarpSpecialization)."""
+    recomputed QK^T and dO·V^T (2 of the backward's 7 matmuls) are not needed; with DQ_BULK dq_ptr
+    is a descriptor and the adds are bulk reductions (_dq_atomic_add). Not with WS: Triton's warp
+    specialisation fails on the atomics, pointer and descriptor ones alike (3.8,
+    NVGPUWarpSpecialization; the descriptor reduction in WSDataPartition, "Unexpected
+    asyncTaskIds.size()", with 64 or 128 keys a step)."""
     tl.static_assert(not (WS and DQ_ATOMIC), "the atomic dQ has no warp-specialised variant")
     pid_n, bh, b, h, offs_n, offs_d, dm = _block_coords(H, D, BLOCK_D, BLOCK_N)
     k = _kept_tile(k_ptr, b, h, skb, sks, skh, pid_n * BLOCK_N, offs_n, offs_d, S, H, dm, BLOCK_N, D, UPCAST, TMA, WS)
@@ -553,7 +600,8 @@ def _attn_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             if DQ_ATOMIC:
-                _dq_atomic_add(dq_ptr, ds, k, b, h, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC)
+                _dq_atomic_add(dq_ptr, ds, k, b, h, start_m, sgb, sgs, sgh, offs_m, offs_d, dm, S, scale, PREC,
+                               DQ_BULK, BLOCK_M, D)
     out_mask = (offs_n < S)[:, None] & dm[None, :]
     g_off = b * sgb + h * sgh + offs_n[:, None] * sgs + offs_d[None, :]  # dk, dv: (B, S, H, D)
     tl.store(dk_ptr + g_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
@@ -655,6 +703,15 @@ def _sources(cfg: LaunchConfig, kernel: str, q, k, v, do=None) -> tuple:
     return tuple(t if n in kept else _descriptor(t, r) for n, t, r in zip(names, ts, rows, strict=False))
 
 
+def _dq_target(cfg: LaunchConfig, dq_acc: list, atomic: bool, placeholder: torch.Tensor):
+    """The dkdv kernel's dq argument: the atomic mode's fp32 accumulator, as a descriptor with
+    (1, BLOCK_M, D) boxes for bulk_dq configs (their dQ tiles go in by bulk reduction), or an
+    unused placeholder when the kernel does not add dQ."""
+    if not atomic:
+        return placeholder
+    return _descriptor(dq_acc[0], cfg.block_m) if cfg.bulk_dq else dq_acc[0]
+
+
 def _launch(kernel, grid, cfg: LaunchConfig, device: torch.device, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the config's launch knobs, through
     :func:`autotune.run_kernel` (which only compiles while the autotuner compiles candidates).
@@ -710,15 +767,15 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: 
                   UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
     strides = (*_qkv_strides(q, k, v), do.stride(0), do.stride(1), do.stride(2), *dq.stride()[:3])
 
-    dq_acc = []  # the atomic mode's fp32 accumulator, made on first use
+    dq_acc = []  # the atomic mode's fp32 accumulator, made on first use (see _dq_target)
 
     def launch_dkdv(cfg: LaunchConfig, atomic: bool = False):
         if atomic:
             dq_acc[:] = dq_acc or [torch.empty((B, S, H, D), dtype=torch.float32, device=q.device)]
             dq_acc[0].zero_()  # zeroed in every launch: the autotuner's timing runs repeat it
         _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, cfg.block_n), B * H), cfg, q.device,
-                *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, dq_acc[0] if atomic else dk, S, SR, H,
-                *strides, scale, scale * LOG2E, DQ_ATOMIC=atomic, **common)
+                *_sources(cfg, "dkdv", q, k, v, do), lse, delta, pad, dk, dv, _dq_target(cfg, dq_acc, atomic, dk),
+                S, SR, H, *strides, scale, scale * LOG2E, DQ_ATOMIC=atomic, DQ_BULK=atomic and cfg.bulk_dq, **common)
         return (dk, dv, dq_acc[0]) if atomic else (dk, dv)
 
     def launch_dq(cfg: LaunchConfig):
@@ -782,15 +839,19 @@ _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float3
 
 
 def _sm90_signature(sig: dict, kernel: str, cfg: LaunchConfig, dt: str, D: int) -> dict:
-    """An attention kernel's signature for ``cfg``: with TMA, Q, K, V (and dO) are host tensor
-    descriptors with (1, rows, D) boxes, except the tensors a warp-specialised kernel keeps."""
+    """An attention kernel's signature for ``cfg``: with TMA, Q, K, V (and dO, and the atomic
+    backward's dQ accumulator) are host tensor descriptors with (1, rows, D) boxes, except the
+    tensors a warp-specialised kernel keeps."""
     if not cfg.tma:
         return sig
     boxes = {"q_ptr": cfg.block_m, "k_ptr": cfg.block_n, "v_ptr": cfg.block_n}
     if kernel != "fwd":
         boxes["do_ptr"] = cfg.block_m
     kept = {f"{n}_ptr" for n in _KEPT[kernel]} if cfg.ws else set()
-    return {**sig, **{a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items() if a not in kept}}
+    descs = {a: f"tensordesc<{dt}[1, {rows}, {D}]>" for a, rows in boxes.items() if a not in kept}
+    if cfg.bulk_dq:  # the fp32 dQ accumulator, added to by bulk reductions (_dq_target)
+        descs["dq_ptr"] = f"tensordesc<fp32[1, {cfg.block_m}, {D}]>"
+    return {**sig, **descs}
 
 
 def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
@@ -846,8 +907,9 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                     flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                              "TMA": cfg.tma, "WS": cfg.ws}
                     if kernel is _attn_bwd_dkdv_kernel:
-                        flags["DQ_ATOMIC"] = name == "dkdv_dq"
+                        flags["DQ_ATOMIC"], flags["DQ_BULK"] = name == "dkdv_dq", cfg.bulk_dq
                     r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,
                                      cfg.num_stages, aligned=(*strides, "SR"))
-                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "candidates": name})
+                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq,
+                                    "candidates": name})
     return reports

@@ -128,6 +128,8 @@ def _facts(text: str) -> dict:
         "hgmma": sum(n for op, n in ops.items() if op.startswith("HGMMA")),
         "hmma": sum(n for op, n in ops.items() if op.startswith("HMMA")),
         "tma_loads": sum(n for op, n in ops.items() if op.startswith("UTMALDG")),
+        # bulk tensor reductions (cp.reduce.async.bulk.tensor: the TMA unit adds a tile in L2)
+        "tma_reduces": sum(n for op, n in ops.items() if op.startswith("UTMAREDG")),
         # cp.async copies global -> shared (Triton's software pipelining of a loop's loads)
         "async_copies": sum(n for op, n in ops.items() if op.startswith("LDGSTS")),
         "global_load_bits": {str(k): v for k, v in sorted(loads.items())},

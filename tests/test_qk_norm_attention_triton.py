@@ -198,31 +198,36 @@ def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dt
     assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma and c.ws == ws for _, c in used)
 
 
-@pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype,tma", [
+@pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype,tma,bulk", [
     # (pointer tiles: D = 64 and fp32 only; at D = 128 the atomic candidates are all TMA ones)
-    (2, 117, 2, 64, 2, True, True, False, torch.float16, False),  # padding; several key blocks add per dQ row
-    (2, 117, 2, 64, 2, True, True, False, torch.float16, True),
-    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16, True),  # causal: only key blocks <= the query's add
-    (2, 70, 1, 128, 0, False, False, False, torch.float16, True),  # no masks: keys past S must add nothing
-    (1, 70, 2, 64, 0, False, False, True, torch.bfloat16, False),
-    (1, 19, 2, 80, 1, True, False, True, torch.float32, False),  # fp32, masked head dimension
+    (2, 117, 2, 64, 2, True, True, False, torch.float16, False, False),  # padding; several key blocks add per dQ row
+    (2, 117, 2, 64, 2, True, True, False, torch.float16, True, False),
+    (2, 117, 2, 64, 2, True, True, False, torch.float16, True, True),  # dQ tiles by bulk reduction
+    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16, True, True),  # causal: only key blocks <= the query's add
+    (2, 70, 1, 128, 0, False, False, False, torch.float16, True, True),  # no masks: keys past S add nothing, and
+    (2, 70, 1, 128, 0, False, False, False, torch.float16, True, False),  # the bulk adds' rows past S are dropped
+    (1, 70, 2, 64, 0, False, False, True, torch.bfloat16, False, False),
+    (1, 19, 2, 80, 1, True, False, True, torch.float32, False, False),  # fp32, masked head dimension
 ])
-def test_atomic_backward_matches_the_reference(B, S, H, D, G, rope, pad, causal, dtype, tma, monkeypatch):
+def test_atomic_backward_matches_the_reference(B, S, H, D, G, rope, pad, causal, dtype, tma, bulk, monkeypatch):
     """KILN_ATTN_BWD=atomic: dQ comes from the dkdv kernel's fp32 atomic adds (no dq kernel runs),
-    with pointer and TMA tiles, and passes the same 2x rule for the output and all gradients."""
+    with pointer and TMA tiles, per-thread or bulk (TMA reduction) adds, and passes the same 2x
+    rule for the output and all gradients."""
     from kiln.kernels import qk_norm_attention_triton as attn
 
     full, used = attn.attn_candidates, []
 
     def record(kernel, dt, head_dim, tma_ok=False):
-        cands = [c for c in full(kernel, dt, head_dim, tma_ok) if c.tma == (tma and kernel != "fwd")]
-        used.append(kernel)
+        cands = [c for c in full(kernel, dt, head_dim, tma_ok)
+                 if c.tma == (tma and kernel != "fwd") and c.bulk_dq == (bulk and kernel == "dkdv_dq")]
+        used.append((kernel, cands[0]))
         return cands
 
     monkeypatch.setattr(attn, "attn_candidates", record)
     monkeypatch.setenv("KILN_ATTN_BWD", "atomic")
     check(B, S, H, D, G, rope, pad, causal, dtype, seed=5)
-    assert "dkdv_dq" in used and "dq" not in used and "dkdv" not in used, used
+    assert {k for k, _ in used} - {"fwd"} == {"dkdv_dq"}, used
+    assert all(c.bulk_dq == bulk for k, c in used if k == "dkdv_dq")
 
 
 def test_backward_mode_switch(monkeypatch):
@@ -310,10 +315,14 @@ def test_sm90_compile_check():
     assert {r["kernel"] for r in reports if r.get("ws")} == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
                                                              "_attn_bwd_dq_kernel"}
     assert sum(r.get("candidates") == "dkdv_dq" for r in reports) >= 5
+    assert sum(r.get("bulk_dq", False) for r in reports) >= 4
     for r in reports:
         assert r["registers"] and r["registers"] <= 255, r
-        # dQ by atomic adds only in the atomic backward's dkdv kernel
-        assert (r["atomic_adds"] > 0) == (r.get("candidates") == "dkdv_dq"), r
+        # dQ by atomic adds only in the atomic backward's dkdv kernel: per-thread REDs, or in the
+        # bulk-dq candidates one bulk tensor reduction a query block (UTMAREDG) and no REDs
+        atomic, bulk = r.get("candidates") == "dkdv_dq", r.get("bulk_dq", False)
+        assert (r["atomic_adds"] > 0) == (atomic and not bulk), r
+        assert (r["tma_reduces"] > 0) == (atomic and bulk), r
         if r["dtype"] == "fp32":  # correctness path, full-precision FMA dots
             assert r["spills"] <= 64, r
             continue
