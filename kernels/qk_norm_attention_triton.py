@@ -123,20 +123,22 @@ ATTN_CANDIDATES = {
     # 3.8), and so does 64x128 at D = 64 only with TMA and 2 stages (20-1544 bytes otherwise).
     # ``bulk-dq`` ones add their dQ tiles by TMA bulk reduction (_dq_atomic_add): 20-32 registers
     # fewer at D = 128 (216 / 212 for s3 / s2, from 236 / 244), still not enough for larger tiles
-    # (64x128 spills 1.3 KB, 4 warps 128-144 bytes; 128x64 needs 241 KB of shared memory); at
-    # D = 64, 64x128/w8/s2 spills 8 bytes with it under 3.8 and stays a per-thread-add candidate
-    # (128-key blocks: half the adds of 64-key ones), 128x64/w8/s3 bulk-dq is spill-free (184
-    # registers under 3.8, 179 under 3.6). The per-thread TMA candidates beside bulk-dq ones of the
-    # same tiles are the control. At D = 256 every candidate spills (516+ bytes) and there is none;
+    # (64x128 spills 1.3 KB, 4 warps 128-144 bytes; 128x64 needs 241 KB of shared memory). At
+    # D = 64 the 128-key 64x128/w8/s2 (half the adds of 64-key blocks) sits at 255 registers and
+    # spills 8-32 bytes under one Triton or the other, per-thread or bulk, since the backward's
+    # masked probabilities were shortened (2026-12-02): dropped; 128x64/w8/s3 bulk-dq is
+    # spill-free (184 registers). The per-thread TMA candidates beside bulk-dq ones of the same
+    # tiles are the control. At D = 256 every candidate spills (516+ bytes) and there is none;
     # nor a warp-specialised one (the pass fails on the atomics, see _attn_bwd_dkdv_kernel)
-    ("dkdv_dq", 64): [_C(64, 64, 4, 3), _C(64, 128, 8, 2, tma=True), _C(64, 64, 4, 3, tma=True),
-                      _C(64, 64, 4, 3, tma=True, bulk_dq=True), _C(128, 64, 8, 3, tma=True, bulk_dq=True)],
+    ("dkdv_dq", 64): [_C(64, 64, 4, 3), _C(64, 64, 4, 3, tma=True), _C(64, 64, 4, 3, tma=True, bulk_dq=True),
+                      _C(128, 64, 8, 3, tma=True, bulk_dq=True)],
     ("dkdv_dq", 128): [_C(64, 64, 8, 3, tma=True, bulk_dq=True), _C(64, 64, 8, 2, tma=True, bulk_dq=True),
                        _C(64, 64, 8, 3, tma=True)],
     ("dkdv_dq", 256): [],
-    # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64)
-    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 8, 2, tma=True),
-                   _C(128, 64, 4, 2, **_WS)],
+    # 128 < D <= 256: two stages (three need > 227 KB of shared memory at 64x64); the forward's
+    # 64x64 at 4 warps (255 registers) spills 64 bytes since its row max moved to unscaled scores
+    # (2026-12-02): dropped
+    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 8, 2, tma=True), _C(128, 64, 4, 2, **_WS)],
     ("dkdv", 256): [_C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
     ("dq", 256): [_C(64, 32, 8, 2), _C(64, 64, 8, 2), _C(64, 64, 8, 2, tma=True)],
 }
@@ -407,10 +409,9 @@ def _row_stats(lse_ptr, delta_ptr, bh, S, SR, start, BLOCK: tl.constexpr, WS: tl
 
 
 @triton.jit
-def _scores(q, k_t, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr,
-            CAUSAL: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
-    """Scaled scores in base 2 for a (BLOCK_M, BLOCK_N) tile and its validity mask."""
-    s = tl.dot(q, k_t, input_precision=PREC) * scale_log2
+def _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, WS: tl.constexpr):
+    """Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count: keys before S, not padded,
+    not after the query when causal."""
     valid = (offs_n < S)[None, :]
     if HAS_PAD:
         if WS:
@@ -420,19 +421,19 @@ def _scores(q, k_t, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_
         valid = valid & (keep != 0)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    return tl.where(valid, s, NEG), valid
+    return valid
 
 
 @triton.jit
 def _probs(q, k, lse, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, MASKED: tl.constexpr,
            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
-    """Backward's recomputed probabilities exp2(s - lse) of a (BLOCK_M, BLOCK_N) tile; invalid
-    keys zeroed when MASKED (rows past S need no mask: their lse is +1e30, so p = 0)."""
+    """Backward's recomputed probabilities exp2(s·scale_log2 - lse) of a (BLOCK_M, BLOCK_N) tile
+    (one FFMA and one exp2 a score); invalid keys zeroed when MASKED (one select: rows past S
+    need none, their lse is +1e30, so p = 0)."""
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse[:, None])
     if MASKED:
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL,
-                           PREC, WS)
-        return tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-    return tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse[:, None])
+        p = tl.where(_valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL, WS), p, 0.0)
+    return p
 
 
 @triton.jit
@@ -454,19 +455,29 @@ def _dq_block(dq, q, do, lse, delta, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh,
 def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh, start_n, offs_m, offs_d,
                dm, S, SR, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               TMA: tl.constexpr, WS: tl.constexpr):
-    """One key block of the online softmax: returns the updated (acc, m_i, l_i)."""
+               TMA: tl.constexpr, WS: tl.constexpr, SCALE_POS: tl.constexpr):
+    """One key block of the online softmax: returns the updated (acc, m_i, l_i), m_i in units of
+    s·scale_log2. With a positive scale (SCALE_POS) the row max is taken on the raw scores and
+    scaled once per row, so a score's scaling folds into its exp2 argument (one FFMA,
+    s·scale_log2 - m): one instruction a score fewer, in a loop that issues ~11.5 a score (368 a
+    thread per 128x64 tile, bf16 D = 128, sm_90a) against the ~16 per score the SM's issue rate
+    allows at full tensor-core speed. A non-positive scale scales every score first."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _src_tile(k_ptr, b, h, skb, sks, skh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
     v = _src_tile(v_ptr, b, h, svb, svs, svh, start_n, offs_n, offs_d, S, dm, BLOCK_N, D, UPCAST, TMA)
-    if MASKED:
-        s, valid = _scores(q, tl.trans(k), scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL,
-                           PREC, WS)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N), unscaled
+    if SCALE_POS:
+        s_max = s
     else:
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        s = s * scale_log2
+        s_max = s
+    if MASKED:
+        valid = _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL, WS)
+        s_max = tl.where(valid, s_max, NEG)
+    m_blk = tl.max(s_max, axis=1)
+    m_new = tl.maximum(m_i, m_blk * scale_log2 if SCALE_POS else m_blk)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2((s * scale_log2 if SCALE_POS else s) - m_new[:, None])
     if MASKED:
         p = tl.where(valid, p, 0.0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -480,7 +491,7 @@ def _attn_fwd_kernel(
     S, SR, H, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, scale_log2,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    WS: tl.constexpr,
+    WS: tl.constexpr, SCALE_POS: tl.constexpr,
 ):
     """FlashAttention-2 forward; k_ptr, v_ptr are tensor descriptors when TMA, and so is q_ptr
     unless WS (then the kernel makes Q's descriptor, see _kept_tile)."""
@@ -499,11 +510,11 @@ def _attn_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
                                    start_n, offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, False, False, False,
-                                   UPCAST, PREC, TMA, False)
+                                   UPCAST, PREC, TMA, False, SCALE_POS)
     for start_n in tl.range(n_full, hi, BLOCK_N, warp_specialize=WS):
         acc, m_i, l_i = _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb, svs, svh,
                                    start_n, offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, True, HAS_PAD, CAUSAL,
-                                   UPCAST, PREC, TMA, WS)
+                                   UPCAST, PREC, TMA, WS, SCALE_POS)
     seen = l_i > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -741,7 +752,8 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
         _launch(_attn_fwd_kernel, (triton.cdiv(S, cfg.block_m), B * H), cfg, q.device,
                 *_sources(cfg, "fwd", q, k, v), out, lse, pad, S, SR, H, *_qkv_strides(q, k, v), out.stride(0),
                 out.stride(1), out.stride(2), scale * LOG2E, D=D, BLOCK_D=triton.next_power_of_2(D),
-                HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype))
+                HAS_PAD=has_pad, CAUSAL=causal, UPCAST=_upcast(q.dtype), PREC=_precision(q.dtype),
+                SCALE_POS=scale > 0)
         return (out,)  # what a candidate is checked on (lse past S is unused)
 
     launch(_pick("fwd", q, (has_pad, causal), launch, _tma_ok(q, k, v)))
@@ -906,6 +918,8 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 for has_pad in (True, False) if cfg.ws else (True,):
                     flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                              "TMA": cfg.tma, "WS": cfg.ws}
+                    if kernel is _attn_fwd_kernel:
+                        flags["SCALE_POS"] = True
                     if kernel is _attn_bwd_dkdv_kernel:
                         flags["DQ_ATOMIC"], flags["DQ_BULK"] = name == "dkdv_dq", cfg.bulk_dq
                     r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,

@@ -107,6 +107,13 @@ def trip_vector_loads(text: str, bits: int = 128) -> int:
     in flight unless the compiler overlaps trips (loops are read off backward branches;
     innermost: containing no other). nvcc unrolls a plain strided loop 4x on its own (4 loads a
     trip); a loop with carried index arithmetic it may leave at 1."""
+    wide = [sum(1 for ins in body if _load_bits(ins) == bits) for body in _innermost_loops(text)]
+    return max(wide, default=0)
+
+
+def _innermost_loops(text: str) -> list[list[str]]:
+    """The instructions of each innermost loop of a disassembly (loops read off backward branches;
+    innermost: containing no other)."""
     code, where = _instructions(text)
     loops = []
     for i, ins in enumerate(code):
@@ -114,8 +121,19 @@ def trip_vector_loads(text: str, bits: int = 128) -> int:
         if m and m.group(1) in where and where[m.group(1)] <= i:
             loops.append((where[m.group(1)], i))
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    wide = [sum(1 for ins in code[a:b + 1] if _load_bits(ins) == bits) for a, b in inner]
-    return max(wide, default=0)
+    return [code[a:b + 1] for a, b in inner]
+
+
+def mma_loop_ops(text: str) -> dict[str, int]:
+    """Opcode counts (root names: FMUL, FFMA, FSEL, ...) of the shortest innermost loop that issues
+    HGMMA, and its length under "total": an attention kernel's steady-state key or query loop,
+    what one thread issues a trip. Empty without such a loop."""
+    bodies = [b for b in _innermost_loops(text) if any(re.match(r"(?:@!?U?P\w+\s+)?HGMMA", i) for i in b)]
+    if not bodies:
+        return {}
+    body = min(bodies, key=len)
+    ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", i).group(1) for i in body)
+    return {"total": len(body), **dict(sorted(ops.items()))}
 
 
 def _facts(text: str) -> dict:
@@ -141,6 +159,7 @@ def _facts(text: str) -> dict:
         "calls": sum(n for op, n in ops.items() if op.startswith("CALL")),
         "trip_vector_loads": trip_vector_loads(text),
         "trip_loads_32": trip_vector_loads(text, 32),  # 4-byte ones: QK-norm+RoPE's rows at bf16 D = 128
+        "mma_loop_ops": mma_loop_ops(text),
     }
 
 

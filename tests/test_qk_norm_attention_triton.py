@@ -51,8 +51,9 @@ def _triton(*a, **kw):
         return kernels.qk_norm_attention(*a, **kw)
 
 
-def check(B, S, H, D, G, rope, pad, causal, dtype, seed=0, n_text=None, device="cpu"):
+def check(B, S, H, D, G, rope, pad, causal, dtype, seed=0, n_text=None, device="cpu", **extra):
     tensors, kw = make_case(B, S, H, D, G, rope, pad, causal, dtype, seed, n_text)
+    kw.update(extra)
     tensors, kw = [t.to(device) for t in tensors], {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
     dout = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(device)
     ref = _run(lambda *a, **k: kernels.qk_norm_attention_ref(*a, upcast=True, **k),
@@ -198,6 +199,14 @@ def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dt
     assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma and c.ws == ws for _, c in used)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.05])
+def test_explicit_scales_match_the_reference(scale):
+    """The forward takes each row's max on unscaled scores and scales it once (its exp2 argument
+    then one FFMA a score) only for a positive scale; a negative one, which the contract allows as
+    SDPA does, scales every score first. Both against the reference, with padding and causality."""
+    check(2, 70, 2, 64, 2, True, True, True, torch.float16, seed=3, scale=scale)
+
+
 @pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype,tma,bulk", [
     # (pointer tiles: D = 64 and fp32 only; at D = 128 the atomic candidates are all TMA ones)
     (2, 117, 2, 64, 2, True, True, False, torch.float16, False, False),  # padding; several key blocks add per dQ row
@@ -332,6 +341,15 @@ def test_sm90_compile_check():
             assert r["tma_loads"] > 0 and "128" not in r["global_load_bits"], r
         else:
             assert r["global_load_bits"].get("128", 0) > 0, r
+        loop = r["mma_loop_ops"]  # the steady-state HGMMA loop: one thread's instructions a trip
+        if loop and not r.get("ws") and "norm_rope" not in r["kernel"]:  # compiled with the pad mask
+            exps, d, bn = loop.get("MUFU", 0), r["constexprs"]["BLOCK_D"], r["constexprs"]["BLOCK_N"]
+            if r["kernel"] == "_attn_fwd_kernel":
+                # the scale folded into exp2's FFMA: FMULs only rescale the accumulator (D/BN a
+                # score; one more a score before 2026-12-02)
+                assert loop.get("FMUL", 0) <= (d / bn + 0.5) * exps, (r["kernel"], r["num_warps"], loop)
+            else:  # masked probabilities: one select a score (two before 2026-12-02)
+                assert loop.get("FSEL", 0) <= 1.25 * exps + 2, (r["kernel"], r["num_warps"], loop)
         if r.get("ws"):  # a producer and two consumer warp groups, registers moved between them
             assert r["warps_launched"] == 3 * r["num_warps"] and r["setmaxnreg"] > 0, r
             assert not r["global_load_bits"], r  # even lse, delta and the pad mask come by TMA
