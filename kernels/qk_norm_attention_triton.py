@@ -33,9 +33,12 @@ H·D=3072, B=1 that is ~0.1 GB, ~35 µs at 3 TB/s, against ~1.2 ms of attention 
 450 TFLOP/s). This is the design's arithmetic, not yet a measurement on a GPU: the benchmark
 (benchmarks/attention.py) has the providers to check it.
 
-Masked scores use a finite -1e30 (not -inf) and masked probabilities are zeroed explicitly, so a
-block whose keys are all masked cannot produce inf - inf = NaN; a query with no valid key at all
-ends with l = 0 and is written as zeros (the reference's definition).
+Masks use a finite -1e30 (not -inf), so a block whose keys are all masked cannot produce
+inf - inf = NaN. In the non-causal forward, keys past S and padded keys are a per-key -1e30 bias on
+the raw scores (_key_bias: an add a score instead of compares and selects; the contract gives
+every batch row a valid key, whose block's rescale wipes any all-masked block before it); causal
+rows and the backward zero masked probabilities explicitly, so a causal query with no valid key
+at all ends with l = 0 and is written as zeros (the reference's definition).
 
 Interpreter note: under TRITON_INTERPRET=1, bf16 tl.dot and bf16 arithmetic are wrong
 (ENVIRONMENT.md), so bf16 inputs are upcast to fp32 before every dot there (``UPCAST``); on a GPU
@@ -425,6 +428,26 @@ def _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, CA
 
 
 @triton.jit
+def _key_bias(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, WS: tl.constexpr):
+    """(BLOCK_N,) score bias of keys start_n + offs_n for the forward's non-causal rows: 0 where the
+    key counts, NEG past S or padded. One add a score instead of per-score compares and selects
+    (the mask is a column's, the same for every query): exp2 of a biased score is exactly 0 once
+    the row's max is a real score, and a block of only such keys before the row's first valid one
+    is wiped by that block's rescale (alpha = 0); the contract gives every batch row a valid key.
+    Not in the backward: there its per-key vector stays live across the dkdv kernel's query loop
+    (28-220 bytes of spills at 64x128 and D = 256), and a negative scale would turn the bias
+    positive after the FFMA's multiply."""
+    ok = offs_n < S
+    if HAS_PAD:
+        if WS:
+            keep = _side_load(pad_ptr, b, S, SR, start_n, offs_n.shape[0])
+        else:
+            keep = tl.load(pad_ptr + b * SR + offs_n, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    return tl.where(ok, 0.0, NEG)
+
+
+@triton.jit
 def _probs(q, k, lse, scale_log2, offs_m, start_n, offs_n, S, SR, pad_ptr, b, MASKED: tl.constexpr,
            HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr):
     """Backward's recomputed probabilities exp2(s·scale_log2 - lse) of a (BLOCK_M, BLOCK_N) tile
@@ -471,14 +494,17 @@ def _fwd_block(q, acc, m_i, l_i, k_ptr, v_ptr, pad_ptr, b, h, skb, sks, skh, svb
     else:
         s = s * scale_log2
         s_max = s
-    if MASKED:
+    if MASKED and not CAUSAL:  # keys past S or padded: the NEG bias (_key_bias), no selects
+        s = s + _key_bias(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, WS)[None, :]
+        s_max = s
+    if MASKED and CAUSAL:  # a causal row may have no valid key at all: selects keep its l at 0
         valid = _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, CAUSAL, WS)
         s_max = tl.where(valid, s_max, NEG)
     m_blk = tl.max(s_max, axis=1)
     m_new = tl.maximum(m_i, m_blk * scale_log2 if SCALE_POS else m_blk)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2((s * scale_log2 if SCALE_POS else s) - m_new[:, None])
-    if MASKED:
+    if MASKED and CAUSAL:
         p = tl.where(valid, p, 0.0)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
