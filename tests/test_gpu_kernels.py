@@ -101,9 +101,15 @@ def test_pipelined_group_norm_at_vae_scale_on_cuda(knobs, monkeypatch):
     assert_runs_agree_bitwise(case, "triton")
 
 
-@pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")  # -k D128: one head dim per device call
-@pytest.mark.parametrize("index", range(max(map(len, ATTN_CANDIDATES.values()))))
-def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
+# (D, candidate index, key padding): -k D128 runs one head dim per device call. Padded, every
+# block of the forward takes the masked path (keys past S and padded keys as a score bias); at
+# D = 128 also unpadded: the forward's unmasked loop over the full key blocks, then one masked.
+ATTN_GPU = [(D, i, pad) for D in (64, 128, 256) for i in range(max(map(len, ATTN_CANDIDATES.values())))
+            for pad in ((True, False) if D == 128 else (True,))]
+
+
+@pytest.mark.parametrize("D,index,pad", ATTN_GPU, ids=[f"D{d}-{i}{'-pad' * p}" for d, i, p in ATTN_GPU])
+def test_every_attention_launch_config_on_cuda(D, index, pad, monkeypatch):
     """Each launch-config candidate the autotuner may pick (candidate ``index`` of each kernel,
     wrapping round; TMA and warp-specialised candidates included) computes the op within the 2x
     rule, not only the one that wins the timing."""
@@ -122,7 +128,7 @@ def test_every_attention_launch_config_on_cuda(D, index, monkeypatch):
     monkeypatch.setenv("KILN_ATTN_BWD", "separate")  # the atomic backward's kernels: the next test
     autotune.forget()
     try:
-        check(2, 333, 3, D, 2, True, True, False, torch.bfloat16, seed=index, device="cuda")
+        check(2, 333, 3, D, 2, True, pad, False, torch.bfloat16, seed=index, device="cuda")
     finally:
         autotune.forget()
 
