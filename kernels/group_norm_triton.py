@@ -76,8 +76,9 @@ class Knobs:
 
 # Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
 # kernels/autotune.py times them once per shape class. All compile for sm_90a without spills
-# (compile_for_sm90, triton 3.8; under 3.6, the GPU machine's, the default's channels-last dx
-# kernel spills 8 bytes at 96 channels) and keep tile / (32 · warps) >= 8 elements per thread, so
+# (compile_for_sm90, triton 3.8, and 3.6, the GPU machine's, since cf40144; under 3.6 the first
+# pipelined candidate's channels-last forward at 8 channels a block takes 139 registers, so 3 of
+# its programs fit an SM, not 4) and keep tile / (32 · warps) >= 8 elements per thread, so
 # 16-bit data moves in 16-byte loads. ``stages`` > 1 software-pipelines each program's walk over
 # its chunk (Triton stages the next stages - 1 tiles through shared memory with cp.async while it
 # computes on one): a streaming kernel runs at copy speed only with enough loads in flight
