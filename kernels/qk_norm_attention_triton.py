@@ -412,16 +412,24 @@ def _row_stats(lse_ptr, delta_ptr, bh, S, SR, start, BLOCK: tl.constexpr, WS: tl
 
 
 @triton.jit
-def _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, WS: tl.constexpr):
-    """Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count: keys before S, not padded,
-    not after the query when causal."""
-    valid = (offs_n < S)[None, :]
+def _key_ok(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, WS: tl.constexpr):
+    """(BLOCK_N,) which keys start_n + offs_n count: before S and, with a pad mask, not padded (the
+    mask through a descriptor the kernel makes when warp-specialised, see _side_load)."""
+    ok = offs_n < S
     if HAS_PAD:
         if WS:
             keep = _side_load(pad_ptr, b, S, SR, start_n, offs_n.shape[0])
         else:
-            keep = tl.load(pad_ptr + b * SR + offs_n, mask=offs_n < S, other=0)
-        valid = valid & (keep != 0)[None, :]
+            keep = tl.load(pad_ptr + b * SR + offs_n, mask=ok, other=0)
+        ok = ok & (keep != 0)
+    return ok
+
+
+@triton.jit
+def _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, WS: tl.constexpr):
+    """Which (query, key) pairs of a (BLOCK_M, BLOCK_N) tile count: keys that count (_key_ok), not
+    after the query when causal."""
+    valid = _key_ok(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, WS)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     return valid
@@ -430,21 +438,14 @@ def _valid(offs_m, start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, CA
 @triton.jit
 def _key_bias(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, WS: tl.constexpr):
     """(BLOCK_N,) score bias of keys start_n + offs_n for the forward's non-causal rows: 0 where the
-    key counts, NEG past S or padded. One add a score instead of per-score compares and selects
+    key counts (_key_ok), NEG otherwise. One add a score instead of per-score compares and selects
     (the mask is a column's, the same for every query): exp2 of a biased score is exactly 0 once
     the row's max is a real score, and a block of only such keys before the row's first valid one
     is wiped by that block's rescale (alpha = 0); the contract gives every batch row a valid key.
     Not in the backward: there its per-key vector stays live across the dkdv kernel's query loop
     (28-220 bytes of spills at 64x128 and D = 256), and a negative scale would turn the bias
     positive after the FFMA's multiply."""
-    ok = offs_n < S
-    if HAS_PAD:
-        if WS:
-            keep = _side_load(pad_ptr, b, S, SR, start_n, offs_n.shape[0])
-        else:
-            keep = tl.load(pad_ptr + b * SR + offs_n, mask=ok, other=0)
-        ok = ok & (keep != 0)
-    return tl.where(ok, 0.0, NEG)
+    return tl.where(_key_ok(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD, WS), 0.0, NEG)
 
 
 @triton.jit
