@@ -14,9 +14,10 @@ that needs more than is left is skipped and says so, and the verdicts mark what 
                 (the next stage without any goes first), the csrc tests are skipped without it
   ceilings      copy bandwidth and bf16 matmul (the bandwidth benchmarks' 100%)
   attention     S = 4096 + 77, H 24, D 128: the whole op against eager and torch.compile, the
-                attention core forward and backward (issue 4); rerun with KILN_ATTN_WS=0 and
-                KILN_ATTN_BULK_DQ=0 if it fails or hangs (Triton's warp specialisation and the
-                atomic backward's TMA bulk reductions are the newest, least-proven paths)
+                attention core forward and backward (issue 4); rerun with KILN_ATTN_WS=0,
+                KILN_ATTN_BULK_DQ=0 and KILN_ATTN_OVERLAP=0 if it fails or hangs (Triton's warp
+                specialisation, the atomic backward's TMA bulk reductions and the forward run one
+                key block ahead are the newest, least-proven paths)
   group_norm    the four VAE shapes, NCHW and channels-last, CUDA-graph and eager timing:
                 triton, csrc, torch native (issues 5 and 7); device time of csrc's two plans
                 forced (csrc-two-pass, csrc-one-launch: is its size rule right?)
@@ -70,7 +71,7 @@ def stages(rows: Path, copy_gbps: float | None, workers: int) -> list[Stage]:
         Stage("ceilings", (PY, "-m", "kiln.benchmarks.ceilings", *out), 60, 20),
         Stage("attention", (*BENCH, "attention", "--shapes", "target", *out, "--providers",
                             "triton,triton-core,core-separate,core-atomic,eager,sdpa-cudnn,compile"), 200, 60,
-              retry_env={"KILN_ATTN_WS": "0", "KILN_ATTN_BULK_DQ": "0"}),
+              retry_env={"KILN_ATTN_WS": "0", "KILN_ATTN_BULK_DQ": "0", "KILN_ATTN_OVERLAP": "0"}),
         Stage("group_norm", (*BENCH, "group_norm", "--providers", "csrc,csrc-two-pass,csrc-one-launch,triton,torch",
                              *copy, *out), 150, 40, csrc="after"),
         Stage("qk_norm_rope", (*BENCH, "qk_norm_rope", "--shapes", "target", "--providers",

@@ -49,6 +49,9 @@ class LaunchConfig:
     # the atomic backward's dkdv kernel (with tma): dQ tiles added by TMA bulk reductions instead of
     # per-thread fp32 atomics (qk_norm_attention_triton._dq_atomic_add)
     bulk_dq: bool = False
+    # the forward (with tma, not ws): the next key block's scores issued before this block's P·V, so
+    # the softmax runs while P·V is on the tensor cores (qk_norm_attention_triton._fwd_block_overlap)
+    overlap: bool = False
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
@@ -56,6 +59,7 @@ class LaunchConfig:
 
     def __str__(self) -> str:
         tail = ("/ws" if self.ws else "/tma" if self.tma else "") + ("/bulk-dq" if self.bulk_dq else "")
+        tail += "/ovl" if self.overlap else ""
         return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tail}"
 
 

@@ -126,14 +126,38 @@ def _innermost_loops(text: str) -> list[list[str]]:
 
 def mma_loop_ops(text: str) -> dict[str, int]:
     """Opcode counts (root names: FMUL, FFMA, FSEL, ...) of the shortest innermost loop that issues
-    HGMMA, and its length under "total": an attention kernel's steady-state key or query loop,
-    what one thread issues a trip. Empty without such a loop."""
+    HGMMA, its length under "total" (an attention kernel's steady-state key or query loop, what
+    one thread issues a trip), under "hgmma_macs" the multiply-adds its HGMMAs do for one warp
+    group (the m·n·k of each shape, HGMMA.64x32x16 -> 32768) and under "ex2_beside_mma" how many
+    of its exp2s (MUFU.EX2) issue while a warpgroup MMA is in flight (_ex2_beside_mma). Empty
+    without such a loop."""
     bodies = [b for b in _innermost_loops(text) if any(re.match(r"(?:@!?U?P\w+\s+)?HGMMA", i) for i in b)]
     if not bodies:
         return {}
     body = min(bodies, key=len)
     ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", i).group(1) for i in body)
-    return {"total": len(body), **dict(sorted(ops.items()))}
+    shapes = [re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", i) for i in body]
+    macs = sum(int(m.group(1)) * int(m.group(2)) * int(m.group(3)) for m in shapes if m)
+    return {"total": len(body), "ex2_beside_mma": _ex2_beside_mma(body), "hgmma_macs": macs,
+            **dict(sorted(ops.items()))}
+
+
+def _ex2_beside_mma(body: list[str]) -> int:
+    """MUFU.EX2 instructions of one loop trip issued while a warpgroup MMA is in flight: after an
+    HGMMA and before the ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` that waits for every one (a wait that
+    leaves some pending keeps the state). Walked twice, so the second trip starts in the state the
+    first one's end leaves (an MMA issued at the end of a trip and waited for in the next)."""
+    in_flight, count = False, 0
+    for trip in range(2):
+        for ins in body:
+            op = re.sub(r"^@!?U?P\w+\s+", "", ins)
+            if op.startswith("HGMMA"):
+                in_flight = True
+            elif re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", op):
+                in_flight = False
+            elif trip and in_flight and op.startswith("MUFU.EX2"):
+                count += 1
+    return count
 
 
 def _facts(text: str) -> dict:

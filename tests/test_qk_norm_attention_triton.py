@@ -169,34 +169,42 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
         kernels.qk_norm_attention(q, q, q, torch.ones(24), torch.ones(24))
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["tma", "warp_specialised"])
+@pytest.mark.parametrize("variant", ["tma", "warp_specialised", "overlap"])
 @pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype", [
     (2, 117, 2, 64, 2, True, True, False, torch.float16),  # 77 text + 40 image tokens, padding
     (1, 100, 3, 128, 1, True, False, True, torch.bfloat16),  # causal, 100 = 64 + 36: a partial box
     (2, 70, 1, 128, 0, False, False, False, torch.float16),  # no masks: the unmasked-block path
+    (1, 128, 2, 64, 0, True, False, False, torch.float16),  # S a multiple of the blocks: no masked block
     (1, 333, 2, 64, 2, True, True, False, torch.float16),  # several programs and loop steps per head
 ])
-def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, ws, monkeypatch):
+def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dtype, variant, monkeypatch):
     """The TMA candidates of the forward and both backward kernels (Q, K, V, dO tiles through tensor
     descriptors over the (B, S, H·D) view; rows past S zero-filled by the copy engine, here by the
     interpreter's emulation of it) pass the same 2x rule as the pointer kernels, on boxes that
     overrun S and a batch boundary; so do the warp-specialised ones (descriptors made in the
     kernel, lse / delta / pad mask through 1-D descriptors, dK and dV computed transposed; the
     interpreter runs them as plain programs, the specialisation itself is checked in the sm_90a
-    compile and on a GPU)."""
+    compile and on a GPU) and the forward's overlapped ones (one key block ahead: the scores of a
+    block past the last are computed and dropped)."""
     from kiln.kernels import qk_norm_attention_triton as attn
 
     full, used = attn.attn_candidates, []
 
+    def wanted(c, kernel):
+        if variant == "overlap" and kernel == "fwd":
+            return c.overlap
+        return c.tma and c.ws == (variant == "warp_specialised") and not c.overlap
+
     def tma_only(kernel, dt, head_dim, tma=False):
         assert tma, "these inputs allow descriptors"
-        cands = [c for c in full(kernel, dt, head_dim, tma) if c.tma and c.ws == ws]
+        cands = [c for c in full(kernel, dt, head_dim, tma) if wanted(c, kernel)]
         used.append((kernel, cands[0]))
         return cands
 
     monkeypatch.setattr(attn, "attn_candidates", tma_only)
     check(B, S, H, D, G, rope, pad, causal, dtype, seed=11)
-    assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(c.tma and c.ws == ws for _, c in used)
+    assert sorted(k for k, _ in used) == ["dkdv", "dq", "fwd"] and all(wanted(c, k) for k, c in used)
+    assert any(c.overlap for _, c in used) == (variant == "overlap")
 
 
 @pytest.mark.parametrize("scale", [-0.3, 0.05])
@@ -212,8 +220,9 @@ def test_explicit_scales_match_the_reference(scale):
     (2, 117, 2, 64, 2, True, True, False, torch.float16, False, False),  # padding; several key blocks add per dQ row
     (2, 117, 2, 64, 2, True, True, False, torch.float16, True, False),
     (2, 117, 2, 64, 2, True, True, False, torch.float16, True, True),  # dQ tiles by bulk reduction
-    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16, True, True),  # causal: only key blocks <= the query's add
-    (2, 70, 1, 128, 0, False, False, False, torch.float16, True, True),  # no masks: keys past S add nothing, and
+    (1, 100, 3, 128, 1, True, False, True, torch.bfloat16, True, False),  # causal: only key blocks <= the query's add
+    (1, 100, 3, 64, 1, True, False, True, torch.bfloat16, True, True),
+    (2, 70, 1, 64, 0, False, False, False, torch.float16, True, True),  # no masks: keys past S add nothing, and
     (2, 70, 1, 128, 0, False, False, False, torch.float16, True, False),  # the bulk adds' rows past S are dropped
     (1, 70, 2, 64, 0, False, False, True, torch.bfloat16, False, False),
     (1, 19, 2, 80, 1, True, False, True, torch.float32, False, False),  # fp32, masked head dimension
@@ -292,6 +301,21 @@ def test_warp_specialised_candidates_are_offered_with_tma_and_can_be_switched_of
         monkeypatch.delenv("KILN_ATTN_WS")
 
 
+@pytest.mark.parametrize("env,flag,kernels", [("KILN_ATTN_OVERLAP", "overlap", ("fwd",)),
+                                               ("KILN_ATTN_BULK_DQ", "bulk_dq", ("dkdv_dq",))])
+def test_newest_candidates_can_be_switched_off(env, flag, kernels, monkeypatch):
+    """The overlapped forward and the bulk-dq candidates (TMA ones) each have a switch, as the warp-
+    specialised ones do: what the acceptance run's attention retry sets if a new path fails."""
+    from kiln.kernels.qk_norm_attention_triton import attn_candidates
+
+    for kernel in kernels:
+        full = attn_candidates(kernel, torch.bfloat16, 64, tma=True)
+        assert any(getattr(c, flag) for c in full) and all(c.tma for c in full if getattr(c, flag))
+        monkeypatch.setenv(env, "0")
+        assert attn_candidates(kernel, torch.bfloat16, 64, tma=True) == [c for c in full if not getattr(c, flag)]
+        monkeypatch.delenv(env)
+
+
 def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
     """benchmarks/attention.py reports the configs chosen for its shape class from the tuner's keys."""
     from kiln.benchmarks.attention import _for_shape
@@ -303,6 +327,27 @@ def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
     autotune._CHOSEN[tuning_key("fwd", q, (False, False), True)] = LaunchConfig(128, 64, 8, 3, tma=True)
     autotune._CHOSEN[tuning_key("fwd", q[:, :1000], (False, False), True)] = LaunchConfig(64, 64, 4, 3)
     assert list(_for_shape(autotune.choices(), 4173, 128).values()) == ["128x64/w8/s3/tma"]
+
+
+DOTS = {"fwd": 2, "dq": 3, "dkdv": 4, "dkdv_dq": 5}  # per loop trip: (BLOCK_M x BLOCK_N x D) MMAs
+
+
+def assert_mma_work(r):
+    """A candidate's steady-state loop issues its dots' MMA work and no more: the HGMMA shapes of
+    one warp group's trip (sm90's "hgmma_macs") times its warp groups (two consumer groups when
+    warp-specialised) against the dots' BLOCK_M · BLOCK_N · D multiply-adds. A 64-row tile at 8
+    warps, laid out 8 warps along its rows, has both warp groups compute it (1.5-1.67x); only the
+    pairs in ALLOWED_REPLICATION may."""
+    from kiln.kernels.qk_norm_attention_triton import ALLOWED_REPLICATION
+
+    c = r["constexprs"]
+    groups = 2 if r.get("ws") else r["num_warps"] // 4
+    want = DOTS[r["candidates"]] * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_D"]
+    got = r["mma_loop_ops"]["hgmma_macs"] * groups
+    if (r["candidates"], c["BLOCK_D"]) in ALLOWED_REPLICATION:
+        assert got >= want, r
+    else:
+        assert got == want, (r["candidates"], c, r["num_warps"], got / want)
 
 
 def test_sm90_compile_check():
@@ -324,8 +369,11 @@ def test_sm90_compile_check():
     assert {r["kernel"] for r in reports if r.get("ws")} == {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
                                                              "_attn_bwd_dq_kernel"}
     assert sum(r.get("candidates") == "dkdv_dq" for r in reports) >= 5
-    assert sum(r.get("bulk_dq", False) for r in reports) >= 4
+    assert sum(r.get("bulk_dq", False) for r in reports) >= 2
+    assert sum(r.get("overlap", False) for r in reports) >= 5
     for r in reports:
+        if r["kernel"].startswith("_attn") and r["dtype"] != "fp32":
+            assert_mma_work(r)
         assert r["registers"] and r["registers"] <= 255, r
         # dQ by atomic adds only in the atomic backward's dkdv kernel: per-thread REDs, or in the
         # bulk-dq candidates one bulk tensor reduction a query block (UTMAREDG) and no REDs
@@ -348,6 +396,10 @@ def test_sm90_compile_check():
                 # the scale folded into exp2's FFMA: FMULs only rescale the accumulator (D/BN a
                 # score; one more a score before 2026-12-02)
                 assert loop.get("FMUL", 0) <= (d / bn + 0.5) * exps, (r["kernel"], r["num_warps"], loop)
+                # overlapped: the softmax's exp2s issue while the previous block's P·V is on the
+                # tensor cores (all but at most the two row rescales)
+                if r.get("overlap"):
+                    assert loop["ex2_beside_mma"] >= exps - 2, (r["kernel"], r["constexprs"], loop)
             # at most one select a score (two before 2026-12-02): the forward's padded keys are an
             # additive bias, the backward zeroes its masked probabilities with one select
             assert loop.get("FSEL", 0) <= 1.25 * exps + 2, (r["kernel"], r["num_warps"], loop)
