@@ -97,10 +97,10 @@ _interpreter_descriptor_add()
 # _tma_ok holds. ``ws`` candidates are also warp-specialised (LaunchConfig.ws): 4 warps per
 # consumer group, 12 launched; 128 rows split 64 / 64 (BLOCK_M queries in fwd and dq, BLOCK_N keys
 # in dkdv). ``overlap`` forward candidates run one key block ahead (_fwd_block_overlap). Each is
-# compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90) and has no
-# spills (CI compiles the pad-mask variant; both variants under Triton 3.8 and the GPU machine's
-# 3.6 checked on 2026-12-02), HGMMA (warpgroup) dots, 16-byte or TMA tile loads, and issues
-# exactly its dots' MMA work a loop trip.
+# compiled for sm_90a in CI with a real launch's specialisation (compile_for_sm90), with and
+# without the pad mask, and has no spills (also under the GPU machine's Triton 3.6, checked on
+# 2026-12-02), HGMMA (warpgroup) dots, 16-byte or TMA tile loads, and issues exactly its dots' MMA
+# work a loop trip.
 # That last rule (2026-12-02, sm90.mma_loop_ops' "hgmma_macs"): a 64-row score tile at 8 warps gets
 # Triton's layout of 8 warps along the rows (it does so for a dot whose result feeds another),
 # and a warpgroup MMA covers 64 rows, so both warp groups computed the same Q·K^T and dO·V^T: 1.5x
@@ -1022,9 +1022,11 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 "PREC": _precision(_TORCH_DT[dt])}
         for name, (kernel, sig) in sigs.items():
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
-                # warp-specialised code is compiled with and without the pad mask: Triton's pass
-                # takes some loads and not others, so both variants must be seen to compile
-                for has_pad in (True, False) if cfg.ws else (True,):
+                # 16-bit candidates with and without the pad mask: the loops differ (the unmasked
+                # forward loop, the mask loads), and so do registers and spills (the D = 256 dkdv
+                # TMA and dq 64x64 tiles spilled only without it, 20-72 bytes, 2026-12-02); and
+                # Triton's warp-specialisation pass takes some loads and not others
+                for has_pad in (True,) if dt == "fp32" else (True, False):
                     flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                              "TMA": cfg.tma, "WS": cfg.ws}
                     if kernel is _attn_fwd_kernel:
@@ -1034,5 +1036,5 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                     r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,
                                      cfg.num_stages, aligned=(*strides, "SR"))
                     reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq,
-                                    "overlap": cfg.overlap, "candidates": name})
+                                    "overlap": cfg.overlap, "candidates": name, "has_pad": has_pad})
     return reports
