@@ -129,12 +129,14 @@ ATTN_CANDIDATES = {
     ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3),
                  _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # 64 < D <= 128: dkdv's 64x64 at 4 warps holds dK, dV and the K, V tiles in 242 registers (255
-    # under 3.6) with 2 stages, 128 queries a step at 8 warps in 195-250
+    # under 3.6) with 2 stages, 128 queries a step at 8 warps in 195-250. Its default takes one
+    # stage (unpipelined loads: 112 KB of shared memory, where 2 stages take 181 KB) so that a
+    # pre-Hopper GPU (164 KB on an A100, no TMA candidates) has a dK/dV kernel that fits
     ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
                    _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True), _C(128, 128, 8, 2, tma=True),
                    _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 2, **_OVL),
                    _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
-    ("dkdv", 128): [_C(128, 64, 8, 2), _C(128, 64, 8, 2, tma=True), _C(64, 64, 4, 2, tma=True),
+    ("dkdv", 128): [_C(128, 64, 8, 1), _C(128, 64, 8, 2), _C(128, 64, 8, 2, tma=True), _C(64, 64, 4, 2, tma=True),
                     _C(64, 128, 4, 2, **_WS)],
     ("dq", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
