@@ -289,28 +289,19 @@ def test_tma_is_used_only_where_descriptors_fit():
     assert not _tma_ok(t, t, t)  # heads not adjacent (stride 33·64)
 
 
-def test_warp_specialised_candidates_are_offered_with_tma_and_can_be_switched_off(monkeypatch):
-    from kiln.kernels.qk_norm_attention_triton import attn_candidates
-
-    for kernel in ("fwd", "dkdv", "dq"):
-        with_ws = attn_candidates(kernel, torch.bfloat16, 128, tma=True)
-        assert any(c.ws for c in with_ws) and all(c.tma for c in with_ws if c.ws)
-        assert not any(c.ws for c in attn_candidates(kernel, torch.bfloat16, 128, tma=False))
-        monkeypatch.setenv("KILN_ATTN_WS", "0")
-        assert [c for c in with_ws if not c.ws] == attn_candidates(kernel, torch.bfloat16, 128, tma=True)
-        monkeypatch.delenv("KILN_ATTN_WS")
-
-
-@pytest.mark.parametrize("env,flag,kernels", [("KILN_ATTN_OVERLAP", "overlap", ("fwd",)),
+@pytest.mark.parametrize("env,flag,kernels", [("KILN_ATTN_WS", "ws", ("fwd", "dkdv", "dq")),
+                                               ("KILN_ATTN_OVERLAP", "overlap", ("fwd",)),
                                                ("KILN_ATTN_BULK_DQ", "bulk_dq", ("dkdv_dq",))])
-def test_newest_candidates_can_be_switched_off(env, flag, kernels, monkeypatch):
-    """The overlapped forward and the bulk-dq candidates (TMA ones) each have a switch, as the warp-
-    specialised ones do: what the acceptance run's attention retry sets if a new path fails."""
+def test_newest_candidates_are_tma_ones_and_can_be_switched_off(env, flag, kernels, monkeypatch):
+    """The warp-specialised, overlapped forward and bulk-dq candidates are offered only where TMA
+    descriptors fit, and each has a switch: what the acceptance run's attention retry sets if one
+    of these newest paths fails."""
     from kiln.kernels.qk_norm_attention_triton import attn_candidates
 
     for kernel in kernels:
         full = attn_candidates(kernel, torch.bfloat16, 64, tma=True)
         assert any(getattr(c, flag) for c in full) and all(c.tma for c in full if getattr(c, flag))
+        assert not any(getattr(c, flag) for c in attn_candidates(kernel, torch.bfloat16, 64, tma=False))
         monkeypatch.setenv(env, "0")
         assert attn_candidates(kernel, torch.bfloat16, 64, tma=True) == [c for c in full if not getattr(c, flag)]
         monkeypatch.delenv(env)
