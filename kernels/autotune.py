@@ -16,7 +16,11 @@ fastest, as ``triton.autotune`` does, but:
   so is every candidate's median (:func:`timings`), so one benchmark run on a GPU also measures
   the alternatives the choice was made against;
 - with ``agree`` (GroupNorm, attention), a candidate whose results differ from the default's is
-  dropped before it is timed: a kernel that skips work would otherwise win the timing.
+  dropped before it is timed: a kernel that skips work would otherwise win the timing;
+- the default is the first candidate whose kernels fit the GPU's shared memory per program
+  (:func:`fitting`): lists are ordered for Hopper (227 KB), and an A100 (163 KB) or an
+  sm_86 / sm_89 GPU (99 KB: RTX 3090 / 4090, A10, L4, L40S) takes the first one that fits
+  instead of failing at launch; none fitting is an error that names the limit and the need.
 
 Candidates must leave their outputs as one launch would (overwrite them, or zero what they
 accumulate into within the launch, as the attention's atomic backward does): timing runs each
@@ -67,6 +71,8 @@ _CHOSEN: dict[tuple, object] = {}
 _TIMES: dict[tuple, dict[str, float | None]] = {}  # key -> candidate -> median ms (None: dropped)
 _DEFAULTS_ONLY = [False]
 _COMPILE_ONLY = [False]
+_COMPILED: list[list | None] = [None]  # shared_bytes' collection of compiled kernels
+_FIRST_FIT: dict[tuple, int] = {}  # (key, shared-memory limit) -> index of the first candidate that fits
 
 
 def size_class(n: int) -> int:
@@ -97,7 +103,8 @@ def uses_default(key: tuple, probe: torch.Tensor) -> bool:
 
 def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor,
            agree: Callable[[object, object], bool] | None = None):
-    """The config to launch for ``key``: remembered, timed now, or the default (candidates[0]).
+    """The config to launch for ``key``: remembered, timed now, or the default (the first of
+    ``candidates`` that fits the GPU, :func:`fitting`; candidates[0] off CUDA).
 
     With ``agree(default_result, result)``, each other candidate's result is first compared with
     the default's, and one that disagrees is dropped with a warning instead of timed: a wrong
@@ -105,11 +112,14 @@ def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object],
     version miscompiled its ticket atomics, or attention candidates no GPU has run yet). A
     result is a copy of the tensors ``launch`` returns (launches that write into the caller's
     buffers return those buffers)."""
-    if len(candidates) == 1 or uses_default(key, probe):
-        return candidates[0]
-    if key in _CHOSEN:
+    if key in _CHOSEN and not _DEFAULTS_ONLY[0]:
         return _CHOSEN[key]
-    _compile_all(candidates, launch)
+    timed = len(candidates) > 1 and not uses_default(key, probe)
+    if timed:  # all compiled at once first: fitting's compiles are then Triton cache hits
+        _compile_all(candidates, launch)
+    candidates = fitting(key, candidates, launch, probe)
+    if not timed:
+        return candidates[0]
     times = _times(key, candidates, launch, agree)
     _TIMES[key] = {str(c): (ms if math.isfinite(ms) else None) for c, ms in zip(candidates, times, strict=True)}
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
@@ -145,6 +155,54 @@ def _times(key: tuple, candidates: Sequence, launch: Callable[[object], object],
     return times
 
 
+def shared_memory_limit(probe: torch.Tensor) -> int | None:
+    """Bytes of shared memory one program may take on ``probe``'s GPU: the opt-in per-block limit
+    Triton checks at launch (227 KB on H100 / H200, 163 KB on A100, 99 KB on sm_86 / sm_89);
+    None off CUDA (the interpreter has no limit)."""
+    if not probe.is_cuda:
+        return None
+    return torch.cuda.get_device_properties(probe.device).shared_memory_per_block_optin
+
+
+def shared_bytes(launch: Callable[[object], object], cfg) -> int:
+    """The most shared memory any kernel ``launch(cfg)`` launches takes: compiled, not run (a
+    compile the first launch would make anyway; Triton caches it)."""
+    compiled: list = []
+    _COMPILE_ONLY[0], _COMPILED[0] = True, compiled
+    try:
+        launch(cfg)
+    finally:
+        _COMPILE_ONLY[0], _COMPILED[0] = False, None
+    return max((k.metadata.shared for k in compiled), default=0)
+
+
+def first_fit(candidates: Sequence, need: Callable[[object], int], limit: int, what: str) -> int:
+    """Index of the first candidate whose ``need(candidate)`` bytes of shared memory fit ``limit``;
+    a RuntimeError naming ``what``, the limit and each candidate's need when none does."""
+    needs = []
+    for i, cfg in enumerate(candidates):
+        needs.append(need(cfg))
+        if needs[-1] <= limit:
+            return i
+    listed = ", ".join(f"{c} {n / 1024:.1f} KB" for c, n in zip(candidates, needs, strict=True))
+    raise RuntimeError(f"{what}: no launch config fits this GPU's {limit / 1024:.0f} KB of shared memory a "
+                       f"program (needs: {listed}); run it on a GPU with more, or use the PyTorch reference "
+                       f"(kiln.kernels.use_backend('torch'))")
+
+
+def fitting(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor) -> list:
+    """``candidates`` from the first one that fits ``probe``'s GPU (:func:`first_fit`, remembered per
+    key and limit): the default becomes the first that fits; later ones that do not drop out
+    when timed. All of them off CUDA."""
+    limit = shared_memory_limit(probe)
+    if limit is None:
+        return list(candidates)
+    if (key, limit) not in _FIRST_FIT:
+        what = "/".join(map(str, key))
+        _FIRST_FIT[(key, limit)] = first_fit(candidates, lambda cfg: shared_bytes(launch, cfg), limit, what)
+    return list(candidates[_FIRST_FIT[(key, limit)]:])
+
+
 def results_agree(reference: Sequence[torch.Tensor], result: Sequence[torch.Tensor], rtol: float = 0.02) -> bool:
     """Whether two candidates' output tensors match within ``rtol`` of each reference tensor's
     largest magnitude (2%: a few bf16 rounding steps, while a kernel that skipped work is off by
@@ -157,7 +215,9 @@ def run_kernel(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; only its compile while :func:`choose` compiles all
     candidates at once. Every launch inside a candidate's ``launch`` goes through here."""
     if _COMPILE_ONLY[0]:
-        kernel.warmup(*args, grid=grid, **kwargs)
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        if _COMPILED[0] is not None:
+            _COMPILED[0].append(compiled)
     else:
         kernel[grid](*args, **kwargs)
 
@@ -214,3 +274,4 @@ def forget() -> None:
     """Drop every choice and timing (tests; a benchmark comparing defaults with tuned configs)."""
     _CHOSEN.clear()
     _TIMES.clear()
+    _FIRST_FIT.clear()

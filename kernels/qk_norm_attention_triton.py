@@ -51,6 +51,7 @@ the dots run in the input dtype on tensor cores with fp32 accumulation.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import os
 
@@ -136,8 +137,8 @@ ATTN_CANDIDATES = {
                    _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True), _C(128, 128, 8, 2, tma=True),
                    _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 2, **_OVL),
                    _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
-    ("dkdv", 128): [_C(128, 64, 8, 1), _C(128, 64, 8, 2), _C(128, 64, 8, 2, tma=True), _C(64, 64, 4, 2, tma=True),
-                    _C(64, 128, 4, 2, **_WS)],
+    ("dkdv", 128): [_C(128, 64, 8, 1), _C(128, 64, 8, 2), _C(64, 64, 4, 1), _C(128, 64, 8, 2, tma=True),
+                    _C(64, 64, 4, 2, tma=True), _C(64, 128, 4, 2, **_WS)],
     ("dq", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # the "atomic" backward's dkdv kernel (dQ added with fp32 atomics, see _bwd_mode): its dQ tile
@@ -159,7 +160,7 @@ ATTN_CANDIDATES = {
     ("fwd", 256): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 2, tma=True), _C(128, 64, 8, 2, tma=True),
                    _C(128, 32, 8, 2, **_OVL), _C(128, 64, 4, 2, **_WS)],
     ("dkdv", 256): [_C(64, 64, 8, 2)],
-    ("dq", 256): [_C(128, 32, 8, 2), _C(128, 32, 8, 2, tma=True)],
+    ("dq", 256): [_C(128, 32, 8, 2), _C(128, 16, 8, 2), _C(128, 32, 8, 2, tma=True)],
 }
 # (kernel, D bucket) whose candidates may issue more MMA work than their dots: dkdv at D = 256, where
 # 128 queries a step need 64 KB a stage for each of Q and dO (256 KB at 2 stages) and 4 warps hold
@@ -167,8 +168,19 @@ ATTN_CANDIDATES = {
 ALLOWED_REPLICATION = {("dkdv", 256)}
 # fp32 takes full-precision FMA dots (no tensor cores; 64x64 spilled 47-135 KB): the correctness
 # path, small tiles (its dkdv spilled 1.7 KB at 4 warps, 32 bytes at 8).
-FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3)], "dkdv": [_C(32, 32, 8, 3)], "dq": [_C(32, 32, 8, 3)],
-                   "dkdv_dq": [_C(32, 32, 8, 3)]}
+# The second of each fits a pre-Hopper GPU where the first does not (see below).
+FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3), _C(32, 16, 4, 2)], "dkdv": [_C(32, 32, 8, 3), _C(32, 32, 8, 1)],
+                   "dq": [_C(32, 32, 8, 3), _C(32, 16, 8, 2)], "dkdv_dq": [_C(32, 32, 8, 3), _C(32, 32, 8, 1)]}
+# Pre-Hopper GPUs (no TMA candidates) take the first candidate that fits their shared memory
+# (autotune.fitting); sm_80 compiles (pre_hopper_defaults, checked in CI) put the lists above at:
+# - A100, 163 KB a program: every kernel at every head dim, 16-bit and fp32, thanks to dq's
+#   128x16/w8/s2 at D = 256 (148 KB; 128x32 takes 168 KB) and fp32's second candidates (its
+#   first ones take 164-196 KB at D = 256);
+# - sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S), 99 KB: every kernel up to D = 128, thanks to
+#   dK/dV's 64x64/w4/s1 (72 KB; the 128-query ones take 112 KB) and, for fp32 at D = 128, the
+#   second candidates (the first take 100-105 KB); at D = 256 only the forward (and fp32's dq):
+#   dK/dV needs 132-137 KB and 16-bit dq 148 KB, so the backward stops with an error that says so.
+PRE_HOPPER_SHARED = {"sm_80 (A100)": 163 * 1024, "sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S)": 99 * 1024}
 
 
 def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) -> list[LaunchConfig]:
@@ -960,6 +972,7 @@ def default_scale(D: int, scale: float | None) -> float:
 
 
 CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64)]
+CONFIGS_PRE_HOPPER = [(dt, D) for dt in ("bf16", "fp32") for D in (64, 128, 256)]  # (fp16 lays out as bf16)
 _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -977,6 +990,34 @@ def _sm90_signature(sig: dict, kernel: str, cfg: LaunchConfig, dt: str, D: int) 
     if cfg.bulk_dq:  # the fp32 dQ accumulator, added to by bulk reductions (_dq_target)
         descs["dq_ptr"] = f"tensordesc<fp32[1, {cfg.block_m}, {D}]>"
     return {**sig, **descs}
+
+
+def _attn_compile_args(name: str, cfg: LaunchConfig, dt: str, D: int, has_pad: bool) -> tuple:
+    """(kernel, signature, constexprs, aligned integer arguments) of attention kernel ``name``
+    ("fwd", "dkdv", "dq", "dkdv_dq") at ``cfg`` for an ahead-of-time compile (kiln.kernels.sm90)."""
+    i32 = "i32"
+    qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
+    strides = {f"s{a}{b}": i32 for a in "qkvodg" for b in "bsh"}
+    common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
+    tail = {"S": i32, "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvdg"}, "scale": "fp32",
+            "scale_log2": "fp32"}
+    kernel, sig = {
+        "fwd": (_attn_fwd_kernel, {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32,
+                                   "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
+                                   "scale_log2": "fp32"}),
+        "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": f"*{dt}", **tail}),
+        "dkdv_dq": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": "*fp32",
+                                            **tail}),
+        "dq": (_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}),
+    }[name]
+    flags = {"D": D, "BLOCK_D": D, "HAS_PAD": has_pad, "CAUSAL": False, "UPCAST": False,
+             "PREC": _precision(_TORCH_DT[dt]), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+             "TMA": cfg.tma, "WS": cfg.ws}
+    if kernel is _attn_fwd_kernel:
+        flags["SCALE_POS"], flags["OVERLAP"] = True, cfg.overlap
+    if kernel is _attn_bwd_dkdv_kernel:
+        flags["DQ_ATOMIC"], flags["DQ_BULK"] = name == "dkdv_dq", cfg.bulk_dq
+    return kernel, _sm90_signature(sig, name, cfg, dt, D), flags, (*strides, "SR")
 
 
 def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
@@ -1003,42 +1044,50 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                    "sc_s": i32}
         for kernel, sig in ((_norm_rope_fwd_kernel, fwd_sig), (_norm_rope_bwd_kernel, bwd_sig)):
             reports.append({**compile_sm90(kernel, sig, flags, aligned=pre_aligned, ones=pre_ones), **tag})
-        qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
         strides = {f"s{a}{b}": i32 for a in "qkvodg" for b in "bsh"}
         delta_sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "S": i32, "SR": i32, "H": i32,
                      **{k: i32 for k in strides if k[1] in "od"}}
         reports.append({**compile_sm90(_bwd_delta_kernel, delta_sig, {"D": D, "BLOCK_D": D, "BLOCK_M": DELTA_BLOCK},
                                        aligned=(*strides, "SR")), **tag})
-        common = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "pad_ptr": "*i8"}
-        tail = {"S": i32, "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvdg"}, "scale": "fp32",
-                "scale_log2": "fp32"}
-        sigs = {
-            "fwd": (_attn_fwd_kernel, {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "pad_ptr": "*i8", "S": i32,
-                                       "SR": i32, "H": i32, **{k: i32 for k in strides if k[1] in "qkvo"},
-                                       "scale_log2": "fp32"}),
-            "dkdv": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": f"*{dt}",
-                                             **tail}),
-            "dkdv_dq": (_attn_bwd_dkdv_kernel, {**common, "dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}", "dq_ptr": "*fp32",
-                                                **tail}),
-            "dq": (_attn_bwd_dq_kernel, {**common, "dq_ptr": f"*{dt}", **tail}),
-        }
-        attn = {"D": D, "BLOCK_D": D, "HAS_PAD": True, "CAUSAL": False, "UPCAST": False,
-                "PREC": _precision(_TORCH_DT[dt])}
-        for name, (kernel, sig) in sigs.items():
+        for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
                 # 16-bit candidates with and without the pad mask: the loops differ (the unmasked
                 # forward loop, the mask loads), and so do registers and spills (the D = 256 dkdv
                 # TMA and dq 64x64 tiles spilled only without it, 20-72 bytes, 2026-12-02); and
                 # Triton's warp-specialisation pass takes some loads and not others
                 for has_pad in (True,) if dt == "fp32" else (True, False):
-                    flags = {**attn, "HAS_PAD": has_pad, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                             "TMA": cfg.tma, "WS": cfg.ws}
-                    if kernel is _attn_fwd_kernel:
-                        flags["SCALE_POS"], flags["OVERLAP"] = True, cfg.overlap
-                    if kernel is _attn_bwd_dkdv_kernel:
-                        flags["DQ_ATOMIC"], flags["DQ_BULK"] = name == "dkdv_dq", cfg.bulk_dq
-                    r = compile_sm90(kernel, _sm90_signature(sig, name, cfg, dt, D), flags, cfg.num_warps,
-                                     cfg.num_stages, aligned=(*strides, "SR"))
+                    kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
+                    r = compile_sm90(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
                     reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq,
                                     "overlap": cfg.overlap, "candidates": name, "has_pad": has_pad})
     return reports
+
+
+def pre_hopper_defaults(configs=CONFIGS_PRE_HOPPER, limits=PRE_HOPPER_SHARED) -> list[dict]:
+    """The launch config each attention kernel takes on a pre-Hopper GPU, per dtype, head dim and
+    shared-memory limit: the first candidate without TMA whose sm_80 compile fits
+    (autotune.first_fit, what the launcher does at run time), with its shared memory, or the
+    error the launcher raises where none fits (CI check; compiled with the pad mask: without it
+    the shared memory is the same, 2026-12-06)."""
+    from kiln.kernels.autotune import first_fit
+    from kiln.kernels.sm90 import shared_bytes_sm80
+
+    rows = []
+    for dt, D in configs:
+        for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
+            candidates = attn_candidates(name, _TORCH_DT[dt], D, tma=False)
+
+            @functools.cache
+            def need(cfg: LaunchConfig, name=name, dt=dt, D=D) -> int:
+                kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, True)
+                return shared_bytes_sm80(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
+
+            for gpu, limit in limits.items() if candidates else ():
+                row = {"kernel": name, "dtype": dt, "head_dim": D, "gpu": gpu, "limit": limit, "default": None}
+                try:
+                    cfg = candidates[first_fit(candidates, need, limit, f"{name}/{dt}/{D}")]
+                    row.update(default=str(cfg), shared_bytes=need(cfg))
+                except RuntimeError as e:
+                    row["error"] = str(e)
+                rows.append(row)
+    return rows

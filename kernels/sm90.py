@@ -187,20 +187,17 @@ def _facts(text: str) -> dict:
     }
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
-                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
-    """Compile ``fn`` for sm_90a as a real launch would be specialised; return its resource report.
-
-    ``signature`` maps argument names to Triton types ("*bf16", "i32", "fp32"). Every pointer is
-    taken as 16-byte aligned; ``aligned`` names the integer arguments that are multiples of 16 on
-    the shapes that matter (strides of real tensors) and ``ones`` those equal to 1 (unit strides).
-    """
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int | None, arch: int,
+             aligned: tuple[str, ...], ones: tuple[str, ...]):
+    """``triton.compile`` of ``fn`` for compute capability ``arch`` (90: sm_90a), specialised as a
+    real launch is (see compile_sm90); returns the compiled kernel and the constexprs with the
+    unit strides added."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("compile_sm90 needs TRITON_INTERPRET unset (run it in a clean process)")
+        raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset (run it in a clean process)")
     ones = tuple(k for k in ones if k in fn.arg_names)
     signature = {k: v for k, v in signature.items() if k not in ones}
     constexprs = {**constexprs, **dict.fromkeys(ones, 1)}
@@ -210,7 +207,29 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     sig = {name: full[name] for name in fn.arg_names}  # in the kernel's argument order
     options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, constexprs
+
+
+def shared_bytes_sm80(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
+                      aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> int:
+    """Shared memory ``fn`` takes compiled for an Ampere GPU (sm_80; Triton lays sm_86 and sm_89
+    out the same, checked 2026-12-06 on every attention candidate): what decides whether a
+    launch config runs on an A100 (163 KB a program) or an RTX / L40S-class GPU (99 KB). Hopper's
+    numbers differ (its TMA and warpgroup-MMA layouts: dK/dV at D = 128, 128x64/w8/s2, takes
+    181 KB on sm_90a and 113 KB on sm_80)."""
+    return _compile(fn, signature, constexprs, num_warps, num_stages, 80, aligned, ones)[0].metadata.shared
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
+                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
+    """Compile ``fn`` for sm_90a as a real launch would be specialised; return its resource report.
+
+    ``signature`` maps argument names to Triton types ("*bf16", "i32", "fp32"). Every pointer is
+    taken as 16-byte aligned; ``aligned`` names the integer arguments that are multiples of 16 on
+    the shapes that matter (strides of real tensors) and ``ones`` those equal to 1 (unit strides).
+    """
+    compiled, constexprs = _compile(fn, signature, constexprs, num_warps, num_stages, 90, aligned, ones)
     ptx = compiled.asm["ptx"]
     cubin = compiled.asm["cubin"]
     assert len(cubin) > 0

@@ -23,10 +23,11 @@ def assert_within_twice_torch(names, ours, ref, lowp, dtype):
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
-def sm90_reports(module: str) -> list[dict]:
-    """``module.compile_for_sm90()`` in a subprocess without TRITON_INTERPRET (the interpreter's
-    kernels cannot be compiled); returns its per-kernel reports, printed for ``pytest -s``."""
-    code = f"import json; from {module} import compile_for_sm90; print(json.dumps(compile_for_sm90()))"
+def sm90_reports(module: str, function: str = "compile_for_sm90") -> list[dict]:
+    """``module.function()`` (an ahead-of-time compile for a GPU) in a subprocess without
+    TRITON_INTERPRET (the interpreter's kernels cannot be compiled); returns its per-kernel
+    reports, printed for ``pytest -s``."""
+    code = f"import json; from {module} import {function}; print(json.dumps({function}()))"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,6 +90,57 @@ def test_autotune_keeps_the_default_where_it_cannot_time():
     assert autotune.size_class(1) == 1
 
 
+def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
+    """On a GPU with less shared memory a program than the first candidate needs (an A100's 163 KB,
+    an L40S's 99 KB), the default is the first candidate whose kernels all fit, found by compiling
+    (Triton's warmup, no launch) once per key and limit; none fitting is an error naming the key,
+    the limit and each candidate's need. Off CUDA there is no limit. GPU faked: kernels whose
+    warmup returns compiled metadata."""
+    from types import SimpleNamespace
+
+    from kiln.kernels import autotune
+
+    need = {"big": 180 * 1024, "mid": 110 * 1024, "small": 70 * 1024}
+    warmed = []
+
+    class Kernel:
+        def __init__(self, name, shared):
+            self.name, self.shared = name, shared
+
+        def warmup(self, *args, grid, **kwargs):
+            warmed.append(self.name)
+            return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared))
+
+        def __getitem__(self, grid):
+            raise AssertionError("launched while only compiling")
+
+    def launch(cfg):
+        autotune.run_kernel(Kernel("pre", 1024), (1,))  # a small pre-pass: the largest kernel counts
+        autotune.run_kernel(Kernel(cfg, need[cfg]), (1,), BLOCK=cfg)
+
+    limit = [163 * 1024]
+    monkeypatch.setattr(autotune, "shared_memory_limit", lambda probe: limit[0])
+    cands, probe = ["big", "mid", "small"], torch.zeros(1)  # (a CPU probe: untimed, the default)
+    try:
+        assert autotune.choose(("fit", 1), cands, launch, probe) == "mid"
+        assert warmed == ["pre", "big", "pre", "mid"] and not autotune._COMPILE_ONLY[0]
+        assert autotune.choose(("fit", 1), cands, launch, probe) == "mid" and len(warmed) == 4  # remembered
+        limit[0] = 99 * 1024
+        assert autotune.choose(("fit", 1), cands, launch, probe) == "small"
+        limit[0] = 64 * 1024
+        with pytest.raises(RuntimeError, match=r"fit/2: no launch config fits this GPU's 64 KB of shared memory"
+                                               r".*big 180.0 KB, mid 110.0 KB, small 70.0 KB"):
+            autotune.choose(("fit", 2), cands, launch, probe)
+        limit[0] = 228 * 1024
+        assert autotune.choose(("fit", 3), cands, launch, probe) == "big"
+        warmed.clear()
+        limit[0] = None  # off CUDA: nothing compiled, the first candidate
+        assert autotune.choose(("fit", 4), cands, launch, probe) == "big" and warmed == []
+    finally:
+        autotune.forget()
+    assert autotune.shared_memory_limit(torch.zeros(1)) is None
+
+
 def test_autotune_drops_a_candidate_that_disagrees_with_the_default(monkeypatch):
     """With ``agree``, a candidate whose result differs from the default's is not timed (and not
     chosen, fast as it may be); one within a few rounding steps is. Timing faked: no GPU here."""

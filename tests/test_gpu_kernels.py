@@ -133,6 +133,26 @@ def test_every_attention_launch_config_on_cuda(D, index, pad, monkeypatch):
         autotune.forget()
 
 
+def test_attention_defaults_on_a_gpu_with_less_shared_memory(monkeypatch):
+    """With the GPU's shared memory a program faked down to 120 KB, the launcher's defaults are the
+    first candidates whose real (Hopper) compiles fit, found by compiling without launching: dq at
+    D = 128 moves off its 128 KB default (64x64/w4/s3; 128x32/w8/s3 takes 112 KB, 2026-12-06),
+    and the op still computes within the 2x rule."""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+
+    monkeypatch.setenv("KILN_AUTOTUNE", "0")  # the defaults, untimed
+    monkeypatch.setattr(autotune, "shared_memory_limit", lambda probe: 120 * 1024)
+    autotune.forget()
+    try:
+        check(2, 333, 3, 128, 2, True, True, False, torch.bfloat16, seed=5, device="cuda")
+        moved = {key[0][0] for key, index in autotune._FIRST_FIT.items() if index > 0}
+        assert "dq" in moved, autotune._FIRST_FIT
+    finally:
+        autotune.forget()
+
+
 ATOMIC_GPU = [(d, i) for d in (64, 128) for i in range(len(ATTN_CANDIDATES[("dkdv_dq", d)]))]  # none at D = 256
 
 

@@ -341,6 +341,33 @@ def assert_mma_work(r):
         assert got == want, (r["candidates"], c, r["num_warps"], got / want)
 
 
+def test_pre_hopper_gpus_get_a_default_that_fits():
+    """On an A100 (163 KB of shared memory a program) every attention kernel has a launch config
+    that fits at every head dim, 16-bit and fp32; on sm_86 / sm_89 GPUs (99 KB) every one up to
+    D = 128, and at D = 256 the forward (and fp32's dq): the rest is the launcher's error, which
+    names the limit and each candidate's need. The default there is what the launcher takes
+    (autotune.first_fit on sm_80 compiles; a subprocess without TRITON_INTERPRET)."""
+    from kiln.kernels.qk_norm_attention_triton import CONFIGS_PRE_HOPPER, PRE_HOPPER_SHARED
+
+    rows = sm90_reports("kiln.kernels.qk_norm_attention_triton", "pre_hopper_defaults")
+    # 4 kernels at each (dtype, D) and limit, but 16-bit has no atomic dK/dV kernel without TMA at
+    # D = 128 (its one candidate is a TMA one) nor any at D = 256: the separate backward runs
+    assert len(rows) == (4 * len(CONFIGS_PRE_HOPPER) - 2) * len(PRE_HOPPER_SHARED)
+    small = 99 * 1024
+    failing = {(r["kernel"], r["dtype"], r["head_dim"]) for r in rows if r["default"] is None}
+    assert {r["limit"] for r in rows if r["default"] is None} == {small}
+    assert failing == {("dkdv", "bf16", 256), ("dq", "bf16", 256), ("dkdv", "fp32", 256), ("dkdv_dq", "fp32", 256)}
+    for r in rows:
+        if r["default"] is None:
+            assert "99 KB of shared memory" in r["error"] and "KB)" in r["error"], r
+        else:
+            assert r["shared_bytes"] <= r["limit"], r
+    # where Hopper's default fits, it stays the default
+    first = {(r["kernel"], r["dtype"], r["head_dim"], r["limit"]): r["default"] for r in rows}
+    assert first[("dkdv", "bf16", 128, 163 * 1024)] == "128x64/w8/s1"
+    assert first[("dkdv", "bf16", 128, small)] == "64x64/w4/s1"
+
+
 def test_sm90_compile_check():
     """Every kernel compiles for Hopper (sm_90a) without a GPU, in every launch configuration the
     autotuner may pick, specialised as a real launch is. For 16-bit inputs (the training path):
@@ -363,6 +390,7 @@ def test_sm90_compile_check():
     assert sum(r.get("bulk_dq", False) for r in reports) >= 2
     assert sum(r.get("overlap", False) for r in reports) >= 5
     for r in reports:
+        assert r["shared_bytes"] <= 227 * 1024, r  # Hopper's shared memory a program
         if r["kernel"].startswith("_attn") and r["dtype"] != "fp32":
             assert_mma_work(r)
         assert r["registers"] and r["registers"] <= 255, r
