@@ -28,6 +28,27 @@ import torch
 
 from kiln.kernels import csrc
 
+# A CUDA grid takes at most 65535 blocks along y. Kernels that put a batch-sized count there
+# (attention: B·H, with query blocks along x so that programs running together share a few
+# heads' K and V in L2; the csrc NCHW GroupNorm: N·G, with a group's splits along x) run past it
+# on chunks of whole batch rows, which are independent: views in, one copy joins the outputs.
+# Reached by window attention (batch x windows x heads: 128 x 64 x 12 = 98,304) and by video
+# VAEs folding frames into the batch (2,048 frames x 32 groups = 65,536).
+MAX_GRID_Y = 65535
+
+
+def batch_chunks(rows: int, units_per_row: int) -> list[slice]:
+    """Slices of ``rows`` batch rows with at most MAX_GRID_Y // units_per_row rows each (one
+    slice, all of them, below the limit)."""
+    per = max(1, MAX_GRID_Y // units_per_row)
+    return [slice(b, min(b + per, rows)) for b in range(0, rows, per)]
+
+
+def batch_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``t[rows]``, or None for an absent optional argument."""
+    return None if t is None else t[rows]
+
+
 # Fastest first; "torch" (the plain-PyTorch reference) accepts everything and comes last.
 PRIORITY = ("triton", "csrc", "torch")
 

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels import csrc
-from kiln.kernels.dispatch import compute_dtype, csrc_device_reason, dispatch, register, triton_device_reason
+from kiln.kernels.dispatch import (
+    batch_chunks,
+    batch_rows,
+    compute_dtype,
+    csrc_device_reason,
+    dispatch,
+    register,
+    triton_device_reason,
+)
 
 ACTIVATIONS = (None, "silu")
 
@@ -224,7 +232,13 @@ if csrc.loaded():
 
 
 def group_norm_csrc(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
-    """C++/CUDA backend of :func:`group_norm` (same contract)."""
+    """C++/CUDA backend of :func:`group_norm` (same contract). Its NCHW CUDA kernels put N·G on
+    the grid's y axis: past dispatch.MAX_GRID_Y, chunks of whole samples."""
+    _check(x, num_groups, activation)
+    if len(chunks := batch_chunks(x.shape[0], num_groups)) > 1:
+        parts = [group_norm_csrc(x[c], num_groups, weight, bias, eps, scale=batch_rows(scale, c),
+                                 shift=batch_rows(shift, c), activation=activation) for c in chunks]
+        return torch.cat(parts).contiguous(memory_format=memory_format_of(x))
     fwd = torch.ops.kiln_ext.group_norm_fwd
     return _gn_run(fwd, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
 

@@ -153,6 +153,14 @@ def test_attention_defaults_on_a_gpu_with_less_shared_memory(monkeypatch):
         autotune.forget()
 
 
+def test_attention_with_more_batch_heads_than_a_grid_holds_on_cuda():
+    """B·H = 2731 · 24 = 65,544, past the 65,535 programs a CUDA grid takes along y: the kernels
+    run on batch chunks (without them the launch fails), within the 2x rule."""
+    from test_qk_norm_attention_triton import check
+
+    check(2731, 16, 24, 64, 2, True, True, False, torch.bfloat16, seed=7, device="cuda")
+
+
 ATOMIC_GPU = [(d, i) for d in (64, 128) for i in range(len(ATTN_CANDIDATES[("dkdv_dq", d)]))]  # none at D = 256
 
 
@@ -194,6 +202,7 @@ CSRC_GPU_CASES = GPU_CASES + [
     ((1, 64, 160, 128), 32, False, True, True, "silu"),
     ((1, 2560, 12, 20), 32, True, True, False, None),
     ((2, 36, 50, 30), 6, True, False, True, "silu"),
+    ((2049, 64, 3, 5), 32, False, True, True, "silu"),  # N·G = 65,568 > a grid's 65,535 rows: sample chunks
 ]
 
 

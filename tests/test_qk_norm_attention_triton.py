@@ -102,6 +102,34 @@ def test_queries_without_any_valid_key_are_zero_and_gradients_finite():
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+def test_more_batch_heads_than_a_grid_holds_run_in_batch_chunks(monkeypatch, mode):
+    """Past MAX_GRID_Y (65535 programs along a CUDA grid's y, where B·H goes) the kernels run on
+    chunks of whole batch rows: same numbers bit for bit, padding rows kept with their batch.
+    Here the limit is lowered to 5 so that B = 3, H = 2 runs as rows [0, 2) and [2, 3)."""
+    from kiln.kernels import dispatch
+    from kiln.kernels import qk_norm_attention_triton as T
+
+    tensors, kw = make_case(3, 37, 2, 32, 2, True, True, False, torch.float16, seed=9)
+    dout = torch.randn(3, 37, 2, 32, generator=torch.Generator().manual_seed(10)).half()
+    monkeypatch.setenv("KILN_ATTN_BWD", mode)
+    whole = _run(_triton, tensors, kw, dout)
+    calls = []
+    fwd = T.attention_fwd
+
+    def counted(q, *args):
+        calls.append(q.shape[0])
+        return fwd(q, *args)
+
+    monkeypatch.setattr(dispatch, "MAX_GRID_Y", 5)
+    monkeypatch.setattr(T, "attention_fwd", counted)
+    assert dispatch.batch_chunks(3, 2) == [slice(0, 2), slice(2, 3)]
+    chunked = _run(_triton, tensors, kw, dout)
+    assert calls == [3, 2, 1]  # the whole batch, then its two chunks
+    for a, b in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_packed_qkv_views_work_without_a_copy_and_match_separate_tensors():
     tensors, kw = make_case(2, 45, 2, 32, 2, True, True, False, torch.float32, seed=3)
     q, k, v, qw, kw_ = tensors
