@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,18 +36,49 @@ from kiln.kernels import csrc
 # Reached by window attention (batch x windows x heads: 128 x 64 x 12 = 98,304) and by video
 # VAEs folding frames into the batch (2,048 frames x 32 groups = 65,536).
 MAX_GRID_Y = 65535
+# Triton kernels index with 32-bit offsets (index x stride products in int32; 64-bit address
+# math would take registers and instructions in every loop), so each tensor they touch must
+# span at most MAX_OFFSET elements from its base. Past it (an SDXL VAE decoding 17 images at
+# 1024²: 17·128·1024² = 2.28e9 elements) they too run on batch chunks, each view's base at its
+# first row; one batch row past it is refused with that reason (csrc kernels index with 64 bits).
+MAX_OFFSET = 2**31 - 1
 
 
-def batch_chunks(rows: int, units_per_row: int) -> list[slice]:
-    """Slices of ``rows`` batch rows with at most MAX_GRID_Y // units_per_row rows each (one
-    slice, all of them, below the limit)."""
-    per = max(1, MAX_GRID_Y // units_per_row)
+def batch_chunks(rows: int, grid_units: int = 0, within: int | None = None) -> list[slice]:
+    """Slices of ``rows`` batch rows, each at most MAX_GRID_Y // ``grid_units`` rows (the programs
+    one row puts on a grid's y axis; 0: none) and at most ``within`` rows (rows_within_offsets);
+    one slice, all of them, below both limits."""
+    per = min(MAX_GRID_Y // grid_units if grid_units else rows, within if within is not None else rows)
+    per = max(1, per)
     return [slice(b, min(b + per, rows)) for b in range(0, rows, per)]
+
+
+def rows_within_offsets(*tensors: torch.Tensor | tuple[int, ...]) -> int:
+    """How many leading batch rows (dim 0) of every tensor lie within MAX_OFFSET elements of
+    their first one (0: not even one row does). A shape stands for the contiguous tensor a
+    kernel writes."""
+    rows = None
+    for t in tensors:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+        strides = t.stride() if isinstance(t, torch.Tensor) else [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        one = sum((n - 1) * abs(st) for n, st in zip(shape[1:], strides[1:], strict=True) if n > 0)
+        if one > MAX_OFFSET:
+            return 0
+        fit = (MAX_OFFSET - one) // abs(strides[0]) + 1 if strides[0] else shape[0]
+        rows = min(shape[0], fit) if rows is None else min(rows, shape[0], fit)
+    return rows
 
 
 def batch_rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     """``t[rows]``, or None for an absent optional argument."""
     return None if t is None else t[rows]
+
+
+def join_batch(parts: list) -> torch.Tensor | tuple:
+    """Per-chunk outputs (tensors or tuples of them) joined along the batch dim."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 # Fastest first; "torch" (the plain-PyTorch reference) accepts everything and comes last.

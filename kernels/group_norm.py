@@ -20,12 +20,14 @@ import torch.nn.functional as F
 
 from kiln.kernels import csrc
 from kiln.kernels.dispatch import (
+    MAX_OFFSET,
     batch_chunks,
     batch_rows,
     compute_dtype,
     csrc_device_reason,
     dispatch,
     register,
+    rows_within_offsets,
     triton_device_reason,
 )
 
@@ -195,11 +197,27 @@ def _gn_run(fwd_op, x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=No
 
 
 def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
-    """Triton backend of :func:`group_norm` (same contract)."""
-    return _gn_run(_gn_fwd_op, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
+    """Triton backend of :func:`group_norm` (same contract). Past 32-bit offsets (an SDXL VAE
+    decoding 17 images at 1024²), chunks of whole samples (dispatch.MAX_OFFSET)."""
+    return _in_chunks(group_norm_triton, _gn_fwd_op, batch_chunks(x.shape[0], within=_rows_within_offsets(x)), x,
+                      num_groups, weight, bias, eps, scale, shift, activation)
 
 
-def _reasons(device_reason):
+def _rows_within_offsets(x) -> int:
+    return rows_within_offsets(x, tuple(x.shape))  # x and the output, laid out as x or contiguous
+
+
+def _in_chunks(backend, fwd_op, chunks, x, num_groups, weight, bias, eps, scale, shift, activation):
+    """``fwd_op`` on x, or ``backend`` on each chunk of whole samples joined in x's memory format
+    (samples are independent; autograd sums the parameters' gradients over the chunks)."""
+    if len(chunks) > 1:
+        parts = [backend(x[c], num_groups, weight, bias, eps, scale=batch_rows(scale, c), shift=batch_rows(shift, c),
+                         activation=activation) for c in chunks]
+        return torch.cat(parts).contiguous(memory_format=memory_format_of(x))
+    return _gn_run(fwd_op, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
+
+
+def _reasons(device_reason, offsets32: bool = False):
     def reasons(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None, activation=None):
         out = [r for r in [device_reason(x)] if r]
         if x.dtype not in _FLOATS:
@@ -213,12 +231,15 @@ def _reasons(device_reason):
         for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("shift", shift)):
             if t is not None and t.device != x.device:
                 out.append(f"{name} is on {t.device}, x on {x.device}")
+        if offsets32 and not out and not _rows_within_offsets(x):
+            out.append(f"one sample of x spans more than {MAX_OFFSET} elements: the kernels index with 32-bit "
+                       "offsets (the csrc backend's with 64)")
         return out
 
     return reasons
 
 
-register("group_norm", "triton", group_norm_triton, _reasons(triton_device_reason))
+register("group_norm", "triton", group_norm_triton, _reasons(triton_device_reason, offsets32=True))
 
 
 # --- csrc backend (csrc/group_norm_cpu.cpp, csrc/group_norm_cuda.cu) ---------------------------
@@ -235,12 +256,8 @@ def group_norm_csrc(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=No
     """C++/CUDA backend of :func:`group_norm` (same contract). Its NCHW CUDA kernels put N·G on
     the grid's y axis: past dispatch.MAX_GRID_Y, chunks of whole samples."""
     _check(x, num_groups, activation)
-    if len(chunks := batch_chunks(x.shape[0], num_groups)) > 1:
-        parts = [group_norm_csrc(x[c], num_groups, weight, bias, eps, scale=batch_rows(scale, c),
-                                 shift=batch_rows(shift, c), activation=activation) for c in chunks]
-        return torch.cat(parts).contiguous(memory_format=memory_format_of(x))
-    fwd = torch.ops.kiln_ext.group_norm_fwd
-    return _gn_run(fwd, x, num_groups, weight, bias, eps, scale=scale, shift=shift, activation=activation)
+    return _in_chunks(group_norm_csrc, torch.ops.kiln_ext.group_norm_fwd, batch_chunks(x.shape[0], num_groups), x,
+                      num_groups, weight, bias, eps, scale, shift, activation)
 
 
 register("group_norm", "csrc", group_norm_csrc, _reasons(lambda x: csrc_device_reason(x, "group_norm_fwd")))

@@ -23,7 +23,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.dispatch import compute_dtype, dispatch, register, triton_device_reason
+from kiln.kernels.dispatch import (
+    MAX_OFFSET,
+    batch_chunks,
+    batch_rows,
+    compute_dtype,
+    dispatch,
+    join_batch,
+    register,
+    rows_within_offsets,
+    triton_device_reason,
+)
 from kiln.kernels.qk_norm_rope import norm_rope
 
 
@@ -194,6 +204,13 @@ _qkna_fwd_op.register_autograd(_qkna_backward, setup_context=_qkna_setup_context
 def _triton_backend(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_group=None, key_padding_mask=None,
                     eps=1e-6, scale=None, causal=False):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # batch rows are independent: chunks of them past a grid's 65,535 rows (B·H programs along y)
+    # or 32-bit offsets (dispatch.MAX_GRID_Y, MAX_OFFSET); autograd sums the weights' gradients
+    chunks = batch_chunks(q.shape[0], grid_units=q.shape[2], within=_rows_within_offsets(q, k, v))
+    if len(chunks) > 1:
+        return join_batch([_triton_backend(q[c], k[c], v[c], q_weight, k_weight, cos=cos, sin=sin,
+                                           token_group=token_group, key_padding_mask=batch_rows(key_padding_mask, c),
+                                           eps=eps, scale=scale, causal=causal) for c in chunks])
     out, _, _, _ = _qkna_fwd_op(q, k, v, q_weight, k_weight, cos, sin, token_group, key_padding_mask, eps, scale,
                                 causal)
     return out
@@ -210,7 +227,15 @@ def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_gr
         reasons.append(f"head dim {q.shape[-1]} is not a multiple of 16 up to 256")
     if any(t.stride(-1) != 1 for t in (q, k, v) if t.dim() == 4):
         reasons.append("the head dimension of q, k, v must have stride 1")
+    elif not reasons and not _rows_within_offsets(q, k, v):
+        reasons.append(f"one batch row of q, k or v spans more than {MAX_OFFSET} elements: the Triton kernels "
+                       "index with 32-bit offsets")
     return reasons
+
+
+def _rows_within_offsets(q, k, v) -> int:
+    # q, k, v and the contiguous (B, S, H, D) tensors the kernels write (normalised Q, K; out, dq ...)
+    return rows_within_offsets(q, k, v, tuple(q.shape))
 
 
 register("qk_norm_attention", "triton", _triton_backend, _triton_reasons)

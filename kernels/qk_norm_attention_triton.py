@@ -60,7 +60,6 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.autotune import LaunchConfig, choose, results_agree, run_kernel, size_class, uses_default
-from kiln.kernels.dispatch import batch_chunks, batch_rows
 
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked scores (a constexpr: kernels read it)
@@ -869,10 +868,6 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     lse (B, H, side_cols(S)) fp32, entries past S unused."""
     _check_last_dim(q, k, v)
     B, S, H, D = q.shape
-    if len(chunks := batch_chunks(B, H)) > 1:  # B·H past a grid's y limit
-        parts = [attention_fwd(q[c], k[c], v[c], batch_rows(key_padding_mask, c), scale, causal)
-                 for c in chunks]
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
     SR = side_cols(S)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, SR), dtype=torch.float32, device=q.device)
@@ -895,10 +890,6 @@ def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: 
     which it overrides."""
     _check_last_dim(q, k, v)
     B, S, H, D = q.shape
-    if len(chunks := batch_chunks(B, H)) > 1:  # B·H past a grid's y limit
-        parts = [attention_bwd(do[c], q[c], k[c], v[c], out[c], lse[c], batch_rows(key_padding_mask, c), scale, causal,
-                               mode) for c in chunks]
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
     do = do if do.stride(-1) == 1 else do.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     SR = side_cols(S)

@@ -13,12 +13,20 @@ this file's fake implementations and autograd.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kiln.kernels import csrc
-from kiln.kernels.dispatch import compute_dtype, csrc_device_reason, dispatch, register, triton_device_reason
+from kiln.kernels.dispatch import (
+    MAX_OFFSET,
+    batch_chunks,
+    compute_dtype,
+    csrc_device_reason,
+    dispatch,
+    join_batch,
+    register,
+    rows_within_offsets,
+    triton_device_reason,
+)
 from kiln.kernels.rope import rotate_half
 
 
@@ -116,7 +124,7 @@ def _run(fwd_op, q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=No
     return qo, ko
 
 
-def _reasons(device_reason):
+def _reasons(device_reason, offsets32: bool = False):
     def reasons(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6) -> list[str]:
         out = [r for r in [device_reason(q)] if r]
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or q.dtype != k.dtype:
@@ -125,12 +133,24 @@ def _reasons(device_reason):
             out.append(f"q, k shapes {tuple(q.shape)}, {tuple(k.shape)}: need equal (B, S, H, D)")
         elif q.shape[-1] % 2 or q.shape[-1] > 256:
             out.append(f"head dim {q.shape[-1]} must be even and at most 256")
+        elif offsets32 and not rows_within_offsets(q, k, tuple(q.shape)):
+            out.append(f"one batch row of q or k spans more than {MAX_OFFSET} elements: the kernels index with "
+                       "32-bit offsets")
         return out
 
     return reasons
 
 
-register("qk_norm_rope", "triton", functools.partial(_run, _fwd_op), _reasons(triton_device_reason))
+def _triton_backend(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6):
+    # batch chunks past 32-bit offsets (dispatch.MAX_OFFSET); autograd sums the weights' gradients
+    chunks = batch_chunks(q.shape[0], within=rows_within_offsets(q, k, tuple(q.shape)))
+    if len(chunks) > 1:
+        return join_batch([_triton_backend(q[c], k[c], q_weight, k_weight, cos=cos, sin=sin, token_group=token_group,
+                                           eps=eps) for c in chunks])
+    return _run(_fwd_op, q, k, q_weight, k_weight, cos=cos, sin=sin, token_group=token_group, eps=eps)
+
+
+register("qk_norm_rope", "triton", _triton_backend, _reasons(triton_device_reason, offsets32=True))
 
 
 # --- csrc backend (csrc/qk_norm_rope_cpu.cpp, csrc/qk_norm_rope_cuda.cu) ------------------------

@@ -3,12 +3,10 @@ available_backends(), its C++ CPU ops against the fp64 reference with FlashAtten
 opcheck, torch.compile, clear errors, and the model's "csrc pre-kernel + SDPA" attention path.
 (qk_norm_rope's numerics for both kernel backends: test_qk_norm_rope.py.)"""
 
-import importlib
 import os
 import shutil
 
 import pytest
-import test_group_norm_triton
 import torch
 from test_group_norm_triton import CASES, _inputs, check_against_reference
 
@@ -125,36 +123,6 @@ def test_group_norm_large_mean_and_unseen_shapes():
             y = kernels.group_norm(x, 32, scale=p["scale"], activation="silu")
         torch.testing.assert_close(y, kernels.group_norm_ref(x, 32, scale=p["scale"], activation="silu"),
                                    atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_group_norm_past_a_grids_rows_runs_in_sample_chunks(monkeypatch, channels_last):
-    """Past dispatch.MAX_GRID_Y blocks along y (where the NCHW CUDA kernels put N·G) the csrc
-    GroupNorm runs on chunks of whole samples: the output and dx bit for bit, the memory format
-    kept, parameter gradients summed over the chunks. The limit is lowered to 20 so that N = 5,
-    G = 8 runs as samples [0, 2), [2, 4), [4, 5)."""
-    from kiln.kernels import dispatch
-
-    gn = importlib.import_module("kiln.kernels.group_norm")  # (kiln.kernels.group_norm is also the op)
-
-    x, p = _inputs((5, 32, 6, 7), 8, torch.float32, channels_last, True, True, seed=21)
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22))
-
-    def fn(x, params):
-        with kernels.use_backend("csrc"):
-            return kernels.group_norm(x, 8, params["weight"], params["bias"], scale=params["scale"],
-                                      shift=params["shift"], activation="silu")
-
-    whole = test_group_norm_triton._run(fn, x, p, dy)
-    rows, run = [], gn._gn_run
-    monkeypatch.setattr(gn, "_gn_run", lambda fwd, x, *a, **k: rows.append(x.shape[0]) or run(fwd, x, *a, **k))
-    monkeypatch.setattr(dispatch, "MAX_GRID_Y", 20)
-    chunked = test_group_norm_triton._run(fn, x, p, dy)
-    assert rows == [2, 2, 1]
-    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
-    assert chunked[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    for a, b in zip(whole[2:], chunked[2:], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_group_norm_opcheck_and_compile():

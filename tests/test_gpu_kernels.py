@@ -161,6 +161,26 @@ def test_attention_with_more_batch_heads_than_a_grid_holds_on_cuda():
     check(2731, 16, 24, 64, 2, True, True, False, torch.bfloat16, seed=7, device="cuda")
 
 
+def test_kernels_past_32_bit_offsets_on_cuda():
+    """Tensors past 2^31 elements, where the Triton kernels' 32-bit offsets would wrap: an SDXL
+    VAE's 128-channel GroupNorm on 17 images at 1024² (2.28e9 elements) and attention on packed
+    QKV (60, 4096, 3, 24, 128) (2.26e9): both run on batch chunks; the last image / batch row,
+    the one past 2^31, matches the reference on its own."""
+    torch.manual_seed(0)
+    x = torch.randn(17, 128, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    with kernels.use_backend("triton"):
+        y = kernels.group_norm(x, 32, activation="silu")
+    ref = kernels.group_norm_ref(x[-1:].float(), 32, activation="silu")
+    assert (y[-1:].float() - ref).abs().max() < 0.05
+    del x, y
+    qkv = torch.randn(60, 4096, 3, 24, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(128, device="cuda")
+    with kernels.use_backend("triton"):
+        out = kernels.qk_norm_attention(*qkv.unbind(2), w, w)
+    ref = kernels.qk_norm_attention_ref(*qkv[-1:].float().unbind(2), w, w)
+    assert (out[-1:].float() - ref).abs().max() < 0.05
+
+
 ATOMIC_GPU = [(d, i) for d in (64, 128) for i in range(len(ATTN_CANDIDATES[("dkdv_dq", d)]))]  # none at D = 256
 
 

@@ -88,6 +88,47 @@ def test_matches_fp64_reference_within_twice_torch_error(case, dtype):
 
 # NCHW cases whose groups fit one program (group_norm_triton_onepass.CANDIDATES): odd spatial
 # sizes, G = 1 and 32, 3-5 dims, with and without modulation and SiLU
+# (backend, the limit lowered so that two samples of (5, 32, 6, 7) with G = 8 fit a chunk): the
+# csrc NCHW kernels' grid rows (N·G blocks along y), the Triton kernels' 32-bit offsets
+GN_CHUNK_LIMITS = {"csrc": ("MAX_GRID_Y", 2 * 8 + 1), "triton": ("MAX_OFFSET", 2 * 32 * 6 * 7 - 1)}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("backend", list(GN_CHUNK_LIMITS))
+def test_past_a_grids_rows_or_32_bit_offsets_runs_in_sample_chunks(monkeypatch, backend, channels_last):
+    """Past dispatch.MAX_GRID_Y blocks along y (where the csrc NCHW kernels put N·G) or
+    MAX_OFFSET elements (the Triton kernels' 32-bit offsets) GroupNorm runs on chunks of whole
+    samples: the output and dx bit for bit, the memory format kept, the parameters' gradients
+    summed over the chunks. A sample alone past 32-bit offsets is refused by Triton."""
+    import importlib
+
+    from kiln.kernels import dispatch
+
+    gn = importlib.import_module("kiln.kernels.group_norm")  # (kiln.kernels.group_norm is also the op)
+    x, p = _inputs((5, 32, 6, 7), 8, torch.float32, channels_last, True, True, seed=21)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22))
+
+    def fn(x, params):
+        with kernels.use_backend(backend):
+            return kernels.group_norm(x, 8, params["weight"], params["bias"], scale=params["scale"],
+                                      shift=params["shift"], activation="silu")
+
+    whole = _run(fn, x, p, dy)
+    rows, run = [], gn._gn_run
+    monkeypatch.setattr(gn, "_gn_run", lambda fwd, x, *a, **k: rows.append(x.shape[0]) or run(fwd, x, *a, **k))
+    monkeypatch.setattr(dispatch, *GN_CHUNK_LIMITS[backend])
+    chunked = _run(fn, x, p, dy)
+    assert rows == [2, 2, 1]
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for a, b in zip(whole[2:], chunked[2:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if backend == "triton":
+        monkeypatch.setattr(dispatch, "MAX_OFFSET", 32 * 6 * 7 - 2)
+        with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="32-bit offsets"):
+            kernels.group_norm(x, 8)
+
+
 def _fits_one_program(case) -> bool:
     (shape, groups), spatial = case[:2], math.prod(case[0][2:])
     return (1 << (shape[1] // groups - 1).bit_length()) * (1 << (spatial - 1).bit_length()) <= 16384

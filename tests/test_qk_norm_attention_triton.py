@@ -102,32 +102,42 @@ def test_queries_without_any_valid_key_are_zero_and_gradients_finite():
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("mode", ["separate", "atomic"])
-def test_more_batch_heads_than_a_grid_holds_run_in_batch_chunks(monkeypatch, mode):
-    """Past MAX_GRID_Y (65535 programs along a CUDA grid's y, where B·H goes) the kernels run on
-    chunks of whole batch rows: same numbers bit for bit, padding rows kept with their batch.
-    Here the limit is lowered to 5 so that B = 3, H = 2 runs as rows [0, 2) and [2, 3)."""
-    from kiln.kernels import dispatch
-    from kiln.kernels import qk_norm_attention_triton as T
+# B = 3, H = 2, S = 37, D = 32: a (B, S, H, D) row spans 2,368 elements; each limit lowered so
+# that two rows fit: a grid's rows (B·H programs along y) or 32-bit offsets
+CHUNK_LIMITS = {"grid": ("MAX_GRID_Y", 5), "offsets": ("MAX_OFFSET", 2 * 2368 - 1)}
 
+
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+@pytest.mark.parametrize("limit", list(CHUNK_LIMITS))
+def test_past_a_grids_rows_or_32_bit_offsets_runs_in_batch_chunks(monkeypatch, mode, limit):
+    """Past dispatch.MAX_GRID_Y (65535 programs along a CUDA grid's y, where B·H goes) or
+    MAX_OFFSET (2^31 - 1 elements from a tensor's base, the kernels' 32-bit offsets) the op runs
+    on chunks of whole batch rows: same numbers bit for bit, padding rows kept with their batch,
+    the weights' gradients summed over the chunks. A batch row alone past 32-bit offsets is
+    refused with that reason."""
+    import importlib
+
+    from kiln.kernels import dispatch
+
+    qkna = importlib.import_module("kiln.kernels.qk_norm_attention")
     tensors, kw = make_case(3, 37, 2, 32, 2, True, True, False, torch.float16, seed=9)
     dout = torch.randn(3, 37, 2, 32, generator=torch.Generator().manual_seed(10)).half()
     monkeypatch.setenv("KILN_ATTN_BWD", mode)
     whole = _run(_triton, tensors, kw, dout)
-    calls = []
-    fwd = T.attention_fwd
-
-    def counted(q, *args):
-        calls.append(q.shape[0])
-        return fwd(q, *args)
-
-    monkeypatch.setattr(dispatch, "MAX_GRID_Y", 5)
-    monkeypatch.setattr(T, "attention_fwd", counted)
-    assert dispatch.batch_chunks(3, 2) == [slice(0, 2), slice(2, 3)]
+    rows, op = [], qkna._qkna_fwd_op
+    monkeypatch.setattr(qkna, "_qkna_fwd_op", lambda q, *a: rows.append(q.shape[0]) or op(q, *a))
+    monkeypatch.setattr(dispatch, *CHUNK_LIMITS[limit])
     chunked = _run(_triton, tensors, kw, dout)
-    assert calls == [3, 2, 1]  # the whole batch, then its two chunks
-    for a, b in zip(whole, chunked, strict=True):
-        assert torch.equal(a, b)
+    assert rows == [2, 1]
+    for name, a, b in zip(["out", "dq", "dk", "dv"], whole, chunked, strict=False):
+        assert torch.equal(a, b), name
+    for a, b in zip(whole[4:], chunked[4:], strict=True):  # q_weight, k_weight: sums over chunks
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    monkeypatch.setattr(dispatch, "MAX_OFFSET", 2367)  # one row spans 2,367 elements past its first
+    assert dispatch.rows_within_offsets(tensors[0]) == 1
+    monkeypatch.setattr(dispatch, "MAX_OFFSET", 2366)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="32-bit offsets"):
+        kernels.qk_norm_attention(*tensors, **kw)
 
 
 def test_packed_qkv_views_work_without_a_copy_and_match_separate_tensors():

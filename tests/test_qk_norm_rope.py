@@ -51,6 +51,27 @@ def test_matches_fp64_reference_within_twice_torch_error(B, S, H, D, G, rope, dt
     check(B, S, H, D, G, rope, dtype, backend)
 
 
+def test_triton_past_32_bit_offsets_runs_in_batch_chunks(monkeypatch):
+    """Past dispatch.MAX_OFFSET (lowered here to two rows of 2,368 elements) the Triton backend
+    runs on chunks of whole batch rows, bit for bit; a row alone past it is refused."""
+    from kiln.kernels import dispatch
+
+    (q, k, _, qw, kw_), kw = make_case(3, 37, 2, 32, 2, True, False, False, torch.float16, seed=4)
+    kw.pop("causal")
+    douts = [torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).half() for i in (5, 6)]
+    whole = _run(_on("triton"), (q, k, qw, kw_), kw, douts)
+    monkeypatch.setattr(dispatch, "MAX_OFFSET", 2 * 2368 - 1)
+    assert dispatch.batch_chunks(3, within=dispatch.rows_within_offsets(q, k)) == [slice(0, 2), slice(2, 3)]
+    chunked = _run(_on("triton"), (q, k, qw, kw_), kw, douts)
+    for a, b in zip(whole[:4], chunked[:4], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(whole[4:], chunked[4:], strict=True):  # fp16 weight gradients: each chunk's sum rounded
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(dispatch, "MAX_OFFSET", 2366)
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="32-bit offsets"):
+        kernels.qk_norm_rope(q, k, qw, kw_, **kw)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_qkv_input_and_opcheck(backend):
     (q, k, v, qw, kw_), kw = make_case(2, 30, 2, 32, 2, True, False, False, torch.float32, seed=2)
