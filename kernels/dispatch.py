@@ -135,6 +135,20 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def on_device_of(t: torch.Tensor) -> Iterator[None]:
+    """Make ``t``'s GPU the current device inside the block. Triton launches a kernel on the
+    current device and its current stream, not on its tensors' device: with a model spread over
+    GPUs in one process (a diffusers ``device_map``, pipeline stages on cuda:0 and cuda:1) the
+    kernels for cuda:1's tensors would run on cuda:0, unordered with cuda:1's stream. (The csrc
+    ops take a device guard in C++.) Every Triton op's body runs inside one."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
+
+
 def triton_device_reason(t: torch.Tensor) -> str | None:
     """Why the Triton backend will not take tensor ``t`` (None when it will).
 

@@ -26,6 +26,7 @@ from kiln.kernels.dispatch import (
     compute_dtype,
     csrc_device_reason,
     dispatch,
+    on_device_of,
     register,
     rows_within_offsets,
     triton_device_reason,
@@ -127,7 +128,8 @@ def _gn_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from kiln.kernels.group_norm_triton import group_norm_fwd
 
-    return group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation)
+    with on_device_of(x):
+        return group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation)
 
 
 @_gn_fwd_op.register_fake
@@ -144,7 +146,8 @@ def _gn_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from kiln.kernels.group_norm_triton import group_norm_bwd
 
-    return group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
+    with on_device_of(x):
+        return group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation)
 
 
 @_gn_bwd_op.register_fake

@@ -30,6 +30,7 @@ from kiln.kernels.dispatch import (
     compute_dtype,
     dispatch,
     join_batch,
+    on_device_of,
     register,
     rows_within_offsets,
     triton_device_reason,
@@ -141,9 +142,10 @@ def _qkna_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from kiln.kernels import qk_norm_attention_triton as T
 
-    qn, rstd_q = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
-    kn, rstd_k = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
-    out, lse = T.attention_fwd(qn, kn, v, key_padding_mask, scale, causal)
+    with on_device_of(q):
+        qn, rstd_q = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+        kn, rstd_k = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+        out, lse = T.attention_fwd(qn, kn, v, key_padding_mask, scale, causal)
     return out, lse, rstd_q, rstd_k
 
 
@@ -167,11 +169,12 @@ def _qkna_bwd_op(
     from kiln.kernels import qk_norm_attention_triton as T
 
     # Q̂, K̂ are recomputed (one bandwidth-bound pass) rather than kept alive from the forward
-    qn, _ = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
-    kn, _ = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
-    dqn, dkn, dv = T.attention_bwd(dout, qn, kn, v, out, lse, key_padding_mask, scale, causal)
-    dq, dqw = T.norm_rope_bwd(dqn, q, q_weight, token_group, cos, sin, rstd_q)
-    dk, dkw = T.norm_rope_bwd(dkn, k, k_weight, token_group, cos, sin, rstd_k)
+    with on_device_of(q):
+        qn, _ = T.norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+        kn, _ = T.norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+        dqn, dkn, dv = T.attention_bwd(dout, qn, kn, v, out, lse, key_padding_mask, scale, causal)
+        dq, dqw = T.norm_rope_bwd(dqn, q, q_weight, token_group, cos, sin, rstd_q)
+        dk, dkw = T.norm_rope_bwd(dkn, k, k_weight, token_group, cos, sin, rstd_k)
     return dq, dk, dv, dqw, dkw
 
 

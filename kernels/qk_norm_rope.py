@@ -23,6 +23,7 @@ from kiln.kernels.dispatch import (
     csrc_device_reason,
     dispatch,
     join_batch,
+    on_device_of,
     register,
     rows_within_offsets,
     triton_device_reason,
@@ -70,8 +71,9 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: 
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from kiln.kernels.qk_norm_attention_triton import norm_rope_fwd
 
-    qo, rq = norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
-    ko, rk = norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
+    with on_device_of(q):
+        qo, rq = norm_rope_fwd(q, q_weight, token_group, cos, sin, eps)
+        ko, rk = norm_rope_fwd(k, k_weight, token_group, cos, sin, eps)
     return qo, ko, rq, rk
 
 
@@ -89,8 +91,9 @@ def _bwd_op(dqo: torch.Tensor, dko: torch.Tensor, q: torch.Tensor, k: torch.Tens
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from kiln.kernels.qk_norm_attention_triton import norm_rope_bwd
 
-    dq, dqw = norm_rope_bwd(dqo, q, q_weight, token_group, cos, sin, rstd_q)
-    dk, dkw = norm_rope_bwd(dko, k, k_weight, token_group, cos, sin, rstd_k)
+    with on_device_of(q):
+        dq, dqw = norm_rope_bwd(dqo, q, q_weight, token_group, cos, sin, rstd_q)
+        dk, dkw = norm_rope_bwd(dko, k, k_weight, token_group, cos, sin, rstd_k)
     return dq, dk, dqw, dkw
 
 

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -88,6 +90,50 @@ def test_autotune_keeps_the_default_where_it_cannot_time():
         autotune.forget()
     assert autotune.size_class(4096 + 77) == 8192 and autotune.size_class(4096) == 4096
     assert autotune.size_class(1) == 1
+
+
+def test_triton_ops_run_with_their_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current device, not its tensors': every Triton op's body (GroupNorm,
+    QK-norm+RoPE, attention; forward and backward) runs inside dispatch.on_device_of(its first
+    tensor), which makes a CUDA tensor's device current when another one is (torch.cuda faked:
+    no GPU here). Recorded while the ops run under the interpreter."""
+    import importlib
+    from types import SimpleNamespace
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(t):
+        seen.append(tuple(t.shape))
+        yield
+
+    for name in ("group_norm", "qk_norm_rope", "qk_norm_attention"):
+        monkeypatch.setattr(importlib.import_module(f"kiln.kernels.{name}"), "on_device_of", recording)
+    x = torch.randn(2, 8, 3, 5, requires_grad=True)
+    q, k, v = (torch.randn(1, 6, 2, 16, requires_grad=True) for _ in range(3))
+    w = torch.ones(16)
+    with kernels.use_backend("triton"):
+        kernels.group_norm(x, 2).sum().backward()
+        sum(o.sum() for o in kernels.qk_norm_rope(q, k, w, w)).backward()
+        kernels.qk_norm_attention(q, k, v, w, w).sum().backward()
+    assert seen == [(2, 8, 3, 5)] * 2 + [(1, 6, 2, 16)] * 4
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    on_cuda1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    for current in (0, 1):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda current=current: current)
+        with dispatch.on_device_of(on_cuda1):
+            pass
+    with dispatch.on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # only when another GPU was current
 
 
 def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
