@@ -30,6 +30,7 @@ one on the caller's buffers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import warnings
@@ -70,8 +71,10 @@ class LaunchConfig:
 _CHOSEN: dict[tuple, object] = {}
 _TIMES: dict[tuple, dict[str, float | None]] = {}  # key -> candidate -> median ms (None: dropped)
 _DEFAULTS_ONLY = [False]
-_COMPILE_ONLY = [False]
-_COMPILED: list[list | None] = [None]  # shared_bytes' collection of compiled kernels
+# None: run_kernel launches; a list: it only compiles, into the list. A context variable, so that
+# one thread compiling candidates leaves another thread's launches launching (a process-wide
+# flag would have them skip their kernels, silently)
+_COMPILING: contextvars.ContextVar[list | None] = contextvars.ContextVar("kiln_compile_only", default=None)
 _FIRST_FIT: dict[tuple, int] = {}  # (key, shared-memory limit) -> index of the first candidate that fits
 
 
@@ -167,12 +170,8 @@ def shared_memory_limit(probe: torch.Tensor) -> int | None:
 def shared_bytes(launch: Callable[[object], object], cfg) -> int:
     """The most shared memory any kernel ``launch(cfg)`` launches takes: compiled, not run (a
     compile the first launch would make anyway; Triton caches it)."""
-    compiled: list = []
-    _COMPILE_ONLY[0], _COMPILED[0] = True, compiled
-    try:
+    with compile_only() as compiled:
         launch(cfg)
-    finally:
-        _COMPILE_ONLY[0], _COMPILED[0] = False, None
     return max((k.metadata.shared for k in compiled), default=0)
 
 
@@ -212,14 +211,26 @@ def results_agree(reference: Sequence[torch.Tensor], result: Sequence[torch.Tens
 
 
 def run_kernel(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; only its compile while :func:`choose` compiles all
-    candidates at once. Every launch inside a candidate's ``launch`` goes through here."""
-    if _COMPILE_ONLY[0]:
-        compiled = kernel.warmup(*args, grid=grid, **kwargs)
-        if _COMPILED[0] is not None:
-            _COMPILED[0].append(compiled)
+    """``kernel[grid](*args, **kwargs)``; only its compile inside :func:`compile_only` (while
+    :func:`choose` compiles all candidates at once, or measures their shared memory). Every
+    launch inside a candidate's ``launch`` goes through here."""
+    compiled = _COMPILING.get()
+    if compiled is not None:
+        compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
     else:
         kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[list]:
+    """Inside the block, in this thread (context) only, :func:`run_kernel` compiles instead of
+    launching; yields the list of compiled kernels (Triton's warmup results)."""
+    compiled: list = []
+    token = _COMPILING.set(compiled)
+    try:
+        yield compiled
+    finally:
+        _COMPILING.reset(token)
 
 
 def _compile_all(candidates: Sequence, launch: Callable[[object], object]) -> None:
@@ -237,16 +248,12 @@ def _compile_all(candidates: Sequence, launch: Callable[[object], object]) -> No
         return  # (one AsyncCompileMode at a time: a caller's own, torch.compile's say, stays in charge)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers) as pool, async_mode(pool, ignore_errors=True):
-        _COMPILE_ONLY[0] = True
-        try:
-            for cfg in candidates:
-                try:
-                    launch(cfg)
-                except Exception:  # it fails again when timed, and drops out there
-                    pass
-        finally:
-            _COMPILE_ONLY[0] = False
+    with ThreadPoolExecutor(workers) as pool, async_mode(pool, ignore_errors=True), compile_only():
+        for cfg in candidates:
+            try:
+                launch(cfg)
+            except Exception:  # it fails again when timed, and drops out there
+                pass
 
 
 def choices() -> dict[str, str]:

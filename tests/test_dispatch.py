@@ -169,7 +169,7 @@ def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
     cands, probe = ["big", "mid", "small"], torch.zeros(1)  # (a CPU probe: untimed, the default)
     try:
         assert autotune.choose(("fit", 1), cands, launch, probe) == "mid"
-        assert warmed == ["pre", "big", "pre", "mid"] and not autotune._COMPILE_ONLY[0]
+        assert warmed == ["pre", "big", "pre", "mid"] and autotune._COMPILING.get() is None
         assert autotune.choose(("fit", 1), cands, launch, probe) == "mid" and len(warmed) == 4  # remembered
         limit[0] = 99 * 1024
         assert autotune.choose(("fit", 1), cands, launch, probe) == "small"
@@ -221,6 +221,41 @@ def test_autotune_drops_a_candidate_that_disagrees_with_the_default(monkeypatch)
     assert autotune.timings() == {}
 
 
+def test_compiling_in_one_thread_leaves_another_threads_launches_launching():
+    """autotune.compile_only holds for its own thread (a context variable): while one thread
+    compiles candidates, a kernel another thread runs is launched, not only compiled (a
+    process-wide flag skipped it, silently)."""
+    import threading
+
+    from kiln.kernels import autotune
+
+    events = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            events.append("compiled")
+            return "compiled kernel"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append("launched")
+
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait(5)
+        autotune.run_kernel(Kernel(), (1,))
+        done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with autotune.compile_only() as compiled:
+        autotune.run_kernel(Kernel(), (1,))
+        inside.set()
+        assert done.wait(5)
+    thread.join()
+    assert events == ["compiled", "launched"] and compiled == ["compiled kernel"]
+
+
 def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
     """Before timing, every candidate's launch runs once in compile-only mode (run_kernel calls
     Triton's warmup) inside Triton's AsyncCompileMode on a thread pool, which joins the compiles
@@ -243,7 +278,7 @@ def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
             seen.append("joined")
 
     def launch(cfg):
-        seen.append((cfg, autotune._COMPILE_ONLY[0]))
+        seen.append((cfg, autotune._COMPILING.get() is not None))
         if cfg == "bad":
             raise RuntimeError("out of resources")
 
@@ -251,7 +286,7 @@ def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
     monkeypatch.setattr(autotune.os, "cpu_count", lambda: 16)
     autotune._compile_all(["a", "bad", "c"], launch)
     assert seen == [("mode", 3, True), ("a", True), ("bad", True), ("c", True), "joined"]
-    assert not autotune._COMPILE_ONLY[0]
+    assert autotune._COMPILING.get() is None
     seen.clear()
     monkeypatch.delattr(triton, "AsyncCompileMode")  # an older Triton: each compiles when first timed
     autotune._compile_all(["a", "c"], launch)
