@@ -177,13 +177,22 @@ def shared_bytes(launch: Callable[[object], object], cfg) -> int:
 
 def first_fit(candidates: Sequence, need: Callable[[object], int], limit: int, what: str) -> int:
     """Index of the first candidate whose ``need(candidate)`` bytes of shared memory fit ``limit``;
-    a RuntimeError naming ``what``, the limit and each candidate's need when none does."""
-    needs = []
+    a RuntimeError naming ``what``, the limit and each candidate's need when none does. A
+    candidate whose compile fails (a GPU the lists were not checked on) is passed over with a
+    warning that says why."""
+    needs = []  # what each candidate needs, as the error lists it
     for i, cfg in enumerate(candidates):
-        needs.append(need(cfg))
-        if needs[-1] <= limit:
+        try:
+            n = need(cfg)
+        except Exception as e:  # (Triton's compile errors have no common base class)
+            warnings.warn(f"{what}: {cfg} does not compile for this GPU ({type(e).__name__}: {e}); "
+                          "trying the next candidate", stacklevel=3)
+            needs.append(f"fails to compile ({type(e).__name__})")
+            continue
+        if n <= limit:
             return i
-    listed = ", ".join(f"{c} {n / 1024:.1f} KB" for c, n in zip(candidates, needs, strict=True))
+        needs.append(f"{n / 1024:.1f} KB")
+    listed = ", ".join(f"{c} {n}" for c, n in zip(candidates, needs, strict=True))
     raise RuntimeError(f"{what}: no launch config fits this GPU's {limit / 1024:.0f} KB of shared memory a "
                        f"program (needs: {listed}); run it on a GPU with more, or use the PyTorch reference "
                        f"(kiln.kernels.use_backend('torch'))")

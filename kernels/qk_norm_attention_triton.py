@@ -54,6 +54,7 @@ import contextvars
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -1084,10 +1085,12 @@ def pre_hopper_defaults(configs=CONFIGS_PRE_HOPPER, limits=PRE_HOPPER_SHARED) ->
 
             for gpu, limit in limits.items() if candidates else ():
                 row = {"kernel": name, "dtype": dt, "head_dim": D, "gpu": gpu, "limit": limit, "default": None}
-                try:
-                    cfg = candidates[first_fit(candidates, need, limit, f"{name}/{dt}/{D}")]
-                    row.update(default=str(cfg), shared_bytes=need(cfg))
-                except RuntimeError as e:
-                    row["error"] = str(e)
-                rows.append(row)
+                with warnings.catch_warnings(record=True) as caught:  # (candidates that fail to compile)
+                    warnings.simplefilter("always")
+                    try:
+                        cfg = candidates[first_fit(candidates, need, limit, f"{name}/{dt}/{D}")]
+                        row.update(default=str(cfg), shared_bytes=need(cfg))
+                    except RuntimeError as e:
+                        row["error"] = str(e)
+                rows.append({**row, "warnings": [str(w.message) for w in caught]})
     return rows

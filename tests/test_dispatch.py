@@ -155,6 +155,8 @@ def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
 
         def warmup(self, *args, grid, **kwargs):
             warmed.append(self.name)
+            if self.shared is None:
+                raise RuntimeError("PassManager::run failed")
             return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared))
 
         def __getitem__(self, grid):
@@ -179,6 +181,9 @@ def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
             autotune.choose(("fit", 2), cands, launch, probe)
         limit[0] = 228 * 1024
         assert autotune.choose(("fit", 3), cands, launch, probe) == "big"
+        need["big"] = None  # a default that does not compile for this GPU: the next one, with a warning
+        with pytest.warns(UserWarning, match="fit/5: big does not compile for this GPU"):
+            assert autotune.choose(("fit", 5), cands, launch, probe) == "mid"
         warmed.clear()
         limit[0] = None  # off CUDA: nothing compiled, the first candidate
         assert autotune.choose(("fit", 4), cands, launch, probe) == "big" and warmed == []
