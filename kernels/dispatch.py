@@ -54,18 +54,18 @@ def batch_chunks(rows: int, grid_units: int = 0, within: int | None = None) -> l
 
 
 def rows_within_offsets(*tensors: torch.Tensor | tuple[int, ...]) -> int:
-    """How many leading batch rows (dim 0) of every tensor lie within MAX_OFFSET elements of
-    their first one (0: not even one row does). A shape stands for the contiguous tensor a
-    kernel writes."""
-    rows = None
+    """How many batch rows (dim 0) of these tensors' layouts fit within MAX_OFFSET elements of
+    the first one's start, however many the tensors have (0: not even one row does). A shape
+    stands for the contiguous tensor a kernel writes."""
+    rows = MAX_OFFSET
     for t in tensors:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
         strides = t.stride() if isinstance(t, torch.Tensor) else [math.prod(shape[i + 1:]) for i in range(len(shape))]
         one = sum((n - 1) * abs(st) for n, st in zip(shape[1:], strides[1:], strict=True) if n > 0)
         if one > MAX_OFFSET:
             return 0
-        fit = (MAX_OFFSET - one) // abs(strides[0]) + 1 if strides[0] else shape[0]
-        rows = min(shape[0], fit) if rows is None else min(rows, shape[0], fit)
+        if strides[0]:
+            rows = min(rows, (MAX_OFFSET - one) // abs(strides[0]) + 1)
     return rows
 
 
