@@ -140,6 +140,24 @@ def test_past_a_grids_rows_or_32_bit_offsets_runs_in_batch_chunks(monkeypatch, m
         kernels.qk_norm_attention(*tensors, **kw)
 
 
+def test_a_view_past_32_bit_offsets_runs_in_batch_chunks():
+    """q is a view into a 4 GiB buffer with a batch stride of 2^30 elements (pages never touched
+    cost no memory), so its last row starts 2^31 elements past its base, where the kernels'
+    32-bit offsets wrap: the op segfaulted there before it ran on batch chunks (rc 139 at
+    b1f855b). Now within the 2x rule for the output, q's row past 2^31 included."""
+    B, S, H, D = 3, 16, 2, 32
+    base = torch.empty(2 * 2**30 + S * H * D, dtype=torch.float16)
+    q = base.as_strided((B, S, H, D), (2**30, H * D, D, 1))
+    (q_dense, k, v, qw, kw_), kw = make_case(B, S, H, D, 2, True, False, False, torch.float16, seed=12)
+    q.copy_(q_dense)
+    with kernels.use_backend("triton"):
+        out = kernels.qk_norm_attention(q, k, v, qw, kw_, **kw)
+    ref = kernels.qk_norm_attention_ref(*(t.double() for t in (q_dense, k, v, qw, kw_)), upcast=True,
+                                        **{n: (t.double() if n in ("cos", "sin") else t) for n, t in kw.items()})
+    lowp = kernels.qk_norm_attention_ref(q_dense, k, v, qw, kw_, upcast=False, **kw)
+    assert (out.double() - ref).abs().max() <= 2 * (lowp.double() - ref).abs().max() + 1e-3
+
+
 def test_packed_qkv_views_work_without_a_copy_and_match_separate_tensors():
     tensors, kw = make_case(2, 45, 2, 32, 2, True, True, False, torch.float32, seed=3)
     q, k, v, qw, kw_ = tensors
