@@ -73,7 +73,8 @@ def group_norm_ref(
     """Plain-PyTorch definition of :func:`group_norm` (the spec and the CPU backend)."""
     _check(x, num_groups, activation)
     cdt = compute_dtype(x.dtype, upcast)
-    y = F.group_norm(x.to(cdt), num_groups, None, None, eps)
+    # F.group_norm refuses an empty spatial extent ("Expected HxW > 0"); y is as empty as x
+    y = F.group_norm(x.to(cdt), num_groups, None, None, eps) if x.numel() else x.to(cdt)
     if weight is not None:
         y = y * _per_channel(weight, x, cdt)
     if bias is not None:
@@ -270,9 +271,17 @@ register("group_norm", "csrc", group_norm_csrc, _reasons(lambda x: csrc_device_r
 
 
 class GroupNorm(torch.nn.GroupNorm):
-    """``nn.GroupNorm`` (same constructor and state_dict) whose forward is kiln's group_norm."""
+    """``nn.GroupNorm`` (same constructor and state_dict) whose forward is kiln's group_norm.
+
+    Takes what nn.GroupNorm takes, (N, C, *): inputs outside the op's 1-3 spatial dims ((N, C)
+    features, 4-D volumes x time) run as (N, C, L), the spatial dims flattened (a view when x is
+    contiguous), so that patch_group_norm never breaks a model that fed nn.GroupNorm such shapes.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 or x.dim() > 5:
+            flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, L)
+            return group_norm(flat, self.num_groups, self.weight, self.bias, self.eps).reshape(x.shape)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 

@@ -439,6 +439,9 @@ def _pick(direction: str, x: torch.Tensor, num_groups: int, flags: dict, launch)
 
 def group_norm_fwd(x, num_groups, weight, bias, scale, shift, eps, activation):
     """Forward launcher: returns (y, mean (N, G), rstd (N, G)) with y in x's memory format."""
+    if not x.numel():  # an empty batch or spatial extent: nothing to launch (the splits divide by S)
+        stats = x.new_zeros(x.shape[0], num_groups, dtype=torch.float32)
+        return torch.empty_like(x, memory_format=memory_format_of(x)), stats, stats.clone()
     x, sn, sc, ss = _as_ncs(x)
     params, flags = _params_and_flags(x, weight, bias, scale, shift, activation)
 
@@ -477,6 +480,9 @@ def _fwd_nchw(x, strides, num_groups, params, flags, eps, cfg):
 
 def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, num_groups, activation):
     """Backward launcher: returns (dx, A, B) where A, B (N, C) give the parameter gradients."""
+    if not x.numel():  # sums over no elements
+        sums = x.new_zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        return torch.empty_like(x, memory_format=memory_format_of(x)), sums, sums.clone()
     x, sn, sc, ss = _as_ncs(x)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     _, dsn, dsc, dss = _as_ncs(dy)

@@ -249,6 +249,21 @@ def test_scale_without_shift():
     torch.testing.assert_close(y, kernels.group_norm_ref(x, 8, scale=p["scale"]), atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "csrc"])
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0, 4), (2, 8, 0)], ids=["no-samples", "no-pixels", "no-steps"])
+def test_empty_input_gives_empty_output_and_zero_parameter_gradients(backend, shape):
+    # an empty batch crashed the Triton launcher (x[0, 0] to key the tuner), an empty spatial extent
+    # divided by S = 0 there and F.group_norm refuses it ("Expected HxW > 0"); csrc handled both
+    x = torch.randn(shape, requires_grad=True)
+    w, b, sc = (torch.randn(*s, requires_grad=True) for s in ((8,), (8,), (shape[0], 8)))
+    with kernels.use_backend(backend):
+        y = kernels.group_norm(x, 2, w, b, scale=sc, shift=sc * 2, activation="silu")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (w, b, sc))
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_large_mean_is_stable(channels_last):
     # mean 1000, std 0.1: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance

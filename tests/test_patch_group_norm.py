@@ -42,3 +42,20 @@ def test_patched_vae_matches_outputs_and_gradients_on_triton():
     for name, p in vae.named_parameters():
         if "norm" in name:
             torch.testing.assert_close(p.grad, g_ref[name].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_patched_module_takes_every_shape_nn_group_norm_takes():
+    # (N, C) features and 4 spatial dims are outside the op's (N, C, 1-3 spatial dims): the module
+    # runs them flattened to (N, C, L) rather than raising inside a patched model
+    torch.manual_seed(1)
+    native = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(native.weight)
+    torch.nn.init.normal_(native.bias)
+    patched = copy.deepcopy(native)
+    assert kernels.patch_group_norm(patched) == 1
+    for shape in [(3, 8), (2, 8, 3, 2, 2, 3)]:
+        x = torch.randn(shape)
+        with kernels.use_backend("triton"):
+            y = patched(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, native(x), atol=1e-5, rtol=1e-5)
