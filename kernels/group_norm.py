@@ -35,13 +35,20 @@ from kiln.kernels.dispatch import (
 ACTIVATIONS = (None, "silu")
 
 
-def _check(x, num_groups, activation):
+def _check(x, num_groups, activation, weight=None, bias=None, scale=None, shift=None):
     if x.dim() < 3 or x.dim() > 5:
         raise ValueError(f"group_norm: x must be (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
-    if x.shape[1] % num_groups:
+    if num_groups < 1 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm: channels {x.shape[1]} not divisible by num_groups {num_groups}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation {activation!r} not in {ACTIVATIONS}")
+    # the kernels index these by channel (and sample): another shape read past them, or broadcast
+    N, C = x.shape[:2]
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("scale", scale, (N, C)),
+                           ("shift", shift, (N, C))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"group_norm: {name} must be {'(C,)' if len(shape) == 1 else '(N, C)'} = {shape}, "
+                             f"got {tuple(t.shape)}")
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -108,6 +115,7 @@ def group_norm(
     Returns:
         y with x's shape, dtype and memory format.
     """
+    _check(x, num_groups, activation, weight, bias, scale, shift)
     return dispatch(
         "group_norm", x, num_groups, weight, bias, eps, scale=scale, shift=shift,
         activation=activation,

@@ -264,6 +264,22 @@ def test_empty_input_gives_empty_output_and_zero_parameter_gradients(backend, sh
     assert x.grad.shape == x.shape
     assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (w, b, sc))
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "csrc"])
+def test_parameter_shapes_are_named_before_any_backend_runs(backend):
+    # the Triton kernels index weight/bias by channel and scale/shift by (sample, channel): a (C,)
+    # scale read past its end for the second sample, a (C + 1,) weight ran silently
+    x = torch.randn(2, 8, 4, 4)
+    bad = [({"weight": torch.ones(9)}, r"weight must be \(C,\) = \(8,\), got \(9,\)"),
+           ({"bias": torch.ones(1, 8)}, r"bias must be \(C,\)"),
+           ({"scale": torch.ones(8), "shift": torch.ones(2, 8)}, r"scale must be \(N, C\) = \(2, 8\), got \(8,\)"),
+           ({"shift": torch.ones(3, 8)}, r"shift must be \(N, C\)"),
+           ({"num_groups": 0}, "not divisible by num_groups 0")]
+    for kw, match in bad:
+        kw = dict(kw)
+        with pytest.raises(ValueError, match=match), kernels.use_backend(backend):
+            kernels.group_norm(x, kw.pop("num_groups", 2), **kw)
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_large_mean_is_stable(channels_last):
     # mean 1000, std 0.1: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance
