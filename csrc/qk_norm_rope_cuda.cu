@@ -122,14 +122,28 @@ __device__ __forceinline__ void store_part(T* p, int64_t j0, int64_t end, const 
   }
 }
 
-// The tables a lane needs for row token s: weights (lo, hi halves) and, with RoPE, cos and sin.
+// Token s's weight row, or -1 when token_group[s] is outside [0, G): the host checks the values
+// only of CPU tensors (a check here would sync the GPU every call), so a bad one makes that
+// token's rows NaN instead of reading, and in the backward adding to, memory past the (G, D) weight.
+__device__ __forceinline__ int64_t weight_row(const RopeDev& d, int64_t s) {
+  const int64_t g = d.tg ? d.tg[s] : 0;
+  return g >= 0 && g < d.shape.G ? g : -1;
+}
+
+// The tables a lane needs for row token s: weights (lo, hi halves; NaN for row g = -1) and, with
+// RoPE, cos and sin.
 template <int P, bool VEC>
 struct RowTables {
   float w_lo[P], w_hi[P], c_lo[P], c_hi[P], s_lo[P], s_hi[P];
   __device__ __forceinline__ RowTables(const RopeDev& d, int64_t s, int64_t g, int64_t j0) {
     const int64_t D = d.shape.D, h2 = D / 2;
-    load_part<P, VEC>(d.w + g * D, j0, h2, w_lo);
-    load_part<P, VEC>(d.w + g * D + h2, j0, h2, w_hi);
+    if (g >= 0) {
+      load_part<P, VEC>(d.w + g * D, j0, h2, w_lo);
+      load_part<P, VEC>(d.w + g * D + h2, j0, h2, w_hi);
+    } else {
+#pragma unroll
+      for (int p = 0; p < P; ++p) w_lo[p] = w_hi[p] = nanf("");
+    }
     if (d.cos) {
       load_part<P, VEC>(d.cos + s * D, j0, h2, c_lo);
       load_part<P, VEC>(d.cos + s * D + h2, j0, h2, c_hi);
@@ -154,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) norm_rope_fwd_kernel(const T* __rest
       load_part<P, VEC>(x + w.offset(d.shape, u), j0, h2, lo[u]);
       load_part<P, VEC>(x + w.offset(d.shape, u) + h2, j0, h2, hi[u]);
     }
-    const RowTables<P, VEC> t(d, w.s, d.tg ? d.tg[w.s] : 0, j0);
+    const RowTables<P, VEC> t(d, w.s, weight_row(d, w.s), j0);
 #pragma unroll
     for (int u = 0; u < R; ++u) {
       if (u >= n) continue;
@@ -200,7 +214,7 @@ __device__ __forceinline__ void row_bwd(const RopeDev& d, const RowTables<P, VEC
   for (int p = 0; p < P; ++p) {
     out_lo[p] = rs * (dn_lo[p] * t.w_lo[p] - xh_lo[p] * dot);
     out_hi[p] = rs * (dn_hi[p] * t.w_hi[p] - xh_hi[p] * dot);
-    if (j0 + p < h2) {
+    if (j0 + p < h2 && g >= 0) {
       dw_w[g * D + j0 + p] += dn_lo[p] * xh_lo[p];
       dw_w[g * D + h2 + j0 + p] += dn_hi[p] * xh_hi[p];
     }
@@ -234,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) norm_rope_bwd_kernel(const T* __rest
       load_part<P, VEC>(x + off, j0, h2, x_lo[u]);
       load_part<P, VEC>(x + off + h2, j0, h2, x_hi[u]);
     }
-    const int64_t g = d.tg ? d.tg[w.s] : 0;
+    const int64_t g = weight_row(d, w.s);
     const RowTables<P, VEC> t(d, w.s, g, j0);
 #pragma unroll
     for (int u = 0; u < R; ++u) {

@@ -35,7 +35,7 @@ from kiln.kernels.dispatch import (
     rows_within_offsets,
     triton_device_reason,
 )
-from kiln.kernels.qk_norm_rope import norm_rope
+from kiln.kernels.qk_norm_rope import check_args, norm_rope
 
 
 def _attention_mask(key_padding_mask, causal, s_q, s_k, device):
@@ -81,7 +81,7 @@ def qk_norm_attention_ref(
         scale=scale,
     )  # (B, H, S, D)
     if mask is not None:
-        # A query with no valid key (causal + leading padding) would be NaN: define it as 0.
+        # A query with no valid key (causal + leading padding, or a fully padded row) would be NaN: 0.
         seen = mask.expand(B, 1, S, k.shape[1]).any(-1, keepdim=True)  # (B, 1, S, 1)
         out = torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.transpose(1, 2).to(q.dtype)
@@ -109,12 +109,19 @@ def qk_norm_attention(
         q_weight, k_weight: (D,) or (G, D) RMSNorm weights; with (G, D), ``token_group`` picks
             the row of each token.
         cos, sin: (S, D) RoPE tables applied after the norm to Q and K, or None for no RoPE.
-        token_group: (S,) integer group index in [0, G).
-        key_padding_mask: (B, S) bool, True = valid key; each row needs one valid key.
+        token_group: (S,) integer group index in [0, G) (checked for CPU tensors; on a GPU, where
+            that would sync, a token outside it gets NaN rows).
+        key_padding_mask: (B, S) bool, True = valid key; a query that sees none returns zeros.
         eps: RMSNorm epsilon. scale: softmax scale, default 1/sqrt(D). causal: lower-triangular.
     Returns:
         (B, S, H, D) in the input dtype.
     """
+    check_args("qk_norm_attention", q, k, q_weight, k_weight, cos, sin, token_group)
+    if v.device != q.device:
+        raise ValueError(f"qk_norm_attention: v is on {v.device}, q on {q.device}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], k.shape[1]):
+        raise ValueError(f"qk_norm_attention: key_padding_mask must be (B, S) = ({q.shape[0]}, {k.shape[1]}), "
+                         f"got shape {tuple(key_padding_mask.shape)}")
     return dispatch(
         "qk_norm_attention", q, k, v, q_weight, k_weight, cos=cos, sin=sin,
         token_group=token_group, key_padding_mask=key_padding_mask, eps=eps, scale=scale,

@@ -38,10 +38,11 @@ H·D=3072, B=1 that is ~0.1 GB, ~35 µs at 3 TB/s, against ~1.2 ms of attention 
 
 Masks use a finite -1e30 (not -inf), so a block whose keys are all masked cannot produce
 inf - inf = NaN. In the non-causal forward, keys past S and padded keys are a per-key -1e30 bias on
-the raw scores (_key_bias: an add a score instead of compares and selects; the contract gives
-every batch row a valid key, whose block's rescale wipes any all-masked block before it); causal
-rows and the backward zero masked probabilities explicitly, so a causal query with no valid key
-at all ends with l = 0 and is written as zeros (the reference's definition).
+the raw scores (_key_bias: an add a score instead of compares and selects; a row's first valid
+key's block rescale wipes any all-masked block before it, and a batch row with no valid key at all
+ends with the bias as its max: the epilogue writes it as zeros); causal rows and the backward zero
+masked probabilities explicitly, so a causal query with no valid key at all ends with l = 0 and is
+written as zeros (the reference's definition; the contract asks for a valid key in every row).
 
 Interpreter note: under TRITON_INTERPRET=1, bf16 tl.dot and bf16 arithmetic are wrong
 (ENVIRONMENT.md), so bf16 inputs are upcast to fp32 before every dot there (``UPCAST``); on a GPU
@@ -232,9 +233,21 @@ def _rot_index(d, HALF: tl.constexpr):
 
 
 @triton.jit
+def _weight_rows(w_ptr, g, swg, cols, mask, G, HAS_GROUP: tl.constexpr):
+    """fp32 weights (BLOCK_T, len(cols)) of the tokens' groups g. A g outside [0, G) (a bad
+    token_group: values are checked on the host only for CPU tensors, where it costs no GPU sync)
+    gives NaN, where it read past the (G, D) weight."""
+    if HAS_GROUP:
+        ok = (g >= 0) & (g < G)
+        w = tl.load(w_ptr + g[:, None] * swg + cols[None, :], mask=mask & ok[:, None], other=0.0).to(tl.float32)
+        return tl.where(ok[:, None], w, float("nan"))
+    return tl.load(w_ptr + g[:, None] * swg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _norm_rope_fwd_kernel(
     x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
-    n_tok, S, sxb, sxs, sxh, sxd, sob, sos, soh, sod, swg, sc_s, eps,
+    n_tok, S, G, sxb, sxs, sxh, sxd, sob, sos, soh, sod, swg, sc_s, eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_GROUP: tl.constexpr, HAS_ROPE: tl.constexpr,
 ):
@@ -248,12 +261,12 @@ def _norm_rope_fwd_kernel(
     x = tl.load(x_ptr + base[:, None] + d[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (BLOCK_T,)
     g = tl.load(g_ptr + s, mask=tm, other=0) if HAS_GROUP else tl.zeros_like(s)
-    w = tl.load(w_ptr + g[:, None] * swg + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    w = _weight_rows(w_ptr, g, swg, d, m2, G, HAS_GROUP)
     y = x * rstd[:, None] * w
     if HAS_ROPE:
         dr, sign = _rot_index(d, D // 2)
         xr = tl.load(x_ptr + base[:, None] + dr[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
-        wr = tl.load(w_ptr + g[:, None] * swg + dr[None, :], mask=m2, other=0.0).to(tl.float32)
+        wr = _weight_rows(w_ptr, g, swg, dr, m2, G, HAS_GROUP)
         c = tl.load(cos_ptr + s[:, None] * sc_s + d[None, :], mask=m2, other=0.0).to(tl.float32)
         sn = tl.load(sin_ptr + s[:, None] * sc_s + d[None, :], mask=m2, other=0.0).to(tl.float32)
         y = y * c + sign[None, :] * (xr * rstd[:, None] * wr) * sn
@@ -289,7 +302,7 @@ def _norm_rope_bwd_kernel(
     x = tl.load(x_ptr + xbase[:, None] + d[None, :] * sxd, mask=m2, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + t * H + h, mask=tm, other=0.0)
     g = tl.load(g_ptr + s, mask=tm, other=0) if HAS_GROUP else tl.zeros_like(s)
-    w = tl.load(w_ptr + g[:, None] * swg + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    w = _weight_rows(w_ptr, g, swg, d, m2, G, HAS_GROUP)  # a bad group's rows: NaN dx, no dw part
     xhat = x * rstd[:, None]
     dxhat = dy * w
     dx = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / D)[:, None])
@@ -308,7 +321,9 @@ def _strides4(x):
 def _group_args(weight: torch.Tensor, token_group: torch.Tensor | None, x: torch.Tensor):
     w2 = weight if weight.dim() == 2 else weight[None]
     has_group = w2.shape[0] > 1 and token_group is not None
-    g = token_group.to(torch.int32).contiguous() if has_group else torch.zeros(1, dtype=torch.int32, device=x.device)
+    # tables and groups may live elsewhere (the CPU), as the csrc ops and the reference allow
+    g = (token_group.to(device=x.device, dtype=torch.int32).contiguous() if has_group
+         else torch.zeros(1, dtype=torch.int32, device=x.device))
     return w2.contiguous(), g, has_group
 
 
@@ -319,11 +334,11 @@ def norm_rope_fwd(x, weight, token_group, cos, sin, eps):
     rstd = torch.empty((B, S, H), dtype=torch.float32, device=x.device)
     w2, g, has_group = _group_args(weight, token_group, x)
     has_rope = cos is not None
-    c = cos.contiguous() if has_rope else w2
-    sn = sin.contiguous() if has_rope else w2
+    c = cos.to(x.device).contiguous() if has_rope else w2
+    sn = sin.to(x.device).contiguous() if has_rope else w2
     grid = (triton.cdiv(B * S, BLOCK_T), H)
     _norm_rope_fwd_kernel[grid](
-        x, w2, g, c, sn, out, rstd, B * S, S, *_strides4(x), *_strides4(out), w2.stride(0),
+        x, w2, g, c, sn, out, rstd, B * S, S, w2.shape[0], *_strides4(x), *_strides4(out), w2.stride(0),
         c.stride(0) if has_rope else 0, eps, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=BLOCK_T,
         HAS_GROUP=has_group, HAS_ROPE=has_rope,
     )
@@ -336,8 +351,8 @@ def norm_rope_bwd(dy, x, weight, token_group, cos, sin, rstd):
     w2, g, has_group = _group_args(weight, token_group, x)
     G = w2.shape[0] if has_group else 1
     has_rope = cos is not None
-    c = cos.contiguous() if has_rope else w2
-    sn = sin.contiguous() if has_rope else w2
+    c = cos.to(x.device).contiguous() if has_rope else w2
+    sn = sin.to(x.device).contiguous() if has_rope else w2
     dx = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
     n_prog = triton.cdiv(B * S, BLOCK_T)
     dw_part = torch.empty((n_prog, H, G, D), dtype=torch.float32, device=x.device)
@@ -475,7 +490,7 @@ def _key_bias(start_n, offs_n, S, SR, pad_ptr, b, HAS_PAD: tl.constexpr, WS: tl.
     key counts (_key_ok), NEG otherwise. One add a score instead of per-score compares and selects
     (the mask is a column's, the same for every query): exp2 of a biased score is exactly 0 once
     the row's max is a real score, and a block of only such keys before the row's first valid one
-    is wiped by that block's rescale (alpha = 0); the contract gives every batch row a valid key.
+    is wiped by that block's rescale (alpha = 0); a row without any valid key is zeroed at the end.
     Not in the backward: there its per-key vector stays live across the dkdv kernel's query loop
     (28-220 bytes of spills at 64x128 and D = 256), and a negative scale would turn the bias
     positive after the FFMA's multiply."""
@@ -642,6 +657,11 @@ def _attn_fwd_kernel(
                                        start_n, offs_m, offs_d, dm, S, SR, scale_log2, D, BLOCK_N, True, HAS_PAD,
                                        CAUSAL, UPCAST, PREC, TMA, WS, SCALE_POS)
     seen = l_i > 0
+    if HAS_PAD and not CAUSAL:
+        # a batch row whose keys are all padded kept the bias as its max (NEG·min(1, scale_log2), a real
+        # score's is >= -1e3 in these units) and averaged V: written as zeros like a causal row's
+        floor = tl.minimum(scale_log2, 1.0) * -5.0e29 if SCALE_POS else -5.0e29  # NEG / 2 in m's units
+        seen = seen & (m_i > floor)
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=(offs_m < S)[:, None] & dm[None, :])
@@ -1038,7 +1058,7 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
         pre = {f"s{a}{b}": i32 for a in ("x", "o", "d") for b in "bshd"}
         pre_aligned = (*[k for k in pre if not k.endswith("d")], "swg", "sc_s")
         pre_ones = ("sxd", "sod", "sdd")
-        fwd_sig = {**ptrs, "out_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_tok": i32, "S": i32,
+        fwd_sig = {**ptrs, "out_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_tok": i32, "S": i32, "G": i32,
                    **{k: i32 for k in pre if k[1] in "xo"}, "swg": i32, "sc_s": i32, "eps": "fp32"}
         bwd_sig = {"dy_ptr": f"*{dt}", **ptrs, "rstd_ptr": "*fp32", "dx_ptr": f"*{dt}", "dw_ptr": "*fp32",
                    "n_tok": i32, "S": i32, "G": i32, **{k: i32 for k in pre if k[1] in "xd"}, "swg": i32,

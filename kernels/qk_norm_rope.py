@@ -31,6 +31,38 @@ from kiln.kernels.dispatch import (
 from kiln.kernels.rope import rotate_half
 
 
+def check_args(op: str, q, k, q_weight, k_weight, cos, sin, token_group) -> None:
+    """Shape errors that name the argument (no value checks: those would sync a GPU every call);
+    without them a wrong table or weight failed deep inside a backend, in a broadcast."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("q_weight", q_weight), ("k_weight", k_weight)):
+        if t.device != q.device:  # (the tables and token_group may be elsewhere: the backends move them)
+            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+    D = q.shape[-1]
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.dim() not in (1, 2) or w.shape[-1] != D:
+            raise ValueError(f"{op}: {name} must be (D,) or (G, D) with D = {D}, got shape {tuple(w.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: cos and sin come together (both (S, D) tables, or both None)")
+    if cos is not None and k.shape[1] != q.shape[1]:
+        raise ValueError(f"{op}: cos, sin (S, D) rotate q and k alike: q has S = {q.shape[1]}, k {k.shape[1]}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and tuple(t.shape) != (q.shape[1], D):
+            raise ValueError(f"{op}: {name} must be (S, D) = ({q.shape[1]}, {D}), got shape {tuple(t.shape)}")
+    if token_group is not None and (tuple(token_group.shape) != (q.shape[1],) or token_group.is_floating_point()):
+        raise ValueError(f"{op}: token_group must be an (S,) = ({q.shape[1]},) integer tensor, got "
+                         f"{tuple(token_group.shape)} {token_group.dtype}")
+    rows = [w.shape[0] for w in (q_weight, k_weight) if w.dim() == 2 and w.shape[0] > 1]
+    if token_group is not None and rows and not token_group.is_cuda and not torch.compiler.is_compiling():
+        # values too, where that costs no GPU sync (the CUDA kernels give a bad token's rows NaN)
+        lo, hi = int(token_group.min()), int(token_group.max())
+        if lo < 0 or hi >= min(rows):
+            raise ValueError(f"{op}: token_group values must lie in [0, G) = [0, {min(rows)}) for the (G, D) "
+                             f"weights, got values from {lo} to {hi}")
+
+
 def norm_rope(x, weight, token_group, cos, sin, eps, cdt):
     """x (B, S, H, D) -> RMS-normalised with the token's weight row, then rotated, in dtype cdt."""
     xc = x.to(cdt)
@@ -40,7 +72,7 @@ def norm_rope(x, weight, token_group, cos, sin, eps, cdt):
         w = w[:, None, :]  # (S, 1, D)
     y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * w
     if cos is not None:
-        c, s = cos.to(cdt)[:, None, :], sin.to(cdt)[:, None, :]
+        c, s = cos.to(x.device, cdt)[:, None, :], sin.to(x.device, cdt)[:, None, :]
         y = y * c + rotate_half(y) * s
     return y
 
@@ -58,6 +90,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
                  cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                  token_group: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm + rotate-half RoPE of q and k (B, S, H, D); returns (q_out, k_out)."""
+    check_args("qk_norm_rope", q, k, q_weight, k_weight, cos, sin, token_group)
     return dispatch("qk_norm_rope", q, k, q_weight, k_weight, cos=cos, sin=sin, token_group=token_group, eps=eps)
 
 

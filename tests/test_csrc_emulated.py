@@ -245,3 +245,27 @@ def test_no_access_outside_the_tensors_under_addresssanitizer():
     report = proc.stderr[max(0, proc.stderr.find("ERROR: AddressSanitizer")):][:4000]  # its head names the access
     assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr, (proc.stdout[-2000:], report)
     assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_qk_norm_rope_cuda_kernels_give_a_token_outside_the_weights_nan_rows():
+    """A CUDA token_group's values are not checked on the host (that would sync every call): the
+    kernels make a bad token's rows NaN and leave it out of the weight gradients, where they read
+    the weight, and added to shared memory, past its G rows (the ops called below the host check)."""
+    (q, k, _, qw, kw_), kw = make_case(2, 13, 2, 32, 2, True, False, False, torch.float32, seed=8)
+    bad = kw["token_group"].clone()
+    bad[[3, 9]] = torch.tensor([2, -1])
+    good = torch.ones(13, dtype=torch.bool)
+    good[[3, 9]] = False
+    dqo, dko = torch.randn_like(q), torch.randn_like(k)
+    dqo[:, ~good], dko[:, ~good] = 0.0, 0.0
+    with as_csrc_cpu(132):
+        qo, ko, rq, rk = torch.ops.kiln_ext.qk_norm_rope_fwd(q, k, qw, kw_, kw["cos"], kw["sin"], bad, 1e-6)
+        dq, dk, dqw, dkw = torch.ops.kiln_ext.qk_norm_rope_bwd(dqo, dko, q, k, qw, kw_, kw["cos"], kw["sin"], bad,
+                                                                rq, rk)
+    assert qo[:, ~good].isnan().all() and ko[:, ~good].isnan().all() and dq[:, ~good].isnan().all()
+    sub = [t[:, good].clone().requires_grad_() for t in (q, k)] + [t.clone().requires_grad_() for t in (qw, kw_)]
+    ref = kernels.qk_norm_rope_ref(*sub, cos=kw["cos"][good], sin=kw["sin"][good], token_group=bad[good])
+    torch.testing.assert_close(qo[:, good], ref[0].detach(), atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(ref, sub, (dqo[:, good], dko[:, good]))
+    for ours, theirs in zip((dq[:, good], dk[:, good], dqw, dkw), grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -102,6 +102,22 @@ def test_queries_without_any_valid_key_are_zero_and_gradients_finite():
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("scale", [None, 2.0, -0.3])
+def test_a_batch_row_without_any_valid_key_is_zero_like_the_reference(scale):
+    # non-causal: padded keys are a -1e30 bias on the scores, so a row whose keys are all padded
+    # kept the bias as its max and averaged V (0.29 off the reference's zeros) while its gradients
+    # were zero; scale 2 puts the bias below the running max's start, -0.3 scales scores first
+    tensors, kw = make_case(3, 40, 2, 32, 2, True, True, False, torch.float32, seed=6)
+    kw["key_padding_mask"][1] = False
+    kw["scale"] = scale
+    dout = torch.randn(3, 40, 2, 32, generator=torch.Generator().manual_seed(7))
+    ours = _run(_triton, tensors, kw, dout)
+    assert (ours[0][1] == 0).all() and (ours[1][1] == 0).all()
+    ref = _run(lambda *a, **k: kernels.qk_norm_attention_ref(*a, **k), tensors, kw, dout)
+    for o, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(o, r, atol=5e-5, rtol=5e-5)
+
+
 # B = 3, H = 2, S = 37, D = 32: a (B, S, H, D) row spans 2,368 elements; each limit lowered so
 # that two rows fit: a grid's rows (B·H programs along y) or 32-bit offsets
 CHUNK_LIMITS = {"grid": ("MAX_GRID_Y", 5), "offsets": ("MAX_OFFSET", 2 * 2368 - 1)}

@@ -88,3 +88,60 @@ def test_packed_qkv_input_and_opcheck(backend):
     qo, ko, rq, rk = fwd(*args)
     torch.library.opcheck(bwd, (torch.randn_like(qo), torch.randn_like(ko), q, k, qw, kw_, kw["cos"], kw["sin"],
                                 kw["token_group"], rq, rk))
+
+
+def _bad_arguments(S, D):
+    ang = torch.ones(S, D)
+    return [  # (kwargs replaced, what the error must name); each failed in a broadcast or read past a tensor
+        ({"q_weight": torch.ones(D + 1)}, "q_weight must be"),
+        ({"k_weight": torch.ones(D, device="meta")}, "k_weight is on meta, q on cpu"),
+        ({"k_weight": torch.ones(2, 3, D)}, "k_weight must be"),
+        ({"cos": ang}, "cos and sin come together"),
+        ({"cos": ang[None], "sin": ang[None]}, r"cos must be \(S, D\)"),
+        ({"cos": ang[:-1], "sin": ang[:-1]}, r"cos must be \(S, D\)"),
+        ({"token_group": torch.zeros(S + 1, dtype=torch.long)}, "token_group must be"),
+        ({"token_group": torch.zeros(S)}, "integer tensor"),
+        ({"token_group": torch.full((S,), 2)}, r"token_group values must lie in \[0, G\) = \[0, 2\)"),
+        ({"token_group": torch.full((S,), -1)}, "from -1 to -1"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+@pytest.mark.parametrize("op", ["qk_norm_rope", "qk_norm_attention"])
+def test_bad_arguments_are_named_before_any_backend_runs(op, backend):
+    S, D = 7, 16
+    q, k = torch.randn(2, S, 2, D), torch.randn(2, S, 2, D)
+    base = {"q_weight": torch.ones(2, D), "k_weight": torch.ones(2, D), "token_group": torch.zeros(S, dtype=torch.long)}
+    cases = _bad_arguments(S, D)
+    if op == "qk_norm_attention":
+        cases.append(({"key_padding_mask": torch.ones(2, S + 1, dtype=torch.bool)}, "key_padding_mask must be"))
+    for bad, match in cases:
+        kw = {**base, **bad}
+        args = (q, k, kw.pop("q_weight"), kw.pop("k_weight"))
+        with pytest.raises(ValueError, match=match), kernels.use_backend(backend):
+            if op == "qk_norm_rope":
+                kernels.qk_norm_rope(*args, **kw)
+            else:
+                kernels.qk_norm_attention(q, k, torch.randn_like(q), *args[2:], **kw)
+
+
+def test_triton_kernels_give_a_token_outside_the_weights_nan_rows_not_a_read_past_them():
+    """Values of a CUDA token_group are not checked on the host (a sync every call): the kernels
+    (the op called below the check, here on CPU) make that token's rows NaN and leave it out of the
+    weight gradients, where they read, and added to, memory past the (G, D) weight."""
+    (q, k, _, qw, kw_), kw = make_case(2, 13, 2, 32, 2, True, False, False, torch.float32, seed=8)
+    bad = kw["token_group"].clone()
+    bad[[3, 9]] = torch.tensor([2, -1])
+    leaves = [t.clone().requires_grad_() for t in (q, k, qw, kw_)]
+    qo, ko, _, _ = _fwd_op(*leaves, kw["cos"], kw["sin"], bad, 1e-6)
+    good = torch.ones(13, dtype=torch.bool)
+    good[[3, 9]] = False
+    assert qo[:, ~good].isnan().all() and ko[:, ~good].isnan().all()
+    ref = kernels.qk_norm_rope_ref(q[:, good], k[:, good], qw, kw_, cos=kw["cos"][good], sin=kw["sin"][good],
+                                   token_group=bad[good])
+    torch.testing.assert_close(qo[:, good], ref[0], atol=1e-5, rtol=1e-5)
+    dq, _, dqw, _ = torch.autograd.grad((qo[:, good].sum() + ko[:, good].sum()), leaves)
+    assert dq[:, ~good].isnan().all() and dq[:, good].isfinite().all() and dqw.isfinite().all()
+    sub = [t[:, good].clone().requires_grad_() for t in (q, k)] + [t.clone().requires_grad_() for t in (qw, kw_)]
+    ref = kernels.qk_norm_rope_ref(*sub, cos=kw["cos"][good], sin=kw["sin"][good], token_group=bad[good])
+    torch.testing.assert_close(dqw, torch.autograd.grad(ref[0].sum() + ref[1].sum(), sub[2])[0], atol=1e-4, rtol=1e-4)
