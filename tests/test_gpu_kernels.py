@@ -181,6 +181,41 @@ def test_kernels_past_32_bit_offsets_on_cuda():
     assert (out[-1:].float() - ref).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("scale", [None, -0.3])
+def test_attention_batch_row_with_every_key_padded_is_zero_on_cuda(scale):
+    """The forward's epilogue zeroes a batch row that kept the padding bias as its max (it averaged
+    V before), as the reference does; its gradients stay zero."""
+    from test_qk_norm_attention_triton import _run, _triton, make_case
+
+    tensors, kw = make_case(3, 300, 2, 128, 2, True, True, False, torch.bfloat16, seed=6)
+    tensors, kw = [t.cuda() for t in tensors], {n: v.cuda() if torch.is_tensor(v) else v for n, v in kw.items()}
+    kw["key_padding_mask"][1] = False
+    kw["scale"] = scale
+    ours = _run(_triton, tensors, kw, torch.randn(3, 300, 2, 128, device="cuda", dtype=torch.bfloat16))
+    assert (ours[0][1] == 0).all() and (ours[1][1] == 0).all() and ours[0][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["csrc", "triton"])
+def test_token_group_outside_the_weights_gives_nan_rows_on_cuda(backend):
+    """CUDA token_group values are not checked on the host: a token outside [0, G) gets NaN rows
+    (its weight row is not read past the (G, D) weight), the others are unchanged."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k = (torch.randn(2, 13, 3, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    w = 1 + 0.1 * torch.randn(2, 64, device="cuda", generator=g)
+    tg = torch.zeros(13, dtype=torch.long, device="cuda")
+    tg[5:] = 1
+    bad = tg.clone()
+    bad[[3, 9]] = torch.tensor([2, -1], device="cuda")
+    with kernels.use_backend(backend):
+        qo, ko = kernels.qk_norm_rope(q, k, w, w, token_group=bad)
+        ref_q, _ = kernels.qk_norm_rope(q, k, w, w, token_group=tg)
+    torch.cuda.synchronize()
+    good = torch.ones(13, dtype=torch.bool)
+    good[[3, 9]] = False
+    assert qo[:, ~good].isnan().all() and ko[:, ~good].isnan().all()
+    assert torch.equal(qo[:, good], ref_q[:, good])
+
+
 ATOMIC_GPU = [(d, i) for d in (64, 128) for i in range(len(ATTN_CANDIDATES[("dkdv_dq", d)]))]  # none at D = 256
 
 
