@@ -238,9 +238,10 @@ def test_no_access_outside_the_tensors_under_addresssanitizer():
     """The bf16 and layout cases again, in a process under AddressSanitizer with the emulated
     kernels built with -fsanitize=address: a load or store past a tensor's allocation (a tail a
     bound misses) aborts it with the report. Checked by letting a token's last QK item read 4
-    heads when it has 3: a heap-buffer-overflow in norm_rope_fwd_kernel."""
+    heads when it has 3: a heap-buffer-overflow in norm_rope_fwd_kernel; and a token_group value
+    past the weights' rows, before weight_row: the same in RowTables."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k",
-           "bf16 or packed or unaligned or bugs"]
+           "bf16 or packed or unaligned or bugs or outside_the_weights"]
     proc = subprocess.run(cmd, env=asan_env(), capture_output=True, text=True, timeout=1800)
     report = proc.stderr[max(0, proc.stderr.find("ERROR: AddressSanitizer")):][:4000]  # its head names the access
     assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr, (proc.stdout[-2000:], report)
