@@ -1,4 +1,6 @@
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,31 @@ def test_autotune_compiles_all_candidates_together_before_timing(monkeypatch):
     monkeypatch.delattr(triton, "AsyncCompileMode")  # an older Triton: each compiles when first timed
     autotune._compile_all(["a", "c"], launch)
     assert seen == []
+
+
+# what the training engine needs and a stack embedding only the kernels may lack
+ENGINE_ONLY = ("open_clip", "nvidia", "diffusers", "tensorboard", "matplotlib", "PIL", "tqdm", "torchvision",
+               "webdataset")
+
+
+def test_kernels_import_and_run_with_only_torch_and_triton():
+    """kiln.kernels is a library other training stacks embed (README, Kernels): importing it and
+    running every op must not need the engine's dependencies, nor import kiln.engine or kiln.model."""
+    code = "\n".join([
+        "import sys",
+        f"for name in {ENGINE_ONLY!r}:",
+        "    sys.modules[name] = None  # import name -> ImportError",
+        "import torch",
+        "from kiln import kernels",
+        "q, k, v = (torch.randn(2, 9, 2, 32) for _ in range(3))",
+        "w = torch.ones(32)",
+        "assert kernels.qk_norm_attention(q, k, v, w, w).shape == q.shape",
+        "assert kernels.qk_norm_rope(q, k, w, w)[0].shape == q.shape",
+        "x = torch.randn(2, 8, 4, 4)",
+        "assert kernels.group_norm(x, 2).shape == x.shape and kernels.GroupNorm(2, 8)(x).shape == x.shape",
+        "leaked = sorted(m for m in sys.modules if m.startswith(('kiln.engine', 'kiln.model')))",
+        "assert not leaked, leaked",
+        "print('ok')",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
