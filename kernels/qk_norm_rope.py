@@ -32,8 +32,9 @@ from kiln.kernels.rope import rotate_half
 
 
 def check_args(op: str, q, k, q_weight, k_weight, cos, sin, token_group) -> None:
-    """Shape errors that name the argument (no value checks: those would sync a GPU every call);
-    without them a wrong table or weight failed deep inside a backend, in a broadcast."""
+    """Errors that name the argument, before any backend runs: without them a wrong table or
+    weight failed deep inside a backend, in a broadcast. Shapes and devices always; token_group's
+    values only off the GPU (on it the check would sync every call: the kernels give NaN rows)."""
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be (B, S, H, D), got shape {tuple(t.shape)}")
