@@ -18,7 +18,7 @@ from kernel_rule import assert_within_twice_torch
 from test_csrc import pre_kernel_losses
 from test_group_norm_triton import CASES, _inputs, check_against_reference
 from test_qk_norm_attention_triton import make_case
-from test_qk_norm_rope import _on, _run, check
+from test_qk_norm_rope import _on, _run, bad_token_case, check, reference_on_good_tokens
 
 from kiln import kernels
 
@@ -252,20 +252,14 @@ def test_qk_norm_rope_cuda_kernels_give_a_token_outside_the_weights_nan_rows():
     """A CUDA token_group's values are not checked on the host (that would sync every call): the
     kernels make a bad token's rows NaN and leave it out of the weight gradients, where they read
     the weight, and added to shared memory, past its G rows (the ops called below the host check)."""
-    (q, k, _, qw, kw_), kw = make_case(2, 13, 2, 32, 2, True, False, False, torch.float32, seed=8)
-    bad = kw["token_group"].clone()
-    bad[[3, 9]] = torch.tensor([2, -1])
-    good = torch.ones(13, dtype=torch.bool)
-    good[[3, 9]] = False
+    case = q, k, qw, kw_, cos, sin, bad, good = bad_token_case()
     dqo, dko = torch.randn_like(q), torch.randn_like(k)
     dqo[:, ~good], dko[:, ~good] = 0.0, 0.0
     with as_csrc_cpu(132):
-        qo, ko, rq, rk = torch.ops.kiln_ext.qk_norm_rope_fwd(q, k, qw, kw_, kw["cos"], kw["sin"], bad, 1e-6)
-        dq, dk, dqw, dkw = torch.ops.kiln_ext.qk_norm_rope_bwd(dqo, dko, q, k, qw, kw_, kw["cos"], kw["sin"], bad,
-                                                                rq, rk)
+        qo, ko, rq, rk = torch.ops.kiln_ext.qk_norm_rope_fwd(q, k, qw, kw_, cos, sin, bad, 1e-6)
+        dq, dk, dqw, dkw = torch.ops.kiln_ext.qk_norm_rope_bwd(dqo, dko, q, k, qw, kw_, cos, sin, bad, rq, rk)
     assert qo[:, ~good].isnan().all() and ko[:, ~good].isnan().all() and dq[:, ~good].isnan().all()
-    sub = [t[:, good].clone().requires_grad_() for t in (q, k)] + [t.clone().requires_grad_() for t in (qw, kw_)]
-    ref = kernels.qk_norm_rope_ref(*sub, cos=kw["cos"][good], sin=kw["sin"][good], token_group=bad[good])
+    sub, ref = reference_on_good_tokens(*case)
     torch.testing.assert_close(qo[:, good], ref[0].detach(), atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(ref, sub, (dqo[:, good], dko[:, good]))
     for ours, theirs in zip((dq[:, good], dk[:, good], dqw, dkw), grads, strict=True):

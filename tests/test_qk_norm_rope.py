@@ -125,23 +125,35 @@ def test_bad_arguments_are_named_before_any_backend_runs(op, backend):
                 kernels.qk_norm_attention(q, k, torch.randn_like(q), *args[2:], **kw)
 
 
+def bad_token_case():
+    """A G = 2 case (B, S, H, D = 2, 13, 2, 32) whose tokens 3 and 9 name weight rows 2 and -1,
+    outside the (2, D) weights: (q, k, q_weight, k_weight, cos, sin, token_group, good), ``good``
+    the mask of the other tokens."""
+    (q, k, _, qw, kw_), kw = make_case(2, 13, 2, 32, 2, True, False, False, torch.float32, seed=8)
+    bad = kw["token_group"].clone()
+    bad[[3, 9]] = torch.tensor([2, -1])
+    good = torch.ones(13, dtype=torch.bool)
+    good[[3, 9]] = False
+    return q, k, qw, kw_, kw["cos"], kw["sin"], bad, good
+
+
+def reference_on_good_tokens(q, k, qw, kw_, cos, sin, token_group, good):
+    """The reference on the good tokens alone (what a kernel must give them): its leaves
+    (q, k, q_weight, k_weight) and its (q_out, k_out)."""
+    leaves = [t[:, good].clone().requires_grad_() for t in (q, k)] + [t.clone().requires_grad_() for t in (qw, kw_)]
+    return leaves, kernels.qk_norm_rope_ref(*leaves, cos=cos[good], sin=sin[good], token_group=token_group[good])
+
+
 def test_triton_kernels_give_a_token_outside_the_weights_nan_rows_not_a_read_past_them():
     """Values of a CUDA token_group are not checked on the host (a sync every call): the kernels
     (the op called below the check, here on CPU) make that token's rows NaN and leave it out of the
     weight gradients, where they read, and added to, memory past the (G, D) weight."""
-    (q, k, _, qw, kw_), kw = make_case(2, 13, 2, 32, 2, True, False, False, torch.float32, seed=8)
-    bad = kw["token_group"].clone()
-    bad[[3, 9]] = torch.tensor([2, -1])
+    case = q, k, qw, kw_, cos, sin, bad, good = bad_token_case()
     leaves = [t.clone().requires_grad_() for t in (q, k, qw, kw_)]
-    qo, ko, _, _ = _fwd_op(*leaves, kw["cos"], kw["sin"], bad, 1e-6)
-    good = torch.ones(13, dtype=torch.bool)
-    good[[3, 9]] = False
+    qo, ko, _, _ = _fwd_op(*leaves, cos, sin, bad, 1e-6)
     assert qo[:, ~good].isnan().all() and ko[:, ~good].isnan().all()
-    ref = kernels.qk_norm_rope_ref(q[:, good], k[:, good], qw, kw_, cos=kw["cos"][good], sin=kw["sin"][good],
-                                   token_group=bad[good])
+    sub, ref = reference_on_good_tokens(*case)
     torch.testing.assert_close(qo[:, good], ref[0], atol=1e-5, rtol=1e-5)
     dq, _, dqw, _ = torch.autograd.grad((qo[:, good].sum() + ko[:, good].sum()), leaves)
     assert dq[:, ~good].isnan().all() and dq[:, good].isfinite().all() and dqw.isfinite().all()
-    sub = [t[:, good].clone().requires_grad_() for t in (q, k)] + [t.clone().requires_grad_() for t in (qw, kw_)]
-    ref = kernels.qk_norm_rope_ref(*sub, cos=kw["cos"][good], sin=kw["sin"][good], token_group=bad[good])
     torch.testing.assert_close(dqw, torch.autograd.grad(ref[0].sum() + ref[1].sum(), sub[2])[0], atol=1e-4, rtol=1e-4)
