@@ -152,10 +152,10 @@ def bench_one(fn, args, mode):
 
 def _for_shape(table: dict, S, D) -> dict:
     """The entries of an autotuner table (choices or timings) for this shape class (key:
-    kernel/dtype/D/pad/causal/tma/S class/B·H class; the S class is read from the end, so flags
-    added to the key do not shift it)."""
+    kernel/dtype/D/pad/causal/tma/S class/B·H class/GPU; the S class is read from the end, so
+    flags added to the key do not shift it)."""
     return {k: v for k, v in table.items()
-            if k.split("/")[2] == str(D) and k.split("/")[-2] == str(autotune.size_class(S))}
+            if k.split("/")[2] == str(D) and k.split("/")[-3] == str(autotune.size_class(S))}
 
 
 def flops(B, S, H, D, mode):

@@ -5,8 +5,8 @@ stages and pointer or TMA tile loads; GroupNorm: its kernel kind and tile / warp
 knobs); every candidate is compiled for sm_90a in CI (``compile_for_sm90``: no spills, HGMMA
 dots, 16-byte or TMA loads), the first one is the default.
 On a CUDA device the launcher times all candidates on the real arguments the first time a key
-(kernel, dtype, head dim or channels, flags, power-of-two size classes) is seen and keeps the
-fastest, as ``triton.autotune`` does, but:
+(kernel, dtype, head dim or channels, flags, power-of-two size classes; :func:`choose` adds the
+GPU's name) is seen and keeps the fastest, as ``triton.autotune`` does, but:
 
 - the default is used, untimed, under the interpreter, with
   ``torch.use_deterministic_algorithms(True)`` (a config picked by timing could differ between a
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import warnings
@@ -98,10 +99,23 @@ def tuning_allowed(t: torch.Tensor) -> str | None:
     return None
 
 
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_key(key: tuple, probe: torch.Tensor) -> tuple:
+    """``key`` and the device of ``probe`` (the GPU's name, e.g. "NVIDIA H100 80GB HBM3"; "cpu"
+    off CUDA): a process that launches on two kinds of GPU keeps a choice for each, where an
+    H100's 227 KB TMA config would fail to launch on an L4 (99 KB). The name, not the index: the
+    eight GPUs of a node share one choice."""
+    return (*key, _gpu_name(probe.device.index) if probe.is_cuda else probe.device.type)
+
+
 def uses_default(key: tuple, probe: torch.Tensor) -> bool:
     """Whether :func:`choose` takes the default for ``key`` now (nothing remembered, nothing to be
     timed), so a caller can skip building candidates that could only matter to a timing."""
-    return _DEFAULTS_ONLY[0] or (key not in _CHOSEN and tuning_allowed(probe) is not None)
+    return _DEFAULTS_ONLY[0] or (device_key(key, probe) not in _CHOSEN and tuning_allowed(probe) is not None)
 
 
 def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object], probe: torch.Tensor,
@@ -115,9 +129,10 @@ def choose(key: tuple, candidates: Sequence, launch: Callable[[object], object],
     version miscompiled its ticket atomics, or attention candidates no GPU has run yet). A
     result is a copy of the tensors ``launch`` returns (launches that write into the caller's
     buffers return those buffers)."""
+    key = device_key(key, probe)
     if key in _CHOSEN and not _DEFAULTS_ONLY[0]:
         return _CHOSEN[key]
-    timed = len(candidates) > 1 and not uses_default(key, probe)
+    timed = len(candidates) > 1 and not _DEFAULTS_ONLY[0] and tuning_allowed(probe) is None
     if timed:  # all compiled at once first: fitting's compiles are then Triton cache hits
         _compile_all(candidates, launch)
     candidates = fitting(key, candidates, launch, probe)

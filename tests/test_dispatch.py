@@ -81,13 +81,16 @@ def test_autotune_keeps_the_default_where_it_cannot_time():
     assert autotune.tuning_allowed(torch.zeros(1)) == "not a CUDA tensor"
     assert autotune.choose(("k", 1), [a, b], launch, torch.zeros(1)) == a
     assert autotune.uses_default(("k", 1), torch.zeros(1))
-    autotune._CHOSEN[("k", 2)] = b
+    autotune._CHOSEN[("k", 2, "cpu")] = b  # (choose adds the device to the key)
     try:
         assert autotune.choose(("k", 2), [a, b], launch, torch.zeros(1)) == b
         assert not autotune.uses_default(("k", 2), torch.zeros(1))
         with autotune.defaults_only():
             assert autotune.uses_default(("k", 2), torch.zeros(1))
-        assert autotune.choices()["k/2"] == "128x64/w8/s3"
+        assert autotune.choices()["k/2/cpu"] == "128x64/w8/s3"
+        # a choice is kept per device: another device's tensors do not take it
+        meta = torch.zeros(1, device="meta")
+        assert autotune.choose(("k", 2), [a, b], launch, meta) == a and autotune.uses_default(("k", 2), meta)
     finally:
         autotune.forget()
     assert autotune.size_class(4096 + 77) == 8192 and autotune.size_class(4096) == 4096
@@ -178,13 +181,13 @@ def test_autotune_default_is_the_first_candidate_that_fits_the_gpu(monkeypatch):
         limit[0] = 99 * 1024
         assert autotune.choose(("fit", 1), cands, launch, probe) == "small"
         limit[0] = 64 * 1024
-        with pytest.raises(RuntimeError, match=r"fit/2: no launch config fits this GPU's 64 KB of shared memory"
+        with pytest.raises(RuntimeError, match=r"fit/2/cpu: no launch config fits this GPU's 64 KB of shared memory"
                                                r".*big 180.0 KB, mid 110.0 KB, small 70.0 KB"):
             autotune.choose(("fit", 2), cands, launch, probe)
         limit[0] = 228 * 1024
         assert autotune.choose(("fit", 3), cands, launch, probe) == "big"
         need["big"] = None  # a default that does not compile for this GPU: the next one, with a warning
-        with pytest.warns(UserWarning, match="fit/5: big does not compile for this GPU"):
+        with pytest.warns(UserWarning, match="fit/5/cpu: big does not compile for this GPU"):
             assert autotune.choose(("fit", 5), cands, launch, probe) == "mid"
         warmed.clear()
         limit[0] = None  # off CUDA: nothing compiled, the first candidate
@@ -220,7 +223,7 @@ def test_autotune_drops_a_candidate_that_disagrees_with_the_default(monkeypatch)
                                    agree=autotune.results_agree)
         assert best == "close" and timed == ["default", "close"]
         # every candidate's median is kept for benchmark rows; the dropped one has none
-        assert autotune.timings() == {"agree/1": {"default": 3.0, "wrong": None, "close": 2.0}}
+        assert autotune.timings() == {"agree/1/cpu": {"default": 3.0, "wrong": None, "close": 2.0}}
         # without agree the fastest wins, right or wrong (how it was before)
         assert autotune.choose(("agree", 2), ["default", "wrong"], results.__getitem__, ref) == "wrong"
     finally:

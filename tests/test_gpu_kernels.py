@@ -377,6 +377,8 @@ def test_autotune_compiles_candidates_together_then_times_them():
     assert autotune._COMPILING.get() is None and torch.count_nonzero(x) == 0
     try:
         assert autotune.choose(("fill", 5000), [128, 256, 512], launch, x) in (128, 256, 512)
+        # the choice is kept under the GPU's name
+        assert f"fill/5000/{torch.cuda.get_device_name()}" in autotune.choices()
     finally:
         autotune.forget()
     assert torch.all(x == 2.0)

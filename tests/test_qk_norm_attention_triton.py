@@ -387,8 +387,12 @@ def test_benchmark_rows_find_the_autotuner_choice_for_their_shape(monkeypatch):
 
     monkeypatch.setattr(autotune, "_CHOSEN", {})
     q = torch.empty(3, 4173, 24, 128, dtype=torch.bfloat16)
-    autotune._CHOSEN[tuning_key("fwd", q, (False, False), True)] = LaunchConfig(128, 64, 8, 3, tma=True)
-    autotune._CHOSEN[tuning_key("fwd", q[:, :1000], (False, False), True)] = LaunchConfig(64, 64, 4, 3)
+
+    def chosen(q, cfg):  # as autotune.choose keeps it: the kernel's key and the device
+        autotune._CHOSEN[autotune.device_key(tuning_key("fwd", q, (False, False), True), q)] = cfg
+
+    chosen(q, LaunchConfig(128, 64, 8, 3, tma=True))
+    chosen(q[:, :1000], LaunchConfig(64, 64, 4, 3))
     assert list(_for_shape(autotune.choices(), 4173, 128).values()) == ["128x64/w8/s3/tma"]
 
 
