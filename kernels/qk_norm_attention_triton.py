@@ -168,20 +168,36 @@ ATTN_CANDIDATES = {
 # 128 queries a step need 64 KB a stage for each of Q and dO (256 KB at 2 stages) and 4 warps hold
 # dK and dV in 256 fp32 registers a thread; its 64x64/w8 computes Q·K^T and dO·V^T twice (1.5x)
 ALLOWED_REPLICATION = {("dkdv", 256)}
-# fp32 takes full-precision FMA dots (no tensor cores; 64x64 spilled 47-135 KB): the correctness
-# path, small tiles (its dkdv spilled 1.7 KB at 4 warps, 32 bytes at 8).
-# The second of each fits a pre-Hopper GPU where the first does not (see below).
-FP32_CANDIDATES = {"fwd": [_C(32, 32, 4, 3), _C(32, 16, 4, 2)], "dkdv": [_C(32, 32, 8, 3), _C(32, 32, 8, 1)],
-                   "dq": [_C(32, 32, 8, 3), _C(32, 16, 8, 2)], "dkdv_dq": [_C(32, 32, 8, 3), _C(32, 32, 8, 1)]}
+# fp32 takes full-precision FMA dots (no tensor cores): the correctness path (deterministic fp32
+# runs), small tiles, a list per head-dim bucket. Triton's FMA dots hold both operands' slices in
+# registers, so staging (stages > 1) often costs more registers than it hides: one list for all
+# head dims (fwd 32x32/w4/s3, dK/dV 32x32/w8/s3, ...) spilled at D = 128 (1.9 KB in the forward,
+# 1.4 KB in dK/dV) and D = 256 (sm_90a, triton 3.8, 2026-12-06). Every candidate below compiles
+# spill-free for sm_90a under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6, the
+# first with the most work a program where registers allowed; the second is smaller: it fits a
+# 99 KB GPU where the first does not (see below), elsewhere it is one more for the autotuner.
+FP32_CANDIDATES = {
+    ("fwd", 64): [_C(64, 32, 8, 1), _C(32, 32, 8, 1)],  # 90 / 56 registers
+    ("dkdv", 64): [_C(32, 32, 8, 1), _C(32, 16, 8, 1)],  # 108 / 52
+    ("dq", 64): [_C(64, 32, 8, 2), _C(32, 32, 8, 3)],  # 88 / 64
+    ("dkdv_dq", 64): [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],  # 61 / 64
+    ("fwd", 128): [_C(32, 16, 8, 3), _C(32, 16, 8, 1)],  # 77 / 62
+    ("dkdv", 128): [_C(16, 32, 8, 1), _C(16, 16, 8, 1)],  # 90 / 64; 32x32/w8/s1 spills 408 bytes under 3.6
+    ("dq", 128): [_C(32, 32, 8, 3), _C(32, 16, 8, 2)],  # 78 / 76; the first takes 100 KB
+    ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 104 / 76
+    ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 98 / 76
+    ("dkdv", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 108 / 90; 98 KB / 65 KB
+    ("dq", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 118 / 64; 98 KB / 65 KB
+    ("dkdv_dq", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 159 / 110; 98 KB / 65 KB
+}
 # Pre-Hopper GPUs (no TMA candidates) take the first candidate that fits their shared memory
 # (autotune.fitting); sm_80 compiles (pre_hopper_defaults, checked in CI) put the lists above at:
 # - A100, 163 KB a program: every kernel at every head dim, 16-bit and fp32, thanks to dq's
-#   128x16/w8/s2 at D = 256 (148 KB; 128x32 takes 168 KB) and fp32's second candidates (its
-#   first ones take 164-196 KB at D = 256);
+#   128x16/w8/s2 at D = 256 (148 KB; 128x32 takes 168 KB);
 # - sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S), 99 KB: every kernel up to D = 128, thanks to
-#   dK/dV's 64x64/w4/s1 (72 KB; the 128-query ones take 112 KB) and, for fp32 at D = 128, the
-#   second candidates (the first take 100-105 KB); at D = 256 only the forward (and fp32's dq):
-#   dK/dV needs 132-137 KB and 16-bit dq 148 KB, so the backward stops with an error that says so.
+#   dK/dV's 64x64/w4/s1 (72 KB; the 128-query ones take 112 KB) and fp32's dq 32x16/w8/s2 at
+#   D = 128; at D = 256 the forward and every fp32 kernel (16-bit backward: dK/dV needs
+#   132-137 KB and dq 148 KB, so it stops with an error that says so).
 PRE_HOPPER_SHARED = {"sm_80 (A100)": 163 * 1024, "sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S)": 99 * 1024}
 
 
@@ -192,11 +208,12 @@ def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) 
     ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves),
     the bulk-dq ones unless ``KILN_ATTN_BULK_DQ=0`` (likewise for its TMA bulk reductions), the
     overlapped forward ones unless ``KILN_ATTN_OVERLAP=0``."""
+    bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
-        return FP32_CANDIDATES[kernel]
+        return FP32_CANDIDATES[(kernel, bucket)]
     off = {flag for flag, env in (("ws", "KILN_ATTN_WS"), ("bulk_dq", "KILN_ATTN_BULK_DQ"),
                                   ("overlap", "KILN_ATTN_OVERLAP")) if os.environ.get(env, "1") == "0"}
-    cands = ATTN_CANDIDATES[(kernel, 64 if D <= 64 else 128 if D <= 128 else 256)]
+    cands = ATTN_CANDIDATES[(kernel, bucket)]
     return [c for c in cands if (tma or not c.tma) and not any(getattr(c, flag) for flag in off)]
 
 
@@ -993,7 +1010,7 @@ def default_scale(D: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 
-CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64)]
+CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64), ("fp32", 128), ("fp32", 256)]
 CONFIGS_PRE_HOPPER = [(dt, D) for dt in ("bf16", "fp32") for D in (64, 128, 256)]  # (fp16 lays out as bf16)
 _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

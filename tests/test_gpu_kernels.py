@@ -252,6 +252,36 @@ def test_every_atomic_backward_config_on_cuda(D, index, monkeypatch):
     assert used, "no atomic candidate ran"
 
 
+FP32_GPU = [(d, i) for d in (64, 128, 256) for i in range(2)]  # (two candidates per kernel and head dim)
+
+
+@pytest.mark.parametrize("D,index", FP32_GPU, ids=[f"D{d}-{i}" for d, i in FP32_GPU])
+def test_every_fp32_attention_config_on_cuda(D, index, monkeypatch):
+    """fp32 attention (full-precision FMA dots: the deterministic path) passes the 2x rule on the
+    GPU in launch candidate ``index`` of every kernel, with the separate and the atomic backward."""
+    from test_qk_norm_attention_triton import check
+
+    from kiln.kernels import autotune
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    full, used = attn.attn_candidates, set()
+
+    def forced(kernel, dtype, head_dim, tma=False):
+        pick = full(kernel, dtype, head_dim, tma)[index:][:1]
+        used.update((kernel, str(c)) for c in pick)
+        return pick
+
+    monkeypatch.setattr(attn, "attn_candidates", forced)
+    for mode in ("separate", "atomic"):
+        monkeypatch.setenv("KILN_ATTN_BWD", mode)
+        autotune.forget()
+        try:
+            check(2, 300, 2, D, 2, True, True, mode == "atomic", torch.float32, seed=index, device="cuda")
+        finally:
+            autotune.forget()
+    assert {kernel for kernel, _ in used} == {"fwd", "dkdv", "dq", "dkdv_dq"}, used
+
+
 # The csrc CUDA kernels' other paths: NCHW backward with block-wide channel pieces (HW = 20480),
 # channels-last with more channel vectors than threads (C = 2560: 2-3 passes per block), and
 # channels-last without 16-byte vectors (C = 36 in bf16) or with idle threads (C = 36 in fp32: 9
