@@ -66,25 +66,27 @@ class Knobs:
     programs_per_sm: int
     kind: str = "split"
     stages: int = 1
+    # registers a thread the forward launch may use (Triton's maxnreg; None: the compiler's choice),
+    # so that programs_per_sm programs fit an SM's 64K registers
+    fwd_registers: int | None = None
 
     def __str__(self) -> str:
         if self.kind == "onepass":
             return f"onepass{self.tile}/w{self.num_warps}"
         tail = (f"/s{self.stages}" if self.stages > 1 else "") + ("/pipelined" if self.kind == "pipelined" else "")
+        tail += f"/fwd-r{self.fwd_registers}" if self.fwd_registers else ""
         return f"tile{self.tile}/w{self.num_warps}/pps{self.programs_per_sm}{tail}"
 
 
 # Candidates, the first the default (interpreter, deterministic mode, KILN_AUTOTUNE=0); on a GPU
 # kernels/autotune.py times them once per shape class. All compile for sm_90a without spills
-# (compile_for_sm90, triton 3.8, and 3.6, the GPU machine's, since cf40144; under 3.6 the first
-# pipelined candidate's channels-last forward at 8 channels a block takes 139 registers, so 3 of
-# its programs fit an SM, not 4) and keep tile / (32 · warps) >= 8 elements per thread, so
-# 16-bit data moves in 16-byte loads. ``stages`` > 1 software-pipelines each program's walk over
-# its chunk (Triton stages the next stages - 1 tiles through shared memory with cp.async while it
-# computes on one): a streaming kernel runs at copy speed only with enough loads in flight
-# (loads_in_flight), and one 2048-element tile per program of 8 warps, as the 2026-11-24 default
-# had, gives 16 KB per SM in the forward, half of IN_FLIGHT_TARGET. The last candidate is that
-# default, kept to measure what staging buys.
+# (compile_for_sm90, triton 3.8, and 3.6, the GPU machine's, since cf40144) and keep
+# tile / (32 · warps) >= 8 elements per thread, so 16-bit data moves in 16-byte loads. ``stages``
+# > 1 software-pipelines each program's walk over its chunk (Triton stages the next stages - 1
+# tiles through shared memory with cp.async while it computes on one): a streaming kernel runs at
+# copy speed only with enough loads in flight (loads_in_flight), and one 2048-element tile per
+# program of 8 warps, as the 2026-11-24 default had, gives 16 KB per SM in the forward, half of
+# IN_FLIGHT_TARGET. The last candidate is that default, kept to measure what staging buys.
 CANDIDATES = [Knobs(2048, 4, 4, stages=3), Knobs(4096, 8, 2, stages=3), Knobs(1024, 4, 8, stages=4),
               Knobs(2048, 8, 4)]
 DEFAULT = CANDIDATES[0]
@@ -524,10 +526,11 @@ def _bwd_nchw(dy, x, strides, dstrides, mean, rstd, num_groups, params, flags, c
 
 
 def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, knobs: Knobs | None,
-                 tensors: int = 1) -> dict:
+                 tensors: int = 1, max_registers: int | None = None) -> dict:
     """One kernel compiled for sm_90a with ``dt`` data, a launch's alignment and unit strides, at
-    ``knobs``'s warps and stages (None: a finalize kernel, Triton's default 4 warps), with the
-    loads it keeps in flight per SM (loads_in_flight; ``tensors`` tile-sized inputs)."""
+    ``knobs``'s warps and stages (None: a finalize kernel, Triton's default 4 warps) and the
+    launch's register cap, with the loads it keeps in flight per SM (loads_in_flight;
+    ``tensors`` tile-sized inputs)."""
     from kiln.kernels.sm90 import compile_sm90
 
     i32, f32 = "i32", "*fp32"
@@ -541,7 +544,7 @@ def _sm90_report(kernel, dt: str, constexprs: dict, ones: tuple, layout: str, kn
     if "STAGES" in kernel.arg_names:
         constexprs = {**constexprs, "STAGES": knobs.stages}
     r = compile_sm90(kernel, sig, constexprs, knobs.num_warps if knobs else 4,
-                     aligned=("C", "S", "CHUNK", *strides), ones=ones)
+                     aligned=("C", "S", "CHUNK", *strides), ones=ones, max_registers=max_registers)
     r = {**r, "dtype": dt, "layout": layout}
     if knobs is None:
         return r
@@ -594,14 +597,14 @@ def compile_for_sm90() -> list[dict]:
                               "SPLIT_P2": pipelined.max_split(block_c), "CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}
                     reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
                                                 {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw", knobs,
-                                                1 + bwd))
+                                                1 + bwd, None if bwd else knobs.fwd_registers))
                 # channels-last units: 2 groups of 4 channels (1x128x512x512), 2 of 16 (C = 512)
                 for bwd, (width, cg_p2) in itertools.product((False, True), ((8, 4), (32, 16))):
                     blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "SPLIT_P2": 1, "CG_P2": cg_p2,
                               "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width}
                     reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
                                                 {**flags, **blocks, "BWD": bwd, "CL": True}, cl_ones, "channels_last",
-                                                knobs, 1 + bwd))
+                                                knobs, 1 + bwd, None if bwd else knobs.fwd_registers))
         reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", None))
         reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},
                                     (), "channels_last", None))

@@ -70,11 +70,14 @@ from kiln.kernels.group_norm_triton import (
 # in flight that a chunk's two reads stay within ~25 MB of x and dy at issue 5's shapes
 # (reuse_distance). The first requests an item's two tiles together (stages = 3, cp.async) and so
 # keeps group_norm_triton.IN_FLIGHT_TARGET bytes of loads in flight per SM in both directions and
-# layouts (loads_in_flight: 32-64 KB under triton 3.8; under 3.6, the GPU machine's, 24 KB in the
-# channels-last forward, whose 139 registers leave room for 3 programs). The second, unstaged,
-# claims half as many tickets (one atomic on one counter each: 8K per 1x128x512x512 forward
-# against 16K). Both compile for sm_90a without spills under triton 3.8 and 3.6 (2026-12-02).
-CANDIDATES = [Knobs(2048, 4, 4, kind="pipelined", stages=3), Knobs(4096, 16, 1, kind="pipelined")]
+# layouts (loads_in_flight: 32-64 KB). Its forward is capped at 128 registers, so that 4 programs of
+# 4 warps fit an SM's 64K: triton 3.6 (the GPU machine's) compiled the channels-last one at 139
+# (3 programs, 24 KB in flight), and at 128 it does not spill; 3.8 stays under 128 anyway. Not the
+# backward: at 128 it spills 60-104 bytes (it takes 242-249 under 3.6, 2 programs, 32 KB). The
+# second, unstaged, claims half as many tickets (one atomic on one counter each: 8K per
+# 1x128x512x512 forward against 16K). Both compile for sm_90a without spills under triton 3.8
+# and 3.6 (2026-12-06).
+CANDIDATES = [Knobs(2048, 4, 4, kind="pipelined", stages=3, fwd_registers=128), Knobs(4096, 16, 1, kind="pipelined")]
 TILES_PER_ITEM = 2
 # channels-last units (unit_groups): at most 32 channels (64 bytes of a bf16 row), at least one
 # 16-byte load per row, x-bytes within 4 MB where possible, so that LAG 1's three units of x and
@@ -343,7 +346,7 @@ def schedule(x: torch.Tensor, num_groups: int, knobs: Knobs, sms: int | None = N
     grid = min(2 * cfg["units"] * cfg["split"], knobs.programs_per_sm * sms if gpu else 3)
     split_p2 = 1 if cl_layout else triton.next_power_of_2(cfg["split"])  # (NCHW's; fixed where unused: one compile)
     return {**cfg, "channels_last": cl_layout, "SPLIT_P2": split_p2, "grid": grid,
-            "lag": lag(grid, cfg["split"], cfg["units"])}
+            "lag": lag(grid, cfg["split"], cfg["units"]), "fwd_registers": knobs.fwd_registers}
 
 
 def reuse_distance(cfg: dict, x: torch.Tensor, tensors: int) -> int:
@@ -366,9 +369,10 @@ def _launch(x, dy, out, mean, rstd, params, flags, strides, dstrides, eps, cfg, 
     sums = tuple(torch.empty(shape, **f32) for shape in shapes)
     sync = torch.zeros(1 + cfg["units"], device=x.device, dtype=torch.int32)  # the ticket, then a flag per unit
     keys = ("SPLIT_P2", "CG_P2", "BLOCK_P", "UNIT_ALIGN", "BLOCK_C", "BLOCK_S", "STAGES", "num_warps")
+    cap = {} if bwd or not cfg["fwd_registers"] else {"maxnreg": cfg["fwd_registers"]}
     run_kernel(_gn_pipelined_kernel, (cfg["grid"],), x, dy, out, part, mean, rstd, *params, *sums, sync, C, cfg["S"],
                G, cfg["UG"], cfg["chunk"], cfg["units"], cfg["split"], cfg["lag"], eps, *strides, *dstrides,
-               BWD=bwd, CL=cfg["channels_last"], **flags, **{k: cfg[k] for k in keys})
+               BWD=bwd, CL=cfg["channels_last"], **flags, **{k: cfg[k] for k in keys}, **cap)
     return sums[:2] if bwd else None
 
 

@@ -188,7 +188,7 @@ def _facts(text: str) -> dict:
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int | None, arch: int,
-             aligned: tuple[str, ...], ones: tuple[str, ...]):
+             aligned: tuple[str, ...], ones: tuple[str, ...], max_registers: int | None = None):
     """``triton.compile`` of ``fn`` for compute capability ``arch`` (90: sm_90a), specialised as a
     real launch is (see compile_sm90); returns the compiled kernel and the constexprs with the
     unit strides added."""
@@ -205,7 +205,8 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: 
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16}
     full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
     sig = {name: full[name] for name in fn.arg_names}  # in the kernel's argument order
-    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {}),
+               **({"maxnreg": max_registers} if max_registers else {})}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     return compiled, constexprs
@@ -222,14 +223,16 @@ def shared_bytes_sm80(fn, signature: dict, constexprs: dict, num_warps: int = 4,
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
-                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
+                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = (), max_registers: int | None = None) -> dict:
     """Compile ``fn`` for sm_90a as a real launch would be specialised; return its resource report.
 
     ``signature`` maps argument names to Triton types ("*bf16", "i32", "fp32"). Every pointer is
     taken as 16-byte aligned; ``aligned`` names the integer arguments that are multiples of 16 on
-    the shapes that matter (strides of real tensors) and ``ones`` those equal to 1 (unit strides).
+    the shapes that matter (strides of real tensors) and ``ones`` those equal to 1 (unit strides);
+    ``max_registers`` is the launch's register cap (Triton's maxnreg).
     """
-    compiled, constexprs = _compile(fn, signature, constexprs, num_warps, num_stages, 90, aligned, ones)
+    compiled, constexprs = _compile(fn, signature, constexprs, num_warps, num_stages, 90, aligned, ones,
+                                    max_registers)
     ptx = compiled.asm["ptx"]
     cubin = compiled.asm["cubin"]
     assert len(cubin) > 0

@@ -174,6 +174,23 @@ def test_pipelined_candidates_match_the_reference(case, dtype, monkeypatch):
     assert len(used) == 2
 
 
+def test_pipelined_forward_launches_with_its_register_cap(monkeypatch):
+    """The first one-launch candidate's forward launches with maxnreg = its fwd_registers (as the
+    sm_90a check compiles it: 4 programs of 4 warps fit an SM), its backward uncapped."""
+    from kiln.kernels import group_norm_triton_pipelined as pipelined
+
+    launched, real = [], pipelined.run_kernel
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append((kwargs["BWD"], kwargs.get("maxnreg")))
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(pipelined, "run_kernel", spy)
+    used = _forced(monkeypatch, "pipelined")
+    check_against_reference(CASES[0], torch.bfloat16)
+    assert used[0].fwd_registers == 128 and set(launched) == {(False, 128), (True, None)}
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("lag", [1, 2, 5])
 def test_pipelined_schedule_at_every_lag(lag, channels_last, monkeypatch):
