@@ -132,14 +132,15 @@ ATTN_CANDIDATES = {
     ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3),
                  _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
     # 64 < D <= 128: dkdv's 64x64 at 4 warps holds dK, dV and the K, V tiles in 242 registers (255
-    # under 3.6) with 2 stages, 128 queries a step at 8 warps in 195-250. Its default takes one
-    # stage (unpipelined loads: 112 KB of shared memory, where 2 stages take 181 KB) so that a
-    # pre-Hopper GPU (164 KB on an A100, no TMA candidates) has a dK/dV kernel that fits
+    # under 3.6) with 2 stages, 128 queries a step at 8 warps in 195-250. Its default is the
+    # 2-stage one measured on an H100 (benchmarks/results/README.md, 2026-12-02); the 1-stage one
+    # (unpipelined loads: 112 KB of shared memory, 181 KB with 2) was the default while pre-Hopper
+    # GPUs shared these lists, and stays a candidate
     ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4),
                    _C(128, 64, 8, 3, tma=True), _C(128, 64, 8, 4, tma=True), _C(128, 128, 8, 2, tma=True),
                    _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 2, **_OVL),
                    _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
-    ("dkdv", 128): [_C(128, 64, 8, 1), _C(128, 64, 8, 2), _C(64, 64, 4, 1), _C(128, 64, 8, 2, tma=True),
+    ("dkdv", 128): [_C(128, 64, 8, 2), _C(128, 64, 8, 1), _C(64, 64, 4, 1), _C(128, 64, 8, 2, tma=True),
                     _C(64, 64, 4, 2, tma=True), _C(64, 128, 4, 2, **_WS)],
     ("dq", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3),
                   _C(128, 64, 8, 3, tma=True), _C(128, 64, 4, 3, **_WS), _C(128, 128, 4, 2, **_WS)],
@@ -173,7 +174,7 @@ ALLOWED_REPLICATION = {("dkdv", 256)}
 # registers, so staging (stages > 1) often costs more registers than it hides: one list for all
 # head dims (fwd 32x32/w4/s3, dK/dV 32x32/w8/s3, ...) spilled at D = 128 (1.9 KB in the forward,
 # 1.4 KB in dK/dV) and D = 256 (sm_90a, triton 3.8, 2026-12-06). Every candidate below compiles
-# spill-free for sm_90a under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6, the
+# spill-free for sm_90a and sm_80 under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6, the
 # first with the most work a program where registers allowed; the second is smaller: it fits a
 # 99 KB GPU where the first does not (see below), elsewhere it is one more for the autotuner.
 FP32_CANDIDATES = {
@@ -184,26 +185,46 @@ FP32_CANDIDATES = {
     ("fwd", 128): [_C(32, 16, 8, 3), _C(32, 16, 8, 1)],  # 77 / 62
     ("dkdv", 128): [_C(16, 32, 8, 1), _C(16, 16, 8, 1)],  # 90 / 64; 32x32/w8/s1 spills 408 bytes under 3.6
     ("dq", 128): [_C(32, 32, 8, 3), _C(32, 16, 8, 2)],  # 78 / 76; the first takes 100 KB
-    ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 104 / 76
+    ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],  # 104 / 128; 16x16/w8/s1 spills 24 bytes on sm_80 (3.6)
     ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 98 / 76
     ("dkdv", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 108 / 90; 98 KB / 65 KB
     ("dq", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 118 / 64; 98 KB / 65 KB
     ("dkdv_dq", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 159 / 110; 98 KB / 65 KB
 }
-# Pre-Hopper GPUs (no TMA candidates) take the first candidate that fits their shared memory
-# (autotune.fitting); sm_80 compiles (pre_hopper_defaults, checked in CI) put the lists above at:
-# - A100, 163 KB a program: every kernel at every head dim, 16-bit and fp32, thanks to dq's
-#   128x16/w8/s2 at D = 256 (148 KB; 128x32 takes 168 KB);
-# - sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S), 99 KB: every kernel up to D = 128, thanks to
-#   dK/dV's 64x64/w4/s1 (72 KB; the 128-query ones take 112 KB) and fp32's dq 32x16/w8/s2 at
-#   D = 128; at D = 256 the forward and every fp32 kernel (16-bit backward: dK/dV needs
-#   132-137 KB and dq 148 KB, so it stops with an error that says so).
+# Pre-Hopper GPUs (sm_80 / sm_86 / sm_89: HMMA dots, no TMA) have 16-bit lists of their own: the
+# lists above are Hopper's, and compiled for sm_80 (Triton 3.8, 2026-12-06) some spilled there, the
+# worst of them the only dK/dV candidate at D = 256 (64x64/w8/s2: 19-21 KB, at 32 registers) and
+# dK/dV 128x64/w8/s2 at D = 128 (18-20 KB); fwd at D = 256 spilled 24-208 bytes, and 8-100 more
+# (dkdv 64x64/w4/s3 at D = 64, dq 128x64/w8/s3 at D = 128); and at D = 256 no 16-bit backward
+# fitted a 99 KB GPU. Each candidate below compiles for sm_80 without spills, with and without the
+# pad mask, under Triton 3.8 and 3.6 (CI checks it, pre_hopper_defaults), picked from a scan of
+# tiles (32-128 x 16-128, 4 / 8 warps, 1-4 stages) for the most work a program: the first fits an
+# A100 (163 KB a program), and one of each fits the 99 KB of an sm_86 / sm_89 GPU (RTX 3090 / 4090,
+# A10, L4, L40S), which takes the first that fits (autotune.fitting; shared memory in KB after
+# each, where it decides that). The forward lists at D <= 128 are Hopper's pointer tiles, which
+# were spill-free there. Which one is fastest is the autotuner's timing on such a GPU.
+PRE_HOPPER_CANDIDATES = {
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3)],
+    ("dkdv", 64): [_C(128, 32, 8, 3), _C(128, 32, 8, 2), _C(128, 32, 4, 1)],  # 64 keys: 128x64/w8/s1 60 bytes (3.6)
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3)],
+    ("dkdv_dq", 64): [_C(32, 128, 8, 1), _C(128, 32, 8, 1)],  # Hopper's 64x64/w4/s3: 48 bytes (3.6)
+    ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4)],  # 88 / 96 / 128
+    ("dkdv", 128): [_C(128, 64, 8, 1), _C(64, 64, 8, 1), _C(128, 32, 8, 1)],  # 112 / 72 / 88
+    ("dq", 128): [_C(64, 64, 4, 3), _C(128, 32, 8, 3), _C(64, 64, 8, 2)],  # 104 / 96 / 72
+    ("dkdv_dq", 128): [],  # (Hopper's one is a TMA tile: the separate backward runs)
+    ("fwd", 256): [_C(64, 64, 8, 2), _C(64, 32, 8, 2), _C(32, 64, 8, 2)],  # 104 / 68 / 84
+    ("dkdv", 256): [_C(64, 32, 8, 1), _C(16, 64, 8, 1), _C(32, 32, 8, 1)],  # 100 / 82 / 66
+    ("dq", 256): [_C(64, 64, 8, 2), _C(64, 32, 8, 1), _C(64, 16, 8, 2)],  # 136 / 96 / 82
+    ("dkdv_dq", 256): [],
+}
 PRE_HOPPER_SHARED = {"sm_80 (A100)": 163 * 1024, "sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S)": 99 * 1024}
 
 
-def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) -> list[LaunchConfig]:
+def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False,
+                    pre_hopper: bool = False) -> list[LaunchConfig]:
     """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq", "dkdv_dq": dkdv
-    adding dQ with atomics); the TMA ones
+    adding dQ with atomics): for a pre-Hopper GPU (``pre_hopper``, :func:`_pre_hopper`) its own
+    16-bit lists; otherwise the TMA ones
     only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`), the warp-specialised
     ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves),
     the bulk-dq ones unless ``KILN_ATTN_BULK_DQ=0`` (likewise for its TMA bulk reductions), the
@@ -211,6 +232,8 @@ def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False) 
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
         return FP32_CANDIDATES[(kernel, bucket)]
+    if pre_hopper:
+        return PRE_HOPPER_CANDIDATES[(kernel, bucket)]
     off = {flag for flag, env in (("ws", "KILN_ATTN_WS"), ("bulk_dq", "KILN_ATTN_BULK_DQ"),
                                   ("overlap", "KILN_ATTN_OVERLAP")) if os.environ.get(env, "1") == "0"}
     cands = ATTN_CANDIDATES[(kernel, bucket)]
@@ -227,7 +250,17 @@ def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False)
     """The launch config for ``kernel``. ``launch`` returns the tensors it wrote: a candidate whose
     results disagree with the default's is not used (autotune.choose)."""
     key = tuning_key(kernel, q, flags, tma)
-    return choose(key, attn_candidates(kernel, q.dtype, q.shape[3], tma), launch, q, agree=results_agree)
+    return choose(key, _candidates(kernel, q, tma), launch, q, agree=results_agree)
+
+
+def _candidates(kernel: str, q: torch.Tensor, tma: bool) -> list[LaunchConfig]:
+    return attn_candidates(kernel, q.dtype, q.shape[3], tma, pre_hopper=_pre_hopper(q))
+
+
+def _pre_hopper(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on an sm_80 / sm_86 / sm_89 GPU (A100, A10, L4, L40S, RTX 3090 / 4090):
+    HMMA dots, no TMA, 163 or 99 KB of shared memory a program (PRE_HOPPER_CANDIDATES)."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 8
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -987,7 +1020,7 @@ def _bwd_mode(q, flags: tuple, tma: bool, launch_dkdv, launch_dq, setting: str |
     key = tuning_key("bwd", q, flags, tma)
     if mode == "auto" and (torch.are_deterministic_algorithms_enabled() or uses_default(key, q)):
         mode = "separate"  # (nothing timed or remembered: the default, without tuning atomic candidates)
-    has_atomic = mode != "separate" and bool(attn_candidates("dkdv_dq", q.dtype, q.shape[3], tma))
+    has_atomic = mode != "separate" and bool(_candidates("dkdv_dq", q, tma))
     plans = {}  # mode -> its kernels' launch configs (tuned here on first use); the default first
     if mode != "atomic" or not has_atomic:
         plans["separate"] = (_pick("dkdv", q, flags, launch_dkdv, tma), _pick("dq", q, flags, launch_dq, tma))
@@ -1103,32 +1136,42 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
 
 
 def pre_hopper_defaults(configs=CONFIGS_PRE_HOPPER, limits=PRE_HOPPER_SHARED) -> list[dict]:
-    """The launch config each attention kernel takes on a pre-Hopper GPU, per dtype, head dim and
-    shared-memory limit: the first candidate without TMA whose sm_80 compile fits
-    (autotune.first_fit, what the launcher does at run time), with its shared memory, or the
-    error the launcher raises where none fits (CI check; compiled with the pad mask: without it
-    the shared memory is the same, 2026-12-06)."""
+    """Per dtype, head dim and pre-Hopper shared-memory limit, each attention kernel's candidates
+    (PRE_HOPPER_CANDIDATES; fp32: FP32_CANDIDATES) compiled for sm_80 (CI check): the default the
+    launcher takes there (the first that fits, autotune.first_fit) with its shared memory, or
+    the error it raises where none fits; and every candidate's spilled bytes, 16-bit ones with
+    and without the pad mask (the loops differ, and so did spills: dkdv 64x64/w4/s1 at D = 128,
+    12 bytes only without it; the shared memory is the same)."""
     from kiln.kernels.autotune import first_fit
-    from kiln.kernels.sm90 import shared_bytes_sm80
+    from kiln.kernels.sm90 import compile_sm80
 
     rows = []
     for dt, D in configs:
         for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
-            candidates = attn_candidates(name, _TORCH_DT[dt], D, tma=False)
+            candidates = attn_candidates(name, _TORCH_DT[dt], D, pre_hopper=True)
 
             @functools.cache
-            def need(cfg: LaunchConfig, name=name, dt=dt, D=D) -> int:
-                kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, True)
-                return shared_bytes_sm80(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
+            def report(cfg: LaunchConfig, has_pad: bool = True, name=name, dt=dt, D=D) -> dict:
+                kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
+                return compile_sm80(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
+
+            def spills(cfg: LaunchConfig, dt=dt, report=report) -> int | str:
+                pads = (True,) if dt == "fp32" else (True, False)
+                try:
+                    return max(report(cfg, has_pad)["spills"] for has_pad in pads)
+                except Exception as e:  # (first_fit below warns of it too)
+                    return f"fails to compile ({type(e).__name__})"
 
             for gpu, limit in limits.items() if candidates else ():
                 row = {"kernel": name, "dtype": dt, "head_dim": D, "gpu": gpu, "limit": limit, "default": None}
                 with warnings.catch_warnings(record=True) as caught:  # (candidates that fail to compile)
                     warnings.simplefilter("always")
                     try:
-                        cfg = candidates[first_fit(candidates, need, limit, f"{name}/{dt}/{D}")]
-                        row.update(default=str(cfg), shared_bytes=need(cfg))
+                        cfg = candidates[first_fit(candidates, lambda c: report(c)["shared_bytes"], limit,
+                                                   f"{name}/{dt}/{D}")]
+                        row.update(default=str(cfg), shared_bytes=report(cfg)["shared_bytes"])
                     except RuntimeError as e:
                         row["error"] = str(e)
+                row["spills"] = {str(c): spills(c) for c in candidates}
                 rows.append({**row, "warnings": [str(w.message) for w in caught]})
     return rows

@@ -212,14 +212,29 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: 
     return compiled, constexprs
 
 
-def shared_bytes_sm80(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
-                      aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> int:
-    """Shared memory ``fn`` takes compiled for an Ampere GPU (sm_80; Triton lays sm_86 and sm_89
-    out the same, checked 2026-12-06 on every attention candidate): what decides whether a
-    launch config runs on an A100 (163 KB a program) or an RTX / L40S-class GPU (99 KB). Hopper's
-    numbers differ (its TMA and warpgroup-MMA layouts: dK/dV at D = 128, 128x64/w8/s2, takes
-    181 KB on sm_90a and 113 KB on sm_80)."""
-    return _compile(fn, signature, constexprs, num_warps, num_stages, 80, aligned, ones)[0].metadata.shared
+def compile_sm80(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
+                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
+    """Shared memory, registers and spills of ``fn`` compiled for an Ampere GPU (sm_80; Triton lays
+    sm_86 and sm_89 out the same, checked 2026-12-06 on every attention candidate): whether a
+    launch config runs on an A100 (163 KB a program) or an RTX / L40S-class GPU (99 KB), and
+    runs without spills. Hopper's numbers differ (its TMA and warpgroup-MMA layouts: dK/dV at
+    D = 128, 128x64/w8/s2, takes 181 KB and no spill on sm_90a, 113 KB and 18 KB of spills on
+    sm_80)."""
+    compiled, _ = _compile(fn, signature, constexprs, num_warps, num_stages, 80, aligned, ones)
+    return {"shared_bytes": compiled.metadata.shared, **_ptxas(compiled.asm["ptx"], "sm_80")}
+
+
+def _ptxas(ptx: str, arch: str) -> dict:
+    """Registers and spilled bytes (stores plus loads) that ptxas reports for ``ptx``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    info = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", info)
+    return {"registers": int(regs.group(1)) if regs else None, "spills": sum(int(s) for s in spill)}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
@@ -236,22 +251,13 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     ptx = compiled.asm["ptx"]
     cubin = compiled.asm["cubin"]
     assert len(cubin) > 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        out = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True)
-    info = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", info)
-    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", info)
     return {
         "kernel": fn.__name__,
         "constexprs": {k: v for k, v in constexprs.items()},
         "num_warps": num_warps,
         "num_stages": num_stages,
-        "registers": int(regs.group(1)) if regs else None,
+        **_ptxas(ptx, "sm_90a"),
         "shared_bytes": compiled.metadata.shared,
-        "spills": sum(int(s) for s in spill),
         # warp specialisation shows as more warps launched than asked for (a producer group and a
         # second consumer group) and register reallocation between the groups (setmaxnreg)
         "warps_launched": compiled.metadata.num_warps,

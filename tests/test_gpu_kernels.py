@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from kiln import kernels
-from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES
+from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES, PRE_HOPPER_CANDIDATES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -120,8 +120,8 @@ def test_every_attention_launch_config_on_cuda(D, index, pad, monkeypatch):
 
     full = attn.attn_candidates
 
-    def forced(kernel, dtype, head_dim, tma=False):
-        cands = full(kernel, dtype, head_dim, tma)
+    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
+        cands = full(kernel, dtype, head_dim, tma, pre_hopper)
         return [cands[index % len(cands)]]
 
     monkeypatch.setattr(attn, "attn_candidates", forced)
@@ -234,8 +234,8 @@ def test_every_atomic_backward_config_on_cuda(D, index, monkeypatch):
 
     full, used = attn.attn_candidates, []
 
-    def forced(kernel, dtype, head_dim, tma=False):
-        cands = full(kernel, dtype, head_dim, tma)
+    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
+        cands = full(kernel, dtype, head_dim, tma, pre_hopper)
         if kernel != "dkdv_dq":
             return cands[:1]
         used.extend(cands[index % max(len(cands), 1):][:1])
@@ -266,8 +266,8 @@ def test_every_fp32_attention_config_on_cuda(D, index, monkeypatch):
 
     full, used = attn.attn_candidates, set()
 
-    def forced(kernel, dtype, head_dim, tma=False):
-        pick = full(kernel, dtype, head_dim, tma)[index:][:1]
+    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
+        pick = full(kernel, dtype, head_dim, tma, pre_hopper)[index:][:1]
         used.update((kernel, str(c)) for c in pick)
         return pick
 
@@ -280,6 +280,30 @@ def test_every_fp32_attention_config_on_cuda(D, index, monkeypatch):
         finally:
             autotune.forget()
     assert {kernel for kernel, _ in used} == {"fwd", "dkdv", "dq", "dkdv_dq"}, used
+
+
+_LONGEST = max(map(len, PRE_HOPPER_CANDIDATES.values()))
+PRE_HOPPER_GPU = [(d, i, "separate") for d in (64, 128, 256) for i in range(_LONGEST)]
+PRE_HOPPER_GPU += [(64, i, "atomic") for i in range(len(PRE_HOPPER_CANDIDATES[("dkdv_dq", 64)]))]
+
+
+@pytest.mark.parametrize("D,index,mode", PRE_HOPPER_GPU, ids=[f"D{d}-{i}-{m}" for d, i, m in PRE_HOPPER_GPU])
+def test_every_pre_hopper_attention_config_on_cuda(D, index, mode, monkeypatch):
+    """The pre-Hopper lists' tiles (what an A100 or an L4 launches: pointer loads, 16 to 128 rows)
+    pass the 2x rule on this GPU too, candidate ``index`` of each kernel (wrapping round), forward
+    and both backwards: correctness here; their speed is for such a GPU's autotuner."""
+    from test_qk_norm_attention_triton import check, force_pre_hopper
+
+    from kiln.kernels import autotune
+
+    used = force_pre_hopper(monkeypatch, index)
+    monkeypatch.setenv("KILN_ATTN_BWD", mode)
+    autotune.forget()
+    try:
+        check(2, 1100, 3, D, 2, True, True, bool(index % 2), torch.bfloat16, seed=index, device="cuda")
+    finally:
+        autotune.forget()
+    assert {kernel for kernel, _ in used} == ({"fwd", "dkdv", "dq"} if mode == "separate" else {"fwd", "dkdv_dq"})
 
 
 # The csrc CUDA kernels' other paths: NCHW backward with block-wide channel pieces (HW = 20480),
