@@ -194,11 +194,11 @@ FP32_CANDIDATES = {
 # Pre-Hopper GPUs (sm_80 / sm_86 / sm_89: HMMA dots, no TMA) have 16-bit lists of their own: the
 # lists above are Hopper's, and compiled for sm_80 (Triton 3.8, 2026-12-06) some spilled there, the
 # worst of them the only dK/dV candidate at D = 256 (64x64/w8/s2: 19-21 KB, at 32 registers) and
-# dK/dV 128x64/w8/s2 at D = 128 (18-20 KB); fwd at D = 256 spilled 24-208 bytes, and 8-100 more
-# (dkdv 64x64/w4/s3 at D = 64, dq 128x64/w8/s3 at D = 128); and at D = 256 no 16-bit backward
-# fitted a 99 KB GPU. Each candidate below compiles for sm_80 without spills, with and without the
-# pad mask, under Triton 3.8 and 3.6 (CI checks it, pre_hopper_defaults), picked from a scan of
-# tiles (32-128 x 16-128, 4 / 8 warps, 1-4 stages) for the most work a program: the first fits an
+# dK/dV 128x64/w8/s2 at D = 128 (18-20 KB); smaller spills in fwd at D = 256 (24-208 bytes),
+# dK/dV at D = 64 and 128 (12-376) and dq at D = 128 and 256 (12-212); and at D = 256 no 16-bit
+# backward fitted a 99 KB GPU. Each candidate below compiles for sm_80 without spills, with and
+# without the pad mask, under Triton 3.8 and 3.6 (CI checks it, pre_hopper_defaults), picked from a
+# scan of tiles (16-128 x 16-128, 4 / 8 warps, 1-4 stages) for the most work a program: the first fits an
 # A100 (163 KB a program), and one of each fits the 99 KB of an sm_86 / sm_89 GPU (RTX 3090 / 4090,
 # A10, L4, L40S), which takes the first that fits (autotune.fitting; shared memory in KB after
 # each, where it decides that). The forward lists at D <= 128 are Hopper's pointer tiles, which
