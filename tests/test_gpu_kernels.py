@@ -6,9 +6,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from test_qk_norm_attention_triton import PRE_HOPPER_CASES
 
 from kiln import kernels
-from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES, PRE_HOPPER_CANDIDATES
+from kiln.kernels.qk_norm_attention_triton import ATTN_CANDIDATES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -282,12 +283,7 @@ def test_every_fp32_attention_config_on_cuda(D, index, monkeypatch):
     assert {kernel for kernel, _ in used} == {"fwd", "dkdv", "dq", "dkdv_dq"}, used
 
 
-_LONGEST = max(map(len, PRE_HOPPER_CANDIDATES.values()))
-PRE_HOPPER_GPU = [(d, i, "separate") for d in (64, 128, 256) for i in range(_LONGEST)]
-PRE_HOPPER_GPU += [(64, i, "atomic") for i in range(len(PRE_HOPPER_CANDIDATES[("dkdv_dq", 64)]))]
-
-
-@pytest.mark.parametrize("D,index,mode", PRE_HOPPER_GPU, ids=[f"D{d}-{i}-{m}" for d, i, m in PRE_HOPPER_GPU])
+@pytest.mark.parametrize("D,index,mode", PRE_HOPPER_CASES, ids=[f"D{d}-{i}-{m}" for d, i, m in PRE_HOPPER_CASES])
 def test_every_pre_hopper_attention_config_on_cuda(D, index, mode, monkeypatch):
     """The pre-Hopper lists' tiles (what an A100 or an L4 launches: pointer loads, 16 to 128 rows)
     pass the 2x rule on this GPU too, candidate ``index`` of each kernel (wrapping round), forward

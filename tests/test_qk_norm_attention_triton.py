@@ -10,6 +10,7 @@ from kernel_rule import assert_within_twice_torch, sm90_reports
 
 from kiln import kernels
 from kiln.kernels.qk_norm_attention import _qkna_bwd_op, _qkna_fwd_op
+from kiln.kernels.qk_norm_attention_triton import PRE_HOPPER_CANDIDATES
 
 
 def _rope_tables(S, D, n_text, g):
@@ -340,8 +341,11 @@ def force_pre_hopper(monkeypatch, index: int) -> set:
     return used
 
 
-PRE_HOPPER_CASES = [(D, i, "separate") for D in (64, 128, 256) for i in range(3)]
-PRE_HOPPER_CASES += [(64, i, "atomic") for i in range(2)]
+# (D, candidate index, backward): every candidate of each list (shorter lists wrap round), the
+# atomic backward where it has candidates (D = 64)
+PRE_HOPPER_CASES = [(D, i, "separate") for D in (64, 128, 256)
+                    for i in range(max(len(PRE_HOPPER_CANDIDATES[(k, D)]) for k in ("fwd", "dkdv", "dq")))]
+PRE_HOPPER_CASES += [(64, i, "atomic") for i in range(len(PRE_HOPPER_CANDIDATES[("dkdv_dq", 64)]))]
 
 
 @pytest.mark.parametrize("D,index,mode", PRE_HOPPER_CASES, ids=[f"D{d}-{i}-{m}" for d, i, m in PRE_HOPPER_CASES])
