@@ -18,10 +18,10 @@ GPU's name) is seen and keeps the fastest, as ``triton.autotune`` does, but:
 - with ``agree`` (GroupNorm, attention), a candidate whose results differ from the default's is
   dropped before it is timed: a kernel that skips work would otherwise win the timing;
 - the default is the first candidate whose kernels fit the GPU's shared memory per program
-  (:func:`fitting`): lists are ordered for the largest GPU they serve (Hopper's 227 KB;
-  attention's pre-Hopper lists an A100's 163 KB), and a smaller one (an sm_86 / sm_89 GPU,
-  99 KB: RTX 3090 / 4090, A10, L4, L40S) takes the first one that fits instead of failing at
-  launch; none fitting is an error that names the limit and the need.
+  (:func:`fitting`): lists are ordered for the largest GPU they serve (Hopper's and B200's
+  227 KB; attention's pre-Hopper lists an A100's 163 KB), and a smaller one (an sm_86 / sm_89
+  GPU, 99 KB: RTX 3090 / 4090, A10, L4, L40S) takes the first one that fits instead of failing
+  at launch; none fitting is an error that names the limit and the need.
 
 Candidates must leave their outputs as one launch would (overwrite them, or zero what they
 accumulate into within the launch, as the attention's atomic backward does): timing runs each

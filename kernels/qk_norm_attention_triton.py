@@ -174,7 +174,8 @@ ALLOWED_REPLICATION = {("dkdv", 256)}
 # registers, so staging (stages > 1) often costs more registers than it hides: one list for all
 # head dims (fwd 32x32/w4/s3, dK/dV 32x32/w8/s3, ...) spilled at D = 128 (1.9 KB in the forward,
 # 1.4 KB in dK/dV) and D = 256 (sm_90a, triton 3.8, 2026-12-06). Every candidate below compiles
-# spill-free for sm_90a and sm_80 under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6, the
+# spill-free for sm_90a and sm_80 under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6,
+# and for sm_100a and sm_120a under 3.8 (CI too, arch_defaults), the
 # first with the most work a program where registers allowed; the second is smaller: it fits a
 # 99 KB GPU where the first does not (see below), elsewhere it is one more for the autotuner.
 FP32_CANDIDATES = {
@@ -185,8 +186,9 @@ FP32_CANDIDATES = {
     ("fwd", 128): [_C(32, 16, 8, 3), _C(32, 16, 8, 1)],  # 77 / 62
     ("dkdv", 128): [_C(16, 32, 8, 1), _C(16, 16, 8, 1)],  # 90 / 64; 32x32/w8/s1 spills 408 bytes under 3.6
     ("dq", 128): [_C(32, 32, 8, 3), _C(32, 16, 8, 2)],  # 78 / 76; the first takes 100 KB
-    ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],  # 104 / 128; 16x16/w8/s1 spills 24 bytes on sm_80 (3.6)
-    ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 98 / 76
+    # 16x16/w8/s1 spills 8-24 bytes on sm_80 (3.6), 16x32/w8/s1 8 on sm_120a
+    ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 16, 4, 1)],  # 104 / 116
+    ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 32, 8, 1)],  # 98 / 91; 16x16/w8/s2 8 bytes on sm_120a
     ("dkdv", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 108 / 90; 98 KB / 65 KB
     ("dq", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 118 / 64; 98 KB / 65 KB
     ("dkdv_dq", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 159 / 110; 98 KB / 65 KB
@@ -197,7 +199,7 @@ FP32_CANDIDATES = {
 # dK/dV 128x64/w8/s2 at D = 128 (18-20 KB); smaller spills in fwd at D = 256 (24-208 bytes),
 # dK/dV at D = 64 and 128 (12-376) and dq at D = 128 and 256 (12-212); and at D = 256 no 16-bit
 # backward fitted a 99 KB GPU. Each candidate below compiles for sm_80 without spills, with and
-# without the pad mask, under Triton 3.8 and 3.6 (CI checks it, pre_hopper_defaults), picked from a
+# without the pad mask, under Triton 3.8 and 3.6 (CI checks it, arch_defaults), picked from a
 # scan of tiles (16-128 x 16-128, 4 / 8 warps, 1-4 stages) for the most work a program: the first fits an
 # A100 (163 KB a program), and one of each fits the 99 KB of an sm_86 / sm_89 GPU (RTX 3090 / 4090,
 # A10, L4, L40S), which takes the first that fits (autotune.fitting; shared memory in KB after
@@ -217,26 +219,84 @@ PRE_HOPPER_CANDIDATES = {
     ("dq", 256): [_C(64, 64, 8, 2), _C(64, 32, 8, 1), _C(64, 16, 8, 2)],  # 136 / 96 / 82
     ("dkdv_dq", 256): [],
 }
-PRE_HOPPER_SHARED = {"sm_80 (A100)": 163 * 1024, "sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S)": 99 * 1024}
+# Datacenter Blackwell (sm_100 / sm_103: B200, GB200, B300; TMA, dots on tcgen05 into tensor
+# memory, 227 KB a program) takes Hopper's candidates that Triton 3.8 builds cleanly for sm_100a
+# (2026-12-06, with and without the pad mask; registers and stack from Triton's own cubin, see
+# sm90.resource_usage): 0 bytes of stack, the dots on tcgen05.mma, within 227 KB. Left out: the
+# warp-specialised ones (that pass is Hopper's design: on sm_100a the D = 128 / 256 forwards
+# spill 336 / 1,536 bytes, and dK/dV at D = 128 and dq 128x128 build to 4 registers with no MMA
+# at all), dK/dV 128x64/w8/s2 at D = 128 (257 KB, pointer and TMA), the atomic dK/dV at D = 128
+# (273 KB: the separate backward runs) and the pointer atomic 64x64/w4/s3 at D = 64 (16 bytes of
+# stack); dK/dV at D = 256 (Hopper's one needs 273 KB) takes the pre-Hopper list (160 / 96 /
+# 66 KB). No B200 has timed any of them; the autotuner does, on the first one that runs there.
+SM100_CANDIDATES = {
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3),
+                  _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True),
+                  _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 3, **_OVL)],
+    ("dkdv", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3, tma=True),
+                   _C(128, 128, 8, 2, tma=True)],
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 4, 3), _C(128, 64, 8, 3, tma=True)],
+    ("dkdv_dq", 64): [_C(64, 64, 4, 3, tma=True), _C(64, 64, 4, 3, tma=True, bulk_dq=True),
+                      _C(128, 64, 8, 3, tma=True, bulk_dq=True)],
+    ("fwd", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 64, 8, 3, tma=True),
+                   _C(128, 64, 8, 4, tma=True), _C(128, 128, 8, 2, tma=True),
+                   _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 2, **_OVL)],
+    ("dkdv", 128): [_C(128, 64, 8, 1), _C(64, 64, 4, 1), _C(64, 64, 4, 2, tma=True)],
+    ("dq", 128): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3), _C(128, 64, 8, 3, tma=True)],
+    ("dkdv_dq", 128): [],
+    ("fwd", 256): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 2, tma=True), _C(128, 64, 8, 2, tma=True),
+                   _C(128, 32, 8, 2, **_OVL)],
+    ("dkdv", 256): PRE_HOPPER_CANDIDATES[("dkdv", 256)],
+    ("dq", 256): [_C(128, 32, 8, 2), _C(128, 16, 8, 2), _C(128, 32, 8, 2, tma=True)],
+    ("dkdv_dq", 256): [],
+}
+# Consumer Blackwell (sm_120: RTX 5090, RTX PRO 6000; HMMA dots as before Hopper, 99 KB a
+# program) takes pointer tiles that build cleanly for sm_120a (Triton 3.8, 2026-12-06; checked as
+# above). Hopper's lists were no use there: their TMA and warp-specialised tiles spilled 8 bytes
+# to 8 KB (dq 128x32/w8/s2/tma at D = 256) and the warp-specialised forwards fail Triton's pass
+# pipeline; of the pre-Hopper lists, six candidates spill on sm_120a (16-104 bytes) and the ones
+# over 99 KB never fit. What is left, in order of work a program, with the KB each takes:
+SM120_CANDIDATES = {
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3)],  # 40 / 48
+    ("dkdv", 64): [_C(128, 32, 8, 2), _C(128, 32, 4, 1)],  # 49 / 48
+    ("dq", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 32, 8, 3)],  # 48 / 64 / 48
+    ("dkdv_dq", 64): [_C(32, 128, 8, 1), _C(128, 32, 8, 1)],  # 68 / 52
+    ("fwd", 128): [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],  # 96 / 88
+    ("dkdv", 128): [_C(128, 32, 8, 1), _C(64, 64, 8, 1)],  # 88 / 72
+    ("dq", 128): [_C(128, 32, 8, 3), _C(64, 64, 8, 2)],  # 96 / 72
+    ("dkdv_dq", 128): [],
+    ("fwd", 256): [_C(64, 32, 8, 2)],  # 68
+    ("dkdv", 256): [_C(16, 64, 8, 1), _C(32, 32, 8, 1)],  # 82 / 66
+    ("dq", 256): [_C(64, 32, 8, 1), _C(64, 16, 8, 2)],  # 96 / 82
+    ("dkdv_dq", 256): [],
+}
+# 16-bit candidate lists per GPU family (_arch), and the shared memory a program may take on each
+# family's GPUs, for the CI check that every kernel has a default there (arch_defaults; Hopper's
+# 227 KB is checked with its sm_90a compiles)
+ARCH_CANDIDATES = {"sm80": PRE_HOPPER_CANDIDATES, "sm90": ATTN_CANDIDATES, "sm100": SM100_CANDIDATES,
+                   "sm120": SM120_CANDIDATES}
+ARCH_SHARED = {
+    "sm80": {"sm_80 (A100)": 163 * 1024, "sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40S)": 99 * 1024},
+    "sm100": {"sm_100 / sm_103 (B200, GB200, B300)": 227 * 1024},
+    "sm120": {"sm_120 (RTX 5090, RTX PRO 6000)": 99 * 1024},
+}
 
 
 def attn_candidates(kernel: str, dtype: torch.dtype, D: int, tma: bool = False,
-                    pre_hopper: bool = False) -> list[LaunchConfig]:
+                    arch: str = "sm90") -> list[LaunchConfig]:
     """Launch-config candidates of attention kernel ``kernel`` ("fwd", "dkdv", "dq", "dkdv_dq": dkdv
-    adding dQ with atomics): for a pre-Hopper GPU (``pre_hopper``, :func:`_pre_hopper`) its own
-    16-bit lists; otherwise the TMA ones
-    only when ``tma`` (the tensors allow descriptors, see :func:`_tma_ok`), the warp-specialised
-    ones unless ``KILN_ATTN_WS=0`` (a switch for a Triton whose warp specialisation misbehaves),
-    the bulk-dq ones unless ``KILN_ATTN_BULK_DQ=0`` (likewise for its TMA bulk reductions), the
-    overlapped forward ones unless ``KILN_ATTN_OVERLAP=0``."""
+    adding dQ with atomics) on a GPU of family ``arch`` (:func:`_arch`; its 16-bit lists in
+    ARCH_CANDIDATES, fp32 the same everywhere): the TMA ones only when ``tma`` (the tensors allow
+    descriptors, see :func:`_tma_ok`), the warp-specialised ones unless ``KILN_ATTN_WS=0`` (a
+    switch for a Triton whose warp specialisation misbehaves), the bulk-dq ones unless
+    ``KILN_ATTN_BULK_DQ=0`` (likewise for its TMA bulk reductions), the overlapped forward ones
+    unless ``KILN_ATTN_OVERLAP=0``."""
     bucket = 64 if D <= 64 else 128 if D <= 128 else 256
     if dtype == torch.float32:
         return FP32_CANDIDATES[(kernel, bucket)]
-    if pre_hopper:
-        return PRE_HOPPER_CANDIDATES[(kernel, bucket)]
     off = {flag for flag, env in (("ws", "KILN_ATTN_WS"), ("bulk_dq", "KILN_ATTN_BULK_DQ"),
                                   ("overlap", "KILN_ATTN_OVERLAP")) if os.environ.get(env, "1") == "0"}
-    cands = ATTN_CANDIDATES[(kernel, bucket)]
+    cands = ARCH_CANDIDATES[arch][(kernel, bucket)]
     return [c for c in cands if (tma or not c.tma) and not any(getattr(c, flag) for flag in off)]
 
 
@@ -254,13 +314,22 @@ def _pick(kernel: str, q: torch.Tensor, flags: tuple, launch, tma: bool = False)
 
 
 def _candidates(kernel: str, q: torch.Tensor, tma: bool) -> list[LaunchConfig]:
-    return attn_candidates(kernel, q.dtype, q.shape[3], tma, pre_hopper=_pre_hopper(q))
+    return attn_candidates(kernel, q.dtype, q.shape[3], tma, arch=_arch(q))
 
 
-def _pre_hopper(t: torch.Tensor) -> bool:
-    """Whether ``t`` lives on an sm_80 / sm_86 / sm_89 GPU (A100, A10, L4, L40S, RTX 3090 / 4090):
-    HMMA dots, no TMA, 163 or 99 KB of shared memory a program (PRE_HOPPER_CANDIDATES)."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 8
+# compute capability major -> candidate family; 8.x and any other (pointer tiles on HMMA dots run
+# on every GPU Triton's 16-bit dots support) -> "sm80". sm_103 and sm_110 build as sm_100a does
+# (three candidates spot-checked, 2026-12-06: tcgen05 dots, the same shared memory, no stack)
+_ARCH_OF_MAJOR = {9: "sm90", 10: "sm100", 11: "sm100", 12: "sm120"}
+
+
+def _arch(t: torch.Tensor) -> str:
+    """The candidate family (ARCH_CANDIDATES) of ``t``'s GPU: "sm90" (Hopper; also the
+    interpreter's, CPU tensors), "sm100" (datacenter Blackwell, compute capability 10.x / 11.x),
+    "sm120" (consumer Blackwell, 12.x), "sm80" (Ampere and Ada, 8.x, and anything else)."""
+    if not t.is_cuda:
+        return "sm90"
+    return _ARCH_OF_MAJOR.get(torch.cuda.get_device_capability(t.device)[0], "sm80")
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -1044,7 +1113,8 @@ def default_scale(D: int, scale: float | None) -> float:
 
 
 CONFIGS_SM90 = [("bf16", 64), ("bf16", 128), ("fp16", 128), ("bf16", 256), ("fp32", 64), ("fp32", 128), ("fp32", 256)]
-CONFIGS_PRE_HOPPER = [(dt, D) for dt in ("bf16", "fp32") for D in (64, 128, 256)]  # (fp16 lays out as bf16)
+CONFIGS_ARCH = [(dt, D) for dt in ("bf16", "fp32") for D in (64, 128, 256)]  # (fp16 lays out as bf16)
+_ARCH_TARGET = {"sm80": 80, "sm100": 100, "sm120": 120}  # arch_defaults' compute capability per family
 _TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -1135,35 +1205,40 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
     return reports
 
 
-def pre_hopper_defaults(configs=CONFIGS_PRE_HOPPER, limits=PRE_HOPPER_SHARED) -> list[dict]:
-    """Per dtype, head dim and pre-Hopper shared-memory limit, each attention kernel's candidates
-    (PRE_HOPPER_CANDIDATES; fp32: FP32_CANDIDATES) compiled for sm_80 (CI check): the default the
-    launcher takes there (the first that fits, autotune.first_fit) with its shared memory, or
-    the error it raises where none fits; and every candidate's spilled bytes, 16-bit ones with
-    and without the pad mask (the loops differ, and so did spills: dkdv 64x64/w4/s1 at D = 128,
-    12 bytes only without it; the shared memory is the same)."""
+def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
+    """Per dtype, head dim and shared-memory limit of GPU family ``arch`` ("sm80", "sm100",
+    "sm120"; ARCH_SHARED), each attention kernel's candidates (ARCH_CANDIDATES[arch]; fp32:
+    FP32_CANDIDATES) built for that GPU (CI check): the default the launcher takes there (the
+    first that fits, autotune.first_fit) with its shared memory, or the error it raises where
+    none fits; and every candidate's stack bytes (spilled registers) and, 16-bit, its MMA
+    instructions, with and without the pad mask (the loops differ, and so did spills: dkdv
+    64x64/w4/s1 at D = 128 on sm_80, 12 bytes only without it; the shared memory is the same)."""
     from kiln.kernels.autotune import first_fit
-    from kiln.kernels.sm90 import compile_sm80
+    from kiln.kernels.sm90 import compile_for_arch
 
     rows = []
     for dt, D in configs:
         for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
-            candidates = attn_candidates(name, _TORCH_DT[dt], D, pre_hopper=True)
+            candidates = attn_candidates(name, _TORCH_DT[dt], D, tma=True, arch=arch)
 
             @functools.cache
             def report(cfg: LaunchConfig, has_pad: bool = True, name=name, dt=dt, D=D) -> dict:
                 kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
-                return compile_sm80(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
+                return compile_for_arch(kernel, sig, flags, cfg.num_warps, cfg.num_stages, _ARCH_TARGET[arch],
+                                        aligned=aligned)
 
-            def spills(cfg: LaunchConfig, dt=dt, report=report) -> int | str:
+            def built(cfg: LaunchConfig, dt=dt, report=report) -> dict | str:
                 pads = (True,) if dt == "fp32" else (True, False)
                 try:
-                    return max(report(cfg, has_pad)["spills"] for has_pad in pads)
+                    rs = [report(cfg, has_pad) for has_pad in pads]
                 except Exception as e:  # (first_fit below warns of it too)
                     return f"fails to compile ({type(e).__name__})"
+                return {"stack_bytes": max(r["stack_bytes"] for r in rs),
+                        "mma": sorted(set.intersection(*(set(r["mma"]) for r in rs)))}
 
-            for gpu, limit in limits.items() if candidates else ():
-                row = {"kernel": name, "dtype": dt, "head_dim": D, "gpu": gpu, "limit": limit, "default": None}
+            for gpu, limit in ARCH_SHARED[arch].items() if candidates else ():
+                row = {"arch": arch, "kernel": name, "dtype": dt, "head_dim": D, "gpu": gpu, "limit": limit,
+                       "default": None}
                 with warnings.catch_warnings(record=True) as caught:  # (candidates that fail to compile)
                     warnings.simplefilter("always")
                     try:
@@ -1172,6 +1247,6 @@ def pre_hopper_defaults(configs=CONFIGS_PRE_HOPPER, limits=PRE_HOPPER_SHARED) ->
                         row.update(default=str(cfg), shared_bytes=report(cfg)["shared_bytes"])
                     except RuntimeError as e:
                         row["error"] = str(e)
-                row["spills"] = {str(c): spills(c) for c in candidates}
+                row["candidates"] = {str(c): built(c) for c in candidates}
                 rows.append({**row, "warnings": [str(w.message) for w in caught]})
     return rows

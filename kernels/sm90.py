@@ -57,6 +57,21 @@ def sass_facts(cubin: bytes) -> dict:
     return _facts(text)
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers a thread and stack-frame bytes (where spilled registers live; 0 for our kernels
+    unless something spilled) of ``cubin`` as the GPU will load it (``cuobjdump -res-usage``).
+    Read from Triton's own cubin, not from a separate ptxas run: for sm_100 / sm_120 Triton 3.8
+    runs its CUDA 13 ptxas with ``--regAllocOptLevel=2``, and without it the spills differ (dq
+    64x64/w4/s3 at D = 128 on sm_120a: 0 bytes by a plain ptxas, 96 in Triton's build)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK):(\d+)", text))
+    return {"registers": int(usage["REG"]), "stack_bytes": int(usage["STACK"])}
+
+
 def csrc_sass_facts(library: str, arch: str = "sm_90a") -> dict[str, dict]:
     """The same facts for every CUDA kernel compiled into a shared library (the csrc extension),
     read with ``cuobjdump -sass``; keys are demangled names without namespaces or parameters,
@@ -212,16 +227,19 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: 
     return compiled, constexprs
 
 
-def compile_sm80(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None, *,
-                 aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
-    """Shared memory, registers and spills of ``fn`` compiled for an Ampere GPU (sm_80; Triton lays
-    sm_86 and sm_89 out the same, checked 2026-12-06 on every attention candidate): whether a
-    launch config runs on an A100 (163 KB a program) or an RTX / L40S-class GPU (99 KB), and
-    runs without spills. Hopper's numbers differ (its TMA and warpgroup-MMA layouts: dK/dV at
-    D = 128, 128x64/w8/s2, takes 181 KB and no spill on sm_90a, 113 KB and 18 KB of spills on
-    sm_80)."""
-    compiled, _ = _compile(fn, signature, constexprs, num_warps, num_stages, 80, aligned, ones)
-    return {"shared_bytes": compiled.metadata.shared, **_ptxas(compiled.asm["ptx"], "sm_80")}
+def compile_for_arch(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None,
+                     arch: int = 80, *, aligned: tuple[str, ...] = (), ones: tuple[str, ...] = ()) -> dict:
+    """Shared memory, registers, stack bytes (spills) and MMA instructions of ``fn`` as Triton
+    builds it for compute capability ``arch`` (80: Ampere, as Triton lays out sm_86 / sm_89,
+    checked 2026-12-06 on every attention candidate; 100: sm_100a; 120: sm_120a): whether a launch
+    config fits a GPU's shared memory a program (an A100's 163 KB, an RTX / L40S-class GPU's
+    99 KB, ...) and runs without spills. Hopper's numbers differ (its TMA and warpgroup-MMA
+    layouts: dK/dV at D = 128, 128x64/w8/s2, takes 181 KB and no spill on sm_90a, 113 KB and
+    18 KB of spills on sm_80)."""
+    compiled, _ = _compile(fn, signature, constexprs, num_warps, num_stages, arch, aligned, ones)
+    ptx = compiled.asm["ptx"]
+    return {"shared_bytes": compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]),
+            "mma": [m for m in ("mma.sync", "wgmma", "tcgen05.mma") if m in ptx]}
 
 
 def _ptxas(ptx: str, arch: str) -> dict:

@@ -23,11 +23,11 @@ def assert_within_twice_torch(names, ours, ref, lowp, dtype):
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
-def sm90_reports(module: str, function: str = "compile_for_sm90") -> list[dict]:
-    """``module.function()`` (an ahead-of-time compile for a GPU) in a subprocess without
+def sm90_reports(module: str, function: str = "compile_for_sm90", *args) -> list[dict]:
+    """``module.function(*args)`` (an ahead-of-time compile for a GPU) in a subprocess without
     TRITON_INTERPRET (the interpreter's kernels cannot be compiled); returns its per-kernel
     reports, printed for ``pytest -s``."""
-    code = f"import json; from {module} import {function}; print(json.dumps({function}()))"
+    code = f"import json; from {module} import {function}; print(json.dumps({function}(*{args!r})))"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

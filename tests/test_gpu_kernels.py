@@ -121,8 +121,8 @@ def test_every_attention_launch_config_on_cuda(D, index, pad, monkeypatch):
 
     full = attn.attn_candidates
 
-    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
-        cands = full(kernel, dtype, head_dim, tma, pre_hopper)
+    def forced(kernel, dtype, head_dim, tma=False, arch="sm90"):
+        cands = full(kernel, dtype, head_dim, tma, arch)
         return [cands[index % len(cands)]]
 
     monkeypatch.setattr(attn, "attn_candidates", forced)
@@ -235,8 +235,8 @@ def test_every_atomic_backward_config_on_cuda(D, index, monkeypatch):
 
     full, used = attn.attn_candidates, []
 
-    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
-        cands = full(kernel, dtype, head_dim, tma, pre_hopper)
+    def forced(kernel, dtype, head_dim, tma=False, arch="sm90"):
+        cands = full(kernel, dtype, head_dim, tma, arch)
         if kernel != "dkdv_dq":
             return cands[:1]
         used.extend(cands[index % max(len(cands), 1):][:1])
@@ -267,8 +267,8 @@ def test_every_fp32_attention_config_on_cuda(D, index, monkeypatch):
 
     full, used = attn.attn_candidates, set()
 
-    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
-        pick = full(kernel, dtype, head_dim, tma, pre_hopper)[index:][:1]
+    def forced(kernel, dtype, head_dim, tma=False, arch="sm90"):
+        pick = full(kernel, dtype, head_dim, tma, arch)[index:][:1]
         used.update((kernel, str(c)) for c in pick)
         return pick
 
@@ -288,11 +288,11 @@ def test_every_pre_hopper_attention_config_on_cuda(D, index, mode, monkeypatch):
     """The pre-Hopper lists' tiles (what an A100 or an L4 launches: pointer loads, 16 to 128 rows)
     pass the 2x rule on this GPU too, candidate ``index`` of each kernel (wrapping round), forward
     and both backwards: correctness here; their speed is for such a GPU's autotuner."""
-    from test_qk_norm_attention_triton import check, force_pre_hopper
+    from test_qk_norm_attention_triton import check, force_candidate
 
     from kiln.kernels import autotune
 
-    used = force_pre_hopper(monkeypatch, index)
+    used = force_candidate(monkeypatch, index, "sm80")
     monkeypatch.setenv("KILN_ATTN_BWD", mode)
     autotune.forget()
     try:

@@ -268,8 +268,8 @@ def test_tma_candidates_match_the_reference(B, S, H, D, G, rope, pad, causal, dt
             return c.overlap
         return c.tma and c.ws == (variant == "warp_specialised") and not c.overlap
 
-    def tma_only(kernel, dt, head_dim, tma=False, pre_hopper=False):
-        assert tma and not pre_hopper, "these inputs allow descriptors"
+    def tma_only(kernel, dt, head_dim, tma=False, arch="sm90"):
+        assert tma and arch == "sm90", "these inputs allow descriptors"
         cands = [c for c in full(kernel, dt, head_dim, tma) if wanted(c, kernel)]
         used.append((kernel, cands[0]))
         return cands
@@ -308,8 +308,8 @@ def test_atomic_backward_matches_the_reference(B, S, H, D, G, rope, pad, causal,
 
     full, used = attn.attn_candidates, []
 
-    def record(kernel, dt, head_dim, tma_ok=False, pre_hopper=False):
-        cands = [c for c in full(kernel, dt, head_dim, tma_ok, pre_hopper)
+    def record(kernel, dt, head_dim, tma_ok=False, arch="sm90"):
+        cands = [c for c in full(kernel, dt, head_dim, tma_ok, arch)
                  if c.tma == (tma and kernel != "fwd") and c.bulk_dq == (bulk and kernel == "dkdv_dq")]
         used.append((kernel, cands[0]))
         return cands
@@ -321,22 +321,22 @@ def test_atomic_backward_matches_the_reference(B, S, H, D, G, rope, pad, causal,
     assert all(c.bulk_dq == bulk for k, c in used if k == "dkdv_dq")
 
 
-def force_pre_hopper(monkeypatch, index: int) -> set:
-    """Launch attention as on an sm_80 / sm_86 / sm_89 GPU (attn._pre_hopper faked true), each kernel
-    in candidate ``index`` of its pre-Hopper list (wrapping round); returns the (kernel, config)
-    pairs launched."""
+def force_candidate(monkeypatch, index: int, family: str) -> set:
+    """Launch attention as on a GPU of family ``family`` (attn._arch faked; "sm80": an sm_80 / sm_86
+    / sm_89 GPU), each kernel in candidate ``index`` of its list there (wrapping round); returns
+    the (kernel, config) pairs launched."""
     from kiln.kernels import qk_norm_attention_triton as attn
 
     full, used = attn.attn_candidates, set()
 
-    def forced(kernel, dtype, head_dim, tma=False, pre_hopper=False):
-        assert pre_hopper, "launched as on a pre-Hopper GPU"
-        cands = full(kernel, dtype, head_dim, tma, pre_hopper)
+    def forced(kernel, dtype, head_dim, tma=False, arch="sm90"):
+        assert arch == family, f"launched as on an {family} GPU"
+        cands = full(kernel, dtype, head_dim, tma, arch)
         pick = cands[index % len(cands):][:1] if cands else []
         used.update((kernel, str(c)) for c in pick)
         return pick
 
-    monkeypatch.setattr(attn, "_pre_hopper", lambda t: True)
+    monkeypatch.setattr(attn, "_arch", lambda t: family)
     monkeypatch.setattr(attn, "attn_candidates", forced)
     return used
 
@@ -353,9 +353,23 @@ def test_pre_hopper_candidates_match_the_reference(D, index, mode, monkeypatch):
     """Every candidate of the pre-Hopper lists (PRE_HOPPER_CANDIDATES: the tiles an A100 or an L4
     launches, 16 to 128 rows) passes the 2x rule, forward and both backwards (the atomic one has
     candidates at D = 64 only); odd indices causal."""
-    used = force_pre_hopper(monkeypatch, index)
+    used = force_candidate(monkeypatch, index, "sm80")
     monkeypatch.setenv("KILN_ATTN_BWD", mode)
     check(2, 70, 2, D, 2, True, True, bool(index % 2), torch.float16, seed=index)
+    assert {k for k, _ in used} == ({"fwd", "dkdv", "dq"} if mode == "separate" else {"fwd", "dkdv_dq"}), used
+
+
+FP32_CASES = [(D, mode) for D in (64, 128, 256) for mode in ("separate", "atomic")]
+
+
+@pytest.mark.parametrize("D,mode", FP32_CASES, ids=[f"D{d}-{m}" for d, m in FP32_CASES])
+def test_fp32_second_candidates_match_the_reference(D, mode, monkeypatch):
+    """fp32's second candidates (FP32_CANDIDATES: smaller tiles, the autotuner's alternative and
+    a 99 KB GPU's default where the first does not fit) pass the 2x rule, forward and both
+    backwards; the first ones run in every fp32 case above."""
+    used = force_candidate(monkeypatch, 1, "sm90")
+    monkeypatch.setenv("KILN_ATTN_BWD", mode)
+    check(1, 45, 2, D, 2, True, True, mode == "atomic", torch.float32, seed=D)
     assert {k for k, _ in used} == ({"fwd", "dkdv", "dq"} if mode == "separate" else {"fwd", "dkdv_dq"}), used
 
 
@@ -456,29 +470,68 @@ def assert_mma_work(r):
         assert got == want, (r["candidates"], c, r["num_warps"], got / want)
 
 
-def test_pre_hopper_gpus_get_a_default_that_fits():
-    """On an A100 (163 KB of shared memory a program) and on sm_86 / sm_89 GPUs (99 KB) every
-    attention kernel has a launch config that fits at every head dim, 16-bit and fp32, and no
-    candidate of theirs spills when compiled for sm_80 (16-bit with and without the pad mask; the
-    Hopper lists spilled up to 21 KB there and had no 16-bit backward for 99 KB at D = 256). The
-    default there is what the launcher takes (autotune.first_fit on sm_80 compiles; a subprocess
-    without TRITON_INTERPRET)."""
-    from kiln.kernels.qk_norm_attention_triton import CONFIGS_PRE_HOPPER, PRE_HOPPER_SHARED
+# per family, a default each GPU there takes at D = 256 (16-bit dK/dV: the list's first only where
+# it fits)
+DKDV_256_DEFAULTS = {"sm80": {163 * 1024: "64x32/w8/s1", 99 * 1024: "16x64/w8/s1"},
+                     "sm100": {227 * 1024: "64x32/w8/s1"}, "sm120": {99 * 1024: "16x64/w8/s1"}}
 
-    rows = sm90_reports("kiln.kernels.qk_norm_attention_triton", "pre_hopper_defaults")
-    # 4 kernels at each (dtype, D) and limit, but 16-bit has no atomic dK/dV candidate at D = 128
-    # and 256 (the separate backward runs)
-    assert len(rows) == (4 * len(CONFIGS_PRE_HOPPER) - 2) * len(PRE_HOPPER_SHARED)
+
+@pytest.mark.parametrize("arch", list(DKDV_256_DEFAULTS))
+def test_every_gpu_family_gets_a_default_that_fits(arch):
+    """On each family's GPUs besides Hopper (ARCH_SHARED: an A100's 163 KB a program and sm_86 /
+    sm_89's 99 KB; B200's 227 KB; RTX 5090's 99 KB) every attention kernel has a launch config that
+    fits at every head dim, 16-bit and fp32, and no candidate spills as Triton builds it for that
+    GPU (16-bit with and without the pad mask), and 16-bit ones have their dots on MMA
+    instructions. Hopper's lists spilled up to 21 KB on sm_80 and 8 KB on sm_120a, and on sm_100a
+    neither its 16-bit dK/dV at D = 256 (273 KB) nor any warp-specialised dq at 128x128 (4
+    registers, no MMA) would do. The default is what the launcher takes (autotune.first_fit on
+    these compiles; a subprocess without TRITON_INTERPRET)."""
+    from kiln.kernels.qk_norm_attention_triton import ARCH_CANDIDATES, ARCH_SHARED, CONFIGS_ARCH
+
+    rows = sm90_reports("kiln.kernels.qk_norm_attention_triton", "arch_defaults", arch)
+    # 4 kernels at each (dtype, D) and limit, but no 16-bit atomic dK/dV list at D = 256 anywhere,
+    # nor at D = 128 except Hopper's (the separate backward runs)
+    empty = sum(not cands for cands in ARCH_CANDIDATES[arch].values())
+    assert empty == 2
+    assert len(rows) == (4 * len(CONFIGS_ARCH) - empty) * len(ARCH_SHARED[arch])
     for r in rows:
-        assert not r["warnings"], r  # every candidate compiles for sm_80
+        assert not r["warnings"], r  # every candidate compiles for the family's GPU
         assert r["default"] is not None and r["shared_bytes"] <= r["limit"], r
-        assert set(r["spills"].values()) == {0}, r
-    # the 99 KB GPUs take a later candidate where the first needs more (D = 256: all three kernels)
-    first = {(r["kernel"], r["dtype"], r["head_dim"], r["limit"]): r["default"] for r in rows}
-    small = 99 * 1024
-    assert first[("dkdv", "bf16", 256, 163 * 1024)] == "64x32/w8/s1"
-    assert first[("dkdv", "bf16", 256, small)] == "16x64/w8/s1"
-    assert first[("dq", "bf16", 256, small)] == "64x32/w8/s1"
+        for cfg, built in r["candidates"].items():
+            assert built["stack_bytes"] == 0, (r["kernel"], r["dtype"], r["head_dim"], cfg, built)
+            assert built["mma"] or r["dtype"] == "fp32", (r["kernel"], r["head_dim"], cfg, built)
+    first = {r["limit"]: r["default"] for r in rows
+             if (r["kernel"], r["dtype"], r["head_dim"]) == ("dkdv", "bf16", 256)}
+    assert first == DKDV_256_DEFAULTS[arch]
+    if arch == "sm80":  # the 99 KB GPUs take a later candidate where the first needs more
+        assert {r["default"] for r in rows if (r["kernel"], r["dtype"], r["head_dim"], r["limit"])
+                == ("dq", "bf16", 256, 99 * 1024)} == {"64x32/w8/s1"}
+
+
+def test_each_gpu_family_gets_its_own_lists(monkeypatch):
+    """The launcher takes a GPU's candidates by its compute capability (8.x Ampere / Ada, 9.x
+    Hopper, 10.x / 11.x datacenter Blackwell, 12.x consumer Blackwell; the interpreter's CPU
+    tensors Hopper's), and every tile of the Blackwell lists is one of Hopper's or the pre-Hopper
+    lists, which the interpreter tests above (and the GPU tests) run against the reference."""
+    from kiln.kernels import qk_norm_attention_triton as attn
+
+    cuda = torch.empty(0, device="meta")
+    monkeypatch.setattr(type(cuda), "is_cuda", property(lambda t: True))
+    for major, family in ((8, "sm80"), (9, "sm90"), (10, "sm100"), (11, "sm100"), (12, "sm120"), (7, "sm80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        assert attn._arch(cuda) == family
+        q = cuda.new_empty((1, 8, 1, 128), dtype=torch.bfloat16)
+        assert attn._candidates("dkdv", q, tma=True) == attn.ARCH_CANDIDATES[family][("dkdv", 128)]
+    monkeypatch.undo()
+    assert attn._arch(torch.empty(1)) == "sm90"
+    known = {(key, c) for table in (attn.ATTN_CANDIDATES, attn.PRE_HOPPER_CANDIDATES) for key, cs in table.items()
+             for c in cs}
+    for family in ("sm100", "sm120"):
+        table = attn.ARCH_CANDIDATES[family]
+        assert table.keys() == attn.ATTN_CANDIDATES.keys()
+        assert {(key, c) for key, cs in table.items() for c in cs} <= known, family
+        assert not any(c.ws for cs in table.values() for c in cs)  # (Hopper's warp specialisation)
+    assert not any(c.tma for cs in attn.SM120_CANDIDATES.values() for c in cs)
 
 
 def test_sm90_compile_check():
