@@ -40,6 +40,7 @@ numbers are the next GPU session's first measurement (benchmarks/group_norm.py).
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -564,8 +565,13 @@ def compile_for_sm90() -> list[dict]:
     from kiln.kernels import group_norm_triton_cl as cl
     from kiln.kernels import group_norm_triton_onepass as onepass
     from kiln.kernels import group_norm_triton_pipelined as pipelined
+    from kiln.kernels.sm90 import in_parallel
 
-    reports = []
+    jobs = []  # _sm90_report's arguments per kernel, built in parallel at the end
+
+    def add(*args) -> None:
+        jobs.append(functools.partial(_sm90_report, *args))
+
     flags = {"HAS_W": True, "HAS_B": True, "HAS_MOD": True, "SILU": True}
     nchw, cl_ones = ("stride_s", "dstride_s"), ("stride_c", "dstride_c")
     finalize = {"CG_P2": 16, "BLOCK_P": cl.STAT_BLOCK}
@@ -578,34 +584,30 @@ def compile_for_sm90() -> list[dict]:
                                                (_gn_fwd_kernel, {**flags, "SPLIT_P2": 16}, 1),
                                                (_gn_bwd_reduce_kernel, flags, 2),
                                                (_gn_bwd_dx_kernel, {**flags, "SPLIT_P2": 16}, 2)):
-                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, nchw, "nchw", knobs, tensors))
+                    add(kernel, dt, {**extra, **blocks}, nchw, "nchw", knobs, tensors)
             for block_c in (32, 128):  # C = 96 and C = 128-640
                 blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
                 for kernel, extra, tensors in ((cl._cl_stats_kernel, {}, 1), (cl._cl_fwd_kernel, flags, 1),
                                                (cl._cl_bwd_reduce_kernel, flags, 2), (cl._cl_bwd_dx_kernel, flags, 2)):
-                    reports.append(_sm90_report(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", knobs,
-                                                tensors))
+                    add(kernel, dt, {**extra, **blocks}, cl_ones, "channels_last", knobs, tensors)
         if dt == "bf16":  # one-pass candidates at their largest group, narrow and wide channel blocks
             for knobs in onepass.CANDIDATES:
                 for block_c in (4, 16):
                     blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c}
                     for kernel, tensors in ((onepass._onepass_fwd_kernel, 1), (onepass._onepass_bwd_kernel, 2)):
-                        reports.append(_sm90_report(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs, tensors))
+                        add(kernel, dt, {**flags, **blocks}, nchw, "nchw", knobs, tensors)
             for knobs in pipelined.CANDIDATES:  # NCHW: SPLIT_P2 at its largest (max_split chunks per group)
                 for bwd, block_c in itertools.product((False, True), (4, 16)):
                     blocks = {"BLOCK_C": block_c, "BLOCK_S": knobs.tile // block_c,
                               "SPLIT_P2": pipelined.max_split(block_c), "CG_P2": 1, "BLOCK_P": 1, "UNIT_ALIGN": 1}
-                    reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
-                                                {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw", knobs,
-                                                1 + bwd, None if bwd else knobs.fwd_registers))
+                    add(pipelined._gn_pipelined_kernel, dt, {**flags, **blocks, "BWD": bwd, "CL": False}, nchw, "nchw",
+                        knobs, 1 + bwd, None if bwd else knobs.fwd_registers)
                 # channels-last units: 2 groups of 4 channels (1x128x512x512), 2 of 16 (C = 512)
                 for bwd, (width, cg_p2) in itertools.product((False, True), ((8, 4), (32, 16))):
                     blocks = {"BLOCK_C": width, "BLOCK_S": knobs.tile // width, "SPLIT_P2": 1, "CG_P2": cg_p2,
                               "BLOCK_P": cl.STAT_BLOCK, "UNIT_ALIGN": width}
-                    reports.append(_sm90_report(pipelined._gn_pipelined_kernel, dt,
-                                                {**flags, **blocks, "BWD": bwd, "CL": True}, cl_ones, "channels_last",
-                                                knobs, 1 + bwd, None if bwd else knobs.fwd_registers))
-        reports.append(_sm90_report(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", None))
-        reports.append(_sm90_report(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize},
-                                    (), "channels_last", None))
-    return reports
+                    add(pipelined._gn_pipelined_kernel, dt, {**flags, **blocks, "BWD": bwd, "CL": True}, cl_ones,
+                        "channels_last", knobs, 1 + bwd, None if bwd else knobs.fwd_registers)
+        add(cl._cl_stats_finalize_kernel, dt, finalize, ("stride_c",), "channels_last", None)
+        add(cl._cl_bwd_finalize_kernel, dt, {"HAS_W": True, "HAS_MOD": True, **finalize}, (), "channels_last", None)
+    return in_parallel(jobs)

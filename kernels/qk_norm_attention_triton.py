@@ -1168,9 +1168,9 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
     Specialised as a real launch is: 16-byte aligned pointers and strides, unit head-dim strides;
     S, H and the token count are taken as arbitrary (S = 4096 + 77 is not a multiple of 16).
     """
-    from kiln.kernels.sm90 import compile_sm90
+    from kiln.kernels.sm90 import compile_sm90, in_parallel
 
-    reports = []
+    jobs = []  # (build, what to add to its report), built in parallel below
     i32 = "i32"
     for dt, D in configs:
         tag = {"dtype": dt, "head_dim": D}
@@ -1185,12 +1185,12 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                    "n_tok": i32, "S": i32, "G": i32, **{k: i32 for k in pre if k[1] in "xd"}, "swg": i32,
                    "sc_s": i32}
         for kernel, sig in ((_norm_rope_fwd_kernel, fwd_sig), (_norm_rope_bwd_kernel, bwd_sig)):
-            reports.append({**compile_sm90(kernel, sig, flags, aligned=pre_aligned, ones=pre_ones), **tag})
+            jobs.append((functools.partial(compile_sm90, kernel, sig, flags, aligned=pre_aligned, ones=pre_ones), tag))
         strides = {f"s{a}{b}": i32 for a in "qkvodg" for b in "bsh"}
         delta_sig = {"o_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "S": i32, "SR": i32, "H": i32,
                      **{k: i32 for k in strides if k[1] in "od"}}
-        reports.append({**compile_sm90(_bwd_delta_kernel, delta_sig, {"D": D, "BLOCK_D": D, "BLOCK_M": DELTA_BLOCK},
-                                       aligned=(*strides, "SR")), **tag})
+        jobs.append((functools.partial(compile_sm90, _bwd_delta_kernel, delta_sig,
+                                       {"D": D, "BLOCK_D": D, "BLOCK_M": DELTA_BLOCK}, aligned=(*strides, "SR")), tag))
         for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True):
                 # 16-bit candidates with and without the pad mask: the loops differ (the unmasked
@@ -1199,10 +1199,11 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 # Triton's warp-specialisation pass takes some loads and not others
                 for has_pad in (True,) if dt == "fp32" else (True, False):
                     kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
-                    r = compile_sm90(kernel, sig, flags, cfg.num_warps, cfg.num_stages, aligned=aligned)
-                    reports.append({**r, **tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq,
-                                    "overlap": cfg.overlap, "candidates": name, "has_pad": has_pad})
-    return reports
+                    jobs.append((functools.partial(compile_sm90, kernel, sig, flags, cfg.num_warps, cfg.num_stages,
+                                                   aligned=aligned),
+                                 {**tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq, "overlap": cfg.overlap,
+                                  "candidates": name, "has_pad": has_pad}))
+    return [{**r, **extra} for r, (_, extra) in zip(in_parallel([build for build, _ in jobs]), jobs, strict=True)]
 
 
 def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
@@ -1214,21 +1215,21 @@ def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
     instructions, with and without the pad mask (the loops differ, and so did spills: dkdv
     64x64/w4/s1 at D = 128 on sm_80, 12 bytes only without it; the shared memory is the same)."""
     from kiln.kernels.autotune import first_fit
-    from kiln.kernels.sm90 import compile_for_arch
 
+    builds = _build_all(arch, configs)
     rows = []
     for dt, D in configs:
+        pads = (True,) if dt == "fp32" else (True, False)
         for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
             candidates = attn_candidates(name, _TORCH_DT[dt], D, tma=True, arch=arch)
 
-            @functools.cache
             def report(cfg: LaunchConfig, has_pad: bool = True, name=name, dt=dt, D=D) -> dict:
-                kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
-                return compile_for_arch(kernel, sig, flags, cfg.num_warps, cfg.num_stages, _ARCH_TARGET[arch],
-                                        aligned=aligned)
+                r = builds[(name, dt, D, cfg, has_pad)]
+                if isinstance(r, Exception):
+                    raise r
+                return r
 
-            def built(cfg: LaunchConfig, dt=dt, report=report) -> dict | str:
-                pads = (True,) if dt == "fp32" else (True, False)
+            def built(cfg: LaunchConfig, pads=pads, report=report) -> dict | str:
                 try:
                     rs = [report(cfg, has_pad) for has_pad in pads]
                 except Exception as e:  # (first_fit below warns of it too)
@@ -1250,3 +1251,23 @@ def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
                 row["candidates"] = {str(c): built(c) for c in candidates}
                 rows.append({**row, "warnings": [str(w.message) for w in caught]})
     return rows
+
+
+def _build_all(arch: str, configs) -> dict:
+    """Every (kernel, dtype, D, candidate, pad mask) of ``arch``'s lists built for its GPU
+    (sm90.compile_for_arch: its report, or the exception the build raised), in parallel."""
+    from kiln.kernels.sm90 import compile_for_arch, in_parallel
+
+    jobs = [(name, dt, D, cfg, has_pad) for dt, D in configs for name in ("fwd", "dkdv", "dq", "dkdv_dq")
+            for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True, arch=arch)
+            for has_pad in ((True,) if dt == "fp32" else (True, False))]
+
+    def build(name, dt, D, cfg, has_pad):
+        kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
+        try:
+            return compile_for_arch(kernel, sig, flags, cfg.num_warps, cfg.num_stages, _ARCH_TARGET[arch],
+                                    aligned=aligned)
+        except Exception as e:  # (Triton's compile errors have no common base class)
+            return e
+
+    return dict(zip(jobs, in_parallel([functools.partial(build, *job) for job in jobs]), strict=True))

@@ -242,6 +242,17 @@ def compile_for_arch(fn, signature: dict, constexprs: dict, num_warps: int = 4, 
             "mma": [m for m in ("mma.sync", "wgmma", "tcgen05.mma") if m in ptx]}
 
 
+def in_parallel(calls: list) -> list:
+    """``[call() for call in calls]`` on a thread pool of one thread per CPU: ahead-of-time builds,
+    where ptxas, nvdisasm and most of Triton's passes run outside the GIL. On 2 cores, cold
+    cache: the attention's sm_90a check 172 s (363 s serially), its builds for three other GPU
+    families 2.6 min (5.6 min)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
 def _ptxas(ptx: str, arch: str) -> dict:
     """Registers and spilled bytes (stores plus loads) that ptxas reports for ``ptx``."""
     with tempfile.TemporaryDirectory() as tmp:
