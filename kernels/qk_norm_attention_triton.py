@@ -254,7 +254,7 @@ SM100_CANDIDATES = {
 # program) takes pointer tiles that build cleanly for sm_120a (Triton 3.8, 2026-12-06; checked as
 # above). Hopper's lists were no use there: their TMA and warp-specialised tiles spilled 8 bytes
 # to 8 KB (dq 128x32/w8/s2/tma at D = 256) and the warp-specialised forwards fail Triton's pass
-# pipeline; of the pre-Hopper lists, six candidates spill on sm_120a (16-104 bytes) and the ones
+# pipeline; of the pre-Hopper lists, five candidates spill on sm_120a (16-104 bytes) and the ones
 # over 99 KB never fit. What is left, in order of work a program, with the KB each takes:
 SM120_CANDIDATES = {
     ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3)],  # 40 / 48
