@@ -175,11 +175,11 @@ ALLOWED_REPLICATION = {("dkdv", 256)}
 # head dims (fwd 32x32/w4/s3, dK/dV 32x32/w8/s3, ...) spilled at D = 128 (1.9 KB in the forward,
 # 1.4 KB in dK/dV) and D = 256 (sm_90a, triton 3.8, 2026-12-06). Every candidate below compiles
 # spill-free for sm_90a and sm_80 under triton 3.8 (checked in CI at D = 64, 128 and 256) and 3.6,
-# and for sm_100a and sm_120a under 3.8 (CI too, arch_defaults), the
+# and for sm_100a and sm_120a under 3.8 (CI too, arch_defaults) and 3.6, the
 # first with the most work a program where registers allowed; the second is smaller: it fits a
 # 99 KB GPU where the first does not (see below), elsewhere it is one more for the autotuner.
 FP32_CANDIDATES = {
-    ("fwd", 64): [_C(64, 32, 8, 1), _C(32, 32, 8, 1)],  # 90 / 56 registers
+    ("fwd", 64): [_C(64, 32, 8, 1), _C(32, 16, 8, 1)],  # 90 / 64 registers; 32x32/w8/s1 8 bytes on sm_100a (3.6)
     ("dkdv", 64): [_C(32, 32, 8, 1), _C(32, 16, 8, 1)],  # 108 / 52
     ("dq", 64): [_C(64, 32, 8, 2), _C(32, 32, 8, 3)],  # 88 / 64
     ("dkdv_dq", 64): [_C(32, 16, 8, 1), _C(16, 32, 8, 1)],  # 61 / 64
@@ -188,7 +188,7 @@ FP32_CANDIDATES = {
     ("dq", 128): [_C(32, 32, 8, 3), _C(32, 16, 8, 2)],  # 78 / 76; the first takes 100 KB
     # 16x16/w8/s1 spills 8-24 bytes on sm_80 (3.6), 16x32/w8/s1 8 on sm_120a
     ("dkdv_dq", 128): [_C(32, 16, 8, 1), _C(16, 16, 4, 1)],  # 104 / 116
-    ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 32, 8, 1)],  # 98 / 91; 16x16/w8/s2 8 bytes on sm_120a
+    ("fwd", 256): [_C(32, 16, 8, 2), _C(16, 16, 4, 2)],  # 98 / 119; 16x16/w8/s2 8 bytes on sm_120a
     ("dkdv", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 108 / 90; 98 KB / 65 KB
     ("dq", 256): [_C(32, 16, 8, 2), _C(16, 16, 8, 2)],  # 118 / 64; 98 KB / 65 KB
     ("dkdv_dq", 256): [_C(32, 16, 8, 1), _C(16, 16, 8, 1)],  # 159 / 110; 98 KB / 65 KB
@@ -226,12 +226,13 @@ PRE_HOPPER_CANDIDATES = {
 # warp-specialised ones (that pass is Hopper's design: on sm_100a the D = 128 / 256 forwards
 # spill 336 / 1,536 bytes, and dK/dV at D = 128 and dq 128x128 build to 4 registers with no MMA
 # at all), dK/dV 128x64/w8/s2 at D = 128 (257 KB, pointer and TMA), the atomic dK/dV at D = 128
-# (273 KB: the separate backward runs) and the pointer atomic 64x64/w4/s3 at D = 64 (16 bytes of
-# stack); dK/dV at D = 256 (Hopper's one needs 273 KB) takes the pre-Hopper list (160 / 96 /
-# 66 KB). No B200 has timed any of them; the autotuner does, on the first one that runs there.
+# (273 KB: the separate backward runs), the pointer atomic 64x64/w4/s3 at D = 64 (16 bytes of
+# stack) and the pointer forwards 128x64/w8/s3 and 128x128/w8/s3 at D = 64 (8 bytes each under the
+# GPU machine's Triton 3.6; every other one has none there either); dK/dV at D = 256 (Hopper's
+# one needs 273 KB) takes the pre-Hopper list (160 / 96 / 66 KB). No B200 has timed any of them;
+# the autotuner does, on the first one that runs there.
 SM100_CANDIDATES = {
-    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3),
-                  _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True),
+    ("fwd", 64): [_C(64, 64, 4, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 3, tma=True), _C(128, 128, 8, 3, tma=True),
                   _C(128, 64, 8, 3, **_OVL), _C(128, 128, 8, 3, **_OVL)],
     ("dkdv", 64): [_C(64, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3, tma=True),
                    _C(128, 128, 8, 2, tma=True)],
