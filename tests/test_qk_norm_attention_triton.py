@@ -498,6 +498,7 @@ def test_every_gpu_family_gets_a_default_that_fits(arch):
         assert not r["warnings"], r  # every candidate compiles for the family's GPU
         assert r["default"] is not None and r["shared_bytes"] <= r["limit"], r
         for cfg, built in r["candidates"].items():
+            assert isinstance(built, dict), (r["kernel"], r["dtype"], r["head_dim"], cfg, built)  # it compiled
             assert built["stack_bytes"] == 0, (r["kernel"], r["dtype"], r["head_dim"], cfg, built)
             assert built["mma"] or r["dtype"] == "fp32", (r["kernel"], r["head_dim"], cfg, built)
     first = {r["limit"]: r["default"] for r in rows
