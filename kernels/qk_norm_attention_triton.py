@@ -1198,13 +1198,19 @@ def compile_for_sm90(configs=CONFIGS_SM90) -> list[dict]:
                 # forward loop, the mask loads), and so do registers and spills (the D = 256 dkdv
                 # TMA and dq 64x64 tiles spilled only without it, 20-72 bytes, 2026-12-02); and
                 # Triton's warp-specialisation pass takes some loads and not others
-                for has_pad in (True,) if dt == "fp32" else (True, False):
+                for has_pad in _pad_variants(dt):
                     kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
                     jobs.append((functools.partial(compile_sm90, kernel, sig, flags, cfg.num_warps, cfg.num_stages,
                                                    aligned=aligned),
                                  {**tag, "tma": cfg.tma, "ws": cfg.ws, "bulk_dq": cfg.bulk_dq, "overlap": cfg.overlap,
                                   "candidates": name, "has_pad": has_pad}))
     return [{**r, **extra} for r, (_, extra) in zip(in_parallel([build for build, _ in jobs]), jobs, strict=True)]
+
+
+def _pad_variants(dt: str) -> tuple[bool, ...]:
+    """With and without the pad mask for 16-bit builds (their loops, registers and spills differ);
+    fp32, the correctness path, with it only."""
+    return (True,) if dt == "fp32" else (True, False)
 
 
 def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
@@ -1220,7 +1226,7 @@ def arch_defaults(arch: str = "sm80", configs=CONFIGS_ARCH) -> list[dict]:
     builds = _build_all(arch, configs)
     rows = []
     for dt, D in configs:
-        pads = (True,) if dt == "fp32" else (True, False)
+        pads = _pad_variants(dt)
         for name in ("fwd", "dkdv", "dq", "dkdv_dq"):
             candidates = attn_candidates(name, _TORCH_DT[dt], D, tma=True, arch=arch)
 
@@ -1261,7 +1267,7 @@ def _build_all(arch: str, configs) -> dict:
 
     jobs = [(name, dt, D, cfg, has_pad) for dt, D in configs for name in ("fwd", "dkdv", "dq", "dkdv_dq")
             for cfg in attn_candidates(name, _TORCH_DT[dt], D, tma=True, arch=arch)
-            for has_pad in ((True,) if dt == "fp32" else (True, False))]
+            for has_pad in _pad_variants(dt)]
 
     def build(name, dt, D, cfg, has_pad):
         kernel, sig, flags, aligned = _attn_compile_args(name, cfg, dt, D, has_pad)
