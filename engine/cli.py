@@ -147,10 +147,14 @@ def _model_scaling(args) -> None:
 
 
 def _backends(_args) -> None:
+    import torch
+
     from kiln import kernels
     from kiln.kernels import csrc
 
     out = {"available": kernels.available_backends(), "ops": kernels.implemented_ops(), "csrc_build": csrc.build_info()}
+    if csrc.CUDA_ARCHS:  # whether each visible GPU runs what was built (None: it does)
+        out["csrc_gpus"] = {f"cuda:{i}": csrc.gpu_reason(i) for i in range(torch.cuda.device_count())}
     print(json.dumps(out, indent=2))
 
 

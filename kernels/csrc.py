@@ -11,6 +11,7 @@ The op modules (group_norm.py, qk_norm_rope.py) register the fake and autograd h
 from __future__ import annotations
 
 import importlib
+import re
 
 import torch
 
@@ -56,6 +57,51 @@ def has_cuda_kernels(op: str) -> bool:
     return op in _CUDA_OPS
 
 
+def parse_archs(archs: str) -> list[tuple[int, int, bool, bool] | None]:
+    """The entries of a TORCH_CUDA_ARCH_LIST ("8.0+PTX;9.0a") as (major, minor, arch-specific
+    "a", "+PTX"); None for a name torch expands itself ("Ampere")."""
+    parsed = []
+    for entry in filter(None, re.split(r"[;, ]", archs)):
+        match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", entry)
+        parsed.append((int(match[1]), int(match[2]), match[3] == "a", bool(match[4])) if match else None)
+    return parsed
+
+
+# What the CUDA part was compiled for, read once: the dispatch point asks on every call, and
+# torch.compile traces through it (tuples compare there; a regex would break the graph).
+CUDA_ARCHS = build_info().split("cuda:", 1)[-1] if "cuda:" in build_info() else ""
+_BUILT = parse_archs(CUDA_ARCHS)
+
+
+def runs_on(built: list[tuple[int, int, bool, bool] | None], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``built`` (parse_archs) has something a GPU of ``capability`` can
+    run. Machine code for sm_XY runs on X.Z with Z >= Y (sm_80 on an A10's 8.6 or an L40S's 8.9)
+    but never across a major version (no sm_80 or sm_90a code runs on a B200, 10.0, or an RTX
+    5090, 12.0); sm_XYa only on X.Y itself; "+PTX" adds compute_XY code, which the driver
+    compiles at load for any GPU of X.Y or newer (compute_XYa: X.Y only)."""
+    for entry in built:
+        if entry is None:  # a named list: cannot tell, so do not refuse
+            return True
+        major, minor, specific, ptx = entry
+        if specific and capability == (major, minor):
+            return True
+        if not specific and (capability[0] == major and capability[1] >= minor or ptx and capability >= (major, minor)):
+            return True
+    return False
+
+
+def gpu_reason(index: int) -> str | None:
+    """Why the CUDA part has no code GPU ``index`` runs (None when it has)."""
+    # get_device_properties, not get_device_capability: torch.compile folds it to a constant
+    gpu = torch.cuda.get_device_properties(index)
+    if runs_on(_BUILT, (gpu.major, gpu.minor)):
+        return None
+    sm = f"{gpu.major}.{gpu.minor}"
+    return (f"the extension's CUDA code was built for {CUDA_ARCHS} (TORCH_CUDA_ARCH_LIST) and none of it runs on "
+            f"{gpu.name} (compute capability {sm}): reinstall with TORCH_CUDA_ARCH_LIST='{sm}' or add +PTX to an "
+            f"entry")
+
+
 def device_reason(t: torch.Tensor, op: str, forced: bool) -> str | None:
     """Why the csrc backend will not run ``op`` on tensor ``t`` (None when it will).
 
@@ -67,7 +113,7 @@ def device_reason(t: torch.Tensor, op: str, forced: bool) -> str | None:
     if t.is_cuda:
         if not has_cuda_kernels(op):
             return f"the extension was built without CUDA kernels ({build_info()})"
-        return None
+        return gpu_reason(t.device.index)
     if t.device.type != "cpu":
         return f"tensors are on {t.device.type}; csrc runs on cpu and cuda"
     return None if forced else "CPU tensors run on the reference unless use_backend('csrc') forces the C++ CPU ops"

@@ -82,6 +82,13 @@ def csrc_sass_facts(library: str, arch: str = "sm_90a") -> dict[str, dict]:
     return {name: _facts(body) for name, body in zip(_short_names(parts[1::2]), parts[2::2], strict=True)}
 
 
+def embedded_ptx_archs(library: str) -> list[str]:
+    """The virtual architectures ("sm_80": compute_80) whose PTX a shared library carries, which
+    the driver compiles at load for a GPU no machine code in it runs on (``cuobjdump -lptx``)."""
+    text = subprocess.run([_tool("cuobjdump"), "-lptx", library], capture_output=True, text=True, check=True).stdout
+    return sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", text)))
+
+
 def _short_names(mangled: list[str]) -> list[str]:
     """Demangled names without namespaces or parameters (one c++filt call; mangled if it is absent)."""
     try:

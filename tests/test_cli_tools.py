@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from kiln.model import count_params, forward_flops, preset
 
 
@@ -25,6 +27,8 @@ def test_backends_lists_ops_and_reasons():
     out = json.loads(proc.stdout)
     assert out["available"]["torch"] is None and out["available"]["csrc"] is None  # pip install built it
     assert out["csrc_build"].startswith("cpu")
+    if "cuda:" in out["csrc_build"]:  # a reason for each visible GPU the build has no code for (none here)
+        assert out["csrc_gpus"] == {f"cuda:{i}": None for i in range(torch.cuda.device_count())}, out["csrc_gpus"]
     assert {"triton", "csrc"} <= set(out["ops"]["group_norm"])
 
 

@@ -34,6 +34,19 @@ def test_cuda_kernels_were_compiled_for_sm90a():
         assert csrc.has_cuda_kernels(op), op
 
 
+@pytest.mark.skipif(not (torch.version.cuda and _nvcc_present()), reason="CPU-only torch or no CUDA toolkit here")
+def test_the_default_build_runs_on_every_gpu_family():
+    """The default TORCH_CUDA_ARCH_LIST (setup.py) gives every GPU from the A100 on something to
+    run: sm_80 and sm_90a machine code, and compute_80 PTX, which the library must hold, for the
+    Blackwell GPUs (10.0, 12.0) that neither runs on."""
+    from kiln.kernels import sm90
+
+    assert csrc.CUDA_ARCHS == "8.0+PTX;9.0a", csrc.build_info()
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        assert csrc.runs_on(csrc._BUILT, capability), capability
+    assert sm90.embedded_ptx_archs(csrc.library_path()) == ["sm_80"]
+
+
 # The hot CUDA kernels (16/32-bit instantiations with 16-byte vectors) and how many 16-byte loads
 # one trip of the loop that streams x (and dy) must issue per thread before using them
 # (sm90.trip_vector_loads): the loads a thread keeps in flight. The channels-last ones walk token
@@ -95,6 +108,51 @@ def test_reason_when_the_extension_is_missing(monkeypatch):
     assert "did not load" in kernels.available_backends()["csrc"]
     with kernels.use_backend("csrc"), pytest.raises(kernels.BackendError, match="did not load"):
         kernels.group_norm(torch.randn(1, 4, 3, 3), 2)
+
+
+# (TORCH_CUDA_ARCH_LIST entries, compute capability, whether the build has code that GPU runs)
+_RUNS_ON = [
+    (["8.0", "9.0a"], (8, 0), True), (["8.0", "9.0a"], (8, 6), True), (["8.0", "9.0a"], (8, 9), True),
+    (["8.0", "9.0a"], (9, 0), True), (["8.0", "9.0a"], (10, 0), False), (["8.0", "9.0a"], (12, 0), False),
+    (["8.6"], (8, 0), False), (["9.0a"], (9, 1), False), (["9.0a+PTX"], (10, 0), False),
+    (["8.0+PTX", "9.0a"], (10, 0), True), (["8.0+PTX", "9.0a"], (12, 0), True), (["8.0+PTX"], (7, 5), False),
+    ([], (9, 0), False), (["Ampere"], (8, 6), True),
+]
+
+
+@pytest.mark.parametrize("archs, capability, expected", _RUNS_ON)
+def test_which_gpus_a_build_runs_on(archs, capability, expected):
+    assert csrc.runs_on(csrc.parse_archs(";".join(archs)), capability) is expected
+
+
+def _fake_gpu(monkeypatch, archs: list[str], major: int, minor: int, name: str) -> torch.Tensor:
+    """A CUDA tensor (fake: no GPU here) on a GPU of compute capability major.minor, with the
+    extension's CUDA part taken as built for ``archs``."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(csrc, "CUDA_ARCHS", ";".join(archs))
+    monkeypatch.setattr(csrc, "_BUILT", csrc.parse_archs(";".join(archs)))
+    monkeypatch.setattr(csrc, "has_cuda_kernels", lambda op: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(major=major, minor=minor, name=name))
+    with FakeTensorMode():
+        return torch.empty(2, 64, 8, 8, device="cuda")
+
+
+def test_a_gpu_the_build_has_no_code_for_gets_a_clear_reason(monkeypatch):
+    """sm_80 / sm_90a machine code runs on no Blackwell GPU: the csrc backend refuses a B200's
+    tensors, naming the build's list and the reinstall, instead of CUDA's "no kernel image is
+    available" at the launch; with compute_80 PTX in the build (the default) it takes them."""
+    x = _fake_gpu(monkeypatch, ["8.0", "9.0a"], 10, 0, "NVIDIA B200")
+    with kernels.use_backend("csrc"), pytest.raises(
+            kernels.BackendError, match=r"built for 8\.0;9\.0a .* none of it runs on NVIDIA B200 \(compute capability "
+                                        r"10\.0\): reinstall with TORCH_CUDA_ARCH_LIST='10\.0'"):
+        kernels.select("group_norm", x, 8)
+    x = _fake_gpu(monkeypatch, ["8.0+PTX", "9.0a"], 10, 0, "NVIDIA B200")
+    with kernels.use_backend("csrc"):
+        assert kernels.select("group_norm", x, 8) == "csrc"
 
 
 def test_cpu_tensors_take_the_reference_unless_csrc_is_forced():
