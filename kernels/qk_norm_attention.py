@@ -139,6 +139,12 @@ register("qk_norm_attention", "torch", _torch_backend)
 # --- Triton backend (kernels in qk_norm_attention_triton.py) ----------------------------------
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Below compute capability 8.0 (V100 7.0, T4 / RTX 20xx 7.5) Triton 3.8 builds these kernels' dots
+# as FMA loops, no MMA instruction in any candidate (16-bit, D = 64 / 128 / 256), with 0.5-21 KB
+# of spilled registers per thread and 32-192 KB of shared memory (a T4 has 64 KB): SDPA's
+# kernels (the reference backend) are the better path there. Checked 2026-12-06 by building
+# every pre-Hopper candidate for sm_70 and sm_75.
+MIN_CAPABILITY = (8, 0)
 
 
 @torch.library.custom_op("kiln::qk_norm_attention_fwd", mutates_args=())
@@ -228,7 +234,7 @@ def _triton_backend(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_gr
 
 def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_group=None, key_padding_mask=None,
                     eps=1e-6, scale=None, causal=False) -> list[str]:
-    reasons = [r for r in [triton_device_reason(q)] if r]
+    reasons = [r for r in [triton_device_reason(q), _gpu_reason(q)] if r]
     if q.dtype not in _FLOATS or not (q.dtype == k.dtype == v.dtype):
         reasons.append(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp32/fp16/bf16 for all three")
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -241,6 +247,16 @@ def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_gr
         reasons.append(f"one batch row of q, k or v spans more than {MAX_OFFSET} elements: the Triton kernels "
                        "index with 32-bit offsets")
     return reasons
+
+
+def _gpu_reason(q: torch.Tensor) -> str | None:
+    if not q.is_cuda:
+        return None
+    gpu = torch.cuda.get_device_properties(q.device)  # (folded to a constant by torch.compile)
+    if (gpu.major, gpu.minor) >= MIN_CAPABILITY:
+        return None
+    return (f"{gpu.name} has compute capability {gpu.major}.{gpu.minor}: below 8.0 Triton builds the fused "
+            "attention without tensor-core MMA (FMA loops, spilled registers), so SDPA runs it")
 
 
 def _rows_within_offsets(q, k, v) -> int:

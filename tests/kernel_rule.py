@@ -35,3 +35,18 @@ def sm90_reports(module: str, function: str = "compile_for_sm90", *args) -> list
     for r in reports:
         print(r)
     return reports
+
+
+def fake_cuda_tensor(monkeypatch, shape: tuple, major: int, minor: int, name: str,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A CUDA tensor without a GPU (a FakeTensor: shapes, dtypes and devices, no data) on a GPU
+    that ``torch.cuda.get_device_properties`` reports as ``name`` of compute capability
+    major.minor: what the dispatch point's per-GPU reasons look at."""
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=major, minor=minor, name=name))
+    with FakeTensorMode():
+        return torch.empty(shape, dtype=dtype, device="cuda")

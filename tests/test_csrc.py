@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from kernel_rule import fake_cuda_tensor
 from test_group_norm_triton import CASES, _inputs, check_against_reference
 
 from kiln import kernels
@@ -126,19 +127,12 @@ def test_which_gpus_a_build_runs_on(archs, capability, expected):
 
 
 def _fake_gpu(monkeypatch, archs: list[str], major: int, minor: int, name: str) -> torch.Tensor:
-    """A CUDA tensor (fake: no GPU here) on a GPU of compute capability major.minor, with the
-    extension's CUDA part taken as built for ``archs``."""
-    from types import SimpleNamespace
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    """A (fake) CUDA tensor on a GPU of compute capability major.minor, with the extension's CUDA
+    part taken as built for ``archs``."""
     monkeypatch.setattr(csrc, "CUDA_ARCHS", ";".join(archs))
     monkeypatch.setattr(csrc, "_BUILT", csrc.parse_archs(";".join(archs)))
     monkeypatch.setattr(csrc, "has_cuda_kernels", lambda op: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: SimpleNamespace(major=major, minor=minor, name=name))
-    with FakeTensorMode():
-        return torch.empty(2, 64, 8, 8, device="cuda")
+    return fake_cuda_tensor(monkeypatch, (2, 64, 8, 8), major, minor, name)
 
 
 def test_a_gpu_the_build_has_no_code_for_gets_a_clear_reason(monkeypatch):

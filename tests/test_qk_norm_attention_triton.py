@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_rule import assert_within_twice_torch, sm90_reports
+from kernel_rule import assert_within_twice_torch, fake_cuda_tensor, sm90_reports
 
 from kiln import kernels
 from kiln.kernels.qk_norm_attention import _qkna_bwd_op, _qkna_fwd_op
@@ -240,6 +240,23 @@ def test_reasons_name_what_the_triton_backend_cannot_run():
     q = torch.randn(1, 8, 2, 24)
     with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="head dim 24 is not a multiple"):
         kernels.qk_norm_attention(q, q, q, torch.ones(24), torch.ones(24))
+
+
+@pytest.mark.parametrize("gpu, capability, backend", [
+    ("Tesla V100-SXM2-32GB", (7, 0), "torch"), ("Tesla T4", (7, 5), "torch"),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "triton"), ("NVIDIA GeForce RTX 5090", (12, 0), "triton"),
+])
+def test_gpus_without_triton_tensor_core_code_run_attention_on_sdpa(gpu, capability, backend, monkeypatch):
+    """Below compute capability 8.0 Triton builds the fused attention without MMA instructions
+    (MIN_CAPABILITY): the dispatch point sends such a GPU's tensors to the reference (SDPA), and
+    forcing Triton there says why."""
+    q = fake_cuda_tensor(monkeypatch, (1, 64, 2, 64), *capability, gpu, torch.bfloat16)
+    w = fake_cuda_tensor(monkeypatch, (64,), *capability, gpu)
+    assert kernels.select("qk_norm_attention", q, q, q, w, w) == backend
+    if backend == "torch":
+        why = rf"{gpu} has compute capability {capability[0]}\.{capability[1]}: below 8\.0"
+        with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match=why):
+            kernels.select("qk_norm_attention", q, q, q, w, w)
 
 
 @pytest.mark.parametrize("variant", ["tma", "warp_specialised", "overlap"])
