@@ -179,7 +179,7 @@ class TrainConfig:
     steps: int = 800
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16-autocast
+    precision: str = "auto"  # auto (bf16 autocast on GPUs with native bf16, 8.0+; else fp32) | fp32 | bf16-autocast
     log_every: int = 10  # flush buffered device losses to metrics.jsonl every N steps
     ckpt_every: int = 200
     keep_ckpts: int = 2

@@ -48,7 +48,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_factory(device: torch.device, precision: str):
-    bf16 = precision == "bf16-autocast" or (precision == "auto" and device.type == "cuda")
+    # "auto": bf16 only where the GPU has it natively (compute capability 8.0+); a V100 or T4
+    # would emulate it, slower than its fp32
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    bf16 = precision == "bf16-autocast" or (precision == "auto" and native)
     if not bf16:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -84,8 +87,8 @@ class Trainer:
         if cfg.data.latents:
             _check_encoded(cfg, self.vae)
         self.autocast = autocast_factory(self.device, cfg.train.precision)
-        bf16 = self.autocast is not contextlib.nullcontext
-        self.parts = parallel.build_parts(cfg, d, self.device, bf16)  # fp32 master weights
+        self.bf16 = self.autocast is not contextlib.nullcontext
+        self.parts = parallel.build_parts(cfg, d, self.device, self.bf16)  # fp32 master weights
         self.model = self.parts[0]
         self.ema = EMA(self.parts, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = Optimizers(cfg, self.parts, self.device)

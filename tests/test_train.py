@@ -1,11 +1,13 @@
 """End-to-end training runs on a very small config (seconds each on 2 CPU cores)."""
 
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from kiln.engine import checkpoint
 from kiln.engine.metrics import read_metrics
@@ -105,3 +107,21 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, run_config):
     assert 2 <= step < 400 and not (run / "summary.json").exists()
     rows = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert rows == list(range(1, step + 1))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # (autocast objects made without a GPU)
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(native_bf16, expected, monkeypatch):
+    """train.precision=auto: bf16 autocast on a GPU with native bf16 (8.0+), fp32 on a V100 or T4,
+    which would emulate it; bf16-autocast asked for explicitly is kept; the CPU stays fp32."""
+    from kiln.engine.train import autocast_factory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or native_bf16)
+    cuda = torch.device("cuda")
+    auto = autocast_factory(cuda, "auto")
+    assert asked == [False]  # native bf16, not torch's emulation
+    assert auto is contextlib.nullcontext if expected is None else auto().fast_dtype == expected
+    assert autocast_factory(cuda, "bf16-autocast")().fast_dtype == torch.bfloat16
+    assert autocast_factory(torch.device("cpu"), "auto") is contextlib.nullcontext
