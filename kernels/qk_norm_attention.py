@@ -252,6 +252,8 @@ def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_gr
 def _gpu_reason(q: torch.Tensor) -> str | None:
     if not q.is_cuda:
         return None
+    if torch.version.hip:  # an MI300X reports compute capability 9.4: it would get Hopper's TMA tiles
+        return "ROCm: the fused attention's launch lists are for NVIDIA GPUs, so SDPA runs it"
     gpu = torch.cuda.get_device_properties(q.device)  # (folded to a constant by torch.compile)
     if (gpu.major, gpu.minor) >= MIN_CAPABILITY:
         return None

@@ -259,6 +259,15 @@ def test_gpus_without_triton_tensor_core_code_run_attention_on_sdpa(gpu, capabil
             kernels.select("qk_norm_attention", q, q, q, w, w)
 
 
+def test_rocm_runs_attention_on_sdpa(monkeypatch):
+    """On ROCm (an MI300X reports compute capability 9.4) the NVIDIA launch lists do not apply."""
+    q = fake_cuda_tensor(monkeypatch, (1, 64, 2, 64), 9, 4, "AMD Instinct MI300X", torch.bfloat16)
+    w = fake_cuda_tensor(monkeypatch, (64,), 9, 4, "AMD Instinct MI300X")
+    assert kernels.select("qk_norm_attention", q, q, q, w, w) == "triton"  # (CUDA torch: a 9.x GPU is Hopper)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert kernels.select("qk_norm_attention", q, q, q, w, w) == "torch"
+
+
 @pytest.mark.parametrize("variant", ["tma", "warp_specialised", "overlap"])
 @pytest.mark.parametrize("B,S,H,D,G,rope,pad,causal,dtype", [
     (2, 117, 2, 64, 2, True, True, False, torch.float16),  # 77 text + 40 image tokens, padding
