@@ -82,11 +82,13 @@ def csrc_sass_facts(library: str, arch: str = "sm_90a") -> dict[str, dict]:
     return {name: _facts(body) for name, body in zip(_short_names(parts[1::2]), parts[2::2], strict=True)}
 
 
-def embedded_ptx_archs(library: str) -> list[str]:
-    """The virtual architectures ("sm_80": compute_80) whose PTX a shared library carries, which
-    the driver compiles at load for a GPU no machine code in it runs on (``cuobjdump -lptx``)."""
-    text = subprocess.run([_tool("cuobjdump"), "-lptx", library], capture_output=True, text=True, check=True).stdout
-    return sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", text)))
+def embedded_ptx(library: str) -> dict[str, str]:
+    """The PTX a shared library carries, by file ("group_norm_cuda.sm_80.ptx": compute_80 code of
+    group_norm_cuda.cu), which the driver compiles at load for a GPU no machine code in it runs on
+    (``cuobjdump -xptx``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([_tool("cuobjdump"), "-xptx", "all", library], cwd=tmp, capture_output=True, check=True)
+        return {p.name: p.read_text() for p in sorted(Path(tmp).glob("*.ptx"))}
 
 
 def _short_names(mangled: list[str]) -> list[str]:
@@ -260,12 +262,14 @@ def in_parallel(calls: list) -> list:
         return list(pool.map(lambda call: call(), calls))
 
 
-def _ptxas(ptx: str, arch: str) -> dict:
-    """Registers and spilled bytes (stores plus loads) that ptxas reports for ``ptx``."""
+def ptxas_report(ptx: str, arch: str, tool: str = "ptxas") -> dict:
+    """Registers and spilled bytes (stores plus loads) that ptxas reports for ``ptx`` (of its first
+    kernel; spills summed over all); ``tool`` "ptxas-blackwell" is Triton's CUDA 13 one, which
+    takes the PTX ISA 9.0 that nvcc 13 writes."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        out = subprocess.run([_tool("ptxas"), f"-arch={arch}", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
+        out = subprocess.run([_tool(tool), f"-arch={arch}", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True, check=True)
     info = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", info)
@@ -292,7 +296,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
         "constexprs": {k: v for k, v in constexprs.items()},
         "num_warps": num_warps,
         "num_stages": num_stages,
-        **_ptxas(ptx, "sm_90a"),
+        **ptxas_report(ptx, "sm_90a"),
         "shared_bytes": compiled.metadata.shared,
         # warp specialisation shows as more warps launched than asked for (a producer group and a
         # second consumer group) and register reallocation between the groups (setmaxnreg)
