@@ -69,7 +69,7 @@ def parse_archs(archs: str) -> list[tuple[int, int, bool, bool] | None]:
 
 # What the CUDA part was compiled for, read once: the dispatch point asks on every call, and
 # torch.compile traces through it (tuples compare there; a regex would break the graph).
-CUDA_ARCHS = build_info().split("cuda:", 1)[-1] if "cuda:" in build_info() else ""
+CUDA_ARCHS = build_info().partition("cuda:")[2] if loaded() else ""
 _BUILT = parse_archs(CUDA_ARCHS)
 
 
