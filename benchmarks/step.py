@@ -49,7 +49,7 @@ def run(recipe_name: str, steps: int, warmup: int, overrides: list[str]) -> dict
     return {
         "op": "train_step", "provider": "kiln", "mode": "fwd+bwd+opt", "recipe": recipe_name,
         "shape": f"B={B} {cfg.model.in_channels}x{res}x{res} text={cfg.text.max_length}",
-        "dtype": "bf16-autocast" if trainer.bf16 else "fp32",
+        "dtype": {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}.get(trainer.compute_dtype, "fp32"),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         **q,
         "images_per_second": B / (q["p50_ms"] / 1000),

@@ -174,12 +174,21 @@ class SampleConfig:
         _positive("sample.heldout_timesteps", self.heldout_timesteps)
 
 
+PRECISIONS = ("auto", "fp32", "bf16-autocast", "fp16-autocast")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 800
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPUs with native bf16, 8.0+; else fp32) | fp32 | bf16-autocast
+    # auto: bf16-autocast on GPUs with native bf16 (8.0+), fp16-autocast on 7.x (V100, T4: fp16
+    # tensor cores, no bf16), fp32 on the CPU | fp32 | bf16-autocast | fp16-autocast (loss scaled)
+    precision: str = "auto"
+    # fp16-autocast's dynamic loss scale (engine/loss_scale.py): the first scale, and the clean
+    # steps after which it doubles (an overflow halves it and skips the step)
+    loss_scale_init: float = 2.0**16
+    loss_scale_growth_interval: int = 2000
     log_every: int = 10  # flush buffered device losses to metrics.jsonl every N steps
     ckpt_every: int = 200
     keep_ckpts: int = 2
@@ -197,7 +206,9 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device: {self.device!r} is not one of: auto, cpu, cuda, cuda:N")
-        _choice("train.precision", self.precision, ("auto", "fp32", "bf16-autocast"))
+        _choice("train.precision", self.precision, PRECISIONS)
+        _positive("train.loss_scale_init", self.loss_scale_init)
+        _positive("train.loss_scale_growth_interval", self.loss_scale_growth_interval)
         _positive("train.log_every", self.log_every)
         _positive("train.ckpt_every", self.ckpt_every, strict=False)
         _positive("train.keep_ckpts", self.keep_ckpts)

@@ -32,8 +32,12 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, parts: nn.Module | list[nn.Module]) -> None:
+    def update(self, parts: nn.Module | list[nn.Module], skip: torch.Tensor | None = None) -> None:
+        """Move toward the weights; ``skip`` (a device flag, 1.0 = the optimizer skipped this
+        fp16 step) leaves the average as it is. The decay warm-up counts every call."""
         weight = 1.0 - self.current_decay()
+        if skip is not None:
+            weight = weight * (1.0 - skip)  # a device scalar: no host sync
         self.updates += 1
         named = _named(parts)
         torch._foreach_lerp_([_local(self.params[n]) for n, _ in named], [_local(p.detach()) for _, p in named], weight)

@@ -9,6 +9,7 @@ one schedule (``lr_lambda``), so the two are one optimizer from the loop's point
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -67,12 +68,24 @@ class Optimizers:
         self.params = [p for part in self.parts for p in part.parameters()]
         self.bf16_storage = o.weight_storage == "bf16"
 
-    def step(self) -> None:
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """One update; ``found_inf`` (fp16 loss scaling: 1.0 when the gradients overflowed)
+        skips it. The schedule advances either way: it follows the loop's steps."""
+        skip = None  # read from the device only for an optimizer that cannot take the flag
         for opt in self.opts:
-            opt.step()
+            if found_inf is None:
+                opt.step()
+            elif opt.defaults.get("fused"):
+                _fused_step(opt, found_inf)
+            else:
+                skip = bool(found_inf.item()) if skip is None else skip
+                if not skip:
+                    opt.step()
             opt.zero_grad(set_to_none=True)
-        for sched in self.scheds:
-            sched.step()
+        with warnings.catch_warnings():  # a skipped first step is not the misuse this warns about
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            for sched in self.scheds:
+                sched.step()
         if self.bf16_storage:
             round_to_bf16_(self.params)
 
@@ -106,6 +119,16 @@ class Optimizers:
 
         for part, opt in zip(self.parts, self.opts, strict=True):
             set_optimizer_state_dict(part, opt, state, options=_FLAT)
+
+
+def _fused_step(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """A fused AdamW step that the device skips when ``found_inf`` is set (no host sync): the
+    attributes torch.amp.GradScaler hands fused optimizers; the gradients are already unscaled."""
+    opt.grad_scale, opt.found_inf = None, found_inf
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
 
 
 def _flat_options():

@@ -9,8 +9,8 @@ starts from the weights a single process would), then:
    output projections row-parallel, activations sequence-parallel between them
    (model/sequence_parallel.py); the QK-norm attention op runs on the local heads;
 3. activation checkpointing, then ``torch.compile`` per block, then
-4. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``), bf16 compute
-   params with fp32 master weights and fp32 gradient reduction when training in bf16.
+4. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``), parameters
+   gathered in the autocast dtype (bf16 / fp16) over fp32 master shards, gradients reduced in fp32.
 
 That order (TP -> AC -> compile -> FSDP) is the one that composes (torchtitan). Data: the
 global batch is the single-process batch; data-parallel rank r takes samples r, r+dp, ...
@@ -255,10 +255,12 @@ def apply_compile(model: MMDiT) -> None:
 
 
 # -- FSDP2 ------------------------------------------------------------------------------------
-def apply_fsdp(model: MMDiT, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: MMDiT, mesh: DeviceMesh, dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+    """Shard every block and the root; ``dtype`` (the autocast dtype) is what parameters are
+    gathered in, while shards and the gradient reduction stay fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None \
         else MixedPrecisionPolicy()
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
@@ -266,7 +268,7 @@ def apply_fsdp(model: MMDiT, mesh: DeviceMesh, bf16: bool, reshard_after_forward
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
-def build_parts(cfg: RunConfig, d: Dist, device: torch.device, bf16: bool) -> list[MMDiT]:
+def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype | None) -> list[MMDiT]:
     """The model pieces this rank trains: the whole model, or its pipeline stages; sharded."""
     torch.manual_seed(cfg.seed)
     full = MMDiT(cfg.model)  # same init on every rank and in a single process
@@ -283,7 +285,7 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, bf16: bool) -> li
         if cfg.parallel.compile:
             apply_compile(part)
         if d.dp_mesh() is not None:
-            apply_fsdp(part, d.dp_mesh(), bf16, reshard_after_forward=d.sizes["pp"] == 1)
+            apply_fsdp(part, d.dp_mesh(), dtype, reshard_after_forward=d.sizes["pp"] == 1)
     return parts
 
 
@@ -315,16 +317,16 @@ def _local_sq_norm(g: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parts: list[nn.Module], max_norm: float, d: Dist) -> torch.Tensor:
-    """Global gradient norm over every shard, stage and TP piece; scales gradients to max_norm."""
-    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+def grad_norm(parts: list[nn.Module], d: Dist) -> torch.Tensor:
+    """Global gradient norm over every shard, stage and TP piece (the same value on every rank)."""
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
     if not d.enabled:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.get_total_norm(grads)
     sums: dict[tuple, list] = {}  # mesh groups to sum over -> this rank's squared norms
-    for p in params:
-        sq, groups = _local_sq_norm(p.grad)
+    for g in grads:
+        sq, groups = _local_sq_norm(g)
         sums.setdefault(groups, []).append(sq)
-    total = torch.zeros((), device=params[0].grad.device if params else "cpu")
+    total = torch.zeros((), device=grads[0].device if grads else "cpu")
     for groups, squares in sums.items():  # one all-reduce per kind of sharding, not per tensor
         value = torch.stack(squares).sum()
         for g in groups:
@@ -332,10 +334,19 @@ def clip_grad_norm_(parts: list[nn.Module], max_norm: float, d: Dist) -> torch.T
         total = total + value
     if d.sizes["pp"] > 1:  # each stage holds different parameters
         dist.all_reduce(total, group=d.mesh["pp"].get_group())
-    norm = total.sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on the device: no host sync per step
-    torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params)], coef)
-    return norm
+    return total.sqrt()
+
+
+def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that brings a gradient of global norm ``norm`` down to ``max_norm`` (at most 1)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)  # stays on the device: no host sync per step
+
+
+@torch.no_grad()
+def mul_grads_(parts: list[nn.Module], coef: torch.Tensor) -> None:
+    """Multiply every gradient (this rank's pieces) by a device scalar, in one foreach pass."""
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
+    torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
 
 
 def global_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:

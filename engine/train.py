@@ -1,7 +1,8 @@
 """The training loop: rectified flow on an MMDiT, AdamW on fp32 master weights, EMA, exact resume.
 
 One step: data -> caption dropout -> text encode (cached) -> t, noise -> forward (bf16
-autocast on CUDA) -> backward -> clip -> AdamW -> LR schedule -> EMA. Each arrow has a stage
+autocast on CUDA; fp16 on 7.x GPUs) -> backward (of the loss times the fp16 loss scale) ->
+unscale + clip -> AdamW (skipped on an fp16 overflow) -> LR schedule -> EMA. Each arrow has a stage
 timer. Losses stay on the device until a flush every ``train.log_every`` steps.
 Run as ``kiln train ...`` or ``python -m kiln.engine.train ...`` (same arguments).
 """
@@ -32,6 +33,7 @@ from kiln.engine.data.mix import MixLoader
 from kiln.engine.ema import EMA
 from kiln.engine.errors import ConfigError, KilnError
 from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss
+from kiln.engine.loss_scale import LossScaler
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name
 from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
 from kiln.engine.optim import Optimizers
@@ -47,14 +49,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_factory(device: torch.device, precision: str):
-    # "auto": bf16 only where the GPU has it natively (compute capability 8.0+); a V100 or T4
-    # would emulate it, slower than its fp32
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    bf16 = precision == "bf16-autocast" or (precision == "auto" and native)
-    if not bf16:
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``; None = fp32 throughout."""
+    if precision == "bf16-autocast":
+        return torch.bfloat16
+    if precision == "fp16-autocast":
+        return torch.float16
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    # auto: bf16 only where the GPU has it natively (8.0+); a V100 / T4 would emulate it, slower
+    # than its fp32, but has fp16 tensor cores (V100: 125 vs 15.7 TFLOP/s fp32), so loss-scaled fp16
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16 if torch.cuda.get_device_capability(device) >= (7, 0) else None
+
+
+def autocast_factory(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 class Trainer:
@@ -86,9 +99,11 @@ class Trainer:
         _check_resolutions(cfg, self.pixels_per_token)
         if cfg.data.latents:
             _check_encoded(cfg, self.vae)
-        self.autocast = autocast_factory(self.device, cfg.train.precision)
-        self.bf16 = self.autocast is not contextlib.nullcontext
-        self.parts = parallel.build_parts(cfg, d, self.device, self.bf16)  # fp32 master weights
+        self.compute_dtype = compute_dtype(self.device, cfg.train.precision)
+        self.autocast = autocast_factory(self.device, self.compute_dtype)
+        self.scaler = LossScaler(self.device, cfg.train.loss_scale_init, cfg.train.loss_scale_growth_interval) \
+            if self.compute_dtype == torch.float16 else None
+        self.parts = parallel.build_parts(cfg, d, self.device, self.compute_dtype)  # fp32 master weights
         self.model = self.parts[0]
         self.ema = EMA(self.parts, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = Optimizers(cfg, self.parts, self.device)
@@ -104,7 +119,7 @@ class Trainer:
         self._pending_save: checkpoint.ShardedSave | None = None  # async_checkpoint in flight
 
     def _build_schedule(self):
-        return parallel.build_schedule(self.cfg, self.dist, self.parts, self.device, _loss)
+        return parallel.build_schedule(self.cfg, self.dist, self.parts, self.device, self._stage_loss)
 
     def _make_loader(self, stage) -> ShapesLoader | MixLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
@@ -143,6 +158,7 @@ class Trainer:
             "data": self.loader.state_dict(),
             "stage_seconds": dict(self.timer.resolve()),
             "config": self.cfg.to_json(),
+            "loss_scale": self.scaler.state_dict() if self.scaler else None,
         }
 
     def state_dict(self) -> dict:
@@ -175,6 +191,8 @@ class Trainer:
         if self.schedule is not None:
             self.schedule = self._build_schedule()
         self.timer.seconds.update(state.get("stage_seconds", {}))
+        if self.scaler is not None and state.get("loss_scale"):  # a bf16 / fp32 checkpoint starts a fresh scale
+            self.scaler.load_state_dict(state["loss_scale"])
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -266,17 +284,31 @@ class Trainer:
             with t.stage("forward"), self.autocast():
                 loss = _loss(self.model(*inputs), target)
             with t.stage("backward"):
-                loss.backward()
+                (loss * self.scaler.scale if self.scaler else loss).backward()
         else:
             with t.stage("pipeline"), self.autocast():
                 loss = self._pipeline_step(inputs if d.first_stage else (), target if d.last_stage else None)
         with t.stage("optimizer"):
-            if cfg.optim.grad_clip:
-                parallel.clip_grad_norm_(self.parts, cfg.optim.grad_clip, d)
-            self.opt.step()
+            found_inf = self._unscale_and_clip()
+            self.opt.step(found_inf)
+            if self.scaler is not None:
+                self.scaler.update(found_inf)
             if self.ema is not None:
-                self.ema.update(self.parts)
+                self.ema.update(self.parts, skip=found_inf)
         return loss.detach()
+
+    def _unscale_and_clip(self) -> torch.Tensor | None:
+        """Divide out the loss scale and clip, in one pass over the gradients; under fp16, a
+        device flag (1.0) when the global gradient norm overflowed and the step must be skipped."""
+        clip, d = self.cfg.optim.grad_clip, self.dist
+        if self.scaler is None:
+            if clip:
+                parallel.mul_grads_(self.parts, parallel.clip_coef(parallel.grad_norm(self.parts, d), clip))
+            return None
+        unscale = self.scaler.unscale_factor()
+        norm = parallel.grad_norm(self.parts, d) * unscale  # of the true (unscaled) gradients
+        parallel.mul_grads_(self.parts, unscale * parallel.clip_coef(norm, clip) if clip else unscale)
+        return (~torch.isfinite(norm)).float()
 
     def _text(self, batch, drop: torch.Tensor):
         """Text features of the batch with dropped captions replaced by the empty caption's."""
@@ -294,7 +326,15 @@ class Trainer:
         """One pipelined forward + backward over the microbatches; the last stage's mean loss."""
         losses: list[torch.Tensor] = []
         self.schedule.step(*inputs, target=target, losses=losses if target is not None else None)
-        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        loss = torch.stack(losses).mean()  # scaled for fp16 by _stage_loss
+        return loss / self.scaler.scale if self.scaler else loss
+
+    def _stage_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The pipeline's loss_fn (one microbatch); its backward starts from the fp16-scaled loss."""
+        loss = _loss(pred, target)
+        return loss * self.scaler.scale if self.scaler else loss
 
     # -- evaluation --------------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module | None:
@@ -390,14 +430,17 @@ class Diverged(Exception):
 def _flush(log: MetricsLog | None, trainer: Trainer, buffered: list, t_window: float, bar) -> list[float]:
     # the one host sync per window; on several ranks, the global (data-parallel mean) losses
     losses = parallel.global_mean(torch.stack([b[1] for b in buffered]), trainer.dist).tolist()
+    # fp16: the loss scale each step ran with (halved after a skipped step; the same on every rank)
+    scales = torch.stack([b[3] for b in buffered]).tolist() if trainer.scaler else [None] * len(buffered)
     ips = len(buffered) * trainer.stage.batch_size / max(t_window, 1e-9)
     if log is not None:
-        for (step, _, lr), loss in zip(buffered, losses, strict=True):
-            log.write({"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
-                       "images_seen": trainer.images_seen(step)})
+        for (step, _, lr, _), loss, scale in zip(buffered, losses, scales, strict=True):
+            row = {"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
+                   "images_seen": trainer.images_seen(step)}
+            log.write(row if scale is None else {**row, "loss_scale": scale})
         log.flush()
     bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
-    bad = [step for (step, _, _), loss in zip(buffered, losses, strict=True) if not math.isfinite(loss)]
+    bad = [b[0] for b, loss in zip(buffered, losses, strict=True) if not math.isfinite(loss)]
     if bad and trainer.cfg.train.stop_on_divergence:
         raise Diverged(bad[0])
     return losses
@@ -459,9 +502,10 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
             if fail_at_step is not None and trainer.step + 1 == fail_at_step:
                 raise RuntimeError(f"simulated failure at step {fail_at_step}")
             trainer.enter_stage()
+            scale = trainer.scaler.scale.clone() if trainer.scaler else None  # before the step updates it
             loss = trainer.train_step()
             trainer.step += 1
-            buffered.append((trainer.step, loss, trainer.opt.last_lr()))
+            buffered.append((trainer.step, loss, trainer.opt.last_lr(), scale))
             bar.update(1)
             at_end = trainer.step == cfg.train.steps
             if len(buffered) >= cfg.train.log_every or at_end or _due(trainer.step, cfg.train.ckpt_every):
@@ -547,6 +591,8 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
         "images_per_second": images / max(t_train, 1e-9),
         "train_seconds": round(t_train, 2),
         "stage_seconds": {k: round(v, 3) for k, v in trainer.timer.resolve().items()},
+        "precision": str(trainer.compute_dtype or torch.float32).removeprefix("torch."),
+        "loss_scale": trainer.scaler.state_dict() if trainer.scaler else None,  # fp16: scale, skipped steps
         "adherence": adherence,
         "adherence_history": {str(k): _split_heldout(v)[0] for k, v in hist.items()},
         "heldout_loss_history": {str(k): _split_heldout(v)[1] for k, v in hist.items()},

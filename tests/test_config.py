@@ -35,7 +35,8 @@ def test_overrides_coerce_types():
     ("data.resolution=30", "data.resolution must be a multiple of 8"),
     ("model.heads=3", r"model.width \(128\) must be divisible by model.heads \(3\)"),
     ("train.device=tpu", "train.device: 'tpu' is not one of"),
-    ("train.precision=fp8", "train.precision: 'fp8' is not one of: auto, fp32, bf16-autocast"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not one of: auto, fp32, bf16-autocast, fp16-autocast"),
+    ("train.loss_scale_init=0", "train.loss_scale_init must be > 0, got 0.0"),
     ("data.captions=long", r"text.max_length \(16\) would cut long captions \(up to 37 tokens\)"),
 ])
 def test_invalid_values_name_the_field(assignment, match):

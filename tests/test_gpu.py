@@ -52,3 +52,16 @@ def test_cuda_training_run_bf16_autocast(tmp_path, run_config):
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
     assert summary["device"] == torch.cuda.get_device_name()
+
+
+def test_cuda_fp16_run_skips_overflows_on_the_device_and_learns(tmp_path, run_config):
+    """fp16 autocast with the loss scale: fused AdamW takes the skip flag on the device; the run
+    halves its scale through the first overflowing steps, then trains."""
+    cfg = run_config(steps=20)
+    cfg.train.device, cfg.train.precision, cfg.train.loss_scale_init = "cuda", "fp16-autocast", 2.0**24
+    summary = train(cfg, tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    losses = [r["loss"] for r in rows]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])
+    assert rows[0]["loss_scale"] == 2.0**24 and 1 <= summary["loss_scale"]["skipped"] < 20
+    assert summary["precision"] == "float16"

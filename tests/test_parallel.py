@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kiln.engine.errors import ConfigError
+from kiln.engine.metrics import read_metrics
 from kiln.engine.recipes import recipe
 from kiln.engine.train import train
 
@@ -92,16 +93,19 @@ def _assert_same_losses(got: dict, want: dict, steps) -> None:
         assert abs(got[s] - want[s]) <= 1e-5 * abs(want[s]), f"step {s}: {got[s]} vs {want[s]}"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("parallel") / "single"
+def _single_process(out: Path, steps: int, sets: list[str]) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker
     try:
-        train(_config(4, []), out)
+        train(_config(steps, sets), out)
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return _single_process(tmp_path_factory.mktemp("parallel") / "single", 4, [])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,30 @@ def test_layout_matches_single_process(layout, reference, layout_runs):
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
     assert (run / "summary.json").is_file() and not list(run.glob("checkpoints/*.tmp"))
+
+
+@pytest.mark.parametrize("layout, init", [("tp2", 2.0**22), ("pp2_dp_shard2", 2.0**24)])
+def test_fp16_layouts_skip_the_steps_one_process_skips(layout, init, tmp_path):
+    """fp16 loss scaling over ranks: the overflow test is the global gradient norm, so all ranks
+    skip together. tp2 from 2^22 (two overflowing steps, then a clean one) equals one process;
+    pp2 x dp_shard2 from 2^24 overflows on every step, through the pipeline's scaled loss: no
+    stage or shard may change a weight."""
+    sets = ["train.precision=fp16-autocast", f"train.loss_scale_init={init}"]
+    single = _single_process(tmp_path / "single", 3, sets)
+    run = tmp_path / layout
+    nproc, layout_sets = LAYOUTS[layout]
+    _torchrun(nproc, run, ["--out", str(run), "--steps", "3", *[a for s in COMMON + layout_sets + sets
+                                                                 for a in ("--set", s)]])
+    scales = [r["loss_scale"] for r in read_metrics(run) if "loss" in r]
+    assert scales == [r["loss_scale"] for r in read_metrics(single) if "loss" in r]
+    assert scales == [init, init / 2, init / 4]
+    _assert_same_losses(_losses(run), _losses(single), (1, 2, 3))
+    got, want = _weights(run, 3), _weights(single, 3)
+    _assert_same_weights(got, want)
+    skipped = json.loads((run / "summary.json").read_text())["loss_scale"]["skipped"]
+    assert skipped == json.loads((single / "summary.json").read_text())["loss_scale"]["skipped"]
+    if skipped == 3:
+        assert all(torch.equal(got[k], want[k]) for k in want)  # the initial weights, bit for bit
 
 
 def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):

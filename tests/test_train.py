@@ -1,6 +1,5 @@
 """End-to-end training runs on a very small config (seconds each on 2 CPU cores)."""
 
-import contextlib
 import hashlib
 import json
 import subprocess
@@ -109,19 +108,130 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, run_config):
     assert rows == list(range(1, step + 1))
 
 
-@pytest.mark.filterwarnings("ignore:CUDA is not available")  # (autocast objects made without a GPU)
-@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, None)])
-def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(native_bf16, expected, monkeypatch):
-    """train.precision=auto: bf16 autocast on a GPU with native bf16 (8.0+), fp32 on a V100 or T4,
-    which would emulate it; bf16-autocast asked for explicitly is kept; the CPU stays fp32."""
-    from kiln.engine.train import autocast_factory
+@pytest.mark.parametrize("native_bf16, capability, expected", [
+    (True, (9, 0), torch.bfloat16),  # H100
+    (False, (7, 5), torch.float16),  # T4: fp16 tensor cores, bf16 only emulated
+    (False, (6, 1), None),  # P40: no tensor cores
+])
+def test_auto_precision_follows_what_the_gpu_has(native_bf16, capability, expected, monkeypatch):
+    """train.precision=auto: bf16 autocast where the GPU has native bf16 (8.0+), loss-scaled fp16
+    on a V100 / T4, fp32 on older GPUs and on the CPU; an explicit choice is kept."""
+    from kiln.engine.train import compute_dtype
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
         including_emulation) or native_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
-    auto = autocast_factory(cuda, "auto")
+    assert compute_dtype(cuda, "auto") == expected
     assert asked == [False]  # native bf16, not torch's emulation
-    assert auto is contextlib.nullcontext if expected is None else auto().fast_dtype == expected
-    assert autocast_factory(cuda, "bf16-autocast")().fast_dtype == torch.bfloat16
-    assert autocast_factory(torch.device("cpu"), "auto") is contextlib.nullcontext
+    assert compute_dtype(cuda, "bf16-autocast") == torch.bfloat16
+    assert compute_dtype(cuda, "fp16-autocast") == torch.float16
+    assert compute_dtype(cuda, "fp32") is None
+    assert compute_dtype(torch.device("cpu"), "auto") is None
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_clean_steps():
+    from kiln.engine.loss_scale import MAX_SCALE, LossScaler
+
+    s = LossScaler(torch.device("cpu"), 1024.0, growth_interval=3)
+    scales = []
+    for overflow in (0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1):
+        s.update(torch.tensor(float(overflow)))
+        scales.append(s.scale.item())
+    assert scales == [1024, 1024, 512, 512, 512, 1024, 1024, 1024, 2048, 1024, 512]
+    assert s.state_dict() == {"scale": 512.0, "clean": 0, "skipped": 3}
+    top = LossScaler(torch.device("cpu"), MAX_SCALE, growth_interval=1)
+    top.update(torch.tensor(0.0))
+    assert top.scale.item() == MAX_SCALE  # capped, never doubled into inf
+
+
+def _fp16_config(run_config, steps: int = 6):
+    cfg = run_config(steps=steps)
+    cfg.train.precision, cfg.sample.num_prompts = "fp16-autocast", 0
+    cfg.train.loss_scale_init = 2.0**24  # overflows fp16 activation gradients for the first few steps
+    return cfg
+
+
+def _snapshot(trainer) -> dict[str, torch.Tensor]:
+    named = {f"model.{n}": p for n, p in trainer.model.named_parameters()}
+    return {k: v.detach().clone() for k, v in {**named, **trainer.ema.params}.items()}
+
+
+def test_an_overflowing_fp16_step_changes_no_weight_moment_or_average(tmp_path, run_config):
+    """A skipped step leaves weights, AdamW moments and the EMA bit-identical; the first clean
+    step after it updates all three."""
+    from kiln.engine.train import Trainer
+
+    trainer = Trainer(_fp16_config(run_config), tmp_path)
+    before = _snapshot(trainer)
+    trainer.train_step()
+    assert trainer.scaler.state_dict() == {"scale": 2.0**23, "clean": 0, "skipped": 1}
+    after = _snapshot(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not trainer.opt.opts[0].state  # no moments were made
+    while trainer.scaler.clean.item() == 0:
+        trainer.train_step()
+    changed = _snapshot(trainer)
+    assert all(not torch.equal(before[k], changed[k]) for k in before if k.endswith("final.linear.weight"))
+    assert len(trainer.opt.opts[0].state) == len(trainer.opt.params)
+
+
+def test_fp16_run_logs_its_loss_scale_and_resumes_with_it(tmp_path, run_config):
+    """Each overflow halves the scale (the logged scale is the one a step ran with); a crash and
+    resume continue with the checkpointed scale: losses and scales equal the uninterrupted run."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    summary = train(_fp16_config(run_config, steps=8), full)
+    skipped = summary["loss_scale"]["skipped"]
+    rows = [r for r in read_metrics(full) if "loss" in r]
+    scales = [r["loss_scale"] for r in rows]
+    steps = list(zip(scales, [*scales[1:], summary["loss_scale"]["scale"]], strict=True))  # (ran with, next step's)
+    assert all(after in (before, before / 2) for before, after in steps)  # no growth before 2000 clean steps
+    halved = [after == before / 2 for before, after in steps]
+    assert halved[0] and sum(halved) == skipped < 8 and summary["precision"] == "float16"
+    assert all(r["loss"] == r["loss"] for r in rows)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(_fp16_config(run_config, steps=8), crashed, fail_at_step=6)
+    train(_fp16_config(run_config, steps=8), crashed, resume=True)
+    resumed = [(r["step"], r["loss"], r["loss_scale"]) for r in read_metrics(crashed) if "loss" in r]
+    assert resumed == [(r["step"], r["loss"], r["loss_scale"]) for r in rows]
+
+
+def _flag(value: float, fused: bool) -> torch.Tensor:
+    flag = torch.tensor(value)
+    if fused:  # fused AdamW reads it on the device
+        flag.item = lambda: pytest.fail("the skip flag was read on the host")
+    return flag
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_fp16_step_skips_every_optimizer(fused, run_config):
+    """A clean flag steps exactly as no flag does; a set flag changes no weight and no AdamW
+    state. Fused AdamW takes the flag on the device, the others read it once."""
+    from kiln.engine.optim import Optimizers
+    from kiln.model.mmdit import MMDiT
+
+    cfg = run_config()
+    models = [MMDiT(cfg.model) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    device = torch.device("cuda" if fused else "cpu")  # only picks fused AdamW; the tensors stay on the CPU
+    opts = [Optimizers(cfg, m, device) for m in models]
+    assert opts[0].opts[0].defaults["fused"] == fused
+    start = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.5)
+    opts[0].step(_flag(0.0, fused))
+    opts[1].step()
+    pairs = list(zip(models[0].parameters(), models[1].parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert all(not torch.equal(start[n], p) for n, p in models[0].named_parameters())
+    stepped = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    state = {k: v.clone() for k, v in opts[0].opts[0].state[next(models[0].parameters())].items()}
+    for p in models[0].parameters():
+        p.grad = torch.ones_like(p)
+    opts[0].step(_flag(1.0, fused))
+    assert all(torch.equal(stepped[n], p) for n, p in models[0].named_parameters())
+    after = opts[0].opts[0].state[next(models[0].parameters())]
+    assert all(torch.equal(state[k], after[k]) for k in state)  # moments and step count
+    assert not hasattr(opts[0].opts[0], "found_inf") and all(p.grad is None for p in models[0].parameters())
