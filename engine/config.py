@@ -232,7 +232,10 @@ class ParallelConfig:
     tp: int = 1  # tensor + sequence parallel degree (heads, MLP hidden, modulation sharded)
     pp: int = 1  # pipeline stages (blocks split by FLOPs)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
-    microbatches: int = 0  # per step and data-parallel rank; 0 = one per pipeline stage
+    # chunks of each data-parallel rank's batch per step: the pipeline's microbatches, or
+    # gradient accumulation without a pipeline (activation memory of one chunk); 0 = one per
+    # pipeline stage (1 = no accumulation without a pipeline)
+    microbatches: int = 0
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile: bool = False  # torch.compile each block (after AC, before FSDP)

@@ -131,7 +131,7 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
         if stage.batch_size % dp:
             where = f"stages[{i}].batch_size" if cfg.stages else "train.batch_size"
             raise ConfigError(f"{where} = {stage.batch_size} must be divisible by the {dp} data-parallel ranks")
-        if pp > 1 and (stage.batch_size // dp) % microbatches(cfg, sizes):
+        if (stage.batch_size // dp) % microbatches(cfg, sizes):
             raise ConfigError(f"parallel.microbatches = {microbatches(cfg, sizes)} must divide the per-rank "
                               f"batch {stage.batch_size // dp}")
         tokens = (stage.resolution // m.patch_size) ** 2
@@ -140,9 +140,12 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
 
 
 def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
+    """Chunks of each rank's batch per step: the pipeline's microbatches, or gradient
+    accumulation steps without one (default: one per pipeline stage, 1 without a pipeline)."""
     p = cfg.parallel
-    stages = sizes["pp"] * (p.virtual_stages if p.pp_schedule == "interleaved-1f1b" else 1)
-    return p.microbatches or stages
+    if p.microbatches or sizes["pp"] == 1:
+        return p.microbatches or 1
+    return sizes["pp"] * (p.virtual_stages if p.pp_schedule == "interleaved-1f1b" else 1)
 
 
 # -- pipeline split -------------------------------------------------------------------------
@@ -287,6 +290,16 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
         if d.dp_mesh() is not None:
             apply_fsdp(part, d.dp_mesh(), dtype, reshard_after_forward=d.sizes["pp"] == 1)
     return parts
+
+
+def sync_gradients(parts: list[nn.Module], sync: bool) -> None:
+    """Whether the next backward reduces data-parallel gradients (FSDP); off for all but the
+    last of the accumulated microbatches, whose gradients stay local until then."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in parts:
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(sync)
 
 
 # -- pipeline schedule -------------------------------------------------------------------------

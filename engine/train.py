@@ -108,6 +108,7 @@ class Trainer:
         self.ema = EMA(self.parts, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = Optimizers(cfg, self.parts, self.device)
         self.schedule = self._build_schedule() if d.sizes["pp"] > 1 else None
+        self.microbatches = parallel.microbatches(cfg, d.sizes)  # gradient accumulation without a pipeline
         self.stage = cfg.stage_at(0)
         self.loader = self._make_loader(self.stage)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)  # t
@@ -281,10 +282,7 @@ class Trainer:
                 text = self._text(batch, drop)
             inputs = (xt, times, text.tokens, text.mask, text.pooled, batch.micro.to(self.device))
         if self.schedule is None:
-            with t.stage("forward"), self.autocast():
-                loss = _loss(self.model(*inputs), target)
-            with t.stage("backward"):
-                (loss * self.scaler.scale if self.scaler else loss).backward()
+            loss = self._accumulate(inputs, target)
         else:
             with t.stage("pipeline"), self.autocast():
                 loss = self._pipeline_step(inputs if d.first_stage else (), target if d.last_stage else None)
@@ -296,6 +294,24 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.parts, skip=found_inf)
         return loss.detach()
+
+    def _accumulate(self, inputs: tuple, target: torch.Tensor) -> torch.Tensor:
+        """Forward + backward over ``parallel.microbatches`` equal chunks of this rank's batch.
+
+        Each chunk's loss is divided by the chunk count, so the summed gradients are the whole
+        batch's; only the last backward syncs data-parallel gradients (FSDP reduce-scatters once
+        per step). Activation memory is one chunk's. Returns the batch's mean loss."""
+        k, t = self.microbatches, self.timer
+        total = None
+        for i, (*args, part_target) in enumerate(zip(*(x.chunk(k) for x in (*inputs, target)), strict=True)):
+            parallel.sync_gradients(self.parts, i == k - 1)
+            with t.stage("forward"), self.autocast():
+                loss = _loss(self.model(*args), part_target)
+                loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation
+            with t.stage("backward"):
+                (loss * self.scaler.scale if self.scaler else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     def _unscale_and_clip(self) -> torch.Tensor | None:
         """Divide out the loss scale and clip, in one pass over the gradients; under fp16, a

@@ -32,6 +32,7 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "tp2": (2, ["parallel.tp=2", "parallel.activation_checkpoint=selective"]),
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=2"]),
     "dp_shard2": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full", "parallel.async_checkpoint=true"]),
+    "dp_shard2_accumulate2": (2, ["parallel.dp_shard=2", "parallel.microbatches=2"]),  # FSDP syncs once
     "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=gpipe",
                           "parallel.microbatches=2"]),
@@ -52,12 +53,13 @@ def _config(steps: int, sets: list[str]):
     return cfg
 
 
-def _torchrun(nproc: int, out: Path, args: list[str]) -> None:
+def _torchrun(nproc: int, out: Path, args: list[str], entry: tuple[str, ...] = ("-m", "kiln.engine.train")) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "kiln.engine.train", *args]
+           *entry, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -150,6 +152,19 @@ def test_fp16_layouts_skip_the_steps_one_process_skips(layout, init, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)  # the initial weights, bit for bit
 
 
+def test_gradient_accumulation_reduces_gradients_once_per_step(tmp_path):
+    """FSDP reduce-scatters each group's gradients once per step, after the last of the 4
+    accumulated microbatches (without the no-sync it was 4 times: 60 on each rank here)."""
+    steps, cfg = 3, _config(3, [])
+    groups = cfg.model.depth + cfg.model.single_depth + 1  # fully_shard per block and the root
+    sets = [*COMMON, "parallel.dp_shard=2", "parallel.microbatches=4", "train.ckpt_every=0"]
+    out = _torchrun(2, tmp_path / "run", ["--out", str(tmp_path / "run"), "--steps", str(steps),
+                                          *[a for s in sets for a in ("--set", s)]],
+                    entry=(str(Path(__file__).with_name("count_reduce_scatters.py")),))
+    counts = sorted(line for line in out.splitlines() if "reduce-scatters" in line)
+    assert counts == [f"rank {r} reduce-scatters {steps * groups}" for r in (0, 1)]
+
+
 def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):
     run = tmp_path / "tp2_then_dp2"
     shutil.copytree(layout_runs["tp2"], run)
@@ -182,6 +197,9 @@ def test_layout_errors_name_the_field():
         check_layout(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 3})
     with pytest.raises(ConfigError, match="train.batch_size = 8 must be divisible by the 3 data-parallel ranks"):
         check_layout(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 3, "tp": 1})
+    cfg.parallel.microbatches = 3  # gradient accumulation (no pipeline) splits the rank's batch too
+    with pytest.raises(ConfigError, match="parallel.microbatches = 3 must divide the per-rank batch 4"):
+        check_layout(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1})
     assert cfg.parallel.sizes(8) == {"dp_replicate": 1, "dp_shard": 8, "tp": 1, "pp": 1}
 
 

@@ -47,6 +47,23 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, run_
     assert b == a  # bit-exact on CPU: same data, noise, timesteps, dropout and optimizer state
 
 
+def test_gradient_accumulation_trains_like_the_whole_batch(tmp_path, run_config):
+    """parallel.microbatches=4 without a pipeline: the batch of 8 runs as 4 chunks of 2 whose
+    gradients add up to the whole batch's; losses and weights follow the one-chunk run."""
+    runs = {}
+    for k in (1, 4):
+        cfg = run_config(steps=4)
+        cfg.parallel.microbatches, cfg.sample.num_prompts = k, 0
+        train(cfg, tmp_path / str(k))
+        runs[k] = tmp_path / str(k)
+    losses = [[r["loss"] for r in read_metrics(runs[k]) if "loss" in r] for k in (1, 4)]
+    assert len(losses[0]) == 4 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses, strict=True))
+    whole, chunked = (torch.load(checkpoint.latest(runs[k]), weights_only=True)["model"] for k in (1, 4))
+    worst = max(((whole[n] - chunked[n]).norm() / whole[n].norm().clamp_min(1e-12)).item() for n in whole)
+    assert worst <= 1e-4, f"weights differ by {worst:.2e}"
+    assert any(not torch.equal(whole[n], chunked[n]) for n in whole)  # the chunks really ran apart
+
+
 def _digest(folder):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
