@@ -236,6 +236,10 @@ class ParallelConfig:
     # gradient accumulation without a pipeline (activation memory of one chunk); 0 = one per
     # pipeline stage (1 = no accumulation without a pipeline)
     microbatches: int = 0
+    # gradient accumulation under FSDP: every = reduce-scatter after each micro-batch into the
+    # sharded gradients (no extra memory); last = keep the unsharded gradients across micro-batches
+    # (FSDP holds them in fp32: 4 bytes per parameter of the rank's stage / tp) and reduce once
+    accumulate_sync: str = "every"
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile: bool = False  # torch.compile each block (after AC, before FSDP)
@@ -252,6 +256,7 @@ class ParallelConfig:
                 _positive(f"parallel.{a}", getattr(self, a))
         _choice("parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved-1f1b"))
         _positive("parallel.microbatches", self.microbatches, strict=False)
+        _choice("parallel.accumulate_sync", self.accumulate_sync, ("every", "last"))
         _positive("parallel.virtual_stages", self.virtual_stages)
         _choice("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
         _positive("parallel.timeout_s", self.timeout_s)

@@ -293,8 +293,8 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
 
 
 def sync_gradients(parts: list[nn.Module], sync: bool) -> None:
-    """Whether the next backward reduces data-parallel gradients (FSDP); off for all but the
-    last of the accumulated microbatches, whose gradients stay local until then."""
+    """Whether the next backward reduces data-parallel gradients (FSDP); off, the unsharded
+    gradients stay on the rank (in fp32) until a backward that syncs."""
     from torch.distributed.fsdp import FSDPModule
 
     for part in parts:
