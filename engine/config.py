@@ -237,8 +237,9 @@ class ParallelConfig:
     # pipeline stage (1 = no accumulation without a pipeline)
     microbatches: int = 0
     # gradient accumulation under FSDP: every = reduce-scatter after each micro-batch into the
-    # sharded gradients (no extra memory); last = keep the unsharded gradients across micro-batches
-    # (FSDP holds them in fp32: 4 bytes per parameter of the rank's stage / tp) and reduce once
+    # sharded gradients (no extra memory; HSDP's all-reduce across replicas once, after the last);
+    # last = keep the unsharded gradients across micro-batches (FSDP holds them in fp32: 4 bytes
+    # per parameter / tp) and reduce once
     accumulate_sync: str = "every"
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
     activation_checkpoint: str = "none"  # none | selective (every other block) | full

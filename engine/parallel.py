@@ -292,14 +292,18 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
     return parts
 
 
-def sync_gradients(parts: list[nn.Module], sync: bool) -> None:
-    """Whether the next backward reduces data-parallel gradients (FSDP); off, the unsharded
-    gradients stay on the rank (in fp32) until a backward that syncs."""
+def reduce_gradients(parts: list[nn.Module], last: bool, sync: str) -> None:
+    """The data-parallel reductions of the next backward, while accumulating micro-batches.
+
+    every: FSDP reduce-scatters each micro-batch into the sharded gradients (no extra memory);
+    HSDP's all-reduce across replicas, the inter-node one, runs after the last only.
+    last: nothing before the last micro-batch (the unsharded gradients stay on the rank, fp32)."""
     from torch.distributed.fsdp import FSDPModule
 
     for part in parts:
         if isinstance(part, FSDPModule):
-            part.set_requires_gradient_sync(sync)
+            part.set_requires_gradient_sync(last or sync == "every")  # sets the all-reduce too: first
+            part.set_requires_all_reduce(last)
 
 
 # -- pipeline schedule -------------------------------------------------------------------------

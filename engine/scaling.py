@@ -16,8 +16,9 @@ Memory (bytes per GPU), with P parameters sharded over dp_shard·tp·pp:
 Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data):
   FSDP  all-gather bf16 params in forward and again in backward, reduce-scatter fp32 grads:
         (2 + 2 + 4)·P/(tp·pp)·(d-1)/d, d = dp_shard; accumulating K micro-batches gathers for
-        each (parameters are resharded after each forward) and reduces after each (K·8·P/tp·...)
-        or, with accumulate_sync=last, once ((4K + 4)·P/tp·...; HSDP's all-reduce likewise)
+        each (parameters are resharded after each forward) and reduce-scatters after each
+        ((4K + 4K)·P/tp·...) or, with accumulate_sync=last, once ((4K + 4)·P/tp·...); HSDP's
+        all-reduce across replicas runs once either way
   HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(d·tp·pp)·(r-1)/r
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
         4 backward: 16·S·W·(t-1)/t
@@ -95,7 +96,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     reductions = 1 if sync == "last" else accumulate
     unsharded_grads = 4 * P / t if sync == "last" and accumulate > 1 and d * r > 1 else 0
     fsdp = ((4 * accumulate + 4 * reductions) * P / (t * pp)) * (d - 1) / d
-    hsdp = reductions * 2 * 4 * P / (d * t * pp) * (r - 1) / r
+    hsdp = 2 * 4 * P / (d * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
     pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
     comm = [(fsdp, _crosses_nodes(t, d)), (hsdp, _crosses_nodes(t * d, r)), (tp_bytes, False),

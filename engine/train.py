@@ -300,12 +300,12 @@ class Trainer:
 
         Each chunk's loss is divided by the chunk count, so the summed gradients are the whole
         batch's. Activation memory is one chunk's. FSDP reduce-scatters after every chunk, or
-        only after the last (``parallel.accumulate_sync``). Returns the batch's mean loss."""
+        only after the last (``parallel.accumulate_sync``); HSDP all-reduces after the last.
+        Returns the batch's mean loss."""
         k, t = self.microbatches, self.timer
-        every = self.cfg.parallel.accumulate_sync == "every"
         total = None
         for i, (*args, part_target) in enumerate(zip(*(x.chunk(k) for x in (*inputs, target)), strict=True)):
-            parallel.sync_gradients(self.parts, every or i == k - 1)
+            parallel.reduce_gradients(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync)
             with t.stage("forward"), self.autocast():
                 loss = _loss(self.model(*args), part_target)
                 loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation

@@ -1,23 +1,30 @@
-"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts the gradient reduce-scatters
-FSDP2 issues on this rank (torch.distributed.reduce_scatter_single) and prints the count."""
+"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's gradient reductions on
+this rank (reduce-scatters within the shard group, all-reduces across HSDP replicas) and prints
+them."""
 
 import os
 import sys
+from collections import Counter
 
 import torch.distributed as dist
 
 from kiln.engine.cli import main
 
-calls = 0
-_reduce_scatter = dist.reduce_scatter_single
+calls: Counter = Counter()
 
 
-def _counting(*args, **kwargs):
-    global calls
-    calls += 1
-    return _reduce_scatter(*args, **kwargs)
+def _counting(name: str, collective):
+    def wrapper(*args, **kwargs):
+        if "fsdp" in sys._getframe(1).f_globals.get("__name__", ""):  # FSDP's, not the loss / norm ones
+            calls[name] += 1
+        return collective(*args, **kwargs)
+
+    return wrapper
 
 
-dist.reduce_scatter_single = _counting  # FSDP2 looks it up on the module at each call
+# FSDP2 looks both up on the module at each call
+dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
+dist.all_reduce = _counting("all-reduces", dist.all_reduce)
 main(["train", *sys.argv[1:]])
-print(f"rank {os.environ['RANK']} reduce-scatters {calls}", flush=True)
+print(f"rank {os.environ['RANK']} reduce-scatters {calls['reduce-scatters']} all-reduces {calls['all-reduces']}",
+      flush=True)

@@ -152,18 +152,21 @@ def test_fp16_layouts_skip_the_steps_one_process_skips(layout, init, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)  # the initial weights, bit for bit
 
 
-@pytest.mark.parametrize("sync, per_step", [("every", 4), ("last", 1)])
-def test_gradient_accumulation_reduces_gradients_as_asked(sync, per_step, reference, tmp_path):
-    """FSDP reduce-scatters each group's gradients after each of the 4 accumulated micro-batches
-    (accumulate_sync=every), or once after the last (=last); both train like one process."""
+@pytest.mark.parametrize("sync, scatters", [("every", 2), ("last", 1)])
+def test_gradient_accumulation_reduces_gradients_as_asked(sync, scatters, reference, tmp_path):
+    """HSDP 2 x 2 with 2 accumulated micro-batches (of 1 image): FSDP reduce-scatters each group's gradients
+    after each micro-batch (accumulate_sync=every) or once (=last); the all-reduce across
+    replicas runs once per step either way. Both train like one process."""
     steps, cfg = 3, _config(3, [])
     groups = cfg.model.depth + cfg.model.single_depth + 1  # fully_shard per block and the root
-    sets = [*COMMON, "parallel.dp_shard=2", "parallel.microbatches=4", f"parallel.accumulate_sync={sync}"]
+    sets = [*COMMON, "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.microbatches=2",
+            f"parallel.accumulate_sync={sync}"]
     run = tmp_path / sync
-    out = _torchrun(2, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
+    out = _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
                     entry=(str(Path(__file__).with_name("count_reduce_scatters.py")),))
     counts = sorted(line for line in out.splitlines() if "reduce-scatters" in line)
-    assert counts == [f"rank {r} reduce-scatters {steps * groups * per_step}" for r in (0, 1)]
+    per_step = steps * groups
+    assert counts == [f"rank {r} reduce-scatters {per_step * scatters} all-reduces {per_step}" for r in range(4)]
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
 
