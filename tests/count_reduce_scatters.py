@@ -1,10 +1,11 @@
 """torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's gradient reductions on
-this rank (reduce-scatters within the shard group, all-reduces across HSDP replicas) and prints
-them."""
+this rank (reduce-scatters within the shard group, all-reduces across HSDP replicas) and writes
+them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave)."""
 
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -26,5 +27,6 @@ def _counting(name: str, collective):
 dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
 dist.all_reduce = _counting("all-reduces", dist.all_reduce)
 main(["train", *sys.argv[1:]])
-print(f"rank {os.environ['RANK']} reduce-scatters {calls['reduce-scatters']} all-reduces {calls['all-reduces']}",
-      flush=True)
+rank, out = os.environ["RANK"], Path(sys.argv[sys.argv.index("--out") + 1])
+(out / f"collectives_rank{rank}.txt").write_text(
+    f"rank {rank} reduce-scatters {calls['reduce-scatters']} all-reduces {calls['all-reduces']}\n")
