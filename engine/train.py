@@ -305,7 +305,8 @@ class Trainer:
         k, t = self.microbatches, self.timer
         total = None
         for i, (*args, part_target) in enumerate(zip(*(x.chunk(k) for x in (*inputs, target)), strict=True)):
-            parallel.reduce_gradients(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync)
+            if k > 1:  # FSDP's defaults reduce every backward
+                parallel.reduce_gradients(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync)
             with t.stage("forward"), self.autocast():
                 loss = _loss(self.model(*args), part_target)
                 loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation
