@@ -217,6 +217,7 @@ class TrainConfig:
 
 
 AXES = ("dp_replicate", "dp_shard", "tp", "pp")
+RESHARDS = ("auto", "after-forward", "after-step")  # parallel.reshard
 
 
 @dataclass
@@ -241,6 +242,12 @@ class ParallelConfig:
     # last = keep the unsharded gradients across micro-batches (FSDP holds them in fp32: 4 bytes
     # per parameter / tp) and reduce once
     accumulate_sync: str = "every"
+    # when FSDP frees each block's gathered parameters: after-forward = after each forward, gathered
+    # again for its backward (least memory: 2 blocks at a time); after-step = kept from the step's
+    # first forward to its last backward (one all-gather per block per step instead of 2 per
+    # micro-batch, for 2 bytes per parameter / (tp·pp) more); auto = after-step with a pipeline
+    # (torch's schedules keep them from the first backward on anyway), after-forward otherwise
+    reshard: str = "auto"
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
     activation_checkpoint: str = "none"  # none | selective (every other block) | full
     compile: bool = False  # torch.compile each block (after AC, before FSDP)
@@ -258,6 +265,7 @@ class ParallelConfig:
         _choice("parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved-1f1b"))
         _positive("parallel.microbatches", self.microbatches, strict=False)
         _choice("parallel.accumulate_sync", self.accumulate_sync, ("every", "last"))
+        _choice("parallel.reshard", self.reshard, RESHARDS)
         _positive("parallel.virtual_stages", self.virtual_stages)
         _choice("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
         _positive("parallel.timeout_s", self.timeout_s)

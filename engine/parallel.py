@@ -137,6 +137,10 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
         tokens = (stage.resolution // m.patch_size) ** 2
         if tokens % tp:
             raise ConfigError(f"parallel.tp={tp} must divide the {tokens} image tokens at {stage.resolution} px")
+    if pp > 1 and cfg.parallel.reshard == "after-forward":
+        raise ConfigError(f"parallel.reshard=after-forward saves no memory with a pipeline (pp={pp}): torch's "
+                          "schedules keep each stage's gathered parameters from its first backward to the end "
+                          "of the step; use auto or after-step")
 
 
 def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
@@ -146,6 +150,13 @@ def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
     if p.microbatches or sizes["pp"] == 1:
         return p.microbatches or 1
     return sizes["pp"] * (p.virtual_stages if p.pp_schedule == "interleaved-1f1b" else 1)
+
+
+def keeps_params(cfg: RunConfig, sizes: dict[str, int]) -> bool:
+    """Does FSDP keep gathered parameters from the step's first forward to its last backward
+    (``parallel.reshard``; auto: with a pipeline)?"""
+    r = cfg.parallel.reshard
+    return sizes["pp"] > 1 if r == "auto" else r == "after-step"
 
 
 # -- pipeline split -------------------------------------------------------------------------
@@ -258,17 +269,20 @@ def apply_compile(model: MMDiT) -> None:
 
 
 # -- FSDP2 ------------------------------------------------------------------------------------
-def apply_fsdp(model: MMDiT, mesh: DeviceMesh, dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: MMDiT, mesh: DeviceMesh, dtype: torch.dtype | None, keep_params: bool) -> None:
     """Shard every block and the root; ``dtype`` (the autocast dtype) is what parameters are
-    gathered in, while shards and the gradient reduction stay fp32."""
+    gathered in, while shards and the gradient reduction stay fp32. ``keep_params``: no reshard
+    after forward (see ``keeps_params``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None \
         else MixedPrecisionPolicy()
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep_params)
+    # the root's own parameters (embedders, output layer) are the first the backward needs: None
+    # keeps them gathered (FSDP's root default); True would free and gather them again at once
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False if keep_params else None)
 
 
 def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype | None) -> list[MMDiT]:
@@ -288,22 +302,24 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
         if cfg.parallel.compile:
             apply_compile(part)
         if d.dp_mesh() is not None:
-            apply_fsdp(part, d.dp_mesh(), dtype, reshard_after_forward=d.sizes["pp"] == 1)
+            apply_fsdp(part, d.dp_mesh(), dtype, keeps_params(cfg, d.sizes))
     return parts
 
 
-def reduce_gradients(parts: list[nn.Module], last: bool, sync: str) -> None:
-    """The data-parallel reductions of the next backward, while accumulating micro-batches.
+def before_microbatch(parts: list[nn.Module], last: bool, sync: str, keep_params: bool) -> None:
+    """What FSDP does after the next backward, while accumulating micro-batches.
 
-    every: FSDP reduce-scatters each micro-batch into the sharded gradients (no extra memory);
-    HSDP's all-reduce across replicas, the inter-node one, runs after the last only.
-    last: nothing before the last micro-batch (the unsharded gradients stay on the rank, fp32)."""
+    Reductions, sync=every: reduce-scatter each micro-batch into the sharded gradients (no extra
+    memory); HSDP's all-reduce across replicas, the inter-node one, runs after the last only.
+    sync=last: nothing before the last micro-batch (the unsharded gradients stay on the rank, fp32).
+    keep_params: the gathered parameters stay until the last micro-batch's backward is done."""
     from torch.distributed.fsdp import FSDPModule
 
     for part in parts:
         if isinstance(part, FSDPModule):
             part.set_requires_gradient_sync(last or sync == "every")  # sets the all-reduce too: first
             part.set_requires_all_reduce(last)
+            part.set_reshard_after_backward(last or not keep_params)
 
 
 # -- pipeline schedule -------------------------------------------------------------------------

@@ -5,20 +5,26 @@ that fits in 80 GiB. These are formulas with stated constants, not measurements.
 
 Memory (bytes per GPU), with P parameters sharded over dp_shard·tp·pp:
   weights fp32 4P + gradients fp32 4P + AdamW 8P + EMA fp32 4P, all / (dp_shard·tp·pp)
-  + two blocks of bf16 parameters gathered at once (FSDP prefetch): 2·2·P_block/tp
+  + gathered bf16 parameters: two blocks at once (FSDP prefetch), 2·2·P_block/tp, when they are
+    freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
+    they are kept through the step (after-step; always with a pipeline: torch's schedules keep
+    them from the first backward on)
   + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
     W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
     22·W selective (matmul outputs kept), 2·W full (block input only); / tp (sequence- or
     head-sharded); for the micro-batch and the blocks of the stage (1F1B keeps pp micro-batches
     in flight on stage 0, each over 1/pp of the blocks; without a pipeline, gradient accumulation
     over K micro-batches keeps one, dp_batch / K images)
-  + accumulate_sync=last under FSDP: the unsharded fp32 gradients kept between micro-batches, 4P/tp.
+  + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
+    accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
+    last micro-batch).
 Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data):
   FSDP  all-gather bf16 params in forward and again in backward, reduce-scatter fp32 grads:
-        (2 + 2 + 4)·P/(tp·pp)·(d-1)/d, d = dp_shard; accumulating K micro-batches gathers for
-        each (parameters are resharded after each forward) and reduce-scatters after each
-        ((4K + 4K)·P/tp·...) or, with accumulate_sync=last, once ((4K + 4)·P/tp·...); HSDP's
-        all-reduce across replicas runs once either way
+        (2 + 2 + 4)·P/tp·(d-1)/d, d = dp_shard; accumulating K micro-batches gathers for each
+        and reduce-scatters after each ((4K + 4K)·P/tp·...) or, with accumulate_sync=last, once
+        ((4K + 4)·P/tp·...); reshard=after-step gathers once per step (2·P/tp·... instead of
+        4K·P/tp·...); a pipeline gathers and reduces once per step ((2 + 4)·P/(tp·pp)·...);
+        HSDP's all-reduce across replicas runs once either way
   HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(d·tp·pp)·(r-1)/r
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
         4 backward: 16·S·W·(t-1)/t
@@ -55,10 +61,12 @@ class Estimate:
     images: int  # global batch
     accumulate: int = 1  # gradient-accumulation micro-batches (parallel.microbatches, no pipeline)
     sync: str = "every"  # parallel.accumulate_sync
+    reshard: str = "after-forward"  # parallel.reshard (a pipeline keeps parameters either way)
 
     def row(self, gpus: int) -> str:
         lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
         lay += f" microbatches={self.accumulate} accumulate_sync={self.sync}" if self.accumulate > 1 else ""
+        lay += " reshard=after-step" if self.reshard == "after-step" and self.layout["pp"] == 1 else ""
         return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
                 f"{self.seconds:.2f} | {self.images / self.seconds / gpus:.2f} |")
 
@@ -76,10 +84,11 @@ def _crosses_nodes(stride: int, size: int) -> bool:
 
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
-             accumulate: int = 1, sync: str = "every") -> Estimate:
+             accumulate: int = 1, sync: str = "every", reshard: str = "after-forward") -> Estimate:
     """One layout; ``dp_batch`` images per data-parallel rank (shared by its tp·pp GPUs),
     run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline,
-    reducing gradients after each or (``sync="last"``) after the last."""
+    reducing gradients after each or (``sync="last"``) after the last, gathering parameters
+    for each forward and backward or (``reshard="after-step"``) once."""
     P = params or count_params(cfg)
     blocks = cfg.depth + cfg.single_depth
     p_block = P / max(1, blocks)  # embedders and output layer are <1% of the larger presets
@@ -87,15 +96,18 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     S, side = tokens(cfg, resolution, text_tokens)
     W = cfg.width
     master = (4 + 4 + 8 + 4) * P / (d * t * pp)
-    gathered = 2 * 2 * p_block / t
     accumulate = accumulate if pp == 1 else 1
+    keep = pp > 1 or reshard == "after-step"  # parameters gathered once, kept through the step
+    gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
     micro = dp_batch / accumulate if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
     acts = micro * in_flight * S * (blocks / pp) * ACT_BYTES_PER_TOKEN_WIDTH[ac] * W / t
     # mesh (pp, dp_replicate, dp_shard, tp): strides t·d·r, t·d, t, 1
-    reductions = 1 if sync == "last" else accumulate
-    unsharded_grads = 4 * P / t if sync == "last" and accumulate > 1 and d * r > 1 else 0
-    fsdp = ((4 * accumulate + 4 * reductions) * P / (t * pp)) * (d - 1) / d
+    held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
+    reductions = 1 if held else accumulate
+    unsharded_grads = 4 * P / (t * pp) if held and d * r > 1 else 0
+    gathers = 1 if keep else 2 * accumulate
+    fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (d - 1) / d
     hsdp = 2 * 4 * P / (d * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
     pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
@@ -112,7 +124,8 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK + pp_bytes / IB
     images = dp_batch * d * r
     memory = (master + gathered + acts + unsharded_grads) / GIB
-    return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync)
+    return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
+                    "after-step" if keep else "after-forward")
 
 
 def layouts(gpus: int):
@@ -129,28 +142,32 @@ def layouts(gpus: int):
 def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
               ac: str = "selective") -> tuple[Estimate | None, list[Estimate]]:
     """The layout to use: fits in ``gpu_gib`` with 10% headroom, then the shortest modelled step.
-    Without a pipeline, a layout whose activations do not fit tries gradient accumulation
-    (2, 4, ... micro-batches, the fewest that fit: each costs another all-gather), reducing once
-    (accumulate_sync=last) where the unsharded gradients fit too, else after each."""
+    Without a pipeline, each layout also tries keeping parameters gathered through the step
+    (reshard=after-step) and gradient accumulation over 2, 4, ... micro-batches (each costs
+    another all-gather unless the parameters are kept), reducing after each or once
+    (accumulate_sync=last); of those that fit, the fastest, then the fewest micro-batches,
+    then the least memory."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
     for lay in layouts(gpus):
         dp = lay["dp_replicate"] * lay["dp_shard"]
         if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
             continue
         dp_batch = global_batch // dp
-        for k, sync in _accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every")]:
-            est = estimate(cfg, lay, dp_batch, resolution, ac=ac, params=params, accumulate=k, sync=sync)
-            if est.memory_gib <= 0.9 * gpu_gib:
-                fits.append(est)
-                break
+        options = [estimate(cfg, lay, dp_batch, resolution, ac=ac, params=params, accumulate=k, sync=sync,
+                            reshard=reshard)
+                   for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every", "auto")])]
+        options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
+        if options:
+            fits.append(min(options, key=lambda e: (round(e.seconds, 3), e.accumulate, e.memory_gib)))
     fits.sort(key=lambda e: (round(e.seconds, 3), e.layout["tp"] * e.layout["pp"], e.inter_gib))
     return (fits[0] if fits else None), fits
 
 
-def _accumulations(dp_batch: int) -> list[tuple[int, str]]:
-    """(micro-batches, accumulate_sync) to try, least traffic first."""
+def _accumulations(dp_batch: int) -> list[tuple[int, str, str]]:
+    """(micro-batches, accumulate_sync, reshard) to try without a pipeline."""
     ks = [k for k in (2, 4, 8, 16, 32) if dp_batch % k == 0]
-    return [(1, "every")] + [(k, sync) for k in ks for sync in ("last", "every")]
+    return [(k, sync, reshard) for k in (1, *ks) for sync in (("every",) if k == 1 else ("every", "last"))
+            for reshard in ("after-forward", "after-step")]
 
 
 def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,

@@ -300,13 +300,15 @@ class Trainer:
 
         Each chunk's loss is divided by the chunk count, so the summed gradients are the whole
         batch's. Activation memory is one chunk's. FSDP reduce-scatters after every chunk, or
-        only after the last (``parallel.accumulate_sync``); HSDP all-reduces after the last.
+        only after the last (``parallel.accumulate_sync``); HSDP all-reduces after the last;
+        parameters are gathered per chunk, or once (``parallel.reshard=after-step``).
         Returns the batch's mean loss."""
         k, t = self.microbatches, self.timer
         total = None
         for i, (*args, part_target) in enumerate(zip(*(x.chunk(k) for x in (*inputs, target)), strict=True)):
             if k > 1:  # FSDP's defaults reduce every backward
-                parallel.reduce_gradients(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync)
+                parallel.before_microbatch(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync,
+                                           parallel.keeps_params(self.cfg, self.dist.sizes))
             with t.stage("forward"), self.autocast():
                 loss = _loss(self.model(*args), part_target)
                 loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation

@@ -37,6 +37,7 @@ def test_overrides_coerce_types():
     ("train.device=tpu", "train.device: 'tpu' is not one of"),
     ("train.precision=fp8", "train.precision: 'fp8' is not one of: auto, fp32, bf16-autocast, fp16-autocast"),
     ("train.loss_scale_init=0", "train.loss_scale_init must be > 0, got 0.0"),
+    ("parallel.reshard=never", "parallel.reshard: 'never' is not one of: auto, after-forward, after-step"),
     ("data.captions=long", r"text.max_length \(16\) would cut long captions \(up to 37 tokens\)"),
 ])
 def test_invalid_values_name_the_field(assignment, match):

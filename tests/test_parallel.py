@@ -33,7 +33,7 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=2"]),
     "dp_shard2": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full", "parallel.async_checkpoint=true"]),
     "dp_shard2_accumulate2": (2, ["parallel.dp_shard=2", "parallel.microbatches=2", "parallel.accumulate_sync=last"]),
-    "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
+    "dp_shard2_tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.reshard=after-step"]),
     "pp2_dp_shard2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=gpipe",
                           "parallel.microbatches=2"]),
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.shard_text_encoder=true",
@@ -151,21 +151,26 @@ def test_fp16_layouts_skip_the_steps_one_process_skips(layout, init, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)  # the initial weights, bit for bit
 
 
-@pytest.mark.parametrize("sync, scatters", [("every", 2), ("last", 1)])
-def test_gradient_accumulation_reduces_gradients_as_asked(sync, scatters, reference, tmp_path):
+@pytest.mark.parametrize("sync, reshard", [("every", "after-step"), ("last", "after-forward")])
+def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, reference, tmp_path):
     """HSDP 2 x 2 with 2 accumulated micro-batches (of 1 image): FSDP reduce-scatters each group's gradients
     after each micro-batch (accumulate_sync=every) or once (=last); the all-reduce across
-    replicas runs once per step either way. Both train like one process."""
-    steps, cfg = 3, _config(3, [])
-    groups = cfg.model.depth + cfg.model.single_depth + 1  # fully_shard per block and the root
-    sets = [*COMMON, "parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.microbatches=2",
-            f"parallel.accumulate_sync={sync}"]
+    replicas runs once per step either way. Parameters are gathered once per step
+    (reshard=after-step) or for each block's forward and backward in each micro-batch, the
+    root's once per micro-batch (after-forward). Both train like one process."""
+    steps, k, cfg = 3, 2, _config(3, [])
+    blocks = cfg.model.depth + cfg.model.single_depth  # fully_shard per block, and the root
+    sets = [*COMMON, "parallel.dp_replicate=2", "parallel.dp_shard=2", f"parallel.microbatches={k}",
+            f"parallel.accumulate_sync={sync}", f"parallel.reshard={reshard}"]
     run = tmp_path / sync
     _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
-              entry=(str(Path(__file__).with_name("count_reduce_scatters.py")),))
+              entry=(str(Path(__file__).with_name("count_collectives.py")),))
     counts = [(run / f"collectives_rank{r}.txt").read_text().strip() for r in range(4)]
-    per_step = steps * groups
-    assert counts == [f"rank {r} reduce-scatters {per_step * scatters} all-reduces {per_step}" for r in range(4)]
+    gathers = steps * (blocks + 1 if reshard == "after-step" else k * (2 * blocks + 1))
+    scatters = steps * (blocks + 1) * (k if sync == "every" else 1)
+    all_reduces = steps * (blocks + 1)
+    assert counts == [f"rank {r} all-gathers {gathers} reduce-scatters {scatters} all-reduces {all_reduces}"
+                      for r in range(4)]
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
 
@@ -206,6 +211,9 @@ def test_layout_errors_name_the_field():
     with pytest.raises(ConfigError, match="parallel.microbatches = 3 must divide the per-rank batch 4"):
         check_layout(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1})
     assert cfg.parallel.sizes(8) == {"dp_replicate": 1, "dp_shard": 8, "tp": 1, "pp": 1}
+    cfg.parallel.microbatches, cfg.parallel.reshard = 2, "after-forward"
+    with pytest.raises(ConfigError, match="parallel.reshard=after-forward saves no memory with a pipeline"):
+        check_layout(cfg, {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 1})
 
 
 def test_every_pipeline_carrier_tensor_carries_a_gradient():
@@ -259,6 +267,25 @@ def test_scaling_model_layouts_multiply_to_the_gpu_count_and_shard_memory():
                      2048, ac="none")
     assert whole.memory_gib > 80 and whole.intra_gib < best.intra_gib
     assert f"microbatches={best.accumulate}" in best.row(8)
+
+
+def test_scaling_model_counts_the_parameters_and_gradients_fsdp_keeps():
+    from kiln.engine.scaling import GIB, estimate
+    from kiln.model.presets import count_params, preset
+
+    cfg, P = preset("xl"), count_params(preset("xl"))
+    blocks = cfg.depth + cfg.single_depth
+    shard64 = {"dp_replicate": 1, "dp_shard": 64, "tp": 1, "pp": 1}
+    fwd, step = (estimate(cfg, shard64, 4, reshard=r) for r in ("after-forward", "after-step"))
+    # kept: the whole model's bf16 parameters instead of two blocks'; gathered once, not twice
+    assert step.memory_gib - fwd.memory_gib == pytest.approx((2 * P - 4 * P / blocks) / GIB)
+    assert step.inter_gib == pytest.approx(fwd.inter_gib * (2 + 4) / (4 + 4))
+    assert step.seconds < fwd.seconds and "reshard=after-step" in step.row(64)
+    # a pipeline keeps its stage's parameters and unsharded fp32 gradients whatever is asked
+    pp2 = {"dp_replicate": 1, "dp_shard": 4, "tp": 1, "pp": 2}
+    kept = estimate(cfg, pp2, 4, 2048, reshard="after-step")
+    assert kept == estimate(cfg, pp2, 4, 2048, reshard="after-forward")
+    assert kept.memory_gib > (20 * P / 8 + 2 * P / 2 + 4 * P / 2) / GIB  # master state / 8, bf16 / 2, fp32 / 2
 
 
 def test_failed_rank_is_named_and_the_run_resumes_from_its_last_checkpoint(reference, tmp_path):

@@ -1,6 +1,7 @@
-"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's gradient reductions on
-this rank (reduce-scatters within the shard group, all-reduces across HSDP replicas) and writes
-them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave)."""
+"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's collectives on this
+rank (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces across
+HSDP replicas) and writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines
+interleave)."""
 
 import os
 import sys
@@ -23,10 +24,11 @@ def _counting(name: str, collective):
     return wrapper
 
 
-# FSDP2 looks both up on the module at each call
+# FSDP2 looks them up on the module at each call
+dist.all_gather_single = _counting("all-gathers", dist.all_gather_single)
 dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
 dist.all_reduce = _counting("all-reduces", dist.all_reduce)
 main(["train", *sys.argv[1:]])
 rank, out = os.environ["RANK"], Path(sys.argv[sys.argv.index("--out") + 1])
-(out / f"collectives_rank{rank}.txt").write_text(
-    f"rank {rank} reduce-scatters {calls['reduce-scatters']} all-reduces {calls['all-reduces']}\n")
+counts = " ".join(f"{name} {calls[name]}" for name in ("all-gathers", "reduce-scatters", "all-reduces"))
+(out / f"collectives_rank{rank}.txt").write_text(f"rank {rank} {counts}\n")
