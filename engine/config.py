@@ -216,7 +216,7 @@ class TrainConfig:
         _choice("train.kernel_backend", self.kernel_backend, ("auto", "torch", "triton", "csrc"))
 
 
-AXES = ("dp_replicate", "dp_shard", "tp", "pp")
+AXES = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 RESHARDS = ("auto", "after-forward", "after-step")  # parallel.reshard
 
 
@@ -224,12 +224,17 @@ RESHARDS = ("auto", "after-forward", "after-step")  # parallel.reshard
 class ParallelConfig:
     """Layout over ``torchrun`` processes: the product of the four axes is the world size.
 
-    Mesh order (outer to inner) is pp, dp_replicate, dp_shard, tp: TP talks most and stays
-    within a node (8 GPUs on NVLink), FSDP next, pipeline and replicas cross nodes.
+    Mesh order (outer to inner) is pp, dp_replicate, dp_shard, cp, tp: TP talks most and stays
+    within a node (8 GPUs on NVLink), context parallel's all-to-alls next, then FSDP; pipeline
+    and replicas cross nodes.
     """
 
     dp_replicate: int = 1  # HSDP replicas (each holds a full shard set; gradients all-reduced)
     dp_shard: int = -1  # FSDP2 shards; -1 fills whatever the other axes leave of the world
+    # context parallel (Ulysses): each sample's text and image tokens split over cp ranks; around
+    # attention an all-to-all trades the token split for a head split. Weights stay whole (FSDP
+    # shards them over dp_shard x cp); activation memory per GPU / cp
+    cp: int = 1
     tp: int = 1  # tensor + sequence parallel degree (heads, MLP hidden, modulation sharded)
     pp: int = 1  # pipeline stages (blocks split by FLOPs)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
@@ -282,9 +287,9 @@ class ParallelConfig:
                     raise ConfigError(f"parallel: world size {world} is not divisible by the fixed axes "
                                       f"({fixed}), so parallel.{a}=-1 cannot fill it")
                 sizes[a] = world // fixed
-        product = sizes["dp_replicate"] * sizes["dp_shard"] * sizes["tp"] * sizes["pp"]
+        product = sizes["dp_replicate"] * sizes["dp_shard"] * sizes["cp"] * sizes["tp"] * sizes["pp"]
         if product != world:
-            raise ConfigError(f"parallel: dp_replicate x dp_shard x tp x pp = {product} but the world size is "
+            raise ConfigError(f"parallel: dp_replicate x dp_shard x cp x tp x pp = {product} but the world size is "
                               f"{world}; set one axis to -1 or make the product {world}")
         return sizes
 

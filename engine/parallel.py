@@ -8,12 +8,15 @@ starts from the weights a single process would), then:
 2. tensor parallel: per block, heads / MLP hidden / modulation outputs column-parallel, the
    output projections row-parallel, activations sequence-parallel between them
    (model/sequence_parallel.py); the QK-norm attention op runs on the local heads;
-3. activation checkpointing, then ``torch.compile`` per block, then
-4. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``), parameters
+3. context parallel: each rank of a ``cp`` group keeps 1/cp of every sample's tokens; attention
+   trades them for 1/cp of the heads with an all-to-all (Ulysses; model/sequence_parallel.py);
+4. activation checkpointing, then ``torch.compile`` per block, then
+5. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``·``cp``), parameters
    gathered in the autocast dtype (bf16 / fp16) over fp32 master shards, gradients reduced in fp32.
 
 That order (TP -> AC -> compile -> FSDP) is the one that composes (torchtitan). Data: the
 global batch is the single-process batch; data-parallel rank r takes samples r, r+dp, ...
+(the ranks of a cp group take the same samples).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from kiln.engine.config import RunConfig
 from kiln.engine.errors import ConfigError
 from kiln.model.mmdit import MMDiT
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Dist:
     world: int = 1
     mesh: DeviceMesh | None = None
     coords: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 0))  # read once at init
+    # with cp > 1: the same ranks as ``mesh`` with dp_shard and cp as one dimension, FSDP's
+    fsdp_root: DeviceMesh | None = None
 
     @property
     def enabled(self) -> bool:
@@ -78,12 +83,15 @@ class Dist:
         return self.pp_rank == self.sizes["pp"] - 1
 
     def dp_mesh(self) -> DeviceMesh | None:
-        """FSDP's mesh: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP; None if dp = 1."""
-        if self.mesh is None or self.dp_size == 1:
+        """FSDP's mesh: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP; None if dp = 1.
+        With context parallel, dp_shard·cp: the ranks of a cp group hold the same weights and
+        each reduces the gradients of its share of the tokens."""
+        if self.mesh is None or self.dp_size * self.sizes["cp"] == 1:
             return None
+        mesh, shard = (self.fsdp_root, "dp_shard_cp") if self.fsdp_root is not None else (self.mesh, "dp_shard")
         if self.sizes["dp_replicate"] > 1:
-            return self.mesh["dp_replicate", "dp_shard"]
-        return self.mesh["dp_shard"]
+            return mesh["dp_replicate", shard]
+        return mesh[shard]
 
 
 def device_for_rank(requested: str) -> torch.device:
@@ -96,7 +104,7 @@ def device_for_rank(requested: str) -> torch.device:
 
 
 def init(cfg: RunConfig, device: torch.device) -> Dist:
-    """Join the torchrun process group and build the 4-D mesh (pp, dp_replicate, dp_shard, tp)."""
+    """Join the torchrun process group and build the 5-D mesh (pp, dp_replicate, dp_shard, cp, tp)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = cfg.parallel.sizes(world)
     check_layout(cfg, sizes)
@@ -109,7 +117,12 @@ def init(cfg: RunConfig, device: torch.device) -> Dist:
                                 timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     mesh = init_device_mesh(device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
     coords = {d: mesh[d].get_local_rank() for d in MESH_DIMS}
-    return Dist(sizes, dist.get_rank(), world, mesh, coords)
+    fsdp_root = None
+    if sizes["cp"] > 1:  # a second mesh over the same ranks (cp is next to dp_shard): no flattening
+        dims = ("pp", "dp_replicate", "dp_shard_cp", "tp")
+        fsdp_root = init_device_mesh(device.type, (sizes["pp"], sizes["dp_replicate"], sizes["dp_shard"] * sizes["cp"],
+                                                   sizes["tp"]), mesh_dim_names=dims)
+    return Dist(sizes, dist.get_rank(), world, mesh, coords, fsdp_root)
 
 
 def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
@@ -137,10 +150,31 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
         tokens = (stage.resolution // m.patch_size) ** 2
         if tokens % tp:
             raise ConfigError(f"parallel.tp={tp} must divide the {tokens} image tokens at {stage.resolution} px")
+    _check_context_parallel(cfg, sizes)
     if pp > 1 and cfg.parallel.reshard == "after-forward":
         raise ConfigError(f"parallel.reshard=after-forward saves no memory with a pipeline (pp={pp}): torch's "
                           "schedules keep each stage's gathered parameters from its first backward to the end "
                           "of the step; use auto or after-step")
+
+
+def _check_context_parallel(cfg: RunConfig, sizes: dict[str, int]) -> None:
+    """cp splits each stream's tokens (after TP's split of the same tokens) and the heads TP left."""
+    cp, tp, m = sizes.get("cp", 1), sizes["tp"], cfg.model
+    if cp == 1:
+        return
+    if sizes["pp"] > 1:
+        raise ConfigError(f"parallel.cp={cp} with parallel.pp={sizes['pp']}: context parallel does not run under "
+                          "a pipeline schedule; use parallel.pp=1")
+    if (m.heads // tp) % cp:
+        raise ConfigError(f"parallel.cp={cp} must divide the heads each tensor-parallel rank holds "
+                          f"(model.heads / parallel.tp = {m.heads // tp})")
+    if cfg.text.max_length % (cp * tp):
+        raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide text.max_length = {cfg.text.max_length}")
+    for stage in cfg.stages or [cfg.stage_at(0)]:
+        tokens = (stage.resolution // m.patch_size) ** 2
+        if tokens % (cp * tp):
+            raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide the {tokens} image tokens at "
+                              f"{stage.resolution} px")
 
 
 def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
@@ -227,6 +261,16 @@ def apply_tp(model: MMDiT, tp: DeviceMesh) -> None:
             block.tp = tp
 
 
+# -- context parallel ------------------------------------------------------------------------
+def apply_cp(model: MMDiT, cp: DeviceMesh) -> None:
+    """Ulysses: the model keeps this rank's 1/cp of the tokens, every block all-to-alls around
+    attention (model/sequence_parallel.py). Nothing to shard: FSDP spans dp_shard·cp."""
+    model.cp = cp
+    for kind in ("double_blocks", "single_blocks"):
+        for block in getattr(model, kind).values():
+            block.cp = cp
+
+
 # -- activation checkpointing and compile ----------------------------------------------------
 def _save_matmuls_policy():
     from torch.utils.checkpoint import CheckpointPolicy
@@ -298,6 +342,8 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
         part.to(device)
         if d.sub("tp") is not None:
             apply_tp(part, d.sub("tp"))
+        if d.sub("cp") is not None:
+            apply_cp(part, d.sub("cp"))
         apply_ac(part, cfg.parallel.activation_checkpoint)
         if cfg.parallel.compile:
             apply_compile(part)
@@ -387,8 +433,8 @@ def global_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     if not d.enabled:
         return values
     v = values.detach().clone() if d.last_stage else torch.zeros_like(values)
-    dist.all_reduce(v)  # sum over every rank: dp ranks of the last stage x tp copies
-    return v / (d.dp_size * d.sizes["tp"])
+    dist.all_reduce(v)  # sum over every rank: dp ranks of the last stage x cp token shares x tp copies
+    return v / (d.dp_size * d.sizes["cp"] * d.sizes["tp"])
 
 
 def barrier(d: Dist) -> None:

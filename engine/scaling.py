@@ -3,8 +3,8 @@
 ``kiln model scaling PRESET`` prints, per GPU count, the layout with the shortest modelled step
 that fits in 80 GiB. These are formulas with stated constants, not measurements.
 
-Memory (bytes per GPU), with P parameters sharded over dp_shard·tp·pp:
-  weights fp32 4P + gradients fp32 4P + AdamW 8P + EMA fp32 4P, all / (dp_shard·tp·pp)
+Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·cp (FSDP's ranks):
+  weights fp32 4P + gradients fp32 4P + AdamW 8P + EMA fp32 4P, all / (f·tp·pp)
   + gathered bf16 parameters: two blocks at once (FSDP prefetch), 2·2·P_block/tp, when they are
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
     they are kept through the step (after-step; always with a pipeline: torch's schedules keep
@@ -12,27 +12,30 @@ Memory (bytes per GPU), with P parameters sharded over dp_shard·tp·pp:
   + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
     W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
     22·W selective (matmul outputs kept), 2·W full (block input only); / tp (sequence- or
-    head-sharded); for the micro-batch and the blocks of the stage (1F1B keeps pp micro-batches
-    in flight on stage 0, each over 1/pp of the blocks; without a pipeline, gradient accumulation
-    over K micro-batches keeps one, dp_batch / K images)
+    head-sharded) and / cp (context parallel keeps 1/cp of the tokens); for the micro-batch
+    and the blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over
+    1/pp of the blocks; without a pipeline, gradient accumulation over K micro-batches keeps
+    one, dp_batch / K images)
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
     accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
     last micro-batch).
 Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data):
   FSDP  all-gather bf16 params in forward and again in backward, reduce-scatter fp32 grads:
-        (2 + 2 + 4)·P/tp·(d-1)/d, d = dp_shard; accumulating K micro-batches gathers for each
+        (2 + 2 + 4)·P/tp·(f-1)/f, f = dp_shard·cp; accumulating K micro-batches gathers for each
         and reduce-scatters after each ((4K + 4K)·P/tp·...) or, with accumulate_sync=last, once
         ((4K + 4)·P/tp·...); reshard=after-step gathers once per step (2·P/tp·... instead of
         4K·P/tp·...); a pipeline gathers and reduces once per step ((2 + 4)·P/(tp·pp)·...);
         HSDP's all-reduce across replicas runs once either way
-  HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(d·tp·pp)·(r-1)/r
+  HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(f·tp·pp)·(r-1)/r
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
         4 backward: 16·S·W·(t-1)/t
+  CP    per block and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
+        W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
   PP    per image and stage boundary: the carrier S·W bf16 forward and its gradient back.
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
-dp_shard, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
+dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
 Step time: compute at 50% of 989 TFLOP/s (H100 bf16); FSDP/HSDP traffic overlaps compute
-(prefetch), TP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
+(prefetch), TP, CP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
 (3pp-1) slots.
 """
 
@@ -85,7 +88,7 @@ def _crosses_nodes(stride: int, size: int) -> bool:
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
              accumulate: int = 1, sync: str = "every", reshard: str = "after-forward") -> Estimate:
-    """One layout; ``dp_batch`` images per data-parallel rank (shared by its tp·pp GPUs),
+    """One layout; ``dp_batch`` images per data-parallel rank (shared by its cp·tp·pp GPUs),
     run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline,
     reducing gradients after each or (``sync="last"``) after the last, gathering parameters
     for each forward and backward or (``reshard="after-step"``) once."""
@@ -93,50 +96,54 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     blocks = cfg.depth + cfg.single_depth
     p_block = P / max(1, blocks)  # embedders and output layer are <1% of the larger presets
     r, d, t, pp = (layout[k] for k in ("dp_replicate", "dp_shard", "tp", "pp"))
+    cp = layout.get("cp", 1)
+    f = d * cp  # FSDP's ranks: a cp group holds the same weights
     S, side = tokens(cfg, resolution, text_tokens)
     W = cfg.width
-    master = (4 + 4 + 8 + 4) * P / (d * t * pp)
+    master = (4 + 4 + 8 + 4) * P / (f * t * pp)
     accumulate = accumulate if pp == 1 else 1
     keep = pp > 1 or reshard == "after-step"  # parameters gathered once, kept through the step
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
     micro = dp_batch / accumulate if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
-    acts = micro * in_flight * S * (blocks / pp) * ACT_BYTES_PER_TOKEN_WIDTH[ac] * W / t
-    # mesh (pp, dp_replicate, dp_shard, tp): strides t·d·r, t·d, t, 1
+    acts = micro * in_flight * S * (blocks / pp) * ACT_BYTES_PER_TOKEN_WIDTH[ac] * W / (t * cp)
+    # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
     held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
     reductions = 1 if held else accumulate
-    unsharded_grads = 4 * P / (t * pp) if held and d * r > 1 else 0
+    unsharded_grads = 4 * P / (t * pp) if held and f * r > 1 else 0
     gathers = 1 if keep else 2 * accumulate
-    fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (d - 1) / d
-    hsdp = 2 * 4 * P / (d * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
+    fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
+    hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
+    cp_bytes = dp_batch * blocks * 16 * S * W / (t * cp) * (cp - 1) / cp
     pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
-    comm = [(fsdp, _crosses_nodes(t, d)), (hsdp, _crosses_nodes(t * d, r)), (tp_bytes, False),
-            (pp_bytes, _crosses_nodes(t * d * r, pp))]
+    comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
+            (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp))]
     inter = sum(b for b, x in comm if x)
     intra = sum(b for b, x in comm if not x)
-    compute = 3 * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp) / (GPU_FLOPS * MFU)
-    # FSDP / HSDP traffic overlaps compute (prefetch); TP sits on the critical path; 1F1B idles
-    # (pp - 1) of (micro-batches + pp - 1) slots
-    dp_time = (fsdp if _crosses_nodes(t, d) else 0) / IB + (fsdp if not _crosses_nodes(t, d) else 0) / NVLINK \
-        + hsdp / (IB if _crosses_nodes(t * d, r) else NVLINK)
+    compute = 3 * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp * cp) / (GPU_FLOPS * MFU)
+    # FSDP / HSDP traffic overlaps compute (prefetch); TP and CP sit on the critical path; 1F1B
+    # idles (pp - 1) of (micro-batches + pp - 1) slots
+    dp_time = fsdp / (IB if _crosses_nodes(t, f) else NVLINK) + hsdp / (IB if _crosses_nodes(t * f, r) else NVLINK)
     bubble = (pp - 1) / (2 * pp + pp - 1) if pp > 1 else 0.0
-    seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK + pp_bytes / IB
+    seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK \
+        + cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK) + pp_bytes / IB
     images = dp_batch * d * r
     memory = (master + gathered + acts + unsharded_grads) / GIB
     return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
                     "after-step" if keep else "after-forward")
 
 
-def layouts(gpus: int):
-    """Every layout of ``gpus`` with tp inside a node and powers of two elsewhere."""
-    for t, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
-        if gpus % (t * pp):
+def layouts(gpus: int, heads: int = 0):
+    """Every layout of ``gpus`` with tp·cp inside a node, cp dividing the heads tp leaves (of
+    ``heads``; 0 = no cp) and not under a pipeline, and powers of two elsewhere."""
+    for t, cp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)):
+        if gpus % (t * cp * pp) or t * cp > NODE or (cp > 1 and (pp > 1 or not heads or heads % (t * cp))):
             continue
-        dp = gpus // (t * pp)
+        dp = gpus // (t * cp * pp)
         for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
             if dp % r == 0:
-                yield {"dp_replicate": r, "dp_shard": dp // r, "tp": t, "pp": pp}
+                yield {"dp_replicate": r, "dp_shard": dp // r, "cp": cp, "tp": t, "pp": pp}
 
 
 def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
@@ -148,7 +155,7 @@ def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 8
     (accumulate_sync=last); of those that fit, the fastest, then the fewest micro-batches,
     then the least memory."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
-    for lay in layouts(gpus):
+    for lay in layouts(gpus, cfg.heads):
         dp = lay["dp_replicate"] * lay["dp_shard"]
         if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
             continue
@@ -159,7 +166,7 @@ def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 8
         options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
         if options:
             fits.append(min(options, key=lambda e: (round(e.seconds, 3), e.accumulate, e.memory_gib)))
-    fits.sort(key=lambda e: (round(e.seconds, 3), e.layout["tp"] * e.layout["pp"], e.inter_gib))
+    fits.sort(key=lambda e: (round(e.seconds, 3), e.layout["tp"] * e.layout["pp"] * e.layout["cp"], e.inter_gib))
     return (fits[0] if fits else None), fits
 
 

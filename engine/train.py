@@ -125,8 +125,10 @@ class Trainer:
     def _make_loader(self, stage) -> ShapesLoader | MixLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
         if data.source == "shards":
+            # context parallel splits the image tokens over cp ranks: bucket sides of cp tokens
+            multiple = self.pixels_per_token * self.dist.sizes["cp"]
             return MixLoader(data, stage.data or [data.path], stage.weights, stage.batch_size, rank=self.dist.dp_rank,
-                             world_size=self.dist.dp_size, multiple=self.pixels_per_token, device=self.device)
+                             world_size=self.dist.dp_size, multiple=multiple, device=self.device)
         return ShapesLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
 
     def enter_stage(self) -> None:
@@ -310,7 +312,7 @@ class Trainer:
                 parallel.before_microbatch(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync,
                                            parallel.keeps_params(self.cfg, self.dist.sizes))
             with t.stage("forward"), self.autocast():
-                loss = _loss(self.model(*args), part_target)
+                loss = _loss(self.model(*args), self.model.output_target(part_target))
                 loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation
             with t.stage("backward"):
                 (loss * self.scaler.scale if self.scaler else loss).backward()

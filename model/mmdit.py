@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
 from kiln.model.layers import MLP, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
-from kiln.model.sequence_parallel import gather_seq, gathered_input, local_replicated, scatter_seq
+from kiln.model.sequence_parallel import (
+    gather_seq,
+    gathered_input,
+    heads_to_seq,
+    local_replicated,
+    local_tokens,
+    scatter_seq,
+    seq_to_heads,
+)
 
 TEXT_GROUP, IMAGE_GROUP = 0, 1
 ATTENTION_PATHS = ("fused", "norm_rope_sdpa")
@@ -91,21 +99,22 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig):
     return qk_norm_attention(q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask)
 
 
-def _heads(qkv: torch.Tensor, head_dim: int):
-    """(B, S, heads*3*D) -> q, k, v views (B, S, heads, D).
+def _heads(qkv: torch.Tensor, head_dim: int, cp=None):
+    """(B, S, heads*3*D) -> q, k, v (B, S, heads, D); under context parallel (B, S/cp, ...) ->
+    (B, S, heads/cp, D), one all-to-all for the three.
 
     The QKV projections' output features are ordered (head, q|k|v, D), so a column-parallel
     shard of them (tensor parallelism) holds whole heads with their q, k and v.
     """
     B, S, _ = qkv.shape
-    return qkv.view(B, S, -1, 3, head_dim).unbind(3)
+    return seq_to_heads(qkv.view(B, S, -1, 3, head_dim), cp).unbind(3)
 
 
 class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
-        self.tp = None  # tensor-parallel DeviceMesh, set by kiln.engine.parallel
+        self.tp = self.cp = None  # tensor- / context-parallel DeviceMesh, set by kiln.engine.parallel
         self.img_mod, self.txt_mod = nn.Linear(w, 6 * w), nn.Linear(w, 6 * w)
         self.img_qkv, self.txt_qkv = nn.Linear(w, 3 * w), nn.Linear(w, 3 * w)
         self.img_proj, self.txt_proj = nn.Linear(w, w), nn.Linear(w, w)
@@ -116,14 +125,16 @@ class DoubleStreamBlock(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(2, cfg.head_dim))
 
     def forward(self, img, txt, c, rope, token_group, key_mask):
-        # img (B, N', W), txt (B, L', W): N' = N/tp, L' = L/tp tokens of this rank under TP
+        # img (B, N', W), txt (B, L', W): N' = N/(cp·tp), L' = L/(cp·tp) tokens of this rank;
+        # H' = H/(tp·cp) heads in attention
         L = txt.shape[1] * (self.tp.size() if self.tp is not None else 1)
         im = local_replicated(self.img_mod(F.silu(c))).chunk(6, dim=-1)  # 6 x (B, W)
         tm = local_replicated(self.txt_mod(F.silu(c))).chunk(6, dim=-1)
         qkv = torch.cat([self.txt_qkv(gathered_input(adaln_modulate(txt, tm[0], tm[1]), self.tp)),
                          self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
-        q, k, v = _heads(qkv, self.cfg.head_dim)  # (B, S, H', D) views of the joint sequence
-        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg)
+        q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D) of the joint sequence
+        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
+                            self.cp)  # (B, S_cp, H, D): this cp rank's tokens
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
         img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
         img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
@@ -142,7 +153,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
-        self.tp = None
+        self.tp = self.cp = None
         self.mod = nn.Linear(w, 3 * w)
         self.qkv = nn.Linear(w, 3 * w)
         self.mlp_in = nn.Linear(w, cfg.mlp_hidden)
@@ -152,11 +163,12 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
 
     def forward(self, x, c, rope, token_group, key_mask):
-        # x (B, S', W), S' = S/tp under TP
+        # x (B, S', W), S' = S/(cp·tp) tokens of this rank
         shift, scale, gate = local_replicated(self.mod(F.silu(c))).chunk(3, dim=-1)  # 3 x (B, W)
         h = gathered_input(adaln_modulate(x, shift, scale), self.tp)
-        q, k, v = _heads(self.qkv(h), self.cfg.head_dim)  # (B, S, H', D)
-        attn = _attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg)
+        q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp)
+        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
+                            self.cp)  # (B, S/cp, H/tp, D)
         out = self.proj(attn.flatten(2)) + self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh"))
         return x + gate[:, None] * out  # (B, S', W)
 
@@ -187,7 +199,7 @@ class MMDiT(nn.Module):
         self.final_mod = nn.Linear(w, 2 * w)
         self.final = nn.Linear(w, cfg.in_channels * p * p)
         self.grid = (0, 0)  # (h, w) patches of the current batch; set by embed() or the trainer
-        self.tp = None  # tensor-parallel DeviceMesh, set by kiln.engine.parallel
+        self.tp = self.cp = None  # tensor- / context-parallel DeviceMesh, set by kiln.engine.parallel
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -249,7 +261,8 @@ class MMDiT(nn.Module):
         return torch.cat([txt, img], dim=1), torch.cat([c, key_mask], dim=1)
 
     def run_blocks(self, xs, cond):
-        """This module's blocks on the carrier; xs (B, L+N, W) in and out."""
+        """This module's blocks on the carrier; xs (B, L+N, W) in, and out (under context
+        parallel, out: this rank's tokens, [its 1/cp of the text, its 1/cp of the image])."""
         cfg = self.cfg
         c, key_mask = cond[:, :cfg.width], cond[:, cfg.width:]  # (B, W), (B, L+N)
         h, w = self.grid
@@ -262,7 +275,13 @@ class MMDiT(nn.Module):
         token_group = torch.cat([
             torch.full((L,), TEXT_GROUP, device=xs.device), torch.full((N,), IMAGE_GROUP, device=xs.device)
         ])  # (S,)
-        rope, mask = (cos.to(xs.dtype), sin.to(xs.dtype)), key_mask > 0.5
+        mask = key_mask > 0.5
+        if self.cp is not None:
+            order = _cp_order(L, N, self.cp.size(), xs.device)  # attention sees the tokens in this order
+            cos, sin, token_group, mask = cos[order], sin[order], token_group[order], mask[:, order]
+            xs = torch.cat([local_tokens(xs[:, :L], self.cp), local_tokens(xs[:, L:], self.cp)], dim=1)
+            L //= self.cp.size()
+        rope = (cos.to(xs.dtype), sin.to(xs.dtype))
         if len(self.double_blocks):
             # each stream is split along its own tokens under TP; joined again for single blocks
             txt, img = scatter_seq(xs[:, :L], self.tp), scatter_seq(xs[:, L:], self.tp)
@@ -274,14 +293,35 @@ class MMDiT(nn.Module):
             for block in self.single_blocks.values():
                 xs = block(xs, c, rope, token_group, mask)
             xs = gather_seq(xs, self.tp)
-        return xs  # (B, S, W)
+        return xs  # (B, S, W), or (B, S/cp, W)
 
     def head(self, xs, cond):
-        """Carrier -> velocity (B, C, H, W) from the image tokens."""
+        """Carrier -> velocity (B, C, H, W) from the image tokens; under context parallel this
+        rank's image tokens' patches (B, N/cp, C·p·p) (compare with :meth:`output_target`)."""
         cfg = self.cfg
         c = cond[:, :cfg.width]  # (B, W)
         h, w = self.grid
-        img = xs[:, xs.shape[1] - h * w:]  # (B, N, W)
+        cp = self.cp.size() if self.cp is not None else 1
+        img = xs[:, xs.shape[1] - h * w // cp:]  # (B, N/cp, W)
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
-        out = self.final(adaln_modulate(img, shift, scale))  # (B, N, C*p*p)
+        out = self.final(adaln_modulate(img, shift, scale))  # (B, N/cp, C*p*p)
+        if self.cp is not None:
+            return out
         return unpatchify(out, cfg.patch_size, cfg.in_channels, h, w)  # (B, C, H, W)
+
+    def output_target(self, target: torch.Tensor) -> torch.Tensor:
+        """A (B, C, H, W) target in the layout ``forward`` returns: itself, or under context
+        parallel this rank's image tokens' patches (B, N/cp, C·p·p)."""
+        if self.cp is None:
+            return target
+        return local_tokens(patchify(target, self.cfg.patch_size), self.cp)
+
+
+def _cp_order(L: int, N: int, cp: int, device) -> torch.Tensor:
+    """Joint-sequence positions in the order context parallel's all-to-all gathers them: rank 0's
+    text and image tokens, then rank 1's, ... (each rank holds [its L/cp text, its N/cp image])."""
+    if L % cp or N % cp:
+        raise ValueError(f"context parallel: {L} text and {N} image tokens do not split over parallel.cp={cp} "
+                         "ranks (bucket sides are made multiples of cp tokens; precomputed latents must be too)")
+    text, image = torch.arange(L, device=device).view(cp, -1), L + torch.arange(N, device=device).view(cp, -1)
+    return torch.cat([text, image], dim=1).flatten()

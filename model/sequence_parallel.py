@@ -1,15 +1,22 @@
-"""Sequence-parallel boundaries of the MMDiT blocks (no-ops when tensor parallelism is off).
+"""Sequence-parallel boundaries of the MMDiT blocks (no-ops when tensor / context parallelism is off).
 
 Under tensor parallelism (engine/parallel.py) every block keeps its activations as local
 tensors split along the sequence, (B, S/tp, W): LayerNorm, adaLN modulation, gates and residual
 adds run on 1/tp of the tokens. The column-parallel linears (QKV, MLP in, modulation) all-gather
 the sequence; the row-parallel ones (attention out, MLP out) reduce-scatter back to it. These
 helpers mark those boundaries with DTensor so that autograd inserts the matching collectives.
+
+Under context parallelism (Ulysses) a rank holds 1/cp of every sample's tokens through the
+whole model with whole weights. Attention needs every token: ``seq_to_heads`` all-to-alls the
+(B, S/cp, H, D) projections into (B, S, H/cp, D) and ``heads_to_seq`` sends the output back.
+Each all-to-all moves (cp-1)/cp of its tensor, 4 per block (q, k, v in one, and the output)
+against TP's 4 all-gathers / reduce-scatters of the (wider) activations.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
@@ -45,3 +52,48 @@ def local_replicated(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return t.to_local(grad_placements=[Partial()])
     return t
+
+
+def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.Tensor:
+    """Chunk j of ``x`` along ``split_dim`` goes to rank j; what rank j sent is concatenated
+    along ``cat_dim`` in rank order."""
+    n = dist.get_world_size(group)
+    send = x.unflatten(split_dim, (n, -1)).movedim(split_dim, 0).contiguous()  # (n, ...) chunk j for rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.movedim(0, cat_dim).flatten(cat_dim, cat_dim + 1)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, split_dim: int, cat_dim: int):
+        ctx.group, ctx.dims = group, (split_dim, cat_dim)
+        return _all_to_all(x, group, split_dim, cat_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        split_dim, cat_dim = ctx.dims
+        return _all_to_all(grad, ctx.group, cat_dim, split_dim), None, None, None
+
+
+def seq_to_heads(x: torch.Tensor, cp: DeviceMesh | None, head_dim: int = 2) -> torch.Tensor:
+    """(B, S/cp, H, ...) this rank's tokens, every head -> (B, S, H/cp, ...) every token of this
+    rank's heads, tokens in rank order (rank 0's, then rank 1's, ...)."""
+    if cp is None:
+        return x
+    return _AllToAll.apply(x, cp.get_group(), head_dim, 1)
+
+
+def heads_to_seq(x: torch.Tensor, cp: DeviceMesh | None) -> torch.Tensor:
+    """Inverse of :func:`seq_to_heads`: (B, S, H/cp, D) -> (B, S/cp, H, D)."""
+    if cp is None:
+        return x
+    return _AllToAll.apply(x, cp.get_group(), 1, 2)
+
+
+def local_tokens(x: torch.Tensor, cp: DeviceMesh | None) -> torch.Tensor:
+    """This rank's 1/cp of the tokens (dim 1) of a tensor every rank of the cp group holds;
+    the gradient of the others stays zero here (they are their own ranks' share)."""
+    if cp is None:
+        return x
+    return x.chunk(cp.size(), dim=1)[cp.get_local_rank()]

@@ -40,6 +40,11 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
                     "sample.num_prompts=2", "sample.steps=1"]),  # eval with a sharded encoder
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2",
                             "parallel.microbatches=2"]),
+    # context parallel (Ulysses): alone (its all-to-alls recomputed under checkpointing), under
+    # FSDP over dp_shard x cp, and inside tensor parallel's head split
+    "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective"]),
+    "dp_shard2_cp2": (4, ["parallel.dp_shard=2", "parallel.cp=2", "parallel.microbatches=2"]),
+    "tp2_cp2": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=full"]),
 }
 
 
@@ -199,7 +204,7 @@ def test_layout_errors_name_the_field():
     from kiln.engine.parallel import check_layout
 
     cfg = _config(3, [])
-    with pytest.raises(ConfigError, match="parallel: dp_replicate x dp_shard x tp x pp = 6"):
+    with pytest.raises(ConfigError, match="parallel: dp_replicate x dp_shard x cp x tp x pp = 6"):
         cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp_shard = 3, 2, 1
         cfg.parallel.sizes(4)
     cfg = _config(3, [])
@@ -210,7 +215,16 @@ def test_layout_errors_name_the_field():
     cfg.parallel.microbatches = 3  # gradient accumulation (no pipeline) splits the rank's batch too
     with pytest.raises(ConfigError, match="parallel.microbatches = 3 must divide the per-rank batch 4"):
         check_layout(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1})
-    assert cfg.parallel.sizes(8) == {"dp_replicate": 1, "dp_shard": 8, "tp": 1, "pp": 1}
+    assert cfg.parallel.sizes(8) == {"dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1, "pp": 1}
+    one, cfg.parallel.microbatches = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}, 0
+    with pytest.raises(ConfigError, match=r"parallel.cp=4 must divide the heads each tensor-parallel rank holds "
+                                          r"\(model.heads / parallel.tp = 2\)"):
+        check_layout(cfg, {**one, "tp": 2, "cp": 4})
+    cfg.text.max_length = 6
+    with pytest.raises(ConfigError, match="parallel.cp x parallel.tp = 4 must divide text.max_length = 6"):
+        check_layout(cfg, {**one, "cp": 4})
+    with pytest.raises(ConfigError, match="parallel.cp=2 with parallel.pp=2: context parallel does not run under"):
+        check_layout(cfg, {**one, "pp": 2, "cp": 2})
     cfg.parallel.microbatches, cfg.parallel.reshard = 2, "after-forward"
     with pytest.raises(ConfigError, match="parallel.reshard=after-forward saves no memory with a pipeline"):
         check_layout(cfg, {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 1})
@@ -258,7 +272,7 @@ def test_scaling_model_layouts_multiply_to_the_gpu_count_and_shard_memory():
     best, fits = recommend(cfg, 64, 256)
     assert best is not None and all(e.memory_gib <= 72 for e in fits)
     lay = best.layout
-    assert lay["dp_replicate"] * lay["dp_shard"] * lay["tp"] * lay["pp"] == 64
+    assert lay["dp_replicate"] * lay["dp_shard"] * lay["cp"] * lay["tp"] * lay["pp"] == 64
     # 2048 px without checkpointing: 4 images of activations per GPU are 100s of GiB; only
     # gradient accumulation (no pipeline) fits, at the price of an all-gather per micro-batch
     best, fits = recommend(preset("xl"), 8, 32, resolution=2048, ac="none")
@@ -267,6 +281,12 @@ def test_scaling_model_layouts_multiply_to_the_gpu_count_and_shard_memory():
                      2048, ac="none")
     assert whole.memory_gib > 80 and whole.intra_gib < best.intra_gib
     assert f"microbatches={best.accumulate}" in best.row(8)
+    # 4096 px: one image's activations do not fit a GPU; context parallel splits its tokens
+    best, _ = recommend(preset("xl"), 8, 8, resolution=4096)
+    assert best is not None and best.layout["cp"] > 1 and f"cp={best.layout['cp']}" in best.row(8)
+    alone = estimate(preset("xl"), {**best.layout, "cp": 1}, best.images // best.layout["dp_shard"], 4096,
+                     accumulate=best.accumulate)
+    assert alone.memory_gib > 80 > best.memory_gib
 
 
 def test_scaling_model_counts_the_parameters_and_gradients_fsdp_keeps():
