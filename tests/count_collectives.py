@@ -1,7 +1,7 @@
 """torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's collectives on this
 rank (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces across
-HSDP replicas) and writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines
-interleave)."""
+HSDP replicas) and context parallel's all-to-alls, and writes them to OUT/collectives_rankR.txt
+(a file each: the ranks' stdout lines interleave)."""
 
 import os
 import sys
@@ -15,9 +15,9 @@ from kiln.engine.cli import main
 calls: Counter = Counter()
 
 
-def _counting(name: str, collective):
+def _counting(name: str, collective, caller: str = "fsdp"):
     def wrapper(*args, **kwargs):
-        if "fsdp" in sys._getframe(1).f_globals.get("__name__", ""):  # FSDP's, not the loss / norm ones
+        if caller in sys._getframe(1).f_globals.get("__name__", ""):  # FSDP's, not the loss / norm ones
             calls[name] += 1
         return collective(*args, **kwargs)
 
@@ -28,7 +28,8 @@ def _counting(name: str, collective):
 dist.all_gather_single = _counting("all-gathers", dist.all_gather_single)
 dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
 dist.all_reduce = _counting("all-reduces", dist.all_reduce)
+dist.all_to_all_single = _counting("all-to-alls", dist.all_to_all_single, caller="sequence_parallel")
 main(["train", *sys.argv[1:]])
 rank, out = os.environ["RANK"], Path(sys.argv[sys.argv.index("--out") + 1])
-counts = " ".join(f"{name} {calls[name]}" for name in ("all-gathers", "reduce-scatters", "all-reduces"))
+counts = " ".join(f"{name} {calls[name]}" for name in ("all-gathers", "reduce-scatters", "all-reduces", "all-to-alls"))
 (out / f"collectives_rank{rank}.txt").write_text(f"rank {rank} {counts}\n")

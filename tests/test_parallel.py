@@ -156,17 +156,20 @@ def test_fp16_layouts_skip_the_steps_one_process_skips(layout, init, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)  # the initial weights, bit for bit
 
 
-@pytest.mark.parametrize("sync, reshard", [("every", "after-step"), ("last", "after-forward")])
-def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, reference, tmp_path):
+@pytest.mark.parametrize("sync, reshard, shard", [("every", "after-step", "dp_shard"), ("last", "after-forward", "cp")])
+def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, shard, reference, tmp_path):
     """HSDP 2 x 2 with 2 accumulated micro-batches (of 1 image): FSDP reduce-scatters each group's gradients
     after each micro-batch (accumulate_sync=every) or once (=last); the all-reduce across
     replicas runs once per step either way. Parameters are gathered once per step
     (reshard=after-step) or for each block's forward and backward in each micro-batch, the
-    root's once per micro-batch (after-forward). Both train like one process."""
+    root's once per micro-batch (after-forward). The shards are dp_shard=2, or cp=2: context
+    parallel's ranks share the weights, FSDP shards them over both, and every block all-to-alls
+    q, k, v and the attention output, forward and backward. All train like one process."""
     steps, k, cfg = 3, 2, _config(3, [])
     blocks = cfg.model.depth + cfg.model.single_depth  # fully_shard per block, and the root
-    sets = [*COMMON, "parallel.dp_replicate=2", "parallel.dp_shard=2", f"parallel.microbatches={k}",
+    sets = [*COMMON, "parallel.dp_replicate=2", f"parallel.{shard}=2", f"parallel.microbatches={k}",
             f"parallel.accumulate_sync={sync}", f"parallel.reshard={reshard}"]
+    sets += ["parallel.dp_shard=1"] if shard == "cp" else []
     run = tmp_path / sync
     _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
               entry=(str(Path(__file__).with_name("count_collectives.py")),))
@@ -174,8 +177,9 @@ def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, referen
     gathers = steps * (blocks + 1 if reshard == "after-step" else k * (2 * blocks + 1))
     scatters = steps * (blocks + 1) * (k if sync == "every" else 1)
     all_reduces = steps * (blocks + 1)
-    assert counts == [f"rank {r} all-gathers {gathers} reduce-scatters {scatters} all-reduces {all_reduces}"
-                      for r in range(4)]
+    all_to_alls = steps * k * blocks * 4 if shard == "cp" else 0
+    assert counts == [f"rank {r} all-gathers {gathers} reduce-scatters {scatters} all-reduces {all_reduces} "
+                      f"all-to-alls {all_to_alls}" for r in range(4)]
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
 
