@@ -25,6 +25,8 @@ that needs more than is left is skipped and says so, and the verdicts mark what 
   tests-triton  tests/test_gpu_kernels.py without csrc: every Triton launch candidate against the
                 reference with the 2x rule (xdist workers, so the JIT compiles run in parallel)
   tests-csrc    the csrc CUDA tests
+  tests-engine  tests/test_gpu.py: the engine on CUDA (bf16 and fp16 training with its loss scale,
+                exact resume); no kernel point, so no verdict: its row and output only
   extra         the attention benchmark's other shapes, if time is left
 
 Files in --out (a device call returns at most 8): ``log.txt`` (every stage's output),
@@ -51,6 +53,7 @@ from kiln.benchmarks.verdicts import write_verdicts
 PY = sys.executable
 BENCH = (PY, "-m", "kiln.engine.cli", "bench")
 PYTEST = (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py")
+ENGINE_TESTS = (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py")
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,14 @@ def stages(rows: Path, copy_gbps: float | None, workers: int) -> list[Stage]:
                                "csrc,triton,eager", *copy, *out), 60, 20, csrc="after"),
         Stage("tests-triton", (*PYTEST, *xdist, "-k", "not csrc"), 240, 60),
         Stage("tests-csrc", (*PYTEST, *xdist, "-k", "csrc"), 120, 30, csrc="needs"),
+        Stage("tests-engine", ENGINE_TESTS, 150, 40, csrc="after"),
         Stage("extra", (*BENCH, "attention", "--shapes", "rest", *out, "--providers",
                         "triton,triton-core,eager,sdpa-cudnn,compile"), 600, 60),
     ]
 
 
-STAGE_NAMES = ("ceilings", "attention", "group_norm", "qk_norm_rope", "tests-triton", "tests-csrc", "extra")
+STAGE_NAMES = ("ceilings", "attention", "group_norm", "qk_norm_rope", "tests-triton", "tests-csrc", "tests-engine",
+               "extra")
 
 
 def next_stage(pending: list[str], plan: dict[str, Stage], building: bool) -> str:

@@ -134,7 +134,7 @@ class DoubleStreamBlock(nn.Module):
                          self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
         q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D) of the joint sequence
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
-                            self.cp)  # (B, S_cp, H, D): this cp rank's tokens
+                            self.cp)  # (B, S/cp, H/tp, D): this rank's tokens, its TP heads
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
         img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
         img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
