@@ -25,31 +25,47 @@ class EMA:
     """
 
     def __init__(self, parts: nn.Module | list[nn.Module], decay: float):
-        self.decay, self.updates = decay, 0
+        self.decay, self.updates = decay, 0  # updates: calls of update()
+        self.skipped: torch.Tensor | None = None  # of those, skipped fp16 steps: a device count
         self.params = {n: p.detach().clone() for n, p in _named(parts)}
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return _warm(self.decay, self.updates)
+
+    def applied(self) -> int:
+        """Updates that moved the average (reads the device count: checkpoints only)."""
+        return self.updates - (int(self.skipped.item()) if self.skipped is not None else 0)
 
     @torch.no_grad()
     def update(self, parts: nn.Module | list[nn.Module], skip: torch.Tensor | None = None) -> None:
         """Move toward the weights; ``skip`` (a device flag, 1.0 = the optimizer skipped this
-        fp16 step) leaves the average as it is. The decay warm-up counts every call."""
-        weight = 1.0 - self.current_decay()
-        if skip is not None:
-            weight = weight * (1.0 - skip)  # a device scalar: no host sync
+        fp16 step) leaves the average as it is and the warm-up where it was, as fused AdamW
+        takes its step count back (all on the device: no host sync per step)."""
+        if skip is None:
+            weight = 1.0 - self.current_decay()
+        else:
+            before = self.skipped if self.skipped is not None else torch.zeros_like(skip)
+            weight = (1.0 - _warm(self.decay, self.updates - before)) * (1.0 - skip)
+            self.skipped = before + skip
         self.updates += 1
         named = _named(parts)
         torch._foreach_lerp_([_local(self.params[n]) for n, _ in named], [_local(p.detach()) for _, p in named], weight)
 
     def state_dict(self) -> dict:
-        return {"params": self.params, "updates": self.updates}
+        return {"params": self.params, "updates": self.applied()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for name, value in state["params"].items():
                 self.params[name].copy_(value)
-        self.updates = int(state["updates"])
+        self.updates, self.skipped = int(state["updates"]), None
+
+
+def _warm(decay: float, n):
+    """The decay after n applied updates (a number, or a device tensor)."""
+    if isinstance(n, torch.Tensor):
+        return ((1 + n) / (10 + n)).clamp(max=decay)
+    return min(decay, (1 + n) / (10 + n))
 
 
 def _named(parts: nn.Module | list[nn.Module]) -> list[tuple[str, torch.Tensor]]:

@@ -179,7 +179,7 @@ class Trainer:
         tensors = {"model": model, "optimizer": self.opt.sharded_state_dict(),
                    "ema": self.ema.params if self.ema else {}}
         extra = {**self._extra_state(), "schedulers": [s.state_dict() for s in self.opt.scheds],
-                 "ema_updates": self.ema.updates if self.ema else 0, "layout": self.dist.sizes}
+                 "ema_updates": self.ema.applied() if self.ema else 0, "layout": self.dist.sizes}
         return tensors, extra
 
     def _load_extra(self, state: dict) -> None:
@@ -221,7 +221,7 @@ class Trainer:
         self.opt.load_sharded_state_dict(tensors["optimizer"])
         self.opt.load_schedulers(extra["schedulers"])
         if self.ema is not None:
-            self.ema.updates = int(extra["ema_updates"])
+            self.ema.updates, self.ema.skipped = int(extra["ema_updates"]), None
         self._load_extra(extra)
 
     def save_checkpoint(self) -> None:

@@ -96,6 +96,19 @@ def test_ema_update_is_exponential_average_with_warmup():
     torch.testing.assert_close(restored.params["weight"], ema.params["weight"])
 
 
+def test_a_skipped_fp16_step_neither_moves_the_average_nor_warms_it_up():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, skip=torch.tensor(1.0))  # the optimizer skipped: nothing moves
+    torch.testing.assert_close(ema.params["weight"], start)
+    ema.update(model, skip=torch.tensor(0.0))  # still the first applied update: decay 0.1
+    torch.testing.assert_close(ema.params["weight"], start + 0.9)
+    assert ema.updates == 2 and ema.applied() == 1 and ema.state_dict()["updates"] == 1
+
+
 def test_lr_schedule_warmup_then_constant_or_cosine():
     from kiln.engine.config import RunConfig
     from kiln.engine.optim import lr_lambda
