@@ -78,12 +78,18 @@ def test_cfg_combines_conditional_and_unconditional():
     torch.testing.assert_close(out, torch.full_like(noise, -9.0))
 
 
-def test_ema_update_is_exponential_average_with_warmup():
+def _ema_behind_its_model():
+    """A fresh EMA (decay 0.9) of a model whose weights then moved by +1: (model, ema, start)."""
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.9)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
+    return model, ema, start
+
+
+def test_ema_update_is_exponential_average_with_warmup():
+    model, ema, start = _ema_behind_its_model()
     ema.update(model)  # first update: decay min(0.9, 1/10) = 0.1
     torch.testing.assert_close(ema.params["weight"], start + 0.9)
     ema.updates = 1000  # warm: decay 0.9
@@ -97,11 +103,7 @@ def test_ema_update_is_exponential_average_with_warmup():
 
 
 def test_a_skipped_fp16_step_neither_moves_the_average_nor_warms_it_up():
-    model = torch.nn.Linear(3, 2)
-    ema = EMA(model, decay=0.9)
-    start = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
+    model, ema, start = _ema_behind_its_model()
     ema.update(model, skip=torch.tensor(1.0))  # the optimizer skipped: nothing moves
     torch.testing.assert_close(ema.params["weight"], start)
     ema.update(model, skip=torch.tensor(0.0))  # still the first applied update: decay 0.1
