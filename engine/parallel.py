@@ -147,9 +147,6 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
         if (stage.batch_size // dp) % microbatches(cfg, sizes):
             raise ConfigError(f"parallel.microbatches = {microbatches(cfg, sizes)} must divide the per-rank "
                               f"batch {stage.batch_size // dp}")
-        tokens = (stage.resolution // m.patch_size) ** 2
-        if tokens % tp:
-            raise ConfigError(f"parallel.tp={tp} must divide the {tokens} image tokens at {stage.resolution} px")
     _check_context_parallel(cfg, sizes)
     if pp > 1 and cfg.parallel.reshard == "after-forward":
         raise ConfigError(f"parallel.reshard=after-forward saves no memory with a pipeline (pp={pp}): torch's "
@@ -170,11 +167,18 @@ def _check_context_parallel(cfg: RunConfig, sizes: dict[str, int]) -> None:
                           f"(model.heads / parallel.tp = {m.heads // tp})")
     if cfg.text.max_length % (cp * tp):
         raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide text.max_length = {cfg.text.max_length}")
+
+
+def check_token_split(cfg: RunConfig, sizes: dict[str, int], pixels_per_token: int) -> None:
+    """Every stage's image tokens (resolution / (patch x VAE factor), squared) must split over
+    tp and cp; checked once the VAE, and with it the latent grid, is known."""
+    split = sizes["tp"] * sizes.get("cp", 1)
+    name = "parallel.cp x parallel.tp" if sizes.get("cp", 1) > 1 else "parallel.tp"
     for stage in cfg.stages or [cfg.stage_at(0)]:
-        tokens = (stage.resolution // m.patch_size) ** 2
-        if tokens % (cp * tp):
-            raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide the {tokens} image tokens at "
-                              f"{stage.resolution} px")
+        tokens = (stage.resolution // pixels_per_token) ** 2
+        if tokens % split:
+            raise ConfigError(f"{name} = {split} must divide the {tokens} image tokens at {stage.resolution} px "
+                              f"({pixels_per_token} px per token)")
 
 
 def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:

@@ -97,6 +97,7 @@ class Trainer:
             cfg.model.in_channels = self.vae.channels
         self.pixels_per_token = cfg.model.patch_size * (self.vae.factor if self.vae is not None else 1)
         _check_resolutions(cfg, self.pixels_per_token)
+        parallel.check_token_split(cfg, d.sizes, self.pixels_per_token)
         if cfg.data.latents:
             _check_encoded(cfg, self.vae)
         self.compute_dtype = compute_dtype(self.device, cfg.train.precision)

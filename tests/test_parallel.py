@@ -205,7 +205,7 @@ def test_pp_checkpoint_resumes_in_one_process(reference, layout_runs, tmp_path):
 
 
 def test_layout_errors_name_the_field():
-    from kiln.engine.parallel import check_layout
+    from kiln.engine.parallel import check_layout, check_token_split
 
     cfg = _config(3, [])
     with pytest.raises(ConfigError, match="parallel: dp_replicate x dp_shard x cp x tp x pp = 6"):
@@ -229,6 +229,13 @@ def test_layout_errors_name_the_field():
         check_layout(cfg, {**one, "cp": 4})
     with pytest.raises(ConfigError, match="parallel.cp=2 with parallel.pp=2: context parallel does not run under"):
         check_layout(cfg, {**one, "pp": 2, "cp": 2})
+    # 32 px in latents of 4 px with patches of 4 (16 px a token): 2 x 2 tokens; in pixels 8 x 8
+    with pytest.raises(ConfigError, match=r"parallel.cp x parallel.tp = 8 must divide the 4 image tokens at 32 px "
+                                          r"\(16 px per token\)"):
+        check_token_split(cfg, {**one, "tp": 2, "cp": 4}, 16)
+    check_token_split(cfg, {**one, "tp": 2, "cp": 4}, 4)
+    with pytest.raises(ConfigError, match=r"parallel.tp = 8 must divide the 4 image tokens"):
+        check_token_split(cfg, {**one, "tp": 8}, 16)
     cfg.parallel.microbatches, cfg.parallel.reshard = 2, "after-forward"
     with pytest.raises(ConfigError, match="parallel.reshard=after-forward saves no memory with a pipeline"):
         check_layout(cfg, {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 1})
