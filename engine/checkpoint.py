@@ -148,3 +148,31 @@ def load(path: Path, map_location="cpu") -> dict:
     if missing:
         raise KilnError(f"checkpoint {path} is incomplete: missing {', '.join(sorted(missing))}")
     return state
+
+
+def load_weights(path: Path, which: str, like: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """One set of weights, ``which`` = "model" (raw) or "ema", from a checkpoint of any layout,
+    as full tensors named and shaped like ``like`` (a plain model's state dict); and its step.
+
+    Only those tensors are read: a one-file checkpoint is memory-mapped, a distributed one is
+    read through torch.distributed.checkpoint, which reassembles the shards in one process; the
+    optimizer state (2x the weights) is never loaded.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            raise KilnError(f"checkpoint {path} is corrupt or unreadable ({why})") from e
+        found = state.get(which)
+        if which == "ema" and found is not None:
+            found = found["params"]
+        if found is None:
+            raise KilnError(f"checkpoint {path} has no {which} weights")
+        return dict(found), int(state["step"])
+    if not (path / "extra.pt").is_file():
+        raise KilnError(f"checkpoint {path} is neither a step_*.pt file nor a distributed checkpoint folder")
+    tensors = {which: {name: torch.empty_like(t, device="cpu") for name, t in like.items()}}
+    extra = load_sharded(path, tensors)
+    return tensors[which], int(extra["step"])

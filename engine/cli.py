@@ -105,6 +105,16 @@ def _eval(args) -> None:
     print(text)
 
 
+def _sample(args) -> None:
+    from kiln.engine.generate import SampleRequest, parse_size, read_prompts, sample_run
+
+    prompts = list(args.prompt) + (read_prompts(Path(args.prompts)) if args.prompts else [])
+    req = SampleRequest(prompts, parse_size(args.size) if args.size else None, args.seed, args.steps, args.cfg,
+                        args.negative, not args.raw, args.batch_size, args.device, args.checkpoint)
+    out = sample_run(Path(args.run_dir), req, Path(args.out) if args.out else None)
+    print(f"{len(prompts)} image(s) in {out} (grid.png, samples.jsonl)")
+
+
 def _ablate(args) -> None:
     from kiln.engine import ablate
 
@@ -227,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a sample.* field (cfg_scale, use_ema, captions, num_prompts, steps)")
     e.add_argument("--out", help="also write the scores to this JSON file")
     e.set_defaults(fn=_eval)
+    s = sub.add_parser("sample", help="images from text prompts with a run's checkpoint (EMA weights by default)")
+    s.add_argument("run_dir")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    s.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (after the --prompt ones)")
+    s.add_argument("--out", help="output folder (default RUN/generated/step_N)")
+    s.add_argument("--size", help="SIDE or WIDTHxHEIGHT in pixels (default: the run's resolution at that step)")
+    s.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed + i")
+    s.add_argument("--steps", type=int, help="Euler steps (default: the run's sample.steps)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's sample.cfg_scale)")
+    s.add_argument("--negative", default="", help="negative prompt: the unconditional branch of CFG")
+    s.add_argument("--raw", action="store_true", help="the raw weights, not the EMA")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--checkpoint", help="a step_*.pt file or step_*/ folder (default: the run's latest)")
+    s.set_defaults(fn=_sample)
     a = sub.add_parser("ablate", help="run an ablation study and write report.md")
     a.add_argument("study", nargs="?", help="a built-in study name, or a .py file defining STUDY")
     a.add_argument("--list", action="store_true", help="list the built-in studies")

@@ -39,7 +39,7 @@ from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate,
 from kiln.engine.optim import Optimizers
 from kiln.model.mmdit import MMDiT
 from kiln.model.presets import count_params
-from kiln.model.text_encoder import FixedTexts, TextBatch, build_text_encoder
+from kiln.model.text_encoder import FixedTexts, OpenCLIPTextEncoder, TextBatch, build_text_encoder
 from kiln.model.vae import LatentCodec
 
 
@@ -70,6 +70,23 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def build_frozen(cfg: RunConfig, device: torch.device) -> tuple[OpenCLIPTextEncoder, LatentCodec | None]:
+    """The frozen text encoder and VAE, built as every run builds them, and cfg.model's widths
+    and input channels set from them.
+
+    The global RNG is seeded with ``cfg.seed`` first: a text encoder without a weights file
+    (text.weights) is random-init, and is not in checkpoints, so sampling a run needs the same draw.
+    """
+    torch.manual_seed(cfg.seed)
+    encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
+    encoder.to(device)
+    cfg.model.text_dim, cfg.model.pooled_dim = encoder.width, encoder.pooled_dim
+    vae = LatentCodec.load(cfg.data.vae, device) if cfg.data.vae else None
+    if vae is not None:  # the model sees latents: its input channels are the VAE's
+        cfg.model.in_channels = vae.channels
+    return encoder, vae
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -82,19 +99,13 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.dist = d = parallel.init(cfg, self.device)
         self.is_main = d.rank == 0
-        torch.manual_seed(cfg.seed)
-        self.encoder = build_text_encoder(cfg.text.family, cfg.text.name, cfg.text.weights, cfg.text.max_length)
-        self.encoder.to(self.device)
+        self.encoder, self.vae = build_frozen(cfg, self.device)
         self.encoder.batch_invariant = cfg.train.deterministic
         if cfg.parallel.shard_text_encoder and d.dp_mesh() is not None:
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(self.encoder, mesh=d.dp_mesh())  # frozen: gathered per forward, never reduced
             self.encoder.sharded = True
-        cfg.model.text_dim, cfg.model.pooled_dim = self.encoder.width, self.encoder.pooled_dim
-        self.vae = LatentCodec.load(cfg.data.vae, self.device) if cfg.data.vae else None
-        if self.vae is not None:  # the model sees latents: its input channels are the VAE's
-            cfg.model.in_channels = self.vae.channels
         self.pixels_per_token = cfg.model.patch_size * (self.vae.factor if self.vae is not None else 1)
         _check_resolutions(cfg, self.pixels_per_token)
         parallel.check_token_split(cfg, d.sizes, self.pixels_per_token)
