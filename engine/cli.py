@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--gpus", default="8,64,512", help="comma-separated GPU counts")
     sc.add_argument("--batch-per-gpu", type=int, default=4, help="global batch = this x GPUs")
     sc.add_argument("--resolution", type=int, default=1024)
-    sc.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
+    sc.add_argument("--ac", default="auto", choices=("auto", "none", "selective", "full"),
+                    help="activation checkpointing (auto: the fastest mode that fits, per layout)")
     sc.set_defaults(fn=_model_scaling)
     data = sub.add_parser("data", help="prepare and inspect image-text datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -11,7 +11,7 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     them from the first backward on)
   + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
     W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
-    22·W selective (matmul outputs kept), 2·W full (block input only); / tp (sequence- or
+    22·W selective (matmul and attention outputs kept), 2·W full (block input only); / tp (sequence- or
     head-sharded) and / cp (context parallel keeps 1/cp of the tokens); for the micro-batch
     and the blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over
     1/pp of the blocks; without a pipeline, gradient accumulation over K micro-batches keeps
@@ -32,9 +32,16 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   CP    per block and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
         W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
   PP    per image and stage boundary: the carrier S·W bf16 forward and its gradient back.
+  Activation checkpointing (selective or full) runs TP's and CP's forward collectives again in
+  the backward's recompute: x1.5 their traffic. Counted on CPU (tests/count_collectives.py, tiny
+  recipe, 4 blocks, 3 steps, per rank): cp=2 all-to-alls 48 none, 72 selective, 72 full; tp=2
+  DTensor all-gathers 102 / 150 / 150, reduce-scatters 84 / 120 / 120.
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
 dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
-Step time: compute at 50% of 989 TFLOP/s (H100 bf16); FSDP/HSDP traffic overlaps compute
+Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step (backward = 2),
+4 with full checkpointing (each block's forward again); selective recomputes only elementwise
+ops (norms, modulation, GELU; ~1% of an xl step at HBM speed, uncounted like all elementwise
+work in MFU). ``ac="auto"`` tries all three per layout. FSDP/HSDP traffic overlaps compute
 (prefetch), TP, CP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
 (3pp-1) slots.
 """
@@ -49,6 +56,9 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": 34, "selective": 22, "full": 2}
+FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
+RECOMPUTED_COLLECTIVES = {"none": 1.0, "selective": 1.5, "full": 1.5}  # TP / CP traffic factor
+AC_MODES = tuple(ACT_BYTES_PER_TOKEN_WIDTH)
 # H100 SXM: 989 TFLOP/s dense bf16 at an assumed 50% MFU; NVLink 450 GB/s per GPU per direction
 # inside a node of 8; InfiniBand 400 Gb/s = 50 GB/s per GPU between nodes.
 GPU_FLOPS, MFU, NVLINK, IB, NODE = 989e12, 0.5, 450e9, 50e9, 8
@@ -65,11 +75,13 @@ class Estimate:
     accumulate: int = 1  # gradient-accumulation micro-batches (parallel.microbatches, no pipeline)
     sync: str = "every"  # parallel.accumulate_sync
     reshard: str = "after-forward"  # parallel.reshard (a pipeline keeps parameters either way)
+    ac: str = "selective"  # parallel.activation_checkpoint
 
     def row(self, gpus: int) -> str:
         lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
         lay += f" microbatches={self.accumulate} accumulate_sync={self.sync}" if self.accumulate > 1 else ""
         lay += " reshard=after-step" if self.reshard == "after-step" and self.layout["pp"] == 1 else ""
+        lay += f" activation_checkpoint={self.ac}"
         return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
                 f"{self.seconds:.2f} | {self.images / self.seconds / gpus:.2f} |")
 
@@ -114,14 +126,16 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathers = 1 if keep else 2 * accumulate
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
-    tp_bytes = dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
-    cp_bytes = dp_batch * blocks * 16 * S * W / (t * cp) * (cp - 1) / cp
+    redo = RECOMPUTED_COLLECTIVES[ac]
+    tp_bytes = redo * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
+    cp_bytes = redo * dp_batch * blocks * 16 * S * W / (t * cp) * (cp - 1) / cp
     pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
             (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp))]
     inter = sum(b for b, x in comm if x)
     intra = sum(b for b, x in comm if not x)
-    compute = 3 * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp * cp) / (GPU_FLOPS * MFU)
+    flops = FORWARDS_PER_STEP[ac] * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp * cp)
+    compute = flops / (GPU_FLOPS * MFU)
     # FSDP / HSDP traffic overlaps compute (prefetch); TP and CP sit on the critical path; 1F1B
     # idles (pp - 1) of (micro-batches + pp - 1) slots
     dp_time = fsdp / (IB if _crosses_nodes(t, f) else NVLINK) + hsdp / (IB if _crosses_nodes(t * f, r) else NVLINK)
@@ -131,7 +145,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     images = dp_batch * d * r
     memory = (master + gathered + acts + unsharded_grads) / GIB
     return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
-                    "after-step" if keep else "after-forward")
+                    "after-step" if keep else "after-forward", ac)
 
 
 def layouts(gpus: int, heads: int = 0):
@@ -152,17 +166,18 @@ def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 8
     Without a pipeline, each layout also tries keeping parameters gathered through the step
     (reshard=after-step) and gradient accumulation over 2, 4, ... micro-batches (each costs
     another all-gather unless the parameters are kept), reducing after each or once
-    (accumulate_sync=last); of those that fit, the fastest, then the fewest micro-batches,
-    then the least memory."""
+    (accumulate_sync=last), and with ``ac="auto"`` each activation-checkpointing mode; of those
+    that fit, the fastest, then the fewest micro-batches, then the least memory."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
     for lay in layouts(gpus, cfg.heads):
         dp = lay["dp_replicate"] * lay["dp_shard"]
         if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
             continue
         dp_batch = global_batch // dp
-        options = [estimate(cfg, lay, dp_batch, resolution, ac=ac, params=params, accumulate=k, sync=sync,
+        options = [estimate(cfg, lay, dp_batch, resolution, ac=mode, params=params, accumulate=k, sync=sync,
                             reshard=reshard)
-                   for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every", "auto")])]
+                   for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every", "auto")])
+                   for mode in (AC_MODES if ac == "auto" else (ac,))]
         options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
         if options:
             fits.append(min(options, key=lambda e: (round(e.seconds, 3), e.accumulate, e.memory_gib)))
@@ -178,9 +193,10 @@ def _accumulations(dp_batch: int) -> list[tuple[int, str, str]]:
 
 
 def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,
-          resolution: int = 1024, ac: str = "selective") -> str:
+          resolution: int = 1024, ac: str = "auto") -> str:
+    which = "chosen per layout" if ac == "auto" else ac
     lines = [f"{name}: {count_params(cfg) / 1e9:.2f} B parameters, {resolution} px, global batch "
-             f"{batch_per_gpu} x GPUs, activation checkpointing {ac}", "",
+             f"{batch_per_gpu} x GPUs, activation checkpointing {which}", "",
              "| GPUs | layout | memory GiB/GPU | NVLink GiB/GPU/step | inter-node GiB/GPU/step | "
              "modelled step s | images/s/GPU |", "|---|---|---|---|---|---|---|"]
     for g in gpu_counts:

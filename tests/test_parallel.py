@@ -180,9 +180,46 @@ def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, shard, 
     all_reduces = steps * (blocks + 1)
     all_to_alls = steps * k * blocks * 4 if shard == "cp" else 0
     assert counts == [f"rank {r} all-gathers {gathers} reduce-scatters {scatters} all-reduces {all_reduces} "
-                      f"all-to-alls {all_to_alls}" for r in range(4)]
+                      f"all-to-alls {all_to_alls} dtensor all-gathers 0 dtensor reduce-scatters 0 "
+                      "dtensor all-reduces 0" for r in range(4)]
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
+
+
+def _counts(run: Path, rank: int = 0) -> dict[str, int]:
+    words = (run / f"collectives_rank{rank}.txt").read_text().split()[2:]  # "rank R name N name N ..."
+    counts, name = {}, []
+    for w in words:
+        if w.isdigit():
+            counts[" ".join(name)], name = int(w), []
+        else:
+            name.append(w)
+    return counts
+
+
+def test_checkpointing_runs_the_forward_collectives_again(reference, tmp_path):
+    """tp=2 x cp=2 without and with selective checkpointing: the recompute in backward runs each
+    block's forward all-to-alls (q, k, v in; the output back) and its DTensor sequence gathers and
+    scatters again, which the scaling model charges as x1.5 TP and CP traffic; the reductions of
+    gradients are not repeated, and both train like one process."""
+    steps, cfg = 3, _config(3, [])
+    blocks = cfg.model.depth + cfg.model.single_depth
+    counts = {}
+    for ac in ("none", "selective"):
+        run = tmp_path / ac
+        sets = [*COMMON, "parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1",
+                f"parallel.activation_checkpoint={ac}"]
+        _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
+                  entry=(str(Path(__file__).with_name("count_collectives.py")),))
+        counts[ac] = _counts(run)
+        _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
+    none, sel = counts["none"], counts["selective"]
+    assert none["all-to-alls"] == steps * blocks * 4 and sel["all-to-alls"] == steps * blocks * 6
+    for kind in ("dtensor all-gathers", "dtensor reduce-scatters"):  # once more per block and step
+        extra = sel[kind] - none[kind]
+        assert extra > 0 and extra % (steps * blocks) == 0 and extra / none[kind] <= 0.5, (kind, none, sel)
+    for kind in ("dtensor all-reduces", "all-gathers", "reduce-scatters"):
+        assert sel[kind] == none[kind], (kind, none, sel)
 
 
 def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):
@@ -332,6 +369,32 @@ def test_scaling_model_counts_the_parameters_and_gradients_fsdp_keeps():
     kept = estimate(cfg, pp2, 4, 2048, reshard="after-step")
     assert kept == estimate(cfg, pp2, 4, 2048, reshard="after-forward")
     assert kept.memory_gib > (20 * P / 8 + 2 * P / 2 + 4 * P / 2) / GIB  # master state / 8, bf16 / 2, fp32 / 2
+
+
+def test_scaling_model_charges_what_checkpointing_recomputes():
+    from kiln.engine.scaling import GIB, estimate, recommend, tokens
+    from kiln.model.presets import preset
+
+    cfg = preset("xl")
+    shard8 = {"dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1, "pp": 1}
+    none, sel, full = (estimate(cfg, shard8, 4, ac=ac) for ac in ("none", "selective", "full"))
+    # compute-bound (FSDP hides under it): full runs a 4th forward, selective only elementwise ops
+    assert sel.seconds == none.seconds and full.seconds == pytest.approx(sel.seconds * 4 / 3)
+    assert none.memory_gib > sel.memory_gib > full.memory_gib
+    # the forward's TP / CP collectives run again: x1.5 (tp=2 alone sends only TP traffic)
+    tp2 = {**shard8, "dp_shard": 1, "tp": 2}
+    none, sel = (estimate(cfg, tp2, 4, ac=ac) for ac in ("none", "selective"))
+    assert sel.intra_gib == pytest.approx(1.5 * none.intra_gib) and sel.seconds > none.seconds
+    cp2 = {**shard8, "dp_shard": 1, "cp": 2}
+    none, sel = (estimate(cfg, cp2, 4, ac=ac) for ac in ("none", "selective"))
+    S, _ = tokens(cfg, 1024, 77)
+    all_to_alls = 4 * (cfg.depth + cfg.single_depth) * 16 * S * cfg.width / 2 * (1 / 2) / GIB
+    assert sel.intra_gib - none.intra_gib == pytest.approx(0.5 * all_to_alls)
+    # auto: each layout's fastest mode that fits; at 4096 px the all-to-alls' recompute makes
+    # checkpointing slower where cp already splits the activations enough
+    auto, _ = recommend(cfg, 8, 8, resolution=4096, ac="auto")
+    fixed, _ = recommend(cfg, 8, 8, resolution=4096, ac="selective")
+    assert auto.seconds <= fixed.seconds and f"activation_checkpoint={auto.ac}" in auto.row(8)
 
 
 def test_failed_rank_is_named_and_the_run_resumes_from_its_last_checkpoint(reference, tmp_path):
