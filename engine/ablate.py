@@ -27,6 +27,7 @@ from pathlib import Path
 from kiln.engine.checkpoint import atomic_write_text
 from kiln.engine.config import RunConfig, apply_override
 from kiln.engine.errors import KilnError
+from kiln.engine.evaluate import METRICS, split_scores
 from kiln.engine.studies import STUDIES, Study
 
 HEADLINE = "colors"  # both colours right: the attribute furthest from chance (1/56)
@@ -154,8 +155,9 @@ def _same_as_trained(cfg: RunConfig, key: str, value) -> bool:
 
 def _eval_from_summary(run_dir: Path, override: str, dest: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    scores = {"step": summary["steps"], "overrides": [override], **summary["adherence"],
-              "heldout_loss": summary["heldout_loss"], "from_final_evaluation": True}
+    metrics = {k: summary.get(k) for k in METRICS if summary.get(k) is not None}
+    scores = {"step": summary["steps"], "overrides": [override], **summary["adherence"], **metrics,
+              "from_final_evaluation": True}
     atomic_write_text(dest, json.dumps(scores, indent=2) + "\n")
 
 
@@ -242,22 +244,28 @@ def collect(study: Study, configs: dict[str, RunConfig], out_dir: Path) -> dict:
         }
         rows = []
         if study.sweep is None:
-            rows.append({"label": variant, "heldout_loss": summary.get("heldout_loss"),
-                         "adherence": summary.get("adherence") or {}})
+            rows.append(_row(variant, {**(summary.get("adherence") or {}),
+                                       **{k: summary.get(k) for k in METRICS if summary.get(k) is not None}}))
         else:
             key, values = study.sweep
             for value in values:
                 path = run_dir / "evals" / f"{key}={value}.json"
                 scores = json.loads(path.read_text()) if path.is_file() else {}
-                rows.append({"label": f"{variant}, {key.split('.')[-1]}={value}",
-                             "heldout_loss": scores.get("heldout_loss"),
-                             "adherence": {k: v for k, v in scores.items()
-                                           if k not in ("heldout_loss", "step", "overrides")}})
+                for bookkeeping in ("step", "overrides", "from_final_evaluation"):
+                    scores.pop(bookkeeping, None)
+                rows.append(_row(f"{variant}, {key.split('.')[-1]}={value}", scores))
         base["rows"] = rows
         runs.append(base)
     num_prompts = next(iter(configs.values())).sample.num_prompts
     return {"study": study.name, "question": study.question, "literature": study.literature,
             "num_prompts": num_prompts, "runs": runs}
+
+
+def _row(label: str, scores: dict) -> dict:
+    """One report row: the held-out loss, the CLIP metrics (None without sample.clip_weights) and
+    the exact scorer's adherence per attribute (empty on real captions)."""
+    adherence, metrics = split_scores(scores)
+    return {"label": label, **{k: metrics.get(k) for k in METRICS}, "adherence": adherence}
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -276,32 +284,36 @@ def _mean_adherence(adh: dict) -> float | None:
 
 
 def report_table(report: dict) -> str:
-    rows = [(run, row) for run in report["runs"] for row in run["rows"]]
-    ok = [(run, row) for run, row in rows if row["adherence"]]
-    ref = ok[0][1] if ok else None
-    ref_loss = ref["heldout_loss"] if ref else None
-    ref_col = ref["adherence"].get(HEADLINE) if ref else None
-    ref_mean = _mean_adherence(ref["adherence"]) if ref else None
-    head = ("variant", "held-out loss", "Δ", "both colours", "Δ", "mean adherence", "Δ", "train loss", "img/s",
-            "wall min", "notes")
+    rows = [(run, row) for run in report["runs"] for row in (run["rows"] or [{}])]  # a failed run: one line
+    ok = [row for run, row in rows if not run["failed"]]
+    ref = ok[0] if ok else {"adherence": {}}  # the baseline: Δ columns are against it
+    clip = [k for k in ("clip_score", "cmmd") if any(row.get(k) is not None for row in ok)]
+    names = {"clip_score": "CLIP score", "cmmd": "CMMD"}
+    head = ("variant", "held-out loss", "Δ", *[c for k in clip for c in (names[k], "Δ")], "both colours", "Δ",
+            "mean adherence", "Δ", "train loss", "img/s", "wall min", "notes")
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for run, row in rows:
         if run["failed"]:
-            lines.append(f"| {run['variant']} | failed | | | | | | | | | see logs |")
+            lines.append(f"| {run['variant']} | failed |" + " |" * (len(head) - 3) + " see logs |")
             continue
-        adh = row["adherence"]
-        notes = []
+        adh, notes = row["adherence"], []
         if run["diverged_at_step"] is not None:
             notes.append(f"diverged at step {run['diverged_at_step']}")
         if run["spikes"]:
             notes.append(f"{len(run['spikes'])} loss spikes (first at {run['spikes'][0]})")
         wall = run["wall_seconds"] / 60 if run["wall_seconds"] else None
-        lines.append(
-            f"| {row['label']} | {_fmt(row['heldout_loss'], 4)} | {_delta(row['heldout_loss'], ref_loss, 4)} "
-            f"| {_fmt(adh.get(HEADLINE), 2)} | {_delta(adh.get(HEADLINE), ref_col, 2)} "
-            f"| {_fmt(_mean_adherence(adh), 2)} | {_delta(_mean_adherence(adh), ref_mean, 2)} "
-            f"| {_fmt(run['final_loss'], 4)} | {run['images_per_second']:.0f} | {_fmt(wall, 1)} | {'; '.join(notes)} |")
+        cells = [row["label"], *_with_delta(row.get("heldout_loss"), ref.get("heldout_loss"), 4)]
+        for k in clip:
+            cells += _with_delta(row.get(k), ref.get(k), 3)
+        cells += _with_delta(adh.get(HEADLINE), ref["adherence"].get(HEADLINE), 2)
+        cells += _with_delta(_mean_adherence(adh), _mean_adherence(ref["adherence"]), 2)
+        cells += [_fmt(run["final_loss"], 4), f"{run['images_per_second']:.0f}", _fmt(wall, 1), "; ".join(notes)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_delta(v, ref, digits: int) -> list[str]:
+    return [_fmt(v, digits), _delta(v, ref, digits)]
 
 
 def attribute_table(report: dict) -> str:
@@ -318,15 +330,19 @@ def attribute_table(report: dict) -> str:
 def write_report(study: Study, report: dict, out_dir: Path, steps: int) -> None:
     n = report["num_prompts"]
     se = math.sqrt(0.25 / n)  # the largest binomial standard error of a rate over n prompts
+    table = report_table(report)
     md = [f"# Ablation: {study.name}", "", study.question, ""]
     if study.literature:
         md += [f"Literature: {study.literature}.", ""]
     md += [f"Command: `kiln ablate {study.name} --steps {steps}` (recipe `{study.recipe}`; "
            f"baseline = first row; Δ = row − baseline).", "",
-           report_table(report), "",
+           table, "",
            f"Held-out loss: velocity MSE on {n} held-out images × fixed timesteps and noise (lower is better). "
            f"Adherence: fraction of {n} held-out prompts whose sample the exact scorer reads back correctly; "
-           f"its standard error is at most {se:.3f}, so |Δ| < {2 * se:.2f} is within noise.", "",
+           f"its standard error is at most {se:.3f}, so |Δ| < {2 * se:.2f} is within noise."
+           + (" CLIP score: mean cosine of each generated held-out image with its prompt (higher is better); "
+              "CMMD: CLIP-embedding MMD² x 1000 between the generated and the real held-out images (lower is "
+              "better; `engine/clip.py`)." if "CLIP score" in table else ""), "",
            "Per attribute:", "", attribute_table(report), "",
            "![loss](loss.png) ![adherence](adherence.png)", ""]
     atomic_write_text(out_dir / "report.md", "\n".join(md))

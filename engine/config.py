@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,10 @@ class SampleConfig:
     captions: str = "same"  # held-out prompt style: same (as data.captions) | short | long
     # held-out loss: each of num_prompts held-out images at this many fixed, evenly spaced t
     heldout_timesteps: int = 8
+    # CLIP metrics per evaluation when clip_weights names a local open_clip checkpoint: clip_score
+    # (generated image vs its prompt) and cmmd (generated vs real held-out images; engine/clip.py)
+    clip_model: str = "ViT-L-14"
+    clip_weights: str = ""
 
     def validate(self) -> None:
         _positive("sample.steps", self.steps)
@@ -172,6 +177,12 @@ class SampleConfig:
         _positive("sample.grid_size", self.grid_size, strict=False)
         _choice("sample.captions", self.captions, ("same", "short", "long"))
         _positive("sample.heldout_timesteps", self.heldout_timesteps)
+        if self.clip_weights and not os.path.isfile(self.clip_weights):
+            raise ConfigError(f"sample.clip_weights: {self.clip_weights!r} is not a file (a local open_clip "
+                              "checkpoint of sample.clip_model)")
+        if self.clip_weights and self.num_prompts < 2:
+            raise ConfigError(f"sample.clip_weights needs sample.num_prompts >= 2 (CMMD compares two sets of "
+                              f"images), got {self.num_prompts}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16-autocast", "fp16-autocast")

@@ -61,9 +61,31 @@ def evaluate(cfg: RunConfig, model, encoder, device: torch.device, autocast, out
         k = min(cfg.sample.grid_size, len(images))
         save_grid(images[:k], out_png)
         out_png.with_suffix(".txt").write_text("".join(c + "\n" for c in prompts.captions[:k]))
+    scores = clip_metrics(cfg, images, prompts, device) if cfg.sample.clip_weights else {}
     if any(a is None for a in prompts.attributes):  # real captions: no attribute scorer
-        return {}
-    return adherence(list(images), prompts.attributes)
+        return scores
+    return {**adherence(list(images), prompts.attributes), **scores}
+
+
+def clip_metrics(cfg: RunConfig, images: np.ndarray, prompts, device: torch.device) -> dict:
+    """clip_score: mean cosine of each generated image with its prompt; cmmd: CMMD between the
+    generated images and the real held-out images (engine/clip.py)."""
+    from kiln.engine.clip import cached_embedder, clip_scores, cmmd
+
+    clip = cached_embedder(cfg.sample.clip_model, cfg.sample.clip_weights, str(device))
+    generated = clip.images(images)
+    real = clip.images(np.ascontiguousarray(prompts.images.permute(0, 2, 3, 1).numpy()))
+    return {"clip_score": float(clip_scores(generated, clip.texts(prompts.captions)).mean()),
+            "cmmd": cmmd(generated, real)}
+
+
+METRICS = ("heldout_loss", "clip_score", "cmmd")  # the scores that are not exact-scorer attributes
+
+
+def split_scores(scores: dict) -> tuple[dict, dict]:
+    """An evaluation's scores -> (adherence per attribute, the METRICS present)."""
+    return ({k: v for k, v in scores.items() if k not in METRICS},
+            {k: scores[k] for k in METRICS if k in scores})
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from kiln.engine.data.loader import ShapesLoader, to_model_range
 from kiln.engine.data.mix import MixLoader
 from kiln.engine.ema import EMA
 from kiln.engine.errors import ConfigError, KilnError
-from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss
+from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss, split_scores
 from kiln.engine.loss_scale import LossScaler
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name
 from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
@@ -390,7 +390,8 @@ class Trainer:
         return self._eval_copy
 
     def run_eval(self, tag: str | None) -> dict:
-        """Adherence per attribute and the held-out loss (key ``heldout_loss``) at the current stage.
+        """Adherence per attribute, the held-out loss (key ``heldout_loss``) and, with
+        sample.clip_weights, ``clip_score`` and ``cmmd``, at the current stage.
 
         Every rank takes part (weights are gathered); rank 0 scores, the others get {}."""
         res = self.stage.resolution
@@ -601,12 +602,8 @@ def _main_thread() -> bool:
 
 
 def _eval_metrics(scores: dict) -> dict:
-    return {(k if k == "heldout_loss" else f"adherence/{k}"): v for k, v in scores.items()}
-
-
-def _split_heldout(scores: dict) -> tuple[dict, float | None]:
-    rest = {k: v for k, v in scores.items() if k != "heldout_loss"}
-    return rest, scores.get("heldout_loss")
+    adherence, metrics = split_scores(scores)
+    return {**{f"adherence/{k}": v for k, v in adherence.items()}, **metrics}
 
 
 def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict, hist: dict,
@@ -614,13 +611,15 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
     cfg = trainer.cfg
     tail = losses[-max(1, min(50, len(losses) // 10)):] if losses else [float("nan")]
     dev = trainer.device
-    adherence, heldout = _split_heldout(final)
+    adherence, metrics = split_scores(final)
     images = trainer.images_seen(trainer.step) - trainer.images_seen(trainer.step - len(losses))
     return {
         "steps": trainer.step,
         "diverged_at_step": diverged_at,
         "final_loss": sum(tail) / len(tail),  # mean over the last 10% of this run's steps (<= 50)
-        "heldout_loss": heldout,
+        "heldout_loss": metrics.get("heldout_loss"),
+        "clip_score": metrics.get("clip_score"),  # with sample.clip_weights
+        "cmmd": metrics.get("cmmd"),
         "images_seen": trainer.images_seen(trainer.step),
         "images_per_second": images / max(t_train, 1e-9),
         "train_seconds": round(t_train, 2),
@@ -628,8 +627,8 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
         "precision": str(trainer.compute_dtype or torch.float32).removeprefix("torch."),
         "loss_scale": trainer.scaler.state_dict() if trainer.scaler else None,  # fp16: scale, skipped steps
         "adherence": adherence,
-        "adherence_history": {str(k): _split_heldout(v)[0] for k, v in hist.items()},
-        "heldout_loss_history": {str(k): _split_heldout(v)[1] for k, v in hist.items()},
+        "adherence_history": {str(k): split_scores(v)[0] for k, v in hist.items()},
+        "heldout_loss_history": {str(k): v.get("heldout_loss") for k, v in hist.items()},
         "params": count_params(cfg.model),
         "layout": trainer.dist.sizes,
         "device": device_name(dev),

@@ -52,6 +52,9 @@ def test_two_variant_study_runs_reports_and_skips_finished_runs(tmp_path):
     assert reused["from_final_evaluation"] is True
     assert "from_final_evaluation" not in json.loads(
         (out / "runs" / "uniform-t" / "evals" / "sample.cfg_scale=1.0.json").read_text())
+    for run in report["runs"]:  # rows hold attributes only: bookkeeping keys would enter the mean adherence
+        assert all(set(row["adherence"]) == {"color", "background", "colors", "kind", "size", "position", "count"}
+                   and row["clip_score"] is None for row in run["rows"])
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adherence.png").is_file()
     assert json.loads((out / "report.json").read_text())["study"] == "tiny_test"
 

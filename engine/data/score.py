@@ -47,27 +47,16 @@ def score(dataset: str | Path, model: str, weights: str, aesthetic: str, batch_s
     from PIL import Image
     from tqdm import tqdm
 
-    from kiln.model.text_encoder import open_clip_module
-
-    open_clip = open_clip_module()  # kiln's configs (kiln-tiny-text) registered
+    from kiln.engine.clip import ClipEmbedder, clip_scores
 
     root = Path(dataset)
     rows = read_metadata(root)
-    if not os.path.isfile(weights):
-        raise KilnError(f"CLIP weights {weights!r} is not a file (open_clip checkpoint, local path)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights)
-    clip = clip.to(dev).eval()
-    tokenizer = open_clip.get_tokenizer(model)
-    dim = clip.visual.output_dim
-    head = load_aesthetic_head(aesthetic, dim).to(dev)
+    clip = ClipEmbedder(model, weights, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    head = load_aesthetic_head(aesthetic, clip.dim)
     for start in tqdm(range(0, len(rows), batch_size), desc="score", unit="batch", disable=not progress):
         chunk = rows[start : start + batch_size]
-        pixels = torch.stack([preprocess(Image.open(io.BytesIO(read_bytes(root, r))).convert("RGB")) for r in chunk])
-        img = torch.nn.functional.normalize(clip.encode_image(pixels.to(dev)).float(), dim=-1)
-        txt = torch.nn.functional.normalize(clip.encode_text(tokenizer([r["caption"] for r in chunk]).to(dev)).float(),
-                                            dim=-1)
-        sims, aes = (img * txt).sum(-1).tolist(), head(img).squeeze(-1).tolist()
+        img = clip.images([Image.open(io.BytesIO(read_bytes(root, r))) for r in chunk])
+        sims, aes = clip_scores(img, clip.texts([r["caption"] for r in chunk])).tolist(), head(img).squeeze(-1).tolist()
         for r, s, a in zip(chunk, sims, aes, strict=True):
             r["clip_score"], r["aesthetic"] = round(s, 5), round(a, 5)
     tmp = root / "metadata.jsonl.tmp"
