@@ -111,7 +111,8 @@ def _sample(args) -> None:
 
     prompts = list(args.prompt) + (read_prompts(Path(args.prompts)) if args.prompts else [])
     req = SampleRequest(prompts, parse_size(args.size) if args.size else None, args.seed, args.steps, args.cfg,
-                        args.negative, not args.raw, args.batch_size, args.device, args.checkpoint)
+                        args.negative, not args.raw, args.batch_size, args.device, args.checkpoint,
+                        args.clip_weights, args.clip_model)
     out = sample_run(Path(args.run_dir), req, Path(args.out) if args.out else None)
     print(f"{len(prompts)} image(s) in {out} (grid.png, samples.jsonl)")
 
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--checkpoint", help="a step_*.pt file or step_*/ folder (default: the run's latest)")
+    s.add_argument("--clip-weights", help="local open_clip checkpoint: each image's CLIP score in samples.jsonl")
+    s.add_argument("--clip-model", default="ViT-L-14", help="open_clip model of --clip-weights")
     s.set_defaults(fn=_sample)
     a = sub.add_parser("ablate", help="run an ablation study and write report.md")
     a.add_argument("study", nargs="?", help="a built-in study name, or a .py file defining STUDY")

@@ -40,6 +40,8 @@ class SampleRequest:
     batch_size: int = 8
     device: str = "auto"
     checkpoint: str | None = None  # a step_*.pt file or step_*/ folder; None = the run's latest
+    clip_weights: str | None = None  # score each image against its prompt (CLIP score) with this open_clip file
+    clip_model: str = "ViT-L-14"
 
     def validate(self) -> None:
         if not self.prompts:
@@ -50,6 +52,8 @@ class SampleRequest:
             raise KilnError(f"sample: --steps must be >= 1, got {self.steps}")
         if self.cfg_scale is not None and self.cfg_scale < 0:
             raise KilnError(f"sample: --cfg must be >= 0, got {self.cfg_scale}")
+        if self.clip_weights and not Path(self.clip_weights).is_file():
+            raise KilnError(f"sample: --clip-weights {self.clip_weights!r} is not a file (local open_clip weights)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -148,15 +152,27 @@ def default_out(run_dir: Path, step: int) -> Path:
     return out
 
 
+def _clip_scores(images: np.ndarray, req: SampleRequest) -> list[float | None]:
+    if not req.clip_weights:
+        return [None] * len(images)
+    from kiln.engine.clip import ClipEmbedder, clip_scores
+
+    clip = ClipEmbedder(req.clip_model, req.clip_weights, "cuda" if torch.cuda.is_available() else "cpu")
+    return [round(v, 5) for v in clip_scores(clip.images(images), clip.texts(req.prompts)).tolist()]
+
+
 def write_samples(images: np.ndarray, made: dict, req: SampleRequest, out: Path) -> Path:
-    """NNNNN.png per prompt, grid.png, and samples.jsonl (prompt, seed and settings per file)."""
+    """NNNNN.png per prompt, grid.png, and samples.jsonl (prompt, seed and settings per file;
+    with ``req.clip_weights``, each image's CLIP score against its prompt)."""
     _check_out(out)
+    scores = _clip_scores(images, req)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (img, prompt) in enumerate(zip(images, req.prompts, strict=True)):
+    for i, (img, prompt, score) in enumerate(zip(images, req.prompts, scores, strict=True)):
         name = f"{i:05d}.png"
         Image.fromarray(img).save(out / name)
-        rows.append(json.dumps({"file": name, "prompt": prompt, "seed": req.seed + i, **made}))
+        extra = {"clip_score": score} if score is not None else {}
+        rows.append(json.dumps({"file": name, "prompt": prompt, "seed": req.seed + i, **made, **extra}))
     H, W = images.shape[1:3]
     save_grid(images, out / "grid.png", upscale=max(1, 128 // max(H, W)))  # tiny runs' 32 px: 4x
     checkpoint.atomic_write_text(out / "samples.jsonl", "".join(r + "\n" for r in rows))

@@ -32,3 +32,15 @@ def small_run_config(steps: int = 6) -> RunConfig:
 @pytest.fixture
 def run_config():
     return small_run_config
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_file(tmp_path_factory) -> str:
+    """A random-init kiln-tiny-text open_clip checkpoint (32 px vision tower), saved as a local file."""
+    from kiln.model.text_encoder import open_clip_module
+
+    path = tmp_path_factory.mktemp("clip") / "clip.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(open_clip_module().create_model("kiln-tiny-text", pretrained=None).state_dict(), path)
+    return str(path)

@@ -48,34 +48,24 @@ def test_cmmd_is_unbiased_and_grows_with_the_distance():
     assert np.mean(apart) > 10 * max(abs(np.mean(same)), se)
 
 
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory):
-    from kiln.model.text_encoder import open_clip_module
-
-    path = tmp_path_factory.mktemp("clip") / "clip.pt"
-    torch.manual_seed(0)
-    torch.save(open_clip_module().create_model("kiln-tiny-text", pretrained=None).state_dict(), path)
-    return str(path)
-
-
-def test_embedder_scores_an_image_against_its_own_caption(clip_file):
-    clip = ClipEmbedder("kiln-tiny-text", clip_file)
+def test_embedder_scores_an_image_against_its_own_caption(tiny_clip_file):
+    clip = ClipEmbedder("kiln-tiny-text", tiny_clip_file)
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 24, 3), dtype=np.uint8)  # odd, non-square
     emb, txt = clip.images(images), clip.texts(["a red circle", "a blue square", "a green triangle"])
     assert emb.shape == (3, clip.dim) and torch.allclose(emb.norm(dim=-1), torch.ones(3))
     sims = clip_scores(emb, txt)
     assert torch.allclose(sims, torch.stack([emb[i] @ txt[i] for i in range(3)])) and (sims.abs() <= 1).all()
     with pytest.raises(KilnError, match="is not a file"):
-        ClipEmbedder("kiln-tiny-text", clip_file + ".missing")
+        ClipEmbedder("kiln-tiny-text", tiny_clip_file + ".missing")
 
 
-def test_evaluations_report_clip_score_and_cmmd(clip_file, tmp_path, run_config):
+def test_evaluations_report_clip_score_and_cmmd(tiny_clip_file, tmp_path, run_config):
     from kiln.engine.evaluate import evaluate_run
     from kiln.engine.metrics import read_metrics
     from kiln.engine.train import train
 
     cfg = run_config(steps=4)
-    cfg.sample.clip_model, cfg.sample.clip_weights, cfg.sample.every = "kiln-tiny-text", clip_file, 2
+    cfg.sample.clip_model, cfg.sample.clip_weights, cfg.sample.every = "kiln-tiny-text", tiny_clip_file, 2
     summary = train(cfg, tmp_path / "run")
     assert -1 <= summary["clip_score"] <= 1 and math.isfinite(summary["cmmd"])
     assert set(summary["adherence"]) == {"color", "background", "colors", "kind", "size", "position", "count"}
@@ -84,7 +74,7 @@ def test_evaluations_report_clip_score_and_cmmd(clip_file, tmp_path, run_config)
     again = evaluate_run(tmp_path / "run", [])  # same weights, same noise: the same numbers
     assert again["clip_score"] == pytest.approx(summary["clip_score"], abs=1e-6)
     assert again["cmmd"] == pytest.approx(summary["cmmd"], abs=1e-6)
-    cfg.sample.clip_weights = clip_file + ".missing"
+    cfg.sample.clip_weights = tiny_clip_file + ".missing"
     with pytest.raises(ConfigError, match="sample.clip_weights: .* is not a file"):
         cfg.validate()
 

@@ -117,3 +117,17 @@ def test_cli_writes_images_grid_and_index_and_never_overwrites(run, tmp_path):
     default = sample_run(run, SampleRequest(PROMPTS[:1], steps=1))
     assert default == run / "generated" / "step_00000004"
     assert sample_run(run, SampleRequest(PROMPTS[:1], steps=1)) == run / "generated" / "step_00000004-2"
+
+
+def test_clip_weights_score_each_image_against_its_prompt(run, tiny_clip_file, tmp_path):
+    from kiln.engine.clip import ClipEmbedder, clip_scores
+
+    req = SampleRequest(PROMPTS, steps=2, clip_weights=tiny_clip_file, clip_model="kiln-tiny-text")
+    out = sample_run(run, req, tmp_path / "scored")
+    rows = [json.loads(r) for r in (out / "samples.jsonl").read_text().splitlines()]
+    clip = ClipEmbedder("kiln-tiny-text", tiny_clip_file)
+    images = np.stack([np.asarray(Image.open(out / r["file"])) for r in rows])
+    want = clip_scores(clip.images(images), clip.texts(PROMPTS)).tolist()
+    assert [r["clip_score"] for r in rows] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(KilnError, match="--clip-weights 'nope.pt' is not a file"):
+        sample_images(run, SampleRequest(PROMPTS, clip_weights="nope.pt"))
