@@ -211,6 +211,12 @@ class TrainConfig:
     # A non-finite loss ends the run (summary.json records diverged_at_step) before any
     # checkpoint of the broken weights is written; false keeps training through it.
     stop_on_divergence: bool = True
+    # torch.profiler over steps profile_from .. profile_from + profile_steps - 1 (1-based; 0 = off):
+    # RUN/profile/ gets a Chrome trace and an operator table per rank (engine/profiler.py);
+    # profile_memory (CUDA) adds an allocator snapshot for pytorch.org/memory_viz
+    profile_from: int = 0
+    profile_steps: int = 3
+    profile_memory: bool = False
 
     def validate(self) -> None:
         _positive("train.steps", self.steps)
@@ -225,6 +231,13 @@ class TrainConfig:
         _positive("train.keep_ckpts", self.keep_ckpts)
         _positive("train.threads", self.threads, strict=False)
         _choice("train.kernel_backend", self.kernel_backend, ("auto", "torch", "triton", "csrc"))
+        _positive("train.profile_from", self.profile_from, strict=False)
+        _positive("train.profile_steps", self.profile_steps)
+        if self.profile_from > self.steps:
+            raise ConfigError(f"train.profile_from = {self.profile_from} is past the run's last step "
+                              f"(train.steps = {self.steps})")
+        if self.profile_memory and not self.profile_from:
+            raise ConfigError("train.profile_memory=true needs a window: set train.profile_from to a step")
 
 
 AXES = ("dp_replicate", "dp_shard", "cp", "tp", "pp")

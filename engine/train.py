@@ -37,6 +37,7 @@ from kiln.engine.loss_scale import LossScaler
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name
 from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
 from kiln.engine.optim import Optimizers
+from kiln.engine.profiler import StepProfiler
 from kiln.model.mmdit import MMDiT
 from kiln.model.presets import count_params
 from kiln.model.text_encoder import FixedTexts, OpenCLIPTextEncoder, TextBatch, build_text_encoder
@@ -127,6 +128,8 @@ class Trainer:
         self.cpu_gen = torch.Generator().manual_seed(cfg.seed + 1)  # caption dropout
         self.noise_gen = torch.Generator(device=self.device)  # reseeded per sample
         self.timer = StageTimer(self.device)
+        t = cfg.train
+        self.profiler = StepProfiler(t.profile_from, t.profile_steps, t.profile_memory, run_dir, d.rank, self.device)
         self.step = 0
         self._eval_copy: MMDiT | None = None
         self._pending_save: checkpoint.ShardedSave | None = None  # async_checkpoint in flight
@@ -528,6 +531,7 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
         if _main_thread() else None
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc=f"kiln train {cfg.recipe}", unit="step",
                dynamic_ncols=True, mininterval=1.0, disable=not trainer.is_main)
+    prof = trainer.profiler
     buffered, all_losses, adherence_hist = [], [], {}
     t_train, t_window = 0.0, time.perf_counter()
     # several ranks must agree on stopping: they compare their Ctrl-C flags at each flush
@@ -538,8 +542,10 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
                 raise RuntimeError(f"simulated failure at step {fail_at_step}")
             trainer.enter_stage()
             scale = trainer.scaler.scale.clone() if trainer.scaler else None  # before the step updates it
+            prof.before_step(trainer.step + 1)
             loss = trainer.train_step()
             trainer.step += 1
+            prof.after_step(trainer.step)
             buffered.append((trainer.step, loss, trainer.opt.last_lr(), scale))
             bar.update(1)
             at_end = trainer.step == cfg.train.steps
@@ -578,6 +584,7 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
             log.write({"step": e.step, "diverged": True})
         return summary
     finally:
+        prof.close(trainer.step)
         bar.close()
         if log is not None:
             log.close()

@@ -65,3 +65,19 @@ def test_cuda_fp16_run_skips_overflows_on_the_device_and_learns(tmp_path, run_co
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])
     assert rows[0]["loss_scale"] == 2.0**24 and 1 <= summary["loss_scale"]["skipped"] < 20
     assert summary["precision"] == "float16"
+
+
+def test_cuda_profile_window_records_kernels_and_a_memory_snapshot(tmp_path, run_config):
+    import json
+    import pickle
+
+    cfg = run_config(steps=4)
+    cfg.train.device = "cuda"
+    cfg.train.profile_from, cfg.train.profile_steps, cfg.train.profile_memory = 2, 2, True
+    train(cfg, tmp_path / "run")
+    stem = tmp_path / "run" / "profile" / "steps2-3_rank0"
+    events = json.loads(stem.with_suffix(".json").read_text())["traceEvents"]
+    assert sum(e.get("cat") == "kernel" for e in events) > 0  # CUDA kernels, not only CPU ops
+    assert [e.get("name") for e in events].count("kiln/backward") == 2
+    snapshot = pickle.loads((tmp_path / "run" / "profile" / "steps2-3_rank0_memory.pickle").read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"]

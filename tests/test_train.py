@@ -252,3 +252,29 @@ def test_a_skipped_fp16_step_skips_every_optimizer(fused, run_config):
     after = opts[0].opts[0].state[next(models[0].parameters())]
     assert all(torch.equal(state[k], after[k]) for k in state)  # moments and step count
     assert not hasattr(opts[0].opts[0], "found_inf") and all(p.grad is None for p in models[0].parameters())
+
+
+def test_profile_window_writes_a_trace_and_an_op_table(tmp_path, run_config):
+    from kiln.engine.errors import ConfigError
+
+    cfg = run_config(steps=4)
+    cfg.train.profile_from, cfg.train.profile_steps = 2, 2
+    train(cfg, tmp_path / "run")
+    trace = json.loads((tmp_path / "run" / "profile" / "steps2-3_rank0.json").read_text())
+    names = [e.get("name") for e in trace["traceEvents"]]
+    # the trainer's stages, once per profiled step, with the ops under them
+    assert names.count("kiln/forward") == 2 and names.count("kiln/optimizer") == 2 and names.count("kiln/data") == 2
+    assert any(str(n).startswith("aten::") for n in names)
+    assert "aten::" in (tmp_path / "run" / "profile" / "steps2-3_rank0_ops.txt").read_text()
+    cfg = run_config(steps=4)
+    cfg.train.profile_from, cfg.train.profile_steps = 4, 3  # cut by the end of the run
+    train(cfg, tmp_path / "cut")
+    assert sorted(p.name for p in (tmp_path / "cut" / "profile").iterdir()) == ["steps4-4_rank0.json",
+                                                                            "steps4-4_rank0_ops.txt"]
+    cfg.train.profile_from = 5
+    with pytest.raises(ConfigError, match=r"train.profile_from = 5 is past the run's last step \(train.steps = 4\)"):
+        cfg.validate()
+    cfg.train.profile_from, cfg.train.profile_memory = 2, True
+    with pytest.raises(ConfigError, match="train.profile_memory=true needs a CUDA device"):
+        train(cfg, tmp_path / "memory")
+    assert not (tmp_path / "memory").exists()  # refused before the run directory is made
