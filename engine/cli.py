@@ -117,6 +117,14 @@ def _sample(args) -> None:
     print(f"{len(prompts)} image(s) in {out} (grid.png, samples.jsonl)")
 
 
+def _export(args) -> None:
+    from kiln.engine.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out) if args.out else None, not args.raw, args.dtype,
+                     args.checkpoint)
+    print(f"{out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
 def _ablate(args) -> None:
     from kiln.engine import ablate
 
@@ -256,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-weights", help="local open_clip checkpoint: each image's CLIP score in samples.jsonl")
     s.add_argument("--clip-model", default="ViT-L-14", help="open_clip model of --clip-weights")
     s.set_defaults(fn=_sample)
+    x = sub.add_parser("export", help="a run's EMA (or raw) weights as one safetensors file, config in its header")
+    x.add_argument("run_dir")
+    x.add_argument("--out", help="output file (default RUN/model_stepN_ema_fp32.safetensors)")
+    x.add_argument("--raw", action="store_true", help="the raw weights, not the EMA")
+    x.add_argument("--dtype", default="fp32", help="fp32 | bf16")
+    x.add_argument("--checkpoint", help="a step_*.pt file or step_*/ folder (default: the run's latest)")
+    x.set_defaults(fn=_export)
     a = sub.add_parser("ablate", help="run an ablation study and write report.md")
     a.add_argument("study", nargs="?", help="a built-in study name, or a .py file defining STUDY")
     a.add_argument("--list", action="store_true", help="list the built-in studies")

@@ -75,28 +75,40 @@ def read_prompts(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_sampler(run_dir: Path, req: SampleRequest):
-    """(cfg, model in eval mode, text encoder, VAE or None, device, checkpoint path, its step)."""
+def run_weights(run_dir: Path, use_ema: bool, path: str | None, command: str = "sample"):
+    """(the run's config, one process; its EMA or raw weights, checked against the model the
+    config builds; the checkpoint path; its step). ``path`` None = the run's latest checkpoint."""
     from kiln.engine.config import ParallelConfig
-    from kiln.engine.train import build_frozen, load_run_config, resolve_device
+    from kiln.engine.train import load_run_config
     from kiln.model.mmdit import MMDiT
 
     cfg = load_run_config(run_dir)
     cfg.parallel = ParallelConfig()  # one process, whatever layout trained the run
-    if req.use_ema and not cfg.ema.enabled:
-        raise KilnError(f"sample: {run_dir} trained without EMA (ema.enabled=false); sample its raw weights (--raw)")
+    if use_ema and not cfg.ema.enabled:
+        raise KilnError(f"{command}: {run_dir} trained without EMA (ema.enabled=false); use its raw weights (--raw)")
+    path = Path(path) if path else checkpoint.latest(run_dir)
+    with torch.device("meta"):  # shapes only: every weight comes from the checkpoint
+        like = MMDiT(cfg.model).state_dict()
+    weights, step = checkpoint.load_weights(path, "ema" if use_ema else "model", like)
+    wrong = sorted(set(like) ^ set(weights)) or [k for k in like if weights[k].shape != like[k].shape]
+    if wrong:
+        raise KilnError(f"{command}: checkpoint {path} does not fit the model in {run_dir}/config.json "
+                        f"(first mismatch: {wrong[0]})")
+    return cfg, weights, path, step
+
+
+def load_sampler(run_dir: Path, req: SampleRequest):
+    """(cfg, model in eval mode, text encoder, VAE or None, device, checkpoint path, its step)."""
+    from kiln.engine.train import build_frozen, resolve_device
+    from kiln.model.mmdit import MMDiT
+
+    cfg, weights, path, step = run_weights(run_dir, req.use_ema, req.checkpoint)
     device = resolve_device(req.device)
     encoder, vae = build_frozen(cfg, device)
-    path = Path(req.checkpoint) if req.checkpoint else checkpoint.latest(run_dir)
-    with torch.device("meta"):  # no init work: every weight comes from the checkpoint
+    with torch.device("meta"):
         model = MMDiT(cfg.model).requires_grad_(False)
-    weights, step = checkpoint.load_weights(path, "ema" if req.use_ema else "model", model.state_dict())
     model = model.to_empty(device=device)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise KilnError(f"sample: checkpoint {path} does not fit the model in {run_dir}/config.json "
-                        f"({(str(e).splitlines() or [''])[0][:160]})") from e
+    model.load_state_dict(weights)
     return cfg, model.eval(), encoder, vae, device, path, step
 
 

@@ -131,3 +131,43 @@ def test_clip_weights_score_each_image_against_its_prompt(run, tiny_clip_file, t
     assert [r["clip_score"] for r in rows] == pytest.approx(want, abs=1e-5)
     with pytest.raises(KilnError, match="--clip-weights 'nope.pt' is not a file"):
         sample_images(run, SampleRequest(PROMPTS, clip_weights="nope.pt"))
+
+
+def test_export_holds_the_checkpoints_weights_and_what_sampling_needs(run, tmp_path):
+    from safetensors.torch import save_file
+
+    from kiln.engine.export import export_run
+    from kiln.model import load_exported
+
+    state = checkpoint.load(checkpoint.latest(run))
+    path = export_run(run, tmp_path / "ema.safetensors")
+    model, meta = load_exported(path)
+    got, want = model.state_dict(), state["ema"]["params"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (meta["kiln.step"], meta["kiln.weights"], meta["kiln.seed"]) == ("4", "ema", "0")
+    assert json.loads(meta["kiln.text"])["name"] == "kiln-tiny-text"
+    half = export_run(run, tmp_path / "raw_bf16.safetensors", use_ema=False, dtype="bf16")
+    raw, _ = load_exported(half)
+    assert all(torch.equal(raw.state_dict()[k], v.bfloat16().float()) for k, v in state["model"].items())
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    # the exported model is the one kiln sample runs
+    *_, sampler_model, encoder, _, _, _, _ = load_sampler(run, SampleRequest(PROMPTS))
+    text = encoder.encode(PROMPTS[:2])
+    inputs = (torch.randn(2, 3, 32, 32), torch.rand(2), text.tokens, text.mask, text.pooled,
+              torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
+    with torch.no_grad():
+        assert torch.equal(model(*inputs), sampler_model(*inputs))
+    with pytest.raises(KilnError, match="ema.safetensors exists"):
+        export_run(run, path)
+    with pytest.raises(KilnError, match="--dtype 'fp8' is not one of: fp32, bf16"):
+        export_run(run, tmp_path / "x.safetensors", dtype="fp8")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(KilnError, match="not a kiln MMDiT export"):
+        load_exported(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(KilnError, match="not a readable safetensors file"):
+        load_exported(tmp_path / "junk.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "kiln.engine.cli", "export", str(run), "--dtype", "bf16"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "model_step00000004_ema_bf16.safetensors").is_file()
