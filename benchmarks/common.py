@@ -18,9 +18,6 @@ import torch
 
 from kiln.engine.metrics import device_name
 
-# Dense bf16 tensor-core peak by device name (datasheet, SXM parts); MFU is quoted against it.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 def git_sha() -> str:
     """The checkout's commit, else $KILN_GIT_SHA (the GPU machine's copy of the tree has no .git)."""
@@ -31,11 +28,6 @@ def git_sha() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return sha or os.environ.get("KILN_GIT_SHA", "unknown")
-
-
-def peak_flops(device: torch.device) -> float | None:
-    name = device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def provenance(device: torch.device) -> dict:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from kiln.benchmarks.common import append_rows, peak_flops, print_table, provenance, quantiles
+from kiln.benchmarks.common import append_rows, print_table, provenance, quantiles
 from kiln.engine.config import apply_override
+from kiln.engine.metrics import peak_flops
 from kiln.engine.recipes import recipe
 from kiln.engine.train import Trainer
-from kiln.model.presets import forward_flops
 
 
 def run(recipe_name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
@@ -43,7 +43,7 @@ def run(recipe_name: str, steps: int, warmup: int, overrides: list[str]) -> dict
         times.append((time.perf_counter() - t0) * 1000)
     stages = {k: v / steps * 1000 for k, v in trainer.timer.resolve().items()}
     res, B = cfg.data.resolution, cfg.train.batch_size
-    flops = 3 * forward_flops(cfg.model, res, res, cfg.text.max_length) * B
+    flops = trainer.last_step_flops  # 3 forwards at the batch's model-input size (latents with a VAE)
     q = quantiles(times)
     peak = peak_flops(trainer.device)
     return {

@@ -16,6 +16,15 @@ from pathlib import Path
 
 import torch
 
+# Dense bf16 tensor-core peak by device name (datasheet, SXM parts); MFU is quoted against it.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, None where unknown (CPUs, other GPUs: no MFU is reported)."""
+    name = device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with its thread count (rows and summaries carry it)."""

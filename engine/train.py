@@ -34,12 +34,12 @@ from kiln.engine.ema import EMA
 from kiln.engine.errors import ConfigError, KilnError
 from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss, split_scores
 from kiln.engine.loss_scale import LossScaler
-from kiln.engine.metrics import MetricsLog, StageTimer, device_name
+from kiln.engine.metrics import MetricsLog, StageTimer, device_name, peak_flops
 from kiln.engine.objective import caption_drop_mask, drop_captions, interpolate, sample_timesteps
 from kiln.engine.optim import Optimizers
 from kiln.engine.profiler import StepProfiler
 from kiln.model.mmdit import MMDiT
-from kiln.model.presets import count_params
+from kiln.model.presets import count_params, forward_flops
 from kiln.model.text_encoder import FixedTexts, OpenCLIPTextEncoder, TextBatch, build_text_encoder
 from kiln.model.vae import LatentCodec
 
@@ -131,6 +131,7 @@ class Trainer:
         t = cfg.train
         self.profiler = StepProfiler(t.profile_from, t.profile_steps, t.profile_memory, run_dir, d.rank, self.device)
         self.step = 0
+        self.last_step_flops = self.flops_done = 0.0  # model FLOPs of the last step / this process's steps
         self._eval_copy: MMDiT | None = None
         self._pending_save: checkpoint.ShardedSave | None = None  # async_checkpoint in flight
 
@@ -277,6 +278,10 @@ class Trainer:
         drop = caption_drop_mask(B, cfg.data.caption_dropout, self.cpu_gen)[local]
         H, W = self.loader.next_shape()  # this batch's bucket in pixels (square for the shapes set)
         grid = (H // self.pixels_per_token, W // self.pixels_per_token)
+        side = self.pixels_per_token // cfg.model.patch_size  # pixels per model-input pixel: the VAE's factor
+        # model FLOPs (MFU's numerator: 3 forwards, no recompute), all ranks together
+        self.last_step_flops = 3 * forward_flops(cfg.model, H // side, W // side, cfg.text.max_length) * B
+        self.flops_done += self.last_step_flops
         # contiguous: a pipeline's first stage checks its inputs' strides against the first step's
         times = sample_timesteps(cfg.objective, B, grid[0] * grid[1], self.gen, self.device)[local].contiguous()
         first = self.images_seen(self.step)
@@ -471,10 +476,11 @@ def _flush(log: MetricsLog | None, trainer: Trainer, buffered: list, t_window: f
     # fp16: the loss scale each step ran with (halved after a skipped step; the same on every rank)
     scales = torch.stack([b[3] for b in buffered]).tolist() if trainer.scaler else [None] * len(buffered)
     ips = len(buffered) * trainer.stage.batch_size / max(t_window, 1e-9)
+    speed = _throughput(trainer, sum(b[4] for b in buffered), t_window)
     if log is not None:
-        for (step, _, lr, _), loss, scale in zip(buffered, losses, scales, strict=True):
+        for (step, _, lr, _, _), loss, scale in zip(buffered, losses, scales, strict=True):
             row = {"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
-                   "images_seen": trainer.images_seen(step)}
+                   "images_seen": trainer.images_seen(step), **speed}
             log.write(row if scale is None else {**row, "loss_scale": scale})
         log.flush()
     bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{ips:.0f}")
@@ -482,6 +488,13 @@ def _flush(log: MetricsLog | None, trainer: Trainer, buffered: list, t_window: f
     if bad and trainer.cfg.train.stop_on_divergence:
         raise Diverged(bad[0])
     return losses
+
+
+def _throughput(trainer: Trainer, flops: float, seconds: float) -> dict:
+    """Model TFLOP/s per GPU (per process on the CPU) and, on GPUs with a known peak, MFU."""
+    tflops = flops / max(seconds, 1e-9) / trainer.dist.world / 1e12
+    peak = peak_flops(trainer.device)
+    return {"tflops_per_gpu": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, fail_at_step: int | None = None) -> dict:
@@ -546,7 +559,7 @@ def _loop(trainer: Trainer, fail_at_step: int | None) -> dict:
             loss = trainer.train_step()
             trainer.step += 1
             prof.after_step(trainer.step)
-            buffered.append((trainer.step, loss, trainer.opt.last_lr(), scale))
+            buffered.append((trainer.step, loss, trainer.opt.last_lr(), scale, trainer.last_step_flops))
             bar.update(1)
             at_end = trainer.step == cfg.train.steps
             if len(buffered) >= cfg.train.log_every or at_end or _due(trainer.step, cfg.train.ckpt_every):
@@ -629,6 +642,7 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
         "cmmd": metrics.get("cmmd"),
         "images_seen": trainer.images_seen(trainer.step),
         "images_per_second": images / max(t_train, 1e-9),
+        **_throughput(trainer, trainer.flops_done, t_train),
         "train_seconds": round(t_train, 2),
         "stage_seconds": {k: round(v, 3) for k, v in trainer.timer.resolve().items()},
         "precision": str(trainer.compute_dtype or torch.float32).removeprefix("torch."),

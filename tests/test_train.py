@@ -278,3 +278,20 @@ def test_profile_window_writes_a_trace_and_an_op_table(tmp_path, run_config):
     with pytest.raises(ConfigError, match="train.profile_memory=true needs a CUDA device"):
         train(cfg, tmp_path / "memory")
     assert not (tmp_path / "memory").exists()  # refused before the run directory is made
+
+
+def test_metrics_log_model_tflops_and_mfu_where_the_peak_is_known(tmp_path, run_config, monkeypatch):
+    from kiln.engine import train as train_module
+    from kiln.model.presets import forward_flops
+
+    cfg = run_config(steps=4)
+    summary = train(cfg, tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    per_image = 3 * forward_flops(cfg.model, 32, 32, cfg.text.max_length)  # pixel space, 32 px, fwd + bwd
+    for r in rows:  # one process: model FLOP/s = images/s x FLOPs per image
+        assert r["tflops_per_gpu"] == pytest.approx(r["images_per_second"] * per_image / 1e12, rel=1e-9)
+        assert "mfu" not in r  # no known peak for a CPU
+    assert summary["tflops_per_gpu"] == pytest.approx(summary["images_per_second"] * per_image / 1e12, rel=1e-9)
+    monkeypatch.setattr(train_module, "peak_flops", lambda device: 1e9)
+    summary = train(run_config(steps=2), tmp_path / "peak")
+    assert summary["mfu"] == pytest.approx(summary["tflops_per_gpu"] * 1e12 / 1e9)
