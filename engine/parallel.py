@@ -279,9 +279,13 @@ def apply_cp(model: MMDiT, cp: DeviceMesh) -> None:
 def _save_matmuls_policy():
     from torch.utils.checkpoint import CheckpointPolicy
 
+    # every SDPA backend torch may pick (cuDNN's on an H100 in some torch versions): one left out
+    # would rerun each block's attention forward in the backward
     ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten._scaled_dot_product_efficient_attention.default,
            torch.ops.aten._scaled_dot_product_flash_attention.default,
+           torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+           torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default,
            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
     kiln_attn = getattr(torch.ops.kiln, "qk_norm_attention_fwd", None)
     if kiln_attn is not None:
