@@ -169,18 +169,6 @@ def _check_context_parallel(cfg: RunConfig, sizes: dict[str, int]) -> None:
         raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide text.max_length = {cfg.text.max_length}")
 
 
-def check_token_split(cfg: RunConfig, sizes: dict[str, int], pixels_per_token: int) -> None:
-    """Every stage's image tokens (resolution / (patch x VAE factor), squared) must split over
-    tp and cp; checked once the VAE, and with it the latent grid, is known."""
-    split = sizes["tp"] * sizes.get("cp", 1)
-    name = "parallel.cp x parallel.tp" if sizes.get("cp", 1) > 1 else "parallel.tp"
-    for stage in cfg.stages or [cfg.stage_at(0)]:
-        tokens = (stage.resolution // pixels_per_token) ** 2
-        if tokens % split:
-            raise ConfigError(f"{name} = {split} must divide the {tokens} image tokens at {stage.resolution} px "
-                              f"({pixels_per_token} px per token)")
-
-
 def microbatches(cfg: RunConfig, sizes: dict[str, int]) -> int:
     """Chunks of each rank's batch per step: the pipeline's microbatches, or gradient
     accumulation steps without one (default: one per pipeline stage, 1 without a pipeline)."""

@@ -109,7 +109,6 @@ class Trainer:
             self.encoder.sharded = True
         self.pixels_per_token = cfg.model.patch_size * (self.vae.factor if self.vae is not None else 1)
         _check_resolutions(cfg, self.pixels_per_token)
-        parallel.check_token_split(cfg, d.sizes, self.pixels_per_token)
         if cfg.data.latents:
             _check_encoded(cfg, self.vae)
         self.compute_dtype = compute_dtype(self.device, cfg.train.precision)
@@ -141,10 +140,9 @@ class Trainer:
     def _make_loader(self, stage) -> ShapesLoader | MixLoader:
         data = dataclasses.replace(self.cfg.data, resolution=stage.resolution)
         if data.source == "shards":
-            # context parallel splits the image tokens over cp ranks: bucket sides of cp tokens
-            multiple = self.pixels_per_token * self.dist.sizes["cp"]
+            # the same buckets in every layout: tp / cp pad the image tokens to an even split
             return MixLoader(data, stage.data or [data.path], stage.weights, stage.batch_size, rank=self.dist.dp_rank,
-                             world_size=self.dist.dp_size, multiple=multiple, device=self.device)
+                             world_size=self.dist.dp_size, multiple=self.pixels_per_token, device=self.device)
         return ShapesLoader(data, stage.batch_size, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
 
     def enter_stage(self) -> None:
@@ -332,7 +330,7 @@ class Trainer:
                 parallel.before_microbatch(self.parts, i == k - 1, self.cfg.parallel.accumulate_sync,
                                            parallel.keeps_params(self.cfg, self.dist.sizes))
             with t.stage("forward"), self.autocast():
-                loss = _loss(self.model(*args), self.model.output_target(part_target))
+                loss = _loss(self.model(*args), *self.model.output_target(part_target))
                 loss = loss / k if k > 1 else loss  # 1: bit-identical to no accumulation
             with t.stage("backward"):
                 (loss * self.scaler.scale if self.scaler else loss).backward()
@@ -451,8 +449,12 @@ def _check_encoded(cfg: RunConfig, vae: LatentCodec) -> None:
                                   f"model.patch_size x VAE factor = {cfg.model.patch_size * vae.factor}")
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.float(), target)
+def _loss(pred: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE; with ``token_weights`` (context parallel over padded image tokens, (T,) for pred
+    (B, T, C·p·p)), each token's squared error weighted before the mean."""
+    if token_weights is None:
+        return F.mse_loss(pred.float(), target)
+    return ((pred.float() - target).square() * token_weights[:, None]).mean()
 
 
 def _non_strict():

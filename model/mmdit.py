@@ -260,24 +260,41 @@ class MMDiT(nn.Module):
         key_mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], 1).to(c.dtype)  # (B, L+N)
         return torch.cat([txt, img], dim=1), torch.cat([c, key_mask], dim=1)
 
+    def _split(self) -> int:
+        """Ranks the image tokens are split over: cp x tp (1 without either)."""
+        return (self.cp.size() if self.cp is not None else 1) * (self.tp.size() if self.tp is not None else 1)
+
+    def padded_tokens(self) -> int:
+        """Image tokens of the current grid, padded up to a multiple of cp·tp: every rank holds
+        the same count (DTensor's and the all-to-all's even splits) whatever the bucket, so the
+        layout never changes which buckets a dataset uses. Pads are masked out as keys."""
+        n, k = self.grid[0] * self.grid[1], self._split()
+        return -(-n // k) * k
+
     def run_blocks(self, xs, cond):
         """This module's blocks on the carrier; xs (B, L+N, W) in, and out (under context
-        parallel, out: this rank's tokens, [its 1/cp of the text, its 1/cp of the image])."""
+        parallel, out: this rank's tokens, [its 1/cp of the text, its 1/cp of the padded image])."""
         cfg = self.cfg
         c, key_mask = cond[:, :cfg.width], cond[:, cfg.width:]  # (B, W), (B, L+N)
         h, w = self.grid
-        S, N = xs.shape[1], h * w
+        N, Np = h * w, self.padded_tokens()
+        S, pad = xs.shape[1], Np - h * w
         L = S - N
         cos_i, sin_i = rope_2d(h, w, cfg.head_dim, cfg.rope_theta, device=xs.device)  # (N, D)
-        # text tokens are not rotated: cos = 1, sin = 0 (rows 0..L-1 of the joint sequence)
-        cos = torch.cat([torch.ones(L, cfg.head_dim, device=xs.device), cos_i])  # (S, D)
-        sin = torch.cat([torch.zeros(L, cfg.head_dim, device=xs.device), sin_i])
+        # text tokens and pads are not rotated: cos = 1, sin = 0
+        cos = torch.cat([torch.ones(L, cfg.head_dim, device=xs.device), cos_i,
+                         torch.ones(pad, cfg.head_dim, device=xs.device)])  # (L+Np, D)
+        sin = torch.cat([torch.zeros(L, cfg.head_dim, device=xs.device), sin_i,
+                         torch.zeros(pad, cfg.head_dim, device=xs.device)])
         token_group = torch.cat([
-            torch.full((L,), TEXT_GROUP, device=xs.device), torch.full((N,), IMAGE_GROUP, device=xs.device)
-        ])  # (S,)
+            torch.full((L,), TEXT_GROUP, device=xs.device), torch.full((Np,), IMAGE_GROUP, device=xs.device)
+        ])  # (L+Np,)
         mask = key_mask > 0.5
+        if pad:  # (B, L+Np, W); pads are never attended to
+            xs = torch.cat([xs, xs.new_zeros(xs.shape[0], pad, xs.shape[2])], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
         if self.cp is not None:
-            order = _cp_order(L, N, self.cp.size(), xs.device)  # attention sees the tokens in this order
+            order = _cp_order(L, Np, self.cp.size(), xs.device)  # attention sees the tokens in this order
             cos, sin, token_group, mask = cos[order], sin[order], token_group[order], mask[:, order]
             xs = torch.cat([local_tokens(xs[:, :L], self.cp), local_tokens(xs[:, L:], self.cp)], dim=1)
             L //= self.cp.size()
@@ -293,28 +310,38 @@ class MMDiT(nn.Module):
             for block in self.single_blocks.values():
                 xs = block(xs, c, rope, token_group, mask)
             xs = gather_seq(xs, self.tp)
-        return xs  # (B, S, W), or (B, S/cp, W)
+        if self.cp is None and pad:
+            xs = xs[:, :S]  # the carrier keeps its shape between pipeline stages
+        return xs  # (B, S, W), or (B, (L+Np)/cp, W)
 
     def head(self, xs, cond):
         """Carrier -> velocity (B, C, H, W) from the image tokens; under context parallel this
-        rank's image tokens' patches (B, N/cp, C·p·p) (compare with :meth:`output_target`)."""
+        rank's padded image tokens' patches (B, Np/cp, C·p·p) (see :meth:`output_target`)."""
         cfg = self.cfg
         c = cond[:, :cfg.width]  # (B, W)
         h, w = self.grid
-        cp = self.cp.size() if self.cp is not None else 1
-        img = xs[:, xs.shape[1] - h * w // cp:]  # (B, N/cp, W)
+        local = self.padded_tokens() // self.cp.size() if self.cp is not None else h * w
+        img = xs[:, xs.shape[1] - local:]  # (B, N or Np/cp, W)
         shift, scale = self.final_mod(F.silu(c)).chunk(2, dim=-1)
-        out = self.final(adaln_modulate(img, shift, scale))  # (B, N/cp, C*p*p)
+        out = self.final(adaln_modulate(img, shift, scale))  # (B, N or Np/cp, C*p*p)
         if self.cp is not None:
             return out
         return unpatchify(out, cfg.patch_size, cfg.in_channels, h, w)  # (B, C, H, W)
 
-    def output_target(self, target: torch.Tensor) -> torch.Tensor:
-        """A (B, C, H, W) target in the layout ``forward`` returns: itself, or under context
-        parallel this rank's image tokens' patches (B, N/cp, C·p·p)."""
+    def output_target(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A (B, C, H, W) target in the layout ``forward`` returns, and per-token loss weights:
+        (itself, None), or under context parallel this rank's padded image tokens' patches
+        (B, Np/cp, C·p·p) and, when there are pads, weights (Np/cp,) = Np/N on real tokens and 0
+        on pads, so the mean of the cp ranks' weighted means is the mean over the N real tokens."""
         if self.cp is None:
-            return target
-        return local_tokens(patchify(target, self.cfg.patch_size), self.cp)
+            return target, None
+        patches = patchify(target, self.cfg.patch_size)  # (B, N, C*p*p)
+        N, Np = patches.shape[1], self.padded_tokens()
+        if Np == N:
+            return local_tokens(patches, self.cp), None
+        patches = torch.cat([patches, patches.new_zeros(patches.shape[0], Np - N, patches.shape[2])], dim=1)
+        weights = torch.cat([torch.full((N,), Np / N, device=target.device), target.new_zeros(Np - N)])
+        return local_tokens(patches, self.cp), local_tokens(weights[None], self.cp)[0]
 
 
 def _cp_order(L: int, N: int, cp: int, device) -> torch.Tensor:
@@ -322,6 +349,6 @@ def _cp_order(L: int, N: int, cp: int, device) -> torch.Tensor:
     text and image tokens, then rank 1's, ... (each rank holds [its L/cp text, its N/cp image])."""
     if L % cp or N % cp:
         raise ValueError(f"context parallel: {L} text and {N} image tokens do not split over parallel.cp={cp} "
-                         "ranks (bucket sides are made multiples of cp tokens; precomputed latents must be too)")
+                         "ranks (text.max_length must divide; the image tokens are padded)")
     text, image = torch.arange(L, device=device).view(cp, -1), L + torch.arange(N, device=device).view(cp, -1)
     return torch.cat([text, image], dim=1).flatten()
