@@ -119,7 +119,10 @@ class Trainer:
         self.model = self.parts[0]
         self.ema = EMA(self.parts, cfg.ema.decay) if cfg.ema.enabled else None
         self.opt = Optimizers(cfg, self.parts, self.device)
-        self.schedule = self._build_schedule() if d.sizes["pp"] > 1 else None
+        # pipeline schedules by batch shape (batch, height, width): a stage learns its activation
+        # shapes on its first step, so each aspect-ratio bucket and stage batch gets its own
+        self.pipelined = d.sizes["pp"] > 1
+        self.schedules: dict[tuple[int, int, int], object] = {}
         self.microbatches = parallel.microbatches(cfg, d.sizes)  # gradient accumulation without a pipeline
         self.stage = cfg.stage_at(0)
         self.loader = self._make_loader(self.stage)
@@ -152,8 +155,6 @@ class Trainer:
             state = self.loader.state_dict()
             self.stage, self.loader = stage, self._make_loader(stage)
             self.loader.load_state_dict(state)
-            if self.schedule is not None:  # stages learn activation shapes on their first step
-                self.schedule = self._build_schedule()
 
     def images_seen(self, step: int) -> int:
         """Training images consumed by the first ``step`` steps (stages may change the batch)."""
@@ -205,8 +206,6 @@ class Trainer:
         self.stage = self.cfg.stage_at(self.step)
         self.loader = self._make_loader(self.stage)
         self.loader.load_state_dict(state["data"])
-        if self.schedule is not None:
-            self.schedule = self._build_schedule()
         self.timer.seconds.update(state.get("stage_seconds", {}))
         if self.scaler is not None and state.get("loss_scale"):  # a bf16 / fp32 checkpoint starts a fresh scale
             self.scaler.load_state_dict(state["loss_scale"])
@@ -301,11 +300,12 @@ class Trainer:
             with t.stage("text"):
                 text = self._text(batch, drop)
             inputs = (xt, times, text.tokens, text.mask, text.pooled, batch.micro.to(self.device))
-        if self.schedule is None:
+        if not self.pipelined:
             loss = self._accumulate(inputs, target)
         else:
             with t.stage("pipeline"), self.autocast():
-                loss = self._pipeline_step(inputs if d.first_stage else (), target if d.last_stage else None)
+                loss = self._pipeline_step((B, H, W), inputs if d.first_stage else (),
+                                           target if d.last_stage else None)
         with t.stage("optimizer"):
             found_inf = self._unscale_and_clip()
             self.opt.step(found_inf)
@@ -362,10 +362,13 @@ class Trainer:
             torch.where(keep[:, None], pre.mask.to(self.device), empty.mask),
         )
 
-    def _pipeline_step(self, inputs: tuple, target: torch.Tensor | None) -> torch.Tensor:
-        """One pipelined forward + backward over the microbatches; the last stage's mean loss."""
+    def _pipeline_step(self, shape: tuple[int, int, int], inputs: tuple, target: torch.Tensor | None) -> torch.Tensor:
+        """One pipelined forward + backward over the microbatches; the last stage's mean loss.
+        ``shape`` (global batch, H, W) picks the schedule (every pipeline rank sees the same)."""
+        if shape not in self.schedules:
+            self.schedules[shape] = self._build_schedule()
         losses: list[torch.Tensor] = []
-        self.schedule.step(*inputs, target=target, losses=losses if target is not None else None)
+        self.schedules[shape].step(*inputs, target=target, losses=losses if target is not None else None)
         if not losses:
             return torch.zeros((), device=self.device)
         loss = torch.stack(losses).mean()  # scaled for fp16 by _stage_loss

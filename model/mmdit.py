@@ -291,7 +291,7 @@ class MMDiT(nn.Module):
         ])  # (L+Np,)
         mask = key_mask > 0.5
         if pad:  # (B, L+Np, W); pads are never attended to
-            xs = torch.cat([xs, xs.new_zeros(xs.shape[0], pad, xs.shape[2])], dim=1)
+            xs = _PadTokens.apply(xs, pad)
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
         if self.cp is not None:
             order = _cp_order(L, Np, self.cp.size(), xs.device)  # attention sees the tokens in this order
@@ -311,7 +311,7 @@ class MMDiT(nn.Module):
                 xs = block(xs, c, rope, token_group, mask)
             xs = gather_seq(xs, self.tp)
         if self.cp is None and pad:
-            xs = xs[:, :S]  # the carrier keeps its shape between pipeline stages
+            xs = xs[:, :S].contiguous()  # the carrier keeps its shape (and is sent) between pipeline stages
         return xs  # (B, S, W), or (B, (L+Np)/cp, W)
 
     def head(self, xs, cond):
@@ -342,6 +342,20 @@ class MMDiT(nn.Module):
         patches = torch.cat([patches, patches.new_zeros(patches.shape[0], Np - N, patches.shape[2])], dim=1)
         weights = torch.cat([torch.full((N,), Np / N, device=target.device), target.new_zeros(Np - N)])
         return local_tokens(patches, self.cp), local_tokens(weights[None], self.cp)[0]
+
+
+class _PadTokens(torch.autograd.Function):
+    """(B, S, W) -> (B, S + pad, W) with zero tokens; the backward hands back a contiguous
+    gradient (cat's and pad's are strided views), which a pipeline stage sends as it is."""
+
+    @staticmethod
+    def forward(ctx, x, pad: int):
+        ctx.tokens = x.shape[1]
+        return torch.cat([x, x.new_zeros(x.shape[0], pad, x.shape[2])], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, : ctx.tokens].contiguous(), None
 
 
 def _cp_order(L: int, N: int, cp: int, device) -> torch.Tensor:

@@ -218,11 +218,13 @@ def bucketed(tmp_path_factory) -> tuple[Path, list[str]]:
     ("tp2", 2, ["parallel.tp=2"]),
     ("cp2", 2, ["parallel.cp=2", "parallel.dp_shard=1"]),
     ("tp2_cp2", 4, ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1"]),
+    ("pp2_tp2", 4, ["parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"]),
 ])
 def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bucketed, tmp_path):
     """Aspect-ratio buckets whose image tokens do not split over cp x tp (9 x 7 = 63): padded
     inside the blocks, masked as keys, dropped or weighted 0 in the loss; the same buckets,
-    losses and weights as one process."""
+    losses and weights as one process. A pipeline gets a schedule per batch shape (its stages
+    learn their activation shapes on their first step)."""
     reference, data = bucketed
     run = tmp_path / name
     _torchrun(nproc, run, ["--out", str(run), "--steps", "4", *[a for s in COMMON + data + sets
