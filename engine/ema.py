@@ -55,9 +55,17 @@ class EMA:
         return {"params": self.params, "updates": self.applied()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Full (single-process) tensors; under FSDP / TP each rank keeps its shard of them."""
+        from torch.distributed.tensor import distribute_tensor
+
         with torch.no_grad():
             for name, value in state["params"].items():
-                self.params[name].copy_(value)
+                if name not in self.params:  # a pipeline stage holds some of the names
+                    continue
+                mine = self.params[name]
+                if isinstance(mine, DTensor):
+                    value = distribute_tensor(value.to(mine.device), mine.device_mesh, mine.placements)
+                mine.copy_(value)
         self.updates, self.skipped = int(state["updates"]), None
 
 

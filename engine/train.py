@@ -31,7 +31,7 @@ from kiln.engine.config import RunConfig, from_dict
 from kiln.engine.data.loader import ShapesLoader, to_model_range
 from kiln.engine.data.mix import MixLoader
 from kiln.engine.ema import EMA
-from kiln.engine.errors import ConfigError, KilnError
+from kiln.engine.errors import ConfigError
 from kiln.engine.evaluate import evaluate, heldout_batch, heldout_loss, split_scores
 from kiln.engine.loss_scale import LossScaler
 from kiln.engine.metrics import MetricsLog, StageTimer, device_name, peak_flops
@@ -217,13 +217,26 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self._load_extra(state)
 
+    def _load_full_state(self, state: dict) -> None:
+        """A single-process checkpoint into this layout: a run prototyped in one process goes on
+        under FSDP / TP / PP (full tensors, resharded by torch.distributed.checkpoint's API)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = StateDictOptions(full_state_dict=True, strict=False)  # a stage holds some of the names
+        for part in self.parts:
+            set_model_state_dict(part, state["model"], options=full)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_full_state_dict(state["optimizer"], self.cfg)
+        self._load_extra(state)
+
     def resume_from(self, path: Path) -> None:
         """Load a checkpoint: a single-process file, or a distributed one (any layout)."""
         if path.is_file():
-            if self.dist.enabled:
-                raise KilnError(f"{path} is a single-process checkpoint; resume it with one process "
-                                "(multi-process runs read torch.distributed.checkpoint folders)")
-            self.load_state_dict(checkpoint.load(path, map_location=self.device))
+            if self.dist.enabled:  # every rank reads the whole file and keeps its shards
+                self._load_full_state(checkpoint.load(path, map_location="cpu"))
+            else:
+                self.load_state_dict(checkpoint.load(path, map_location=self.device))
             return
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

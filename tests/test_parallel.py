@@ -266,6 +266,21 @@ def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):
     _assert_same_weights(_weights(run, 4), _weights(reference, 4))
 
 
+@pytest.mark.parametrize("nproc, sets", [(4, ["parallel.dp_shard=2", "parallel.tp=2"]),
+                                         (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"])])
+def test_single_process_checkpoint_resumes_in_a_layout(nproc, sets, reference, tmp_path):
+    """A run prototyped in one process goes on under FSDP x TP or a pipeline: every rank reads
+    the step_*.pt file and keeps its shards of the weights, EMA and AdamW moments (keyed by
+    parameter name from the one process's order); step 4 is the uninterrupted run's."""
+    run = tmp_path / "single_then_layout"
+    shutil.copytree(reference, run)
+    (run / "checkpoints" / "step_00000004.pt").unlink()
+    (run / "checkpoints" / "latest").write_text("step_00000003.pt\n")
+    _torchrun(nproc, run, ["--resume", str(run), "--steps", "4", *[a for s in sets for a in ("--set", s)]])
+    _assert_same_losses(_losses(run), _losses(reference), (4,))
+    _assert_same_weights(_weights(run, 4), _weights(reference, 4))
+
+
 def test_pp_checkpoint_resumes_in_one_process(reference, layout_runs, tmp_path):
     from kiln.engine.train import load_run_config
 
