@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from kiln.engine.config import RunConfig
+from kiln.engine.errors import KilnError
 
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 
@@ -122,34 +123,26 @@ class Optimizers:
 
 
     def load_full_state_dict(self, state: dict, cfg: RunConfig) -> None:
-        """A single-process checkpoint's optimizer state (``state_dict()`` of one process: torch's,
-        keyed by parameter position) into this layout's optimizers, sharded as they are."""
+        """A single-process checkpoint's AdamW state (torch's ``state_dict()``, keyed by parameter
+        position) into this layout's optimizers (one per pipeline stage), sharded as they are."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        names = single_process_order(cfg)  # position -> name, per saved optimizer
-        by_name = [_named_state(saved, order) for saved, order in zip(state["optimizers"], names, strict=True)]
-        full = StateDictOptions(full_state_dict=True)
-        if len(by_name) == len(self.opts):  # one part: optimizer k is the saved optimizer k (Muon: 2)
-            pairs = [(self.parts[0], opt, saved) for opt, saved in zip(self.opts, by_name, strict=True)]
-        else:  # pipeline stages: one AdamW each, over the names the stage holds
-            pairs = [(part, opt, _restrict(by_name[0], {n for n, _ in part.named_parameters()}))
-                     for part, opt in zip(self.parts, self.opts, strict=True)]
-        for part, opt, saved in pairs:
-            set_optimizer_state_dict(part, opt, saved, options=full)
+        if len(state["optimizers"]) != 1:
+            raise KilnError("this one-process checkpoint holds Muon's state (optim.name=muon trains in one "
+                            "process): resume it in one process")
+        saved = _named_state(state["optimizers"][0], single_process_order(cfg))
+        for part, opt in zip(self.parts, self.opts, strict=True):
+            mine = _restrict(saved, {n for n, _ in part.named_parameters()})  # a stage holds some names
+            set_optimizer_state_dict(part, opt, mine, options=StateDictOptions(full_state_dict=True))
         self.load_schedulers(state["schedulers"])
 
 
-def single_process_order(cfg: RunConfig) -> list[list[str]]:
-    """Parameter names in the order one process's optimizers hold them (their state's keys)."""
+def single_process_order(cfg: RunConfig) -> list[str]:
+    """Parameter names in the order one process's AdamW holds them (its state's keys)."""
     from kiln.model.mmdit import MMDiT
 
     with torch.device("meta"):
-        model = MMDiT(cfg.model)
-    name = {id(p): n for n, p in model.named_parameters()}
-    if cfg.optim.name == "muon":
-        matrices, rest = muon_params(model)
-        return [[name[id(p)] for p in rest], [name[id(p)] for p in matrices]]
-    return [[name[id(p)] for p in model.parameters()]]
+        return [n for n, _ in MMDiT(cfg.model).named_parameters()]
 
 
 def _named_state(saved: dict, order: list[str]) -> dict:
@@ -159,7 +152,7 @@ def _named_state(saved: dict, order: list[str]) -> dict:
 
 
 def _restrict(saved: dict, keep: set[str]) -> dict:
-    """The named state of the parameters one pipeline stage holds."""
+    """The named state of the parameters in ``keep``."""
     groups = [{**g, "params": [n for n in g["params"] if n in keep]} for g in saved["param_groups"]]
     return {"state": {n: s for n, s in saved["state"].items() if n in keep},
             "param_groups": [g for g in groups if g["params"]]}
