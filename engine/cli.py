@@ -59,9 +59,9 @@ def _train(args) -> None:
     summary = train(cfg, run_dir, resume=bool(args.resume), fail_at_step=_injected_failure(args))
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for all
         return
-    keys = ("steps", "final_loss", "heldout_loss", "clip_score", "cmmd", "images_per_second", "adherence",
-            "stage_seconds")
-    print(json.dumps({k: summary[k] for k in keys if summary[k] is not None or k == "heldout_loss"}, indent=2))
+    keys = ("steps", "final_loss", "heldout_loss", "clip_score", "cmmd", "images_per_second", "tflops_per_gpu",
+            "mfu", "adherence", "stage_seconds")
+    print(json.dumps({k: summary[k] for k in keys if summary.get(k) is not None or k == "heldout_loss"}, indent=2))
     if summary["diverged_at_step"] is not None:
         print(f"kiln: training diverged (non-finite loss) at step {summary['diverged_at_step']}; "
               f"the last good checkpoint in {run_dir} is kept", file=sys.stderr)
