@@ -288,6 +288,14 @@ def test_train_from_shards_with_online_vae_latents(synthetic, tmp_path, run_conf
     trainer = Trainer(cfg, tmp_path / "other")
     assert trainer.model.cfg.in_channels == 4 and trainer.pixels_per_token == 4
     assert all(b[0] % 4 == 0 and b[1] % 4 == 0 for b in trainer.loader.buckets)
+    # kiln sample on the latent run: noise in latents (4 x 24 x 40: 12 x 20 tokens), decoded to 80 x 48 pixels
+    from kiln.engine.errors import KilnError
+    from kiln.engine.generate import SampleRequest, sample_images
+
+    images, made = sample_images(tmp_path / "run", SampleRequest(["a red circle"], size=(80, 48), steps=2))
+    assert images.shape == (1, 48, 80, 3) and made["shift"] == pytest.approx((12 * 20 / 64) ** 0.5, abs=1e-6)
+    with pytest.raises(KilnError, match="multiples of 4 px"):
+        sample_images(tmp_path / "run", SampleRequest(["a red circle"], size=(82, 48)))
 
 
 def test_encoded_latents_train_like_the_online_vae(synthetic, tmp_path, run_config):
