@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fail-at-step", type=int, metavar="N",
                    help="fault injection: raise in step N (under torchrun: on the last rank, first attempt only)")
     t.set_defaults(fn=_train)
-    e = sub.add_parser("eval", help="held-out adherence and loss of a run's latest checkpoint")
+    e = sub.add_parser("eval", help="held-out adherence, loss (and CLIP metrics) of a run's latest checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--set", action="append", default=[], metavar="sample.x=y",
                    help="override a sample.* field (cfg_scale, use_ema, captions, num_prompts, steps)")
