@@ -363,6 +363,6 @@ def _cp_order(L: int, N: int, cp: int, device) -> torch.Tensor:
     text and image tokens, then rank 1's, ... (each rank holds [its L/cp text, its N/cp image])."""
     if L % cp or N % cp:
         raise ValueError(f"context parallel: {L} text and {N} image tokens do not split over parallel.cp={cp} "
-                         "ranks (text.max_length must divide; the image tokens are padded)")
+                         "ranks (cp must divide text.max_length; run_blocks pads the image tokens)")
     text, image = torch.arange(L, device=device).view(cp, -1), L + torch.arange(N, device=device).view(cp, -1)
     return torch.cat([text, image], dim=1).flatten()
