@@ -159,9 +159,6 @@ def _check_context_parallel(cfg: RunConfig, sizes: dict[str, int]) -> None:
     cp, tp, m = sizes.get("cp", 1), sizes["tp"], cfg.model
     if cp == 1:
         return
-    if sizes["pp"] > 1:
-        raise ConfigError(f"parallel.cp={cp} with parallel.pp={sizes['pp']}: context parallel does not run under "
-                          "a pipeline schedule; use parallel.pp=1")
     if (m.heads // tp) % cp:
         raise ConfigError(f"parallel.cp={cp} must divide the heads each tensor-parallel rank holds "
                           f"(model.heads / parallel.tp = {m.heads // tp})")
@@ -463,11 +460,12 @@ def full_weights(named: dict[str, torch.Tensor], d: Dist) -> dict[str, torch.Ten
     """Unsharded copies of ``named`` (parameter name -> tensor, possibly DTensor) on rank 0.
 
     Every rank must call it. Shards are all-gathered within each stage; stages other than the
-    first send theirs to rank 0 from their (dp 0, tp 0) rank. Returns None on other ranks."""
+    first send theirs to rank 0 from their (dp 0, cp 0, tp 0) rank: the one in rank 0's pp group.
+    Returns None on other ranks."""
     full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for n, t in named.items()}
     if not d.enabled:
         return full
-    if d.sizes["pp"] > 1 and d.dp_rank == 0 and d.coord("tp") == 0:
+    if d.sizes["pp"] > 1 and d.dp_rank == 0 and d.coord("cp") == 0 and d.coord("tp") == 0:
         pieces = [None] * d.sizes["pp"] if d.rank == 0 else None
         dist.gather_object({n: t.cpu() for n, t in full.items()}, pieces, dst=0, group=d.mesh["pp"].get_group())
         if d.rank == 0:

@@ -29,9 +29,10 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(f·tp·pp)·(r-1)/r
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
         4 backward: 16·S·W·(t-1)/t
-  CP    per block and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
+  CP    per block of the stage and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
         W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
-  PP    per image and stage boundary: the carrier S·W bf16 forward and its gradient back.
+  PP    per image and stage boundary: the carrier S·W/cp bf16 forward and its gradient back (each
+        cp rank sends its own tokens to its peer in the next stage).
   Activation checkpointing (selective or full) runs TP's and CP's forward collectives again in
   the backward's recompute: x1.5 their traffic. Counted on CPU (tests/count_collectives.py, tiny
   recipe, 4 blocks, 3 steps, per rank): cp=2 all-to-alls 48 none, 72 selective, 72 full; tp=2
@@ -128,8 +129,8 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     redo = RECOMPUTED_COLLECTIVES[ac]
     tp_bytes = redo * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
-    cp_bytes = redo * dp_batch * blocks * 16 * S * W / (t * cp) * (cp - 1) / cp
-    pp_bytes = (2 * dp_batch * S * W * 2) if pp > 1 else 0
+    cp_bytes = redo * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
+    pp_bytes = (2 * dp_batch * S * W * 2 / cp) if pp > 1 else 0  # a cp rank sends its S/cp tokens
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
             (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp))]
     inter = sum(b for b, x in comm if x)
@@ -150,9 +151,9 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
 
 def layouts(gpus: int, heads: int = 0):
     """Every layout of ``gpus`` with tp·cp inside a node, cp dividing the heads tp leaves (of
-    ``heads``; 0 = no cp) and not under a pipeline, and powers of two elsewhere."""
+    ``heads``; 0 = no cp), and powers of two elsewhere."""
     for t, cp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)):
-        if gpus % (t * cp * pp) or t * cp > NODE or (cp > 1 and (pp > 1 or not heads or heads % (t * cp))):
+        if gpus % (t * cp * pp) or t * cp > NODE or (cp > 1 and (not heads or heads % (t * cp))):
             continue
         dp = gpus // (t * cp * pp)
         for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):

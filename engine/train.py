@@ -122,6 +122,7 @@ class Trainer:
         # pipeline schedules by batch shape (batch, height, width): a stage learns its activation
         # shapes on its first step, so each aspect-ratio bucket and stage batch gets its own
         self.pipelined = d.sizes["pp"] > 1
+        self.token_weights = None  # the last stage's loss weights of the current batch (see MMDiT.output_target)
         self.schedules: dict[tuple[int, int, int], object] = {}
         self.microbatches = parallel.microbatches(cfg, d.sizes)  # gradient accumulation without a pipeline
         self.stage = cfg.stage_at(0)
@@ -380,6 +381,8 @@ class Trainer:
         ``shape`` (global batch, H, W) picks the schedule (every pipeline rank sees the same)."""
         if shape not in self.schedules:
             self.schedules[shape] = self._build_schedule()
+        if target is not None:  # under cp, this rank's tokens and their weights (one set for every microbatch)
+            target, self.token_weights = self.parts[-1].output_target(target)
         losses: list[torch.Tensor] = []
         self.schedules[shape].step(*inputs, target=target, losses=losses if target is not None else None)
         if not losses:
@@ -389,7 +392,7 @@ class Trainer:
 
     def _stage_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The pipeline's loss_fn (one microbatch); its backward starts from the fp16-scaled loss."""
-        loss = _loss(pred, target)
+        loss = _loss(pred, target, self.token_weights)
         return loss * self.scaler.scale if self.scaler else loss
 
     # -- evaluation --------------------------------------------------------------------

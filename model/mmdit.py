@@ -272,14 +272,16 @@ class MMDiT(nn.Module):
         return -(-n // k) * k
 
     def run_blocks(self, xs, cond):
-        """This module's blocks on the carrier; xs (B, L+N, W) in, and out (under context
-        parallel, out: this rank's tokens, [its 1/cp of the text, its 1/cp of the padded image])."""
+        """This module's blocks on the carrier; xs (B, L+N, W) in and out. Under context parallel
+        the output is this rank's tokens, [its 1/cp of the text, its 1/cp of the padded image],
+        and so is the input of a later pipeline stage (its cp peer in the previous stage sent it)."""
         cfg = self.cfg
-        c, key_mask = cond[:, :cfg.width], cond[:, cfg.width:]  # (B, W), (B, L+N)
+        c, key_mask = cond[:, :cfg.width], cond[:, cfg.width:]  # (B, W), (B, L+N): the mask stays whole
         h, w = self.grid
         N, Np = h * w, self.padded_tokens()
         S, pad = xs.shape[1], Np - h * w
-        L = S - N
+        L = key_mask.shape[1] - N
+        received = self.cp is not None and self.img_in is None  # xs already padded and split
         cos_i, sin_i = rope_2d(h, w, cfg.head_dim, cfg.rope_theta, device=xs.device)  # (N, D)
         # text tokens and pads are not rotated: cos = 1, sin = 0
         cos = torch.cat([torch.ones(L, cfg.head_dim, device=xs.device), cos_i,
@@ -291,12 +293,13 @@ class MMDiT(nn.Module):
         ])  # (L+Np,)
         mask = key_mask > 0.5
         if pad:  # (B, L+Np, W); pads are never attended to
-            xs = _PadTokens.apply(xs, pad)
+            xs = xs if received else _PadTokens.apply(xs, pad)
             mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
         if self.cp is not None:
             order = _cp_order(L, Np, self.cp.size(), xs.device)  # attention sees the tokens in this order
             cos, sin, token_group, mask = cos[order], sin[order], token_group[order], mask[:, order]
-            xs = torch.cat([local_tokens(xs[:, :L], self.cp), local_tokens(xs[:, L:], self.cp)], dim=1)
+            if not received:  # (B, (L+Np)/cp, W)
+                xs = torch.cat([local_tokens(xs[:, :L], self.cp), local_tokens(xs[:, L:], self.cp)], dim=1)
             L //= self.cp.size()
         rope = (cos.to(xs.dtype), sin.to(xs.dtype))
         if len(self.double_blocks):
@@ -312,7 +315,7 @@ class MMDiT(nn.Module):
             xs = gather_seq(xs, self.tp)
         if self.cp is None and pad:
             xs = xs[:, :S].contiguous()  # the carrier keeps its shape (and is sent) between pipeline stages
-        return xs  # (B, S, W), or (B, (L+Np)/cp, W)
+        return xs  # (B, L+N, W), or (B, (L+Np)/cp, W) under cp
 
     def head(self, xs, cond):
         """Carrier -> velocity (B, C, H, W) from the image tokens; under context parallel this
