@@ -278,7 +278,9 @@ class ParallelConfig:
     # (torch's schedules keep them from the first backward on anyway), after-forward otherwise
     reshard: str = "auto"
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
-    activation_checkpoint: str = "none"  # none | selective (every other block) | full
+    # none | selective (keep matmul, attention and TP / CP collective outputs; recompute norms,
+    # modulation, activations) | full (keep each block's input; rerun its forward)
+    activation_checkpoint: str = "none"
     compile: bool = False  # torch.compile each block (after AC, before FSDP)
     shard_text_encoder: bool = False  # FSDP-shard the frozen text encoder over dp (big towers)
     async_checkpoint: bool = False  # torch.distributed.checkpoint.async_save

@@ -271,7 +271,13 @@ def _save_matmuls_policy():
            torch.ops.aten._scaled_dot_product_flash_attention.default,
            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
            torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default,
-           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+           torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+           # what the row-parallel linears reduce-scatter (TP) and context parallel's all-to-alls
+           # receive: kept, the recompute does not send them again (tests/count_collectives.py:
+           # tp=2 x cp=2, 48 all-to-alls and 84 reduce-scatters per rank as without checkpointing,
+           # not 72 and 120); the all-gathered inputs are sent again (keeping them costs tp x)
+           torch.ops._c10d_functional.reduce_scatter_tensor.default,
+           torch.ops._c10d_functional.all_to_all_single.default}
     kiln_attn = getattr(torch.ops.kiln, "qk_norm_attention_fwd", None)
     if kiln_attn is not None:
         ops.add(kiln_attn.default)
@@ -284,8 +290,8 @@ def _save_matmuls_policy():
 
 def apply_ac(model: MMDiT, mode: str) -> None:
     """full: keep only each block's inputs, recompute the block in backward. selective: keep
-    matmul and attention outputs, recompute norms, modulation and activations (cheap, and most
-    of the activation bytes at large width)."""
+    matmul, attention and TP / CP collective outputs, recompute norms, modulation and
+    activations (cheap, and most of the activation bytes at large width)."""
     if mode == "none":
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts

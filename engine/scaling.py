@@ -11,11 +11,14 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     them from the first backward on)
   + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
     W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
-    22·W selective (matmul and attention outputs kept), 2·W full (block input only); / tp (sequence- or
-    head-sharded) and / cp (context parallel keeps 1/cp of the tokens); for the micro-batch
-    and the blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over
-    1/pp of the blocks; without a pipeline, gradient accumulation over K micro-batches keeps
-    one, dp_batch / K images)
+    22·W selective (matmul and attention outputs kept), 2·W full (block input only); / cp
+    (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
+    4·W that every TP rank holds whole: the all-gathered inputs of the two column-parallel
+    matmuls (none) or the partial sums out of the two row-parallel ones (selective). Selective
+    also keeps the collectives' outputs: the two reduce-scatters (+4·W/tp) and the four
+    all-to-alls (+8·W/tp); for the micro-batch and the blocks of the stage (1F1B keeps pp
+    micro-batches in flight on stage 0, each over 1/pp of the blocks; without a pipeline,
+    gradient accumulation over K micro-batches keeps one, dp_batch / K images)
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
     accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
     last micro-batch).
@@ -33,10 +36,12 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
         W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
   PP    per image and stage boundary: the carrier S·W/cp bf16 forward and its gradient back (each
         cp rank sends its own tokens to its peer in the next stage).
-  Activation checkpointing (selective or full) runs TP's and CP's forward collectives again in
-  the backward's recompute: x1.5 their traffic. Counted on CPU (tests/count_collectives.py, tiny
-  recipe, 4 blocks, 3 steps, per rank): cp=2 all-to-alls 48 none, 72 selective, 72 full; tp=2
-  DTensor all-gathers 102 / 150 / 150, reduce-scatters 84 / 120 / 120.
+  Activation checkpointing runs forward collectives again in the backward's recompute: full
+  all of TP's and CP's (x1.5 their traffic), selective only TP's all-gathers (x1.25 TP; it
+  keeps the reduce-scatters' and all-to-alls' outputs). Counted on CPU, what was sent
+  (tests/count_collectives.py, tiny recipe, 4 blocks, 3 steps, tp=2 x cp=2, per rank):
+  all-to-alls 48 none / 48 selective / 72 full; DTensor all-gathers 102 / 150 / 150,
+  reduce-scatters 84 / 84 / 120.
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
 dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
 Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step (backward = 2),
@@ -57,8 +62,11 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": 34, "selective": 22, "full": 2}
+TP_WHOLE_BYTES = {"none": 4, "selective": 4, "full": 0}  # of those, held whole by every TP rank
+KEPT_COLLECTIVE_BYTES = {"tp": 4, "cp": 8}  # selective: reduce-scatter / all-to-all outputs
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
-RECOMPUTED_COLLECTIVES = {"none": 1.0, "selective": 1.5, "full": 1.5}  # TP / CP traffic factor
+RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
+RECOMPUTED_CP = {"none": 1.0, "selective": 1.0, "full": 1.5}
 AC_MODES = tuple(ACT_BYTES_PER_TOKEN_WIDTH)
 # H100 SXM: 989 TFLOP/s dense bf16 at an assumed 50% MFU; NVLink 450 GB/s per GPU per direction
 # inside a node of 8; InfiniBand 400 Gb/s = 50 GB/s per GPU between nodes.
@@ -98,6 +106,15 @@ def _crosses_nodes(stride: int, size: int) -> bool:
     return size > 1 and stride * size > NODE
 
 
+def act_bytes(ac: str, t: int, cp: int) -> float:
+    """Activation bytes per token (of this rank's S/cp) and unit of width, per block."""
+    whole = TP_WHOLE_BYTES[ac] if t > 1 else 0
+    kept = 0
+    if ac == "selective":
+        kept = KEPT_COLLECTIVE_BYTES["tp"] * (t > 1) + KEPT_COLLECTIVE_BYTES["cp"] * (cp > 1)
+    return (ACT_BYTES_PER_TOKEN_WIDTH[ac] - whole + kept) / t + whole
+
+
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
              accumulate: int = 1, sync: str = "every", reshard: str = "after-forward") -> Estimate:
@@ -119,7 +136,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
     micro = dp_batch / accumulate if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
-    acts = micro * in_flight * S * (blocks / pp) * ACT_BYTES_PER_TOKEN_WIDTH[ac] * W / (t * cp)
+    acts = micro * in_flight * S * (blocks / pp) * W / cp * act_bytes(ac, t, cp)
     # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
     held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
     reductions = 1 if held else accumulate
@@ -127,9 +144,8 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathers = 1 if keep else 2 * accumulate
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
-    redo = RECOMPUTED_COLLECTIVES[ac]
-    tp_bytes = redo * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
-    cp_bytes = redo * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
+    tp_bytes = RECOMPUTED_TP[ac] * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
+    cp_bytes = RECOMPUTED_CP[ac] * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
     pp_bytes = (2 * dp_batch * S * W * 2 / cp) if pp > 1 else 0  # a cp rank sends its S/cp tokens
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
             (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp))]

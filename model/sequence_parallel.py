@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+funcol_ops = torch.ops._c10d_functional
+
 
 def scatter_seq(x: torch.Tensor, tp: DeviceMesh | None) -> torch.Tensor:
     """Full (B, S, W) on every rank -> this rank's (B, S/tp, W); backward all-gathers."""
@@ -59,8 +61,10 @@ def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.T
     along ``cat_dim`` in rank order."""
     n = dist.get_world_size(group)
     send = x.unflatten(split_dim, (n, -1)).movedim(split_dim, 0).contiguous()  # (n, ...) chunk j for rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    # the functional op (not dist.all_to_all_single): one dispatcher op whose output selective
+    # checkpointing can keep (engine/parallel.py), so the recompute does not send it again
+    recv = funcol_ops.all_to_all_single(send, [1] * n, [1] * n, group.group_name)
+    recv = funcol_ops.wait_tensor(recv)
     return recv.movedim(0, cat_dim).flatten(cat_dim, cat_dim + 1)
 
 

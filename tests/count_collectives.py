@@ -1,7 +1,14 @@
-"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts FSDP2's collectives on this
-rank (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces across
-HSDP replicas), context parallel's all-to-alls and DTensor's collectives (tensor parallel), and
-writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave)."""
+"""torchrun entry for test_parallel: ``kiln train ARGS`` that counts this rank's collectives and
+writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave).
+
+- FSDP2's (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces
+  across HSDP replicas): its calls into torch.distributed.
+- The functional collectives that reach the dispatcher: context parallel's all-to-alls and
+  tensor parallel's DTensor sequence gathers and scatters. Counted by a dispatch mode under
+  every other one, so an output that selective checkpointing kept and hands back in the
+  recompute is not counted: the count is what was sent. (DTensor's collectives inside its own
+  op dispatch, e.g. the partial sums of replicated weights' gradients, are not seen.)
+"""
 
 import os
 import sys
@@ -9,16 +16,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kiln.engine.cli import main
 
 calls: Counter = Counter()
 
 
-def _counting(name: str, collective, caller: str = "fsdp"):
+def _counting(name: str, collective):
     def wrapper(*args, **kwargs):
-        if caller in sys._getframe(1).f_globals.get("__name__", ""):  # FSDP's, not the loss / norm ones
+        if "fsdp" in sys._getframe(1).f_globals.get("__name__", ""):  # FSDP's, not the loss / norm ones
             calls[name] += 1
         return collective(*args, **kwargs)
 
@@ -29,13 +36,20 @@ def _counting(name: str, collective, caller: str = "fsdp"):
 dist.all_gather_single = _counting("all-gathers", dist.all_gather_single)
 dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
 dist.all_reduce = _counting("all-reduces", dist.all_reduce)
-dist.all_to_all_single = _counting("all-to-alls", dist.all_to_all_single, caller="sequence_parallel")
-# DTensor's (tensor parallel's sequence gathers and scatters) go through the functional collectives
-for _fn, _name in (("all_gather_single", "all-gathers"), ("reduce_scatter_single", "reduce-scatters"),
-                   ("all_reduce", "all-reduces")):
-    setattr(funcol, _fn, _counting(f"dtensor {_name}", getattr(funcol, _fn), caller="torch.distributed.tensor"))
-NAMES = ("all-gathers", "reduce-scatters", "all-reduces", "all-to-alls", "dtensor all-gathers",
-         "dtensor reduce-scatters", "dtensor all-reduces")
-main(["train", *sys.argv[1:]])
+
+FUNCTIONAL = {"all_to_all_single": "all-to-alls", "all_gather_into_tensor": "dtensor all-gathers",
+              "reduce_scatter_tensor": "dtensor reduce-scatters", "all_reduce": "dtensor all-reduces"}
+
+
+class _Sent(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "_c10d_functional" and func._opname in FUNCTIONAL:
+            calls[FUNCTIONAL[func._opname]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+NAMES = ("all-gathers", "reduce-scatters", "all-reduces", *FUNCTIONAL.values())
+with _Sent():  # pushed first: selective checkpointing's cache sits above it
+    main(["train", *sys.argv[1:]])
 rank, out = os.environ["RANK"], Path(sys.argv[sys.argv.index("--out") + 1])
 (out / f"collectives_rank{rank}.txt").write_text(f"rank {rank} " + " ".join(f"{n} {calls[n]}" for n in NAMES) + "\n")

@@ -41,7 +41,7 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
                     "sample.num_prompts=2", "sample.steps=1"]),  # eval with a sharded encoder
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.virtual_stages=2",
                             "parallel.microbatches=2"]),
-    # context parallel (Ulysses): alone (its all-to-alls recomputed under checkpointing), under
+    # context parallel (Ulysses): alone (its all-to-alls kept by selective checkpointing), under
     # FSDP over dp_shard x cp, and inside tensor parallel's head split
     "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective"]),
     "dp_shard2_cp2": (4, ["parallel.dp_shard=2", "parallel.cp=2", "parallel.microbatches=2"]),
@@ -70,6 +70,11 @@ def _torchrun(nproc: int, out: Path, args: list[str], entry: tuple[str, ...] = (
 def _losses(run: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _heldout(run: Path) -> float:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r["heldout_loss"] for r in rows if "heldout_loss" in r)
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -237,20 +242,16 @@ def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bu
     assert _heldout(run) == pytest.approx(_heldout(reference), rel=1e-4)
 
 
-def _heldout(run: Path) -> float:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return next(r["heldout_loss"] for r in rows if "heldout_loss" in r)
-
-
-def test_checkpointing_runs_the_forward_collectives_again(reference, tmp_path):
-    """tp=2 x cp=2 without and with selective checkpointing: the recompute in backward runs each
-    block's forward all-to-alls (q, k, v in; the output back) and its DTensor sequence gathers and
-    scatters again, which the scaling model charges as x1.5 TP and CP traffic; the reductions of
-    gradients are not repeated, and both train like one process."""
+def test_checkpointing_sends_only_what_it_did_not_keep(reference, tmp_path):
+    """tp=2 x cp=2 without, with selective and with full checkpointing, counting what is sent.
+    Selective keeps the all-to-alls' outputs (q, k, v in; the attention output back) and the
+    row-parallel reduce-scatters', so its recompute sends only the sequence all-gathers again
+    (TP traffic x1.25 in the scaling model, CP x1); full reruns every forward collective (x1.5).
+    Gradient reductions are never repeated, and all three train like one process."""
     steps, cfg = 3, _config(3, [])
     blocks = cfg.model.depth + cfg.model.single_depth
     counts = {}
-    for ac in ("none", "selective"):
+    for ac in ("none", "selective", "full"):
         run = tmp_path / ac
         sets = [*COMMON, "parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1",
                 f"parallel.activation_checkpoint={ac}"]
@@ -258,13 +259,16 @@ def test_checkpointing_runs_the_forward_collectives_again(reference, tmp_path):
                   entry=(str(Path(__file__).with_name("count_collectives.py")),))
         counts[ac] = _counts(run)
         _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
-    none, sel = counts["none"], counts["selective"]
-    assert none["all-to-alls"] == steps * blocks * 4 and sel["all-to-alls"] == steps * blocks * 6
-    for kind in ("dtensor all-gathers", "dtensor reduce-scatters"):  # once more per block and step
-        extra = sel[kind] - none[kind]
-        assert extra > 0 and extra % (steps * blocks) == 0 and extra / none[kind] <= 0.5, (kind, none, sel)
+    none, sel, full = counts["none"], counts["selective"], counts["full"]
+    assert none["all-to-alls"] == sel["all-to-alls"] == steps * blocks * 4
+    assert full["all-to-alls"] == steps * blocks * 6
+    assert sel["dtensor reduce-scatters"] == none["dtensor reduce-scatters"] < full["dtensor reduce-scatters"]
+    for kind, ran_again in (("dtensor all-gathers", (sel, full)), ("dtensor reduce-scatters", (full,))):
+        for c in ran_again:  # once more per block and step, at most half again
+            extra = c[kind] - none[kind]
+            assert extra > 0 and extra % (steps * blocks) == 0 and extra / none[kind] <= 0.5, (kind, none, c)
     for kind in ("dtensor all-reduces", "all-gathers", "reduce-scatters"):
-        assert sel[kind] == none[kind], (kind, none, sel)
+        assert none[kind] == sel[kind] == full[kind], (kind, none, sel, full)
 
 
 def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):
@@ -439,15 +443,23 @@ def test_scaling_model_charges_what_checkpointing_recomputes():
     # compute-bound (FSDP hides under it): full runs a 4th forward, selective only elementwise ops
     assert sel.seconds == none.seconds and full.seconds == pytest.approx(sel.seconds * 4 / 3)
     assert none.memory_gib > sel.memory_gib > full.memory_gib
-    # the forward's TP / CP collectives run again: x1.5 (tp=2 alone sends only TP traffic)
+    # the forward's collectives run again: full all of them (x1.5), selective TP's all-gathers
+    # only (x1.25), keeping the reduce-scatters' and all-to-alls' outputs (tp=2 alone sends only TP traffic)
     tp2 = {**shard8, "dp_shard": 1, "tp": 2}
-    none, sel = (estimate(cfg, tp2, 4, ac=ac) for ac in ("none", "selective"))
-    assert sel.intra_gib == pytest.approx(1.5 * none.intra_gib) and sel.seconds > none.seconds
+    none, sel, full = (estimate(cfg, tp2, 4, ac=ac) for ac in ("none", "selective", "full"))
+    assert sel.intra_gib == pytest.approx(1.25 * none.intra_gib) and sel.seconds > none.seconds
+    assert full.intra_gib == pytest.approx(1.5 * none.intra_gib)
     cp2 = {**shard8, "dp_shard": 1, "cp": 2}
-    none, sel = (estimate(cfg, cp2, 4, ac=ac) for ac in ("none", "selective"))
+    none, sel, full = (estimate(cfg, cp2, 4, ac=ac) for ac in ("none", "selective", "full"))
     S, _ = tokens(cfg, 1024, 77)
-    all_to_alls = 4 * (cfg.depth + cfg.single_depth) * 16 * S * cfg.width / 2 * (1 / 2) / GIB
-    assert sel.intra_gib - none.intra_gib == pytest.approx(0.5 * all_to_alls)
+    blocks, W = cfg.depth + cfg.single_depth, cfg.width
+    all_to_alls = 4 * blocks * 16 * S * W / 2 * (1 / 2) / GIB
+    assert sel.intra_gib == none.intra_gib and full.intra_gib - none.intra_gib == pytest.approx(0.5 * all_to_alls)
+    # what selective keeps instead: the all-to-alls' outputs, 4 bf16 values of W per token (of S/cp)
+    # and block; against FSDP over the same 2 ranks, each of which holds all S tokens of its 4 images
+    plain = estimate(cfg, {**cp2, "cp": 1, "dp_shard": 2}, 4)
+    assert sel.memory_gib - plain.memory_gib == pytest.approx(
+        4 * blocks * W * ((S / 2) * (22 + 4 * 2) - S * 22) / GIB)
     # auto: each layout's fastest mode that fits; at 4096 px the all-to-alls' recompute makes
     # checkpointing slower where cp already splits the activations enough
     auto, _ = recommend(cfg, 8, 8, resolution=4096, ac="auto")
