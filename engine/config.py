@@ -121,8 +121,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     # adamw everywhere, or muon for the 2-D weights inside the transformer blocks (AdamW for
-    # embeddings, norms, biases and the output layer; torch.optim.Muon with Moonshot's RMS
-    # matching, so the AdamW learning rate carries over)
+    # embeddings, norms, biases and the output layer; torch.optim.Muon's update with Moonshot's
+    # RMS matching, so the AdamW learning rate carries over; any parallel layout: engine/muon.py)
     name: str = "adamw"
     # fp32: fp32 master weights. bf16: every weight is rounded to bf16 after each update, which
     # is what storing weights in bf16 keeps (updates below half a bf16 ulp, ~0.4% of |w|, are

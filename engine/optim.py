@@ -1,9 +1,10 @@
 """Optimizers and the LR schedule: AdamW, or Muon for the blocks' matrices; bf16 weight storage.
 
 ``optim.name=muon`` splits the parameters the way Muon is meant to be used: the 2-D weights
-inside the transformer blocks (attention and MLP projections, modulation) go to
-``torch.optim.Muon``; embeddings, the output layer, norms and biases stay on AdamW. Both share
-one schedule (``lr_lambda``), so the two are one optimizer from the loop's point of view.
+inside the transformer blocks (attention and MLP projections, modulation) go to Muon
+(``engine/muon.py``: torch.optim.Muon's update for sharded weights, so any layout trains
+with it); embeddings, the output layer, norms and biases stay on AdamW. All share one schedule
+(``lr_lambda``), so they are one optimizer from the loop's point of view.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from kiln.engine.config import RunConfig
-from kiln.engine.errors import KilnError
+from kiln.engine.muon import ShardedMuon
 
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 
@@ -46,8 +47,8 @@ def muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 class Optimizers:
     """The torch optimizers of one run with one LR schedule, stepped and checkpointed together.
 
-    One AdamW per model part (pipeline stages held by this rank; one part otherwise), or AdamW
-    plus Muon on a single part. Per-part optimizers keep the distributed checkpoint keyed by
+    One AdamW per model part (pipeline stages held by this rank; one part otherwise), or per
+    part an AdamW and a Muon. Per-part optimizers keep the distributed checkpoint keyed by
     parameter name, so it loads into any other layout.
     """
 
@@ -56,15 +57,18 @@ class Optimizers:
         self.parts = parts if isinstance(parts, list) else [parts]
         adamw = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                      fused=device.type == "cuda")
-        if o.name == "muon":
-            if len(self.parts) != 1:
-                raise ValueError("optim.name=muon trains one model part (no pipeline stages)")
-            matrices, rest = muon_params(self.parts[0])
-            self.opts = [torch.optim.AdamW(rest, **adamw),
-                         torch.optim.Muon(matrices, lr=o.lr, weight_decay=o.weight_decay,
+        self.owners: list[nn.Module] = []  # the part each optimizer's parameters belong to
+        self.opts: list[torch.optim.Optimizer] = []
+        for part in self.parts:
+            if o.name == "muon":
+                matrices, rest = muon_params(part)
+                self.opts += [torch.optim.AdamW(rest, **adamw),
+                              ShardedMuon(matrices, lr=o.lr, weight_decay=o.weight_decay,
                                           adjust_lr_fn="match_rms_adamw")]
-        else:
-            self.opts = [torch.optim.AdamW(part.parameters(), **adamw) for part in self.parts]
+                self.owners += [part, part]
+            else:
+                self.opts.append(torch.optim.AdamW(part.parameters(), **adamw))
+                self.owners.append(part)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)) for opt in self.opts]
         self.params = [p for part in self.parts for p in part.parameters()]
         self.bf16_storage = o.weight_storage == "bf16"
@@ -111,38 +115,46 @@ class Optimizers:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         out = {}
-        for part, opt in zip(self.parts, self.opts, strict=True):
+        for part, opt in zip(self.owners, self.opts, strict=True):
             out.update(get_optimizer_state_dict(part, opt, options=_FLAT))
         return out
 
     def load_sharded_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        for part, opt in zip(self.parts, self.opts, strict=True):
+        for part, opt in zip(self.owners, self.opts, strict=True):
             set_optimizer_state_dict(part, opt, state, options=_FLAT)
 
 
     def load_full_state_dict(self, state: dict, cfg: RunConfig) -> None:
-        """A single-process checkpoint's AdamW state (torch's ``state_dict()``, keyed by parameter
-        position) into this layout's optimizers (one per pipeline stage), sharded as they are."""
+        """A single-process checkpoint's optimizer state (torch's ``state_dict()``, keyed by
+        parameter position: one AdamW, or AdamW and Muon) into this layout's optimizers (per
+        pipeline stage), sharded as they are."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if len(state["optimizers"]) != 1:
-            raise KilnError("this one-process checkpoint holds Muon's state (optim.name=muon trains in one "
-                            "process): resume it in one process")
-        saved = _named_state(state["optimizers"][0], single_process_order(cfg))
-        for part, opt in zip(self.parts, self.opts, strict=True):
-            mine = _restrict(saved, {n for n, _ in part.named_parameters()})  # a stage holds some names
+        orders = single_process_order(cfg)
+        saved = [_named_state(s, order) for s, order in zip(state["optimizers"], orders, strict=True)]
+        kinds = len(saved)  # optimizers per part, in the same order as one process's
+        for i, (part, opt) in enumerate(zip(self.owners, self.opts, strict=True)):
+            held = {id(q) for g in opt.param_groups for q in g["params"]}
+            names = {n for n, p in part.named_parameters() if id(p) in held}
+            mine = _restrict(saved[i % kinds], names)  # a stage holds some names
             set_optimizer_state_dict(part, opt, mine, options=StateDictOptions(full_state_dict=True))
         self.load_schedulers(state["schedulers"])
 
 
-def single_process_order(cfg: RunConfig) -> list[str]:
-    """Parameter names in the order one process's AdamW holds them (its state's keys)."""
+def single_process_order(cfg: RunConfig) -> list[list[str]]:
+    """Per optimizer of one process, the parameter names in the order it holds them (its
+    state's keys): [all] for AdamW, [the rest, the block matrices] for Muon."""
     from kiln.model.mmdit import MMDiT
 
     with torch.device("meta"):
-        return [n for n, _ in MMDiT(cfg.model).named_parameters()]
+        model = MMDiT(cfg.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if cfg.optim.name != "muon":
+        return [list(names.values())]
+    matrices, rest = muon_params(model)
+    return [[names[id(p)] for p in rest], [names[id(p)] for p in matrices]]
 
 
 def _named_state(saved: dict, order: list[str]) -> dict:

@@ -136,9 +136,6 @@ def check_layout(cfg: RunConfig, sizes: dict[str, int]) -> None:
     if pp > 1 and m.depth + m.single_depth < stages:
         raise ConfigError(f"parallel.pp: {stages} pipeline stages need at least as many blocks, "
                           f"the model has {m.depth + m.single_depth}")
-    if cfg.optim.name == "muon" and max(sizes.values()) > 1:
-        raise ConfigError("optim.name=muon trains in one process: torch.optim.Muon needs whole, unsharded "
-                          "matrices (use optim.name=adamw with parallel layouts)")
     dp = sizes["dp_replicate"] * sizes["dp_shard"]
     for i, stage in enumerate(cfg.stages or [cfg.stage_at(0)]):
         if stage.batch_size % dp:

@@ -124,7 +124,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
         name="optimizer",
         question="AdamW, or Muon for the transformer blocks' matrices (same LR and schedule)?",
         literature="PRX: Muon a clear gain over AdamW",
-        # torch's Muon runs Newton-Schulz in bf16, which a CPU without bf16 units emulates:
+        # Muon (torch.optim.Muon's arithmetic) runs Newton-Schulz in bf16, which a CPU without bf16 units emulates:
         # 2.3 s/step against 0.43 for AdamW on 2 cores, so 400 steps keep the study near 25 min
         steps=400,
         variants={"AdamW": [], "Muon (blocks) + AdamW": ["optim.name=muon"]},

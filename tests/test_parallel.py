@@ -294,6 +294,61 @@ def test_single_process_checkpoint_resumes_in_a_layout(nproc, sets, reference, t
     _assert_same_weights(_weights(run, 4), _weights(reference, 4))
 
 
+MUON = ["optim.name=muon", "optim.warmup_steps=0", "optim.lr=1e-3"]  # updates that move the loss in 4 steps
+
+
+@pytest.fixture(scope="module")
+def muon_reference(reference) -> Path:
+    return _single_process(reference.parent / "muon_single", 4, MUON)
+
+
+def _momentum(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """Muon's momentum buffers by parameter name, from a checkpoint of either kind."""
+    from kiln.engine.optim import single_process_order
+
+    path = run / "checkpoints" / f"step_{step:08d}"
+    if path.with_suffix(".pt").is_file():
+        names = single_process_order(_config(step, MUON))[1]
+        state = torch.load(path.with_suffix(".pt"), weights_only=True)["optimizer"]["optimizers"][1]["state"]
+        return {names[i]: s["momentum_buffer"] for i, s in state.items()}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    want = {k: torch.empty(m.size) for k, m in meta.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and k.endswith(".momentum_buffer")}
+    dcp.load(want, checkpoint_id=str(path))
+    return {k.removeprefix("optimizer.state.").removesuffix(".momentum_buffer"): v for k, v in want.items()}
+
+
+@pytest.mark.parametrize("name, nproc, sets", [
+    ("dp_shard2_tp2", 4, ["parallel.dp_shard=2", "parallel.tp=2"]),
+    ("pp2_resumed", 2, ["parallel.pp=2", "parallel.microbatches=2"]),
+])
+def test_muon_trains_in_a_layout_like_one_process(name, nproc, sets, muon_reference, tmp_path):
+    """Muon's Newton-Schulz needs whole matrices; engine/muon.py hands each to one rank of its
+    shard group. Under FSDP x TP from the start, and in a pipeline resumed from one process's
+    step-3 checkpoint (its AdamW and Muon state renamed from the one process's parameter order),
+    the losses are one process's and so are the momentum buffers, to 1e-2 (a lost momentum would
+    be ~90% off). Not to 1e-4 like AdamW's: Newton-Schulz runs in bf16 (as torch's), where
+    last-bit differences of the gradient reductions flip roundings (the low-rank first updates
+    of the zero-initialised modulation weights end up to 10% apart; 0.2% in the momenta).
+    tests/muon_layouts.py checks the sharded update itself bit for bit."""
+    run = tmp_path / name
+    args = ["--out", str(run)]
+    if name.endswith("resumed"):
+        shutil.copytree(muon_reference, run)
+        (run / "checkpoints" / "step_00000004.pt").unlink()
+        (run / "checkpoints" / "latest").write_text("step_00000003.pt\n")
+        args = ["--resume", str(run)]
+    _torchrun(nproc, run, [*args, "--steps", "4", *[a for s in COMMON + MUON + sets for a in ("--set", s)]])
+    _assert_same_losses(_losses(run), _losses(muon_reference), (4,) if name.endswith("resumed") else (1, 2, 3, 4))
+    got, want = _momentum(run, 4), _momentum(muon_reference, 4)
+    assert got.keys() == want.keys() and len(want) == 30
+    worst = max(((got[k] - want[k]).norm() / want[k].norm()).item() for k in want)
+    assert worst <= 1e-2, f"momentum differs by {worst:.2e}"
+
+
 def test_pp_checkpoint_resumes_in_one_process(reference, layout_runs, tmp_path):
     from kiln.engine.train import load_run_config
 
