@@ -19,6 +19,8 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     all-to-alls (+8·W/tp); for the micro-batch and the blocks of the stage (1F1B keeps pp
     micro-batches in flight on stage 0, each over 1/pp of the blocks; without a pipeline,
     gradient accumulation over K micro-batches keeps one, dp_batch / K images)
+  + with optim=muon, the block matrices' P_m parameters keep one fp32 momentum (4 bytes) instead
+    of AdamW's two (8): 4·P_m/(f·tp·pp) less
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
     accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
     last micro-batch).
@@ -34,6 +36,9 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
         4 backward: 16·S·W·(t-1)/t
   CP    per block of the stage and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
         W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
+  Muon  per step, each matrix's bf16 momentum shards to its owner rank and the result's shards
+        back, two all-to-alls over the f·tp ranks that shard it: 2·2·P_m/(f·tp·pp)·(N-1)/N,
+        N = f·tp; under FSDP x TP (2-D shards) DTensor's all-gathers, 2·2·P_m/pp·(N-1)/N
   PP    per image and stage boundary: the carrier S·W/cp bf16 forward and its gradient back (each
         cp rank sends its own tokens to its peer in the next stage).
   Activation checkpointing runs forward collectives again in the backward's recompute: full
@@ -49,7 +54,8 @@ Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step
 ops (norms, modulation, GELU; ~1% of an xl step at HBM speed, uncounted like all elementwise
 work in MFU). ``ac="auto"`` tries all three per layout. FSDP/HSDP traffic overlaps compute
 (prefetch), TP, CP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
-(3pp-1) slots.
+(3pp-1) slots. Muon's step follows the backward: its Newton-Schulz FLOPs (5 iterations of
+4·a²·b + 2·a³ per a x b matrix, a <= b), 1/N of them per rank, and its all-to-alls add to it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
+
+from kiln.engine.muon import NS_STEPS
 from kiln.model.mmdit import MMDiTConfig
 from kiln.model.presets import count_params, forward_flops
 
@@ -85,12 +94,14 @@ class Estimate:
     sync: str = "every"  # parallel.accumulate_sync
     reshard: str = "after-forward"  # parallel.reshard (a pipeline keeps parameters either way)
     ac: str = "selective"  # parallel.activation_checkpoint
+    optim: str = "adamw"  # optim.name
 
     def row(self, gpus: int) -> str:
         lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
         lay += f" microbatches={self.accumulate} accumulate_sync={self.sync}" if self.accumulate > 1 else ""
         lay += " reshard=after-step" if self.reshard == "after-step" and self.layout["pp"] == 1 else ""
         lay += f" activation_checkpoint={self.ac}"
+        lay += " optim=muon" if self.optim == "muon" else ""
         return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
                 f"{self.seconds:.2f} | {self.images / self.seconds / gpus:.2f} |")
 
@@ -115,13 +126,35 @@ def act_bytes(ac: str, t: int, cp: int) -> float:
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac] - whole + kept) / t + whole
 
 
+def muon_shapes(cfg: MMDiTConfig) -> list[tuple[int, int]]:
+    """Shapes of the matrices Muon takes (kiln.engine.optim.muon_params), built on meta."""
+    from kiln.engine.optim import muon_params
+    from kiln.model.mmdit import MMDiT
+
+    with torch.device("meta"):
+        matrices, _ = muon_params(MMDiT(cfg))
+    return [tuple(p.shape) for p in matrices]
+
+
+def muon_step(shapes: list[tuple[int, int]], t: int, f: int, pp: int) -> tuple[float, float]:
+    """(bytes each rank sends, FLOPs each rank runs) for Muon's orthogonalisation in one step."""
+    n = f * t  # ranks that shard a stage's weights; HSDP replicas repeat their group's share
+    p_m = sum(a * b for a, b in shapes)
+    flops = sum(NS_STEPS * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in shapes) / (pp * n)
+    whole = f > 1 and t > 1  # 2-D shards: redistributed through all-gathers
+    sent = 2 * 2 * p_m / pp * (n - 1) / n / (1 if whole else n)
+    return sent, flops
+
+
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
-             accumulate: int = 1, sync: str = "every", reshard: str = "after-forward") -> Estimate:
+             accumulate: int = 1, sync: str = "every", reshard: str = "after-forward",
+             optim: str = "adamw", shapes: list[tuple[int, int]] | None = None) -> Estimate:
     """One layout; ``dp_batch`` images per data-parallel rank (shared by its cp·tp·pp GPUs),
     run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline,
     reducing gradients after each or (``sync="last"``) after the last, gathering parameters
-    for each forward and backward or (``reshard="after-step"``) once."""
+    for each forward and backward or (``reshard="after-step"``) once; ``optim`` adamw or muon
+    (``shapes``: :func:`muon_shapes`, computed when not given)."""
     P = params or count_params(cfg)
     blocks = cfg.depth + cfg.single_depth
     p_block = P / max(1, blocks)  # embedders and output layer are <1% of the larger presets
@@ -130,7 +163,12 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     f = d * cp  # FSDP's ranks: a cp group holds the same weights
     S, side = tokens(cfg, resolution, text_tokens)
     W = cfg.width
-    master = (4 + 4 + 8 + 4) * P / (f * t * pp)
+    muon_sent = muon_flops = p_m = 0
+    if optim == "muon":
+        shapes = shapes if shapes is not None else muon_shapes(cfg)
+        p_m = sum(a * b for a, b in shapes)
+        muon_sent, muon_flops = muon_step(shapes, t, f, pp)
+    master = ((4 + 4 + 8 + 4) * P - 4 * p_m) / (f * t * pp)
     accumulate = accumulate if pp == 1 else 1
     keep = pp > 1 or reshard == "after-step"  # parameters gathered once, kept through the step
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
@@ -148,7 +186,8 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     cp_bytes = RECOMPUTED_CP[ac] * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
     pp_bytes = (2 * dp_batch * S * W * 2 / cp) if pp > 1 else 0  # a cp rank sends its S/cp tokens
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
-            (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp))]
+            (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp)),
+            (muon_sent, _crosses_nodes(1, t * f))]
     inter = sum(b for b, x in comm if x)
     intra = sum(b for b, x in comm if not x)
     flops = FORWARDS_PER_STEP[ac] * forward_flops(cfg, side, side, text_tokens) * dp_batch / (t * pp * cp)
@@ -158,11 +197,12 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     dp_time = fsdp / (IB if _crosses_nodes(t, f) else NVLINK) + hsdp / (IB if _crosses_nodes(t * f, r) else NVLINK)
     bubble = (pp - 1) / (2 * pp + pp - 1) if pp > 1 else 0.0
     seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK \
-        + cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK) + pp_bytes / IB
+        + cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK) + pp_bytes / IB \
+        + muon_flops / (GPU_FLOPS * MFU) + muon_sent / (IB if _crosses_nodes(1, t * f) else NVLINK)
     images = dp_batch * d * r
     memory = (master + gathered + acts + unsharded_grads) / GIB
     return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
-                    "after-step" if keep else "after-forward", ac)
+                    "after-step" if keep else "after-forward", ac, optim)
 
 
 def layouts(gpus: int, heads: int = 0):
@@ -178,7 +218,7 @@ def layouts(gpus: int, heads: int = 0):
 
 
 def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
-              ac: str = "selective") -> tuple[Estimate | None, list[Estimate]]:
+              ac: str = "selective", optim: str = "adamw") -> tuple[Estimate | None, list[Estimate]]:
     """The layout to use: fits in ``gpu_gib`` with 10% headroom, then the shortest modelled step.
     Without a pipeline, each layout also tries keeping parameters gathered through the step
     (reshard=after-step) and gradient accumulation over 2, 4, ... micro-batches (each costs
@@ -186,13 +226,14 @@ def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 8
     (accumulate_sync=last), and with ``ac="auto"`` each activation-checkpointing mode; of those
     that fit, the fastest, then the fewest micro-batches, then the least memory."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
+    shapes = muon_shapes(cfg) if optim == "muon" else None
     for lay in layouts(gpus, cfg.heads):
         dp = lay["dp_replicate"] * lay["dp_shard"]
         if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
             continue
         dp_batch = global_batch // dp
         options = [estimate(cfg, lay, dp_batch, resolution, ac=mode, params=params, accumulate=k, sync=sync,
-                            reshard=reshard)
+                            reshard=reshard, optim=optim, shapes=shapes)
                    for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every", "auto")])
                    for mode in (AC_MODES if ac == "auto" else (ac,))]
         options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
@@ -210,13 +251,13 @@ def _accumulations(dp_batch: int) -> list[tuple[int, str, str]]:
 
 
 def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,
-          resolution: int = 1024, ac: str = "auto") -> str:
+          resolution: int = 1024, ac: str = "auto", optim: str = "adamw") -> str:
     which = "chosen per layout" if ac == "auto" else ac
     lines = [f"{name}: {count_params(cfg) / 1e9:.2f} B parameters, {resolution} px, global batch "
-             f"{batch_per_gpu} x GPUs, activation checkpointing {which}", "",
+             f"{batch_per_gpu} x GPUs, activation checkpointing {which}" + (", Muon" if optim == "muon" else ""), "",
              "| GPUs | layout | memory GiB/GPU | NVLink GiB/GPU/step | inter-node GiB/GPU/step | "
              "modelled step s | images/s/GPU |", "|---|---|---|---|---|---|---|"]
     for g in gpu_counts:
-        best, _ = recommend(cfg, g, g * batch_per_gpu, resolution=resolution, ac=ac)
+        best, _ = recommend(cfg, g, g * batch_per_gpu, resolution=resolution, ac=ac, optim=optim)
         lines.append(best.row(g) if best else f"| {g} | nothing fits in 80 GiB | | | | | |")
     return "\n".join(lines)

@@ -522,6 +522,31 @@ def test_scaling_model_charges_what_checkpointing_recomputes():
     assert auto.seconds <= fixed.seconds and f"activation_checkpoint={auto.ac}" in auto.row(8)
 
 
+def test_scaling_model_charges_muon_its_iterations_and_all_to_alls():
+    from kiln.engine.scaling import GIB, GPU_FLOPS, MFU, estimate, muon_shapes, recommend
+    from kiln.model.presets import preset
+
+    cfg = preset("xl")
+    shapes = muon_shapes(cfg)
+    p_m = sum(a * b for a, b in shapes)
+    # per double block: modulation, QKV, output projection, MLP in and out, per stream; per single block 5
+    assert len(shapes) == 10 * cfg.depth + 5 * cfg.single_depth and p_m > 0.99 * 8.3e9
+    shard8 = {"dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1, "pp": 1}
+    adamw, muon = (estimate(cfg, shard8, 4, optim=o, shapes=shapes) for o in ("adamw", "muon"))
+    assert adamw.memory_gib - muon.memory_gib == pytest.approx(4 * p_m / 8 / GIB)  # one moment, not two
+    # Newton-Schulz: 5 x (4 a^2 b + 2 a^3) per matrix, an eighth per rank; two bf16 all-to-alls of the shards
+    ns = sum(5 * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in shapes) / 8
+    sent = 2 * 2 * p_m / 8 * 7 / 8
+    assert muon.intra_gib - adamw.intra_gib == pytest.approx(sent / GIB)
+    assert muon.seconds - adamw.seconds == pytest.approx(ns / (GPU_FLOPS * MFU) + sent / 450e9, rel=1e-6)
+    # HSDP replicas each run their group's share: sharding over every GPU spreads the iterations
+    hsdp = estimate(cfg, {**shard8, "dp_replicate": 8}, 4, optim="muon", shapes=shapes)
+    flat = estimate(cfg, {**shard8, "dp_shard": 64}, 4, optim="muon", shapes=shapes, reshard="after-step")
+    assert hsdp.seconds > flat.seconds
+    best, _ = recommend(cfg, 64, 256, optim="muon")
+    assert best.optim == "muon" and "optim=muon" in best.row(64) and best.layout["dp_replicate"] == 1
+
+
 def test_failed_rank_is_named_and_the_run_resumes_from_its_last_checkpoint(reference, tmp_path):
     run = tmp_path / "fail"
     sets = [a for s in COMMON + ["parallel.dp_shard=2"] for a in ("--set", s)]
