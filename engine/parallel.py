@@ -299,7 +299,19 @@ def apply_ac(model: MMDiT, mode: str) -> None:
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
             # forward is replaced on the instance, not wrapped in a module: parameter names stay
-            block.forward = partial(checkpoint, block.forward, **kwargs)
+            block.forward = _checkpointed(block.forward, checkpoint, kwargs)
+
+
+def _checkpointed(forward, checkpoint, kwargs):
+    """``forward`` under activation checkpointing, as a plain function: torch.compile traces
+    that (checkpoint becomes a region its partitioner recomputes, with the selective policy),
+    while a functools.partial of checkpoint made it skip the whole block (nothing compiled,
+    silently; measured on torch 2.14: no graph, the block ran eagerly)."""
+
+    def run(*args):
+        return checkpoint(forward, *args, **kwargs)
+
+    return run
 
 
 def apply_compile(model: MMDiT) -> None:

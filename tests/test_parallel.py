@@ -9,6 +9,7 @@ the reference did.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -46,6 +47,9 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective"]),
     "dp_shard2_cp2": (4, ["parallel.dp_shard=2", "parallel.cp=2", "parallel.microbatches=2"]),
     "tp2_cp2": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=full"]),
+    # torch.compile (inductor) of checkpointed blocks whose all-to-alls selective checkpointing keeps
+    "cp2_compiled": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective",
+                         "parallel.compile=true"]),
 }
 
 
@@ -373,6 +377,41 @@ def test_sample_reads_a_layouts_checkpoint_in_one_process(layout, reference, lay
         want, _ = sample_images(reference, SampleRequest(["a red circle"], steps=2, use_ema=use_ema, checkpoint=ref))
         assert made["step"] == 3 and made["checkpoint"].endswith("step_00000003")
         assert np.abs(got.astype(int) - want).max() <= 1  # weights equal to 1e-4 (test above)
+
+
+@pytest.mark.parametrize("ac", ["selective", "full"])
+def test_checkpointed_blocks_compile(ac):
+    """torch.compile must trace a checkpointed block (a functools.partial of checkpoint as the
+    block's forward made dynamo skip it: parallel.compile=true ran eagerly, silently); the
+    compiled block gives the eager block's output and gradients."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from kiln.engine.parallel import apply_ac
+    from kiln.model import MMDiT
+
+    cfg = _config(1, [])
+    torch.manual_seed(0)
+    eager = MMDiT(cfg.model)
+    torch.nn.init.normal_(eager.single_blocks["0"].mod.weight, std=0.02)  # adaLN-Zero: not the identity
+    compiled = copy.deepcopy(eager)
+    apply_ac(compiled, ac)
+    block, ref = compiled.single_blocks["0"], eager.single_blocks["0"]
+    torch._dynamo.reset()
+    counters.clear()
+    block.compile(backend="aot_eager")  # the graph and its partition, without inductor's C++ build
+    W, D = cfg.model.width, cfg.model.head_dim
+    x = torch.randn(2, 12, W, requires_grad=True)
+    c, rope = torch.randn(2, W), (torch.ones(12, D), torch.zeros(12, D))
+    group, mask = torch.ones(12, dtype=torch.long), torch.ones(2, 12, dtype=torch.bool)
+    outs, grads = [], []
+    for b in (block, ref):
+        outs.append(b(x, c, rope, group, mask))
+        grads.append(torch.autograd.grad(outs[-1].square().sum(), [x, *b.parameters()]))
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    torch.testing.assert_close(outs[0], outs[1])
+    for g, h in zip(*grads, strict=True):
+        torch.testing.assert_close(g, h)
 
 
 def test_layout_errors_name_the_field():
