@@ -315,9 +315,17 @@ def _checkpointed(forward, checkpoint, kwargs):
 
 
 def apply_compile(model: MMDiT) -> None:
+    """torch.compile each block. Under tensor parallel with static shapes: DTensor's sharding
+    propagation fails on symbolic sizes (torch 2.14: "unhashable type: non-nested SymInt" at the
+    second bucket shape), so each batch shape gets its own graph: up to 64 per block code
+    (double- and single-stream blocks share one under checkpointing), not dynamo's default 8,
+    past which further shapes would run eagerly."""
+    dynamic = None if model.tp is None else False
+    if dynamic is False:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
-            block.compile()  # in place: parameter names stay
+            block.compile(dynamic=dynamic)  # in place: parameter names stay
 
 
 # -- FSDP2 ------------------------------------------------------------------------------------
