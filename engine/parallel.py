@@ -299,19 +299,21 @@ def apply_ac(model: MMDiT, mode: str) -> None:
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
             # forward is replaced on the instance, not wrapped in a module: parameter names stay
-            block.forward = _checkpointed(block.forward, checkpoint, kwargs)
+            block.forward = _Checkpointed(block.forward, checkpoint, kwargs)
 
 
-def _checkpointed(forward, checkpoint, kwargs):
-    """``forward`` under activation checkpointing, as a plain function: torch.compile traces
-    that (checkpoint becomes a region its partitioner recomputes, with the selective policy),
-    while a functools.partial of checkpoint made it skip the whole block (nothing compiled,
-    silently; measured on torch 2.14: no graph, the block ran eagerly)."""
+class _Checkpointed:
+    """``forward`` under activation checkpointing. torch.compile traces this call (checkpoint
+    becomes a region its partitioner recomputes, with the selective policy), while a
+    functools.partial of checkpoint made dynamo skip the whole block (torch 2.14: no graph, the
+    block ran eagerly, silently). An object, not a closure: a deep copy of the block gets a
+    wrapper of its own forward."""
 
-    def run(*args):
-        return checkpoint(forward, *args, **kwargs)
+    def __init__(self, forward, checkpoint, kwargs):
+        self.forward, self.checkpoint, self.kwargs = forward, checkpoint, kwargs
 
-    return run
+    def __call__(self, *args):
+        return self.checkpoint(self.forward, *args, **self.kwargs)
 
 
 def apply_compile(model: MMDiT) -> None:

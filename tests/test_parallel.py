@@ -412,6 +412,8 @@ def test_checkpointed_blocks_compile(ac):
         outs.append(b(x, c, rope, group, mask))
         grads.append(torch.autograd.grad(outs[-1].square().sum(), [x, *b.parameters()]))
     assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    twin = copy.deepcopy(compiled).single_blocks["0"]
+    assert twin.forward.forward.__self__ is twin  # a copy runs its own weights
     torch.testing.assert_close(outs[0], outs[1])
     for g, h in zip(*grads, strict=True):
         torch.testing.assert_close(g, h)
