@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from kiln.engine.config import RunConfig
+from kiln.engine.errors import KilnError
 from kiln.engine.muon import ShardedMuon
 
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
@@ -133,6 +134,9 @@ class Optimizers:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         orders = single_process_order(cfg)
+        if len(state["optimizers"]) != len(orders):
+            raise KilnError(f"this checkpoint holds {len(state['optimizers'])} optimizer states, optim.name="
+                            f"{cfg.optim.name} keeps {len(orders)}: the optimizer cannot change on resume")
         saved = [_named_state(s, order) for s, order in zip(state["optimizers"], orders, strict=True)]
         kinds = len(saved)  # optimizers per part, in the same order as one process's
         for i, (part, opt) in enumerate(zip(self.owners, self.opts, strict=True)):

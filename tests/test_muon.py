@@ -60,3 +60,17 @@ def test_sharded_weights_get_one_process_update_bit_for_bit(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.glob("ok_rank*.txt")) == [f"ok_rank{r}.txt" for r in range(4)]
+
+
+def test_a_one_process_checkpoint_of_another_optimizer_is_refused_by_name():
+    from kiln.engine.errors import KilnError
+    from kiln.engine.optim import Optimizers
+    from kiln.engine.recipes import recipe
+    from kiln.model import MMDiT
+
+    cfg = recipe("tiny")
+    cfg.optim.name = "muon"
+    opts = Optimizers(cfg, [MMDiT(cfg.model)], torch.device("cpu"))
+    adamw_state = {"optimizers": [{"state": {}, "param_groups": []}], "schedulers": [{}]}
+    with pytest.raises(KilnError, match="holds 1 optimizer states, optim.name=muon keeps 2"):
+        opts.load_full_state_dict(adamw_state, cfg)
