@@ -23,7 +23,10 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     of AdamW's two (8): 4·P_m/(f·tp·pp) less
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
     accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
-    last micro-batch).
+    last micro-batch)
+  + with a pipeline, the receive buffers of the running schedule: a middle stage's carrier
+    forward and its gradient back for every micro-batch, 2·2·dp_batch·S·W/cp bf16 bytes
+    (the other schedules' are freed between steps, kiln.engine.parallel.Pipeline).
 Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data):
   FSDP  all-gather bf16 params in forward and again in backward, reduce-scatter fp32 grads:
         (2 + 2 + 4)·P/tp·(f-1)/f, f = dp_shard·cp; accumulating K micro-batches gathers for each
@@ -179,6 +182,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
     reductions = 1 if held else accumulate
     unsharded_grads = 4 * P / (t * pp) if held and f * r > 1 else 0
+    recv = 2 * 2 * dp_batch * S * W / cp if pp > 1 else 0
     gathers = 1 if keep else 2 * accumulate
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
@@ -200,7 +204,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
         + cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK) + pp_bytes / IB \
         + muon_flops / (GPU_FLOPS * MFU) + muon_sent / (IB if _crosses_nodes(1, t * f) else NVLINK)
     images = dp_batch * d * r
-    memory = (master + gathered + acts + unsharded_grads) / GIB
+    memory = (master + gathered + acts + unsharded_grads + recv) / GIB
     return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
                     "after-step" if keep else "after-forward", ac, optim)
 

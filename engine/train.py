@@ -123,7 +123,7 @@ class Trainer:
         # shapes on its first step, so each aspect-ratio bucket and stage batch gets its own
         self.pipelined = d.sizes["pp"] > 1
         self.token_weights = None  # the last stage's loss weights of the current batch (see MMDiT.output_target)
-        self.schedules: dict[tuple[int, int, int], object] = {}
+        self.schedules: dict[tuple[int, int, int], parallel.Pipeline] = {}
         self.microbatches = parallel.microbatches(cfg, d.sizes)  # gradient accumulation without a pipeline
         self.stage = cfg.stage_at(0)
         self.loader = self._make_loader(self.stage)

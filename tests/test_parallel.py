@@ -239,14 +239,21 @@ def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bu
     """Aspect-ratio buckets whose image tokens do not split over cp x tp (9 x 7 = 63): padded
     inside the blocks, masked as keys, dropped or weighted 0 in the loss; the same buckets,
     losses and weights as one process. A pipeline gets a schedule per batch shape (its stages
-    learn their activation shapes on their first step)."""
+    learn their activation shapes on their first step), whose receive buffers are freed between
+    its steps."""
     reference, data = bucketed
     run = tmp_path / name
+    pipelined = name.startswith("pp")
+    entry = (str(Path(__file__).with_name("pipeline_memory.py")),) if pipelined else ("-m", "kiln.engine.train")
     _torchrun(nproc, run, ["--out", str(run), "--steps", "4", *[a for s in COMMON + data + sets
-                                                                 for a in ("--set", s)]])
+                                                                 for a in ("--set", s)]], entry=entry)
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3, 4))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
     assert _heldout(run) == pytest.approx(_heldout(reference), rel=1e-4)
+    if pipelined:  # receive buffers are held by the running schedule only (they were kept by every
+        for rank in range(nproc):  # schedule built, one per batch shape seen)
+            held = dict(x.split("=") for x in (run / f"pipeline_rank{rank}.txt").read_text().split())
+            assert int(held["schedules"]) >= 3 and int(held["during"]) > 0 and int(held["between"]) == 0, held
 
 
 def test_checkpointing_sends_only_what_it_did_not_keep(reference, tmp_path):
