@@ -9,9 +9,11 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
     they are kept through the step (after-step; always with a pipeline: torch's schedules keep
     them from the first backward on)
-  + activations per token per block: 34·W bytes without checkpointing (17 bf16 values of width
-    W: norm inputs, modulated inputs, QKV, attention output, MLP hidden before and after GELU),
-    22·W selective (matmul and attention outputs kept), 2·W full (block input only); / cp
+  + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
+    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 38·W bytes
+    in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
+    output, MLP hidden before and after GELU, gated branches), 30·W in a single-stream one;
+    22·W selective (matmul and attention outputs kept, block input), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
     4·W that every TP rank holds whole: the all-gathered inputs of the two column-parallel
     matmuls (none) or the partial sums out of the two row-parallel ones (selective). Selective
@@ -73,7 +75,8 @@ from kiln.model.mmdit import MMDiTConfig
 from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
-ACT_BYTES_PER_TOKEN_WIDTH = {"none": 34, "selective": 22, "full": 2}
+# (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": (38, 30), "selective": (22, 22), "full": (2, 2)}
 TP_WHOLE_BYTES = {"none": 4, "selective": 4, "full": 0}  # of those, held whole by every TP rank
 KEPT_COLLECTIVE_BYTES = {"tp": 4, "cp": 8}  # selective: reduce-scatter / all-to-all outputs
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
@@ -120,13 +123,14 @@ def _crosses_nodes(stride: int, size: int) -> bool:
     return size > 1 and stride * size > NODE
 
 
-def act_bytes(ac: str, t: int, cp: int) -> float:
-    """Activation bytes per token (of this rank's S/cp) and unit of width, per block."""
+def act_bytes(ac: str, t: int, cp: int, single: bool = False) -> float:
+    """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
+    block (``single``: per single-stream block)."""
     whole = TP_WHOLE_BYTES[ac] if t > 1 else 0
     kept = 0
     if ac == "selective":
         kept = KEPT_COLLECTIVE_BYTES["tp"] * (t > 1) + KEPT_COLLECTIVE_BYTES["cp"] * (cp > 1)
-    return (ACT_BYTES_PER_TOKEN_WIDTH[ac] - whole + kept) / t + whole
+    return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
 
 
 def muon_shapes(cfg: MMDiTConfig) -> list[tuple[int, int]]:
@@ -177,7 +181,8 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
     micro = dp_batch / accumulate if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
-    acts = micro * in_flight * S * (blocks / pp) * W / cp * act_bytes(ac, t, cp)
+    per_block = (cfg.depth * act_bytes(ac, t, cp) + cfg.single_depth * act_bytes(ac, t, cp, single=True)) / blocks
+    acts = micro * in_flight * S * (blocks / pp) * W / cp * per_block
     # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
     held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
     reductions = 1 if held else accumulate

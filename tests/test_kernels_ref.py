@@ -98,6 +98,39 @@ def test_group_norm_5d_and_errors():
         kernels.group_norm(x, 3, activation="relu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaln_modulate_gradients_within_twice_torch_keeping_x_and_statistics(dtype):
+    """The torch backend's own backward (x and per-token statistics kept, the normalised x
+    recomputed) against fp64, within 2x autograd-through-the-reference's error in the same
+    dtype, for the output and the gradients of x, shift and scale; and what it keeps."""
+    from kernel_rule import assert_within_twice_torch
+    from saved_bytes import held_for_backward
+
+    B, S, C = 3, 77 + 128, 96
+    x0 = torch.randn(B, S, C, dtype=torch.float64) * 3 + 1  # an offset mean: cancellation in LN
+    shift0, scale0 = torch.randn(B, C, dtype=torch.float64), torch.randn(B, C, dtype=torch.float64)
+    dy = torch.randn(B, S, C, dtype=torch.float64)
+
+    def run(fn, dt):
+        x, shift, scale = (t.to(dt).clone().requires_grad_() for t in (x0, shift0, scale0))
+        y = fn(x, shift, scale)
+        y.backward(dy.to(dt))
+        return y, x.grad, shift.grad, scale.grad
+
+    ours, ref, lowp = run(kernels.adaln_modulate, dtype), run(kernels.adaln_modulate_ref, torch.float64), \
+        run(kernels.adaln_modulate_ref, dtype)
+    assert_within_twice_torch(["out", "dx", "dshift", "dscale"], ours, ref, lowp, dtype)
+    # kept for the backward: x in its dtype and fp32 mean and 1/std per token (shift and scale
+    # come from outside); autograd through the reference keeps an fp32 x and fp32 LN(x)
+    leaf = x0.to(dtype).requires_grad_()
+    shift, scale = (t.to(dtype).clone().requires_grad_() for t in (shift0, scale0))  # as the model's are
+    held = [held_for_backward(lambda x, f=f: f(x, shift, scale), lambda: (leaf * 1,))
+            for f in (kernels.adaln_modulate, kernels.adaln_modulate_ref)]
+    size = dtype.itemsize
+    assert held[0] == B * S * (C * size + 2 * 4), held
+    assert held[1] >= B * S * C * (4 + 4) > held[0], held
+
+
 def test_adaln_modulate_matches_layer_norm():
     x = torch.randn(3, 11, 40, dtype=torch.float64)
     shift, scale = torch.randn(3, 40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
