@@ -15,12 +15,16 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     output, MLP hidden before and after GELU, gated branches), 30·W in a single-stream one;
     22·W selective (matmul and attention outputs kept, block input), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
-    4·W that every TP rank holds whole: the all-gathered inputs of the two column-parallel
-    matmuls (none) or the partial sums out of the two row-parallel ones (selective). Selective
-    also keeps the collectives' outputs: the two reduce-scatters (+4·W/tp) and the four
-    all-to-alls (+8·W/tp); for the micro-batch and the blocks of the stage (1F1B keeps pp
-    micro-batches in flight on stage 0, each over 1/pp of the blocks; without a pipeline,
-    gradient accumulation over K micro-batches keeps one, dp_batch / K images)
+    what every TP rank holds whole: the all-gathered inputs of the column-parallel matmuls
+    (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
+    the two row-parallel ones (selective, 4·W). Selective also keeps the collectives' outputs:
+    the two reduce-scatters (+4·W/tp) and the four all-to-alls (+8·W/tp); without
+    checkpointing, a single-stream block under cp also keeps the copy of the attention output
+    its projection reads (+2·W: it comes back from its all-to-all in another layout). Each
+    term measured under tp=2 and cp=2 (tests/block_memory.py); for the micro-batch and the
+    blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over 1/pp of
+    the blocks; without a pipeline, gradient accumulation over K micro-batches keeps one,
+    dp_batch / K images)
   + with optim=muon, the block matrices' P_m parameters keep one fp32 momentum (4 bytes) instead
     of AdamW's two (8): 4·P_m/(f·tp·pp) less
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
@@ -77,8 +81,9 @@ from kiln.model.presets import count_params, forward_flops
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": (38, 30), "selective": (22, 22), "full": (2, 2)}
-TP_WHOLE_BYTES = {"none": 4, "selective": 4, "full": 0}  # of those, held whole by every TP rank
-KEPT_COLLECTIVE_BYTES = {"tp": 4, "cp": 8}  # selective: reduce-scatter / all-to-all outputs
+TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
+TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
+CP_KEPT_BYTES = {"none": (0, 2), "selective": (8, 8), "full": (0, 0)}  # all-to-all outputs (selective)
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
 RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
 RECOMPUTED_CP = {"none": 1.0, "selective": 1.0, "full": 1.5}
@@ -126,10 +131,8 @@ def _crosses_nodes(stride: int, size: int) -> bool:
 def act_bytes(ac: str, t: int, cp: int, single: bool = False) -> float:
     """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
     block (``single``: per single-stream block)."""
-    whole = TP_WHOLE_BYTES[ac] if t > 1 else 0
-    kept = 0
-    if ac == "selective":
-        kept = KEPT_COLLECTIVE_BYTES["tp"] * (t > 1) + KEPT_COLLECTIVE_BYTES["cp"] * (cp > 1)
+    whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
+    kept = TP_KEPT_BYTES[ac] * (t > 1) + CP_KEPT_BYTES[ac][single] * (cp > 1)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
 
 

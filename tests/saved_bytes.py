@@ -12,7 +12,7 @@ import gc
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -23,16 +23,30 @@ class _Created(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        seen = {s.data_ptr() for s in _storages((args, kwargs))}
         # a view (of a weight, say) is not new memory: only storages no argument had
-        self.storages += [weakref.ref(t.untyped_storage()) for t in tree_flatten(out)[0]
-                          if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen]
+        self.storages += [weakref.ref(s) for s in _storages(out) if s.data_ptr() not in seen]
         return out
 
     def alive(self) -> dict[int, int]:
         """data pointer -> bytes of the recorded storages still allocated."""
         live = (r() for r in self.storages)
         return {s.data_ptr(): s.nbytes() for s in live if s is not None and s.nbytes() > 0}
+
+
+def _storages(tree) -> list[torch.UntypedStorage]:
+    """The storages of the tensors in ``tree``; a wrapper subclass's (DTensor, a functional
+    collective's AsyncCollectiveTensor) are its inner tensors'."""
+    out = []
+    for t in tree_flatten(tree)[0]:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            out += _storages([getattr(t, n) for n in names])
+        else:
+            out.append(t.untyped_storage())
+    return out
 
 
 def held_for_backward(forward, make_inputs) -> int:
@@ -46,5 +60,5 @@ def held_for_backward(forward, make_inputs) -> int:
         out = forward(*inputs)
     del inputs
     gc.collect()  # the Triton interpreter keeps its launch arguments in reference cycles
-    outputs = {t.untyped_storage().data_ptr() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+    outputs = {s.data_ptr() for s in _storages(out)}
     return sum(n for ptr, n in created.alive().items() if ptr not in outputs)
