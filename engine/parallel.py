@@ -487,6 +487,14 @@ def global_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
     return v / (d.dp_size * d.sizes["cp"] * d.sizes["tp"])
 
 
+def global_max(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The largest value over every rank (each rank's own, e.g. its memory)."""
+    if d.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

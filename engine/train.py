@@ -135,6 +135,7 @@ class Trainer:
         self.profiler = StepProfiler(t.profile_from, t.profile_steps, t.profile_memory, run_dir, d.rank, self.device)
         self.step = 0
         self.last_step_flops = self.flops_done = 0.0  # model FLOPs of the last step / this process's steps
+        self.peak_memory_gib = 0.0  # CUDA: the most any rank allocated in a logged window
         self._eval_copy: MMDiT | None = None
         self._pending_save: checkpoint.ShardedSave | None = None  # async_checkpoint in flight
 
@@ -497,7 +498,7 @@ def _flush(log: MetricsLog | None, trainer: Trainer, buffered: list, t_window: f
     # fp16: the loss scale each step ran with (halved after a skipped step; the same on every rank)
     scales = torch.stack([b[3] for b in buffered]).tolist() if trainer.scaler else [None] * len(buffered)
     ips = len(buffered) * trainer.stage.batch_size / max(t_window, 1e-9)
-    speed = _throughput(trainer, sum(b[4] for b in buffered), t_window)
+    speed = {**_throughput(trainer, sum(b[4] for b in buffered), t_window), **_memory(trainer)}
     if log is not None:
         for (step, _, lr, _, _), loss, scale in zip(buffered, losses, scales, strict=True):
             row = {"step": step, "loss": loss, "lr": lr, "images_per_second": ips,
@@ -516,6 +517,20 @@ def _throughput(trainer: Trainer, flops: float, seconds: float) -> dict:
     tflops = flops / max(seconds, 1e-9) / trainer.dist.world / 1e12
     peak = peak_flops(trainer.device)
     return {"tflops_per_gpu": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
+
+
+def _memory(trainer: Trainer) -> dict:
+    """On CUDA, GiB: the most any rank allocated since the last window (its peak, then reset)
+    and the most its caching allocator reserves; the run's peak goes to summary.json."""
+    dev = trainer.device
+    if dev.type != "cuda":
+        return {}
+    held = torch.tensor([torch.cuda.max_memory_allocated(dev), torch.cuda.memory_reserved(dev)],
+                        dtype=torch.float64, device=dev)
+    peak, reserved = (parallel.global_max(held, trainer.dist) / 2**30).tolist()
+    torch.cuda.reset_peak_memory_stats(dev)
+    trainer.peak_memory_gib = max(trainer.peak_memory_gib, peak)
+    return {"memory_gib": peak, "reserved_gib": reserved}
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, fail_at_step: int | None = None) -> dict:
@@ -664,6 +679,7 @@ def _summary(trainer: Trainer, losses: list[float], t_train: float, final: dict,
         "images_seen": trainer.images_seen(trainer.step),
         "images_per_second": images / max(t_train, 1e-9),
         **_throughput(trainer, trainer.flops_done, t_train),
+        "peak_memory_gib": trainer.peak_memory_gib if dev.type == "cuda" else None,  # any rank's, over the run
         "train_seconds": round(t_train, 2),
         "stage_seconds": {k: round(v, 3) for k, v in trainer.timer.resolve().items()},
         "precision": str(trainer.compute_dtype or torch.float32).removeprefix("torch."),

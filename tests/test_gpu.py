@@ -52,6 +52,10 @@ def test_cuda_training_run_bf16_autocast(tmp_path, run_config):
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
     assert summary["device"] == torch.cuda.get_device_name()
+    # memory: each logged step's peak since the previous one, the run's peak in the summary
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert all(0 < r["memory_gib"] <= r["reserved_gib"] for r in rows), rows[:2]
+    assert summary["peak_memory_gib"] == max(r["memory_gib"] for r in rows)
 
 
 def test_cuda_fp16_run_skips_overflows_on_the_device_and_learns(tmp_path, run_config):
