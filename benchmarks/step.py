@@ -1,4 +1,4 @@
-"""End-to-end training-step benchmark: images/s, MFU and the per-stage split of one step.
+"""End-to-end training-step benchmark: images/s, MFU, the per-stage split of one step and (CUDA) peak memory.
 
     kiln bench step [RECIPE] [--steps N] [--warmup W] [--set a.b=c ...] [--out FILE.jsonl]
 
@@ -35,6 +35,9 @@ def run(recipe_name: str, steps: int, warmup: int, overrides: list[str]) -> dict
     sync()
     trainer.timer.resolve()
     trainer.timer.seconds.clear()
+    cuda = trainer.device.type == "cuda"
+    if cuda:  # the timed steps' peak: weights, optimizer state, activations and workspace
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -56,6 +59,7 @@ def run(recipe_name: str, steps: int, warmup: int, overrides: list[str]) -> dict
         "tflops": flops / (q["p50_ms"] / 1000) / 1e12,
         "mfu": flops / (q["p50_ms"] / 1000) / peak if peak else None,
         "stage_ms": {k: round(v, 3) for k, v in stages.items()},
+        "peak_memory_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else None,
         "overrides": overrides,
         **provenance(trainer.device),
     }
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     row = run(args.recipe, args.steps, args.warmup, args.set)
     append_rows(args.out, [row])
-    print_table([row], ["recipe", "shape", "p50_ms", "images_per_second", "tflops", "mfu", "device"])
+    print_table([row], ["recipe", "shape", "p50_ms", "images_per_second", "tflops", "mfu", "peak_memory_gib", "device"])
     print("stage ms/step:", row["stage_ms"])
 
 
