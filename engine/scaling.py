@@ -10,9 +10,9 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     they are kept through the step (after-step; always with a pipeline: torch's schedules keep
     them from the first backward on)
   + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
-    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 38·W bytes
+    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 30·W bytes
     in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
-    output, MLP hidden before and after GELU, gated branches), 30·W in a single-stream one;
+    output, the MLP hidden once: GELU is recomputed, gated branches), 22·W in a single-stream one;
     22·W selective (matmul and attention outputs kept, block input), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
     what every TP rank holds whole: the all-gathered inputs of the column-parallel matmuls
@@ -80,7 +80,7 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
-ACT_BYTES_PER_TOKEN_WIDTH = {"none": (38, 30), "selective": (22, 22), "full": (2, 2)}
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": (30, 22), "selective": (22, 22), "full": (2, 2)}
 TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
 CP_KEPT_BYTES = {"none": (0, 2), "selective": (8, 8), "full": (0, 0)}  # all-to-all outputs (selective)

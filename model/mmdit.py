@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
-from kiln.model.layers import MLP, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
+from kiln.model.layers import MLP, GeluLinear, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
 from kiln.model.sequence_parallel import (
     gather_seq,
     gathered_input,
@@ -158,7 +158,7 @@ class SingleStreamBlock(nn.Module):
         self.qkv = nn.Linear(w, 3 * w)
         self.mlp_in = nn.Linear(w, cfg.mlp_hidden)
         self.proj = nn.Linear(w, w)
-        self.mlp_out = nn.Linear(cfg.mlp_hidden, w, bias=False)  # one bias for the sum (proj's)
+        self.mlp_out = GeluLinear(cfg.mlp_hidden, w, bias=False)  # gelu inside; one bias for the sum (proj's)
         self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
         self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
 
@@ -169,7 +169,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp)
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
                             self.cp)  # (B, S/cp, H/tp, D)
-        out = self.proj(attn.flatten(2)) + self.mlp_out(F.gelu(self.mlp_in(h), approximate="tanh"))
+        out = self.proj(attn.flatten(2)) + self.mlp_out(self.mlp_in(h))  # mlp_out(gelu(.))
         return x + gate[:, None] * out  # (B, S', W)
 
 

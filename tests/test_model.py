@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -102,3 +103,46 @@ def test_invalid_model_config_names_the_field():
 
     with pytest.raises(ConfigError, match="model.width"):
         MMDiT(MMDiTConfig(width=130, heads=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_linear_gradients_within_twice_torch_keeping_only_its_input(dtype):
+    """GeluLinear = linear(gelu(h)) whose backward recomputes gelu(h): output and gradients of
+    h, weight and bias against fp64 within 2x autograd-through-the-two's error at the same
+    precision (bf16: under autocast over fp32 weights, as training runs); it keeps h alone."""
+    from kernel_rule import assert_within_twice_torch
+    from saved_bytes import held_for_backward
+
+    from kiln.model.layers import GeluLinear
+
+    B, S, hidden, out = 2, 77 + 128, 96, 40
+    lin = GeluLinear(hidden, out)
+    h0, dy = torch.randn(B, S, hidden, dtype=torch.float64) * 2, torch.randn(B, S, out, dtype=torch.float64)
+    autocast = dtype != torch.float32
+
+    def run(fn, dt, weights_dt):
+        h = h0.to(dt).clone().requires_grad_()
+        w, b = (p.detach().to(weights_dt).clone().requires_grad_() for p in (lin.weight, lin.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and dt != torch.float64):
+            y = fn(h, w, b)
+        y.backward(dy.to(y.dtype))
+        return y, h.grad, w.grad, b.grad
+
+    def plain(h, w, b):
+        return F.linear(F.gelu(h, approximate="tanh"), w, b)
+
+    def ours(h, w, b):
+        return torch.nn.utils.stateless.functional_call(lin, {"weight": w, "bias": b}, (h,))
+
+    weights = torch.float32 if autocast else dtype
+    assert_within_twice_torch(["out", "dh", "dweight", "dbias"], run(ours, dtype, weights),
+                              run(plain, torch.float64, torch.float64), run(plain, dtype, weights), dtype)
+    leaf = h0.to(dtype).requires_grad_()
+    lin.to(weights)
+
+    def forward(h, f):  # autocast exits inside: its cache of bf16 weight copies is not what the graph keeps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return f(h, lin.weight, lin.bias)
+
+    kept = [held_for_backward(lambda h, f=f: forward(h, f), lambda: (leaf * 1,)) for f in (ours, plain)]
+    assert kept[0] == B * S * hidden * dtype.itemsize and kept[1] >= 2 * kept[0], kept

@@ -578,8 +578,9 @@ def test_activation_bytes_are_what_a_block_keeps(t, cp, tmp_path):
     """The scaling model's activation bytes per token and unit of width (per mode and block
     kind; under tp, what every rank holds whole and the reduce-scatter outputs selective keeps;
     under cp, the all-to-all outputs) against what one double- and one single-stream block's
-    forward leaves for its backward on each rank (tests/block_memory.py). They were 50 and 36
-    without checkpointing until the adaLN modulation stopped keeping fp32 copies."""
+    forward leaves for its backward on each rank (tests/block_memory.py). Without checkpointing
+    they were 50 and 36 until the adaLN modulation stopped keeping fp32 copies (38, 30) and the
+    MLP's output layer its GELU's output (30, 22)."""
     from kiln.engine.scaling import act_bytes
 
     sets = [f"parallel.tp={t}", f"parallel.cp={cp}", "parallel.dp_shard=1", "parallel.timeout_s=300"]
