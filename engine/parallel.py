@@ -540,7 +540,15 @@ def full_weights(named: dict[str, torch.Tensor], d: Dist) -> dict[str, torch.Ten
 
 
 def shutdown(d: Dist) -> None:
+    """Tear the process groups down once every rank is done with them.
+
+    The barrier first: a rank can finish its last collective (it has all it needs) while a peer
+    still drains that collective's sends; tearing gloo's pairs down then is a race. CI saw one
+    rank of test_muon's 4-rank entry (on 2 cores) abort at its end with "terminate called
+    without an active exception".
+    """
     global _CPU_GROUP
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
         _CPU_GROUP = None

@@ -64,6 +64,7 @@ def main(out: Path) -> None:
         bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not torch.equal(a, b)]
         assert not bad, f"{name}: parameters {bad} differ from one process's"
     (out / f"ok_rank{dist.get_rank()}.txt").write_text("ok\n")
+    dist.barrier()  # as parallel.shutdown: no rank tears gloo down while a peer still drains a collective
     dist.destroy_process_group()
 
 
