@@ -3,13 +3,11 @@ same update on weights sharded by FSDP2 x TP and HSDP (muon_layouts.py under tor
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import torchrun
 
 from kiln.engine.muon import ShardedMuon, newton_schulz
 
@@ -55,10 +53,7 @@ def test_bad_arguments_are_named():
 
 
 def test_sharded_weights_get_one_process_update_bit_for_bit(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(Path(__file__).with_name("muon_layouts.py")), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(4, [str(Path(__file__).with_name("muon_layouts.py")), str(tmp_path)], timeout=300)
     assert sorted(p.name for p in tmp_path.glob("ok_rank*.txt")) == [f"ok_rank{r}.txt" for r in range(4)]
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from multiproc import torchrun
 
 from kiln.engine.errors import ConfigError
 from kiln.engine.metrics import read_metrics
@@ -64,11 +62,7 @@ def _config(steps: int, sets: list[str]):
 
 
 def _torchrun(nproc: int, out: Path, args: list[str], entry: tuple[str, ...] = ("-m", "kiln.engine.train")) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *entry, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(nproc, [*entry, *args])
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -621,10 +615,8 @@ def test_scaling_model_charges_muon_its_iterations_and_all_to_alls():
 def test_failed_rank_is_named_and_the_run_resumes_from_its_last_checkpoint(reference, tmp_path):
     run = tmp_path / "fail"
     sets = [a for s in COMMON + ["parallel.dp_shard=2"] for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "kiln.engine.train", "--out", str(run), "--steps", "4", "--fail-at-step", "4", *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=600)
+    proc = torchrun(2, ["-m", "kiln.engine.train", "--out", str(run), "--steps", "4", "--fail-at-step", "4", *sets],
+                    check=False)
     assert proc.returncode != 0
     assert "kiln: rank 1 failed at step 4: RuntimeError: simulated failure at step 4" in proc.stderr
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_00000003"]
