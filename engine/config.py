@@ -266,16 +266,17 @@ class ParallelConfig:
     # gradient accumulation without a pipeline (activation memory of one chunk); 0 = one per
     # pipeline stage (1 = no accumulation without a pipeline)
     microbatches: int = 0
-    # gradient accumulation under FSDP: every = reduce-scatter after each micro-batch into the
-    # sharded gradients (no extra memory; HSDP's all-reduce across replicas once, after the last);
-    # last = keep the unsharded gradients across micro-batches (FSDP holds them in fp32: 4 bytes
-    # per parameter / tp) and reduce once
+    # gradient accumulation under FSDP, a pipeline's micro-batches too: every = reduce-scatter
+    # after each micro-batch into the sharded gradients (no extra memory; HSDP's all-reduce across
+    # replicas once, after the last); last = keep the unsharded gradients across micro-batches
+    # (FSDP holds them in fp32: 4 bytes per parameter / (tp·pp)) and reduce once
     accumulate_sync: str = "every"
     # when FSDP frees each block's gathered parameters: after-forward = after each forward, gathered
     # again for its backward (least memory: 2 blocks at a time); after-step = kept from the step's
     # first forward to its last backward (one all-gather per block per step instead of 2 per
     # micro-batch, for 2 bytes per parameter / (tp·pp) more); auto = after-step with a pipeline
-    # (torch's schedules keep them from the first backward on anyway), after-forward otherwise
+    # (at least one micro-batch per stage: after-forward gathers 2·pp times or more), after-forward
+    # otherwise
     reshard: str = "auto"
     virtual_stages: int = 2  # stages per rank for interleaved-1f1b
     # none | selective (keep matmul, attention and TP / CP collective outputs; recompute norms,

@@ -7,8 +7,7 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
   weights fp32 4P + gradients fp32 4P + AdamW 8P + EMA fp32 4P, all / (f·tp·pp)
   + gathered bf16 parameters: two blocks at once (FSDP prefetch), 2·2·P_block/tp, when they are
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
-    they are kept through the step (after-step; always with a pipeline: torch's schedules keep
-    them from the first backward on)
+    they are kept through the step (after-step; auto: with a pipeline)
   + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
     leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 30·W bytes
     in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
@@ -28,8 +27,8 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
   + with optim=muon, the block matrices' P_m parameters keep one fp32 momentum (4 bytes) instead
     of AdamW's two (8): 4·P_m/(f·tp·pp) less
   + unsharded fp32 gradients kept between micro-batches under FSDP, 4P/(tp·pp): with
-    accumulate_sync=last, and always with a pipeline (torch's schedules reduce once, after the
-    last micro-batch)
+    accumulate_sync=last (a pipeline's stages reduce and reshard as gradient accumulation does,
+    kiln.engine.parallel._reduce_like_accumulation; torch's own keep both until the last)
   + with a pipeline, the receive buffers of the running schedule: a middle stage's carrier
     forward and its gradient back for every micro-batch, 2·2·dp_batch·S·W/cp bf16 bytes
     (the other schedules' are freed between steps, kiln.engine.parallel.Pipeline).
@@ -38,7 +37,7 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
         (2 + 2 + 4)·P/tp·(f-1)/f, f = dp_shard·cp; accumulating K micro-batches gathers for each
         and reduce-scatters after each ((4K + 4K)·P/tp·...) or, with accumulate_sync=last, once
         ((4K + 4)·P/tp·...); reshard=after-step gathers once per step (2·P/tp·... instead of
-        4K·P/tp·...); a pipeline gathers and reduces once per step ((2 + 4)·P/(tp·pp)·...);
+        4K·P/tp·...); a pipeline alike, over its K = 2·pp micro-batches and P/(tp·pp);
         HSDP's all-reduce across replicas runs once either way
   HSDP  all-reduce of the fp32 gradient shard across replicas: 2·4P/(f·tp·pp)·(r-1)/r
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
@@ -103,14 +102,19 @@ class Estimate:
     images: int  # global batch
     accumulate: int = 1  # gradient-accumulation micro-batches (parallel.microbatches, no pipeline)
     sync: str = "every"  # parallel.accumulate_sync
-    reshard: str = "after-forward"  # parallel.reshard (a pipeline keeps parameters either way)
+    reshard: str = "after-forward"  # parallel.reshard
     ac: str = "selective"  # parallel.activation_checkpoint
     optim: str = "adamw"  # optim.name
 
     def row(self, gpus: int) -> str:
         lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
-        lay += f" microbatches={self.accumulate} accumulate_sync={self.sync}" if self.accumulate > 1 else ""
-        lay += " reshard=after-step" if self.reshard == "after-step" and self.layout["pp"] == 1 else ""
+        pp = self.layout["pp"]
+        if pp == 1:  # the config's defaults: accumulate_sync=every, reshard=after-forward
+            lay += f" microbatches={self.accumulate} accumulate_sync={self.sync}" if self.accumulate > 1 else ""
+            lay += " reshard=after-step" if self.reshard == "after-step" else ""
+        else:  # the model's 2 micro-batches per stage (the config's default is 1); reshard=after-step
+            lay += f" microbatches={2 * pp}" + (" accumulate_sync=last" if self.sync == "last" else "")
+            lay += " reshard=after-forward" if self.reshard == "after-forward" else ""
         lay += f" activation_checkpoint={self.ac}"
         lay += " optim=muon" if self.optim == "muon" else ""
         return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
@@ -158,12 +162,13 @@ def muon_step(shapes: list[tuple[int, int]], t: int, f: int, pp: int) -> tuple[f
 
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
-             accumulate: int = 1, sync: str = "every", reshard: str = "after-forward",
+             accumulate: int = 1, sync: str = "every", reshard: str = "auto",
              optim: str = "adamw", shapes: list[tuple[int, int]] | None = None) -> Estimate:
     """One layout; ``dp_batch`` images per data-parallel rank (shared by its cp·tp·pp GPUs),
-    run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline,
-    reducing gradients after each or (``sync="last"``) after the last, gathering parameters
-    for each forward and backward or (``reshard="after-step"``) once; ``optim`` adamw or muon
+    run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline (a
+    pipeline runs 2 per stage), reducing gradients after each or (``sync="last"``) after the
+    last, gathering parameters for each forward and backward or (``reshard="after-step"``;
+    ``"auto"``: with a pipeline) once per step; ``optim`` adamw or muon
     (``shapes``: :func:`muon_shapes`, computed when not given)."""
     P = params or count_params(cfg)
     blocks = cfg.depth + cfg.single_depth
@@ -180,18 +185,19 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
         muon_sent, muon_flops = muon_step(shapes, t, f, pp)
     master = ((4 + 4 + 8 + 4) * P - 4 * p_m) / (f * t * pp)
     accumulate = accumulate if pp == 1 else 1
-    keep = pp > 1 or reshard == "after-step"  # parameters gathered once, kept through the step
+    k = accumulate if pp == 1 else 2 * pp  # micro-batches per step: a pipeline's, 2 per stage
+    keep = reshard == "after-step" or (reshard == "auto" and pp > 1)  # gathered once, kept through the step
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
-    micro = dp_batch / accumulate if pp == 1 else dp_batch / (2 * pp)  # default: 2 micro-batches per stage
+    micro = dp_batch / k
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
     per_block = (cfg.depth * act_bytes(ac, t, cp) + cfg.single_depth * act_bytes(ac, t, cp, single=True)) / blocks
     acts = micro * in_flight * S * (blocks / pp) * W / cp * per_block
     # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
-    held = pp > 1 or (sync == "last" and accumulate > 1)  # no reduction before the last micro-batch
-    reductions = 1 if held else accumulate
+    held = sync == "last" and k > 1  # no reduction before the last micro-batch
+    reductions = 1 if held else k
     unsharded_grads = 4 * P / (t * pp) if held and f * r > 1 else 0
     recv = 2 * 2 * dp_batch * S * W / cp if pp > 1 else 0
-    gathers = 1 if keep else 2 * accumulate
+    gathers = 1 if keep else 2 * k
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = RECOMPUTED_TP[ac] * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
@@ -232,11 +238,11 @@ def layouts(gpus: int, heads: int = 0):
 def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
               ac: str = "selective", optim: str = "adamw") -> tuple[Estimate | None, list[Estimate]]:
     """The layout to use: fits in ``gpu_gib`` with 10% headroom, then the shortest modelled step.
-    Without a pipeline, each layout also tries keeping parameters gathered through the step
-    (reshard=after-step) and gradient accumulation over 2, 4, ... micro-batches (each costs
-    another all-gather unless the parameters are kept), reducing after each or once
-    (accumulate_sync=last), and with ``ac="auto"`` each activation-checkpointing mode; of those
-    that fit, the fastest, then the fewest micro-batches, then the least memory."""
+    Each layout also tries keeping parameters gathered through the step (reshard=after-step)
+    and reducing gradients after each micro-batch or once (accumulate_sync=last); without a
+    pipeline, gradient accumulation over 2, 4, ... micro-batches (each costs another all-gather
+    unless the parameters are kept); with ``ac="auto"``, each activation-checkpointing mode. Of
+    those that fit, the fastest, then the fewest micro-batches, then the least memory."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
     shapes = muon_shapes(cfg) if optim == "muon" else None
     for lay in layouts(gpus, cfg.heads):
@@ -246,7 +252,7 @@ def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 8
         dp_batch = global_batch // dp
         options = [estimate(cfg, lay, dp_batch, resolution, ac=mode, params=params, accumulate=k, sync=sync,
                             reshard=reshard, optim=optim, shapes=shapes)
-                   for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else [(1, "every", "auto")])
+                   for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else _pipeline_options())
                    for mode in (AC_MODES if ac == "auto" else (ac,))]
         options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
         if options:
@@ -260,6 +266,11 @@ def _accumulations(dp_batch: int) -> list[tuple[int, str, str]]:
     ks = [k for k in (2, 4, 8, 16, 32) if dp_batch % k == 0]
     return [(k, sync, reshard) for k in (1, *ks) for sync in (("every",) if k == 1 else ("every", "last"))
             for reshard in ("after-forward", "after-step")]
+
+
+def _pipeline_options() -> list[tuple[int, str, str]]:
+    """(1, accumulate_sync, reshard) to try with a pipeline (its micro-batches are 2 per stage)."""
+    return [(1, sync, reshard) for sync in ("every", "last") for reshard in ("after-forward", "after-step")]
 
 
 def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,

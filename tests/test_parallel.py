@@ -250,6 +250,27 @@ def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bu
             assert int(held["schedules"]) >= 3 and int(held["during"]) > 0 and int(held["between"]) == 0, held
 
 
+def test_pipeline_stages_reduce_and_reshard_like_gradient_accumulation(reference, tmp_path):
+    """pp=2 x dp_shard=2, 2 micro-batches: accumulate_sync=every reduce-scatters each
+    micro-batch's gradients (torch's stages alone keep them unsharded until the last, as
+    accumulate_sync=last does), reshard=after-forward gathers the parameters again for each
+    forward and backward; all three train like one process."""
+    steps, counts = 3, {}
+    for sync, reshard in (("last", "after-step"), ("every", "after-step"), ("every", "after-forward")):
+        run = tmp_path / f"{sync}_{reshard}"
+        sets = [*COMMON, "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=1f1b",
+                "parallel.microbatches=2", f"parallel.accumulate_sync={sync}", f"parallel.reshard={reshard}"]
+        _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
+                  entry=(str(Path(__file__).with_name("count_collectives.py")),))
+        counts[sync, reshard] = [_counts(run, rank) for rank in range(4)]
+        _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
+    for rank in range(4):
+        last, every, forward = (c[rank] for c in counts.values())
+        assert last["reduce-scatters"] > 0 and every["reduce-scatters"] == 2 * last["reduce-scatters"], (last, every)
+        assert every["all-gathers"] == last["all-gathers"] < forward["all-gathers"], (every, forward)
+        assert forward["reduce-scatters"] == every["reduce-scatters"]
+
+
 def test_checkpointing_sends_only_what_it_did_not_keep(reference, tmp_path):
     """tp=2 x cp=2 without, with selective and with full checkpointing, counting what is sent.
     Selective keeps the all-to-alls' outputs (q, k, v in; the attention output back) and the
@@ -443,9 +464,6 @@ def test_layout_errors_name_the_field():
     cfg.text.max_length = 6
     with pytest.raises(ConfigError, match="parallel.cp x parallel.tp = 4 must divide text.max_length = 6"):
         check_layout(cfg, {**one, "cp": 4})
-    cfg.parallel.microbatches, cfg.parallel.reshard = 2, "after-forward"
-    with pytest.raises(ConfigError, match="parallel.reshard=after-forward saves no memory with a pipeline"):
-        check_layout(cfg, {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 1})
 
 
 def test_every_pipeline_carrier_tensor_carries_a_gradient():
@@ -526,11 +544,23 @@ def test_scaling_model_counts_the_parameters_and_gradients_fsdp_keeps():
     assert step.memory_gib - fwd.memory_gib == pytest.approx((2 * P - 4 * P / blocks) / GIB)
     assert step.inter_gib == pytest.approx(fwd.inter_gib * (2 + 4) / (4 + 4))
     assert step.seconds < fwd.seconds and "reshard=after-step" in step.row(64)
-    # a pipeline keeps its stage's parameters and unsharded fp32 gradients whatever is asked
+    # a pipeline's stages keep parameters and gradients as asked, over their K = 2·pp micro-batches
     pp2 = {"dp_replicate": 1, "dp_shard": 4, "tp": 1, "pp": 2}
-    kept = estimate(cfg, pp2, 4, 2048, reshard="after-step")
-    assert kept == estimate(cfg, pp2, 4, 2048, reshard="after-forward")
-    assert kept.memory_gib > (20 * P / 8 + 2 * P / 2 + 4 * P / 2) / GIB  # master state / 8, bf16 / 2, fp32 / 2
+    est = {(sync, r): estimate(cfg, pp2, 4, 2048, sync=sync, reshard=r)
+           for sync in ("every", "last") for r in ("after-forward", "after-step")}
+    assert estimate(cfg, pp2, 4, 2048) == est["every", "after-step"]  # auto: kept with a pipeline
+    held = est["last", "after-step"]  # what torch's stages alone hold: 80.7 GiB
+    assert held.memory_gib > (20 * P / 8 + 2 * P / 2 + 4 * P / 2) / GIB  # master state / 8, bf16 / 2, fp32 / 2
+    assert held.memory_gib - est["every", "after-step"].memory_gib == pytest.approx(4 * P / 2 / GIB)
+    assert est["every", "after-step"].memory_gib - est["every", "after-forward"].memory_gib == pytest.approx(
+        (2 * P / 2 - 4 * P / blocks) / GIB)
+    f = 3 / 4 * P / 2 / GIB  # FSDP over 4 ranks: (f-1)/f of the stage's P/pp, per byte per parameter
+    # held: gathered once, reduced once; every: reduced 4 times; after-forward: gathered 2 x 4 times
+    assert est["every", "after-step"].intra_gib - held.intra_gib == pytest.approx(4 * 3 * f)
+    assert est["every", "after-forward"].intra_gib - est["every", "after-step"].intra_gib == pytest.approx(
+        2 * (2 * 4 - 1) * f)
+    assert "microbatches=4 reshard=after-forward" in est["every", "after-forward"].row(8)
+    assert "microbatches=4 accumulate_sync=last" in held.row(8)
 
 
 def test_scaling_model_charges_what_checkpointing_recomputes():
