@@ -1,5 +1,6 @@
 """torchrun entry for test_parallel: ``kiln train ARGS`` that counts this rank's collectives and
 writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave).
+Importing it patches torch.distributed's collectives (tests/pipeline_memory.py counts too).
 
 - FSDP2's (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces
   across HSDP replicas): its calls into torch.distributed.
@@ -49,7 +50,16 @@ class _Sent(TorchDispatchMode):
 
 
 NAMES = ("all-gathers", "reduce-scatters", "all-reduces", *FUNCTIONAL.values())
-with _Sent():  # pushed first: selective checkpointing's cache sits above it
-    main(["train", *sys.argv[1:]])
-rank, out = os.environ["RANK"], Path(sys.argv[sys.argv.index("--out") + 1])
-(out / f"collectives_rank{rank}.txt").write_text(f"rank {rank} " + " ".join(f"{n} {calls[n]}" for n in NAMES) + "\n")
+
+
+def train_counting(args: list[str]) -> None:
+    """``kiln train ARGS``, then this rank's counts to OUT/collectives_rankR.txt (OUT: ``--out``)."""
+    with _Sent():  # pushed first: selective checkpointing's cache sits above it
+        main(["train", *args])
+    rank, out = os.environ["RANK"], Path(args[args.index("--out") + 1])
+    (out / f"collectives_rank{rank}.txt").write_text(f"rank {rank} " + " ".join(f"{n} {calls[n]}" for n in NAMES)
+                                                     + "\n")
+
+
+if __name__ == "__main__":
+    train_counting(sys.argv[1:])

@@ -252,23 +252,28 @@ def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bu
 
 def test_pipeline_stages_reduce_and_reshard_like_gradient_accumulation(reference, tmp_path):
     """pp=2 x dp_shard=2, 2 micro-batches: accumulate_sync=every reduce-scatters each
-    micro-batch's gradients (torch's stages alone keep them unsharded until the last, as
-    accumulate_sync=last does), reshard=after-forward gathers the parameters again for each
-    forward and backward; all three train like one process."""
-    steps, counts = 3, {}
+    micro-batch's gradients, holding none unsharded (torch's stages alone hold them all until the
+    last, as accumulate_sync=last does: 4 bytes per parameter of the stage), reshard=after-forward
+    gathers the parameters again for each forward and backward; all three train like one process."""
+    steps, counts, held = 3, {}, {}
     for sync, reshard in (("last", "after-step"), ("every", "after-step"), ("every", "after-forward")):
         run = tmp_path / f"{sync}_{reshard}"
         sets = [*COMMON, "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=1f1b",
                 "parallel.microbatches=2", f"parallel.accumulate_sync={sync}", f"parallel.reshard={reshard}"]
         _torchrun(4, run, ["--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)]],
-                  entry=(str(Path(__file__).with_name("count_collectives.py")),))
+                  entry=(str(Path(__file__).with_name("pipeline_memory.py")),))
         counts[sync, reshard] = [_counts(run, rank) for rank in range(4)]
+        held[sync, reshard] = [dict(x.split("=") for x in (run / f"pipeline_rank{r}.txt").read_text().split())
+                               for r in range(4)]
         _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     for rank in range(4):
         last, every, forward = (c[rank] for c in counts.values())
         assert last["reduce-scatters"] > 0 and every["reduce-scatters"] == 2 * last["reduce-scatters"], (last, every)
         assert every["all-gathers"] == last["all-gathers"] < forward["all-gathers"], (every, forward)
         assert forward["reduce-scatters"] == every["reduce-scatters"]
+        last, every, forward = (h[rank] for h in held.values())
+        assert int(last["grads"]) == int(last["all_grads"]) > 0, last
+        assert int(every["grads"]) == int(forward["grads"]) == 0, (every, forward)
 
 
 def test_checkpointing_sends_only_what_it_did_not_keep(reference, tmp_path):
