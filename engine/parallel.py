@@ -265,12 +265,14 @@ def _save_matmuls_policy():
            torch.ops.aten._scaled_dot_product_cudnn_attention.default,
            torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default,
            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-           # what the row-parallel linears reduce-scatter (TP) and context parallel's all-to-alls
-           # receive: kept, the recompute does not send them again (tests/count_collectives.py:
-           # tp=2 x cp=2, 48 all-to-alls and 84 reduce-scatters per rank as without checkpointing,
-           # not 72 and 120); the all-gathered inputs are sent again (keeping them costs tp x)
-           torch.ops._c10d_functional.reduce_scatter_tensor.default,
-           torch.ops._c10d_functional.all_to_all_single.default}
+           # what the row-parallel linears reduce-scatter (TP): kept, the recompute does not send
+           # it again (tests/count_collectives.py: tp=2 x cp=2, 84 reduce-scatters per rank as
+           # without checkpointing, not 120); the all-gathered inputs are sent again (keeping them
+           # costs tp x), and so are context parallel's all-to-alls: their outputs are the QKV
+           # matmul's again in another layout, and keeping both made a block keep more than
+           # without checkpointing (cp=2: 30.4 / 30.3 bytes per token and unit of width, double /
+           # single-stream, against 30.5 / 24.3 none and 22.4 / 22.3 now; tests/block_memory.py)
+           torch.ops._c10d_functional.reduce_scatter_tensor.default}
     kiln_attn = getattr(torch.ops.kiln, "qk_norm_attention_fwd", None)
     if kiln_attn is not None:
         ops.add(kiln_attn.default)

@@ -16,8 +16,8 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
     what every TP rank holds whole: the all-gathered inputs of the column-parallel matmuls
     (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
-    the two row-parallel ones (selective, 4·W). Selective also keeps the collectives' outputs:
-    the two reduce-scatters (+4·W/tp) and the four all-to-alls (+8·W/tp); without
+    the two row-parallel ones (selective, 4·W). Selective also keeps the two reduce-scatters'
+    outputs (+4·W/tp), not the all-to-alls' (the QKV matmul's output again, +8·W/tp); without
     checkpointing, a single-stream block under cp also keeps the copy of the attention output
     its projection reads (+2·W: it comes back from its all-to-all in another layout). Each
     term measured under tp=2 and cp=2 (tests/block_memory.py); for the micro-batch and the
@@ -50,10 +50,10 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   PP    per image and stage boundary: the carrier S·W/cp bf16 forward and its gradient back (each
         cp rank sends its own tokens to its peer in the next stage).
   Activation checkpointing runs forward collectives again in the backward's recompute: full
-  all of TP's and CP's (x1.5 their traffic), selective only TP's all-gathers (x1.25 TP; it
-  keeps the reduce-scatters' and all-to-alls' outputs). Counted on CPU, what was sent
+  all of TP's and CP's (x1.5 their traffic), selective TP's all-gathers (x1.25 TP; it keeps
+  the reduce-scatters' outputs) and CP's all-to-alls (x1.5 CP). Counted on CPU, what was sent
   (tests/count_collectives.py, tiny recipe, 4 blocks, 3 steps, tp=2 x cp=2, per rank):
-  all-to-alls 48 none / 48 selective / 72 full; DTensor all-gathers 102 / 150 / 150,
+  all-to-alls 48 none / 72 selective / 72 full; DTensor all-gathers 102 / 150 / 150,
   reduce-scatters 84 / 84 / 120.
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
 dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
@@ -82,10 +82,10 @@ GIB = 2**30
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": (30, 22), "selective": (22, 22), "full": (2, 2)}
 TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
-CP_KEPT_BYTES = {"none": (0, 2), "selective": (8, 8), "full": (0, 0)}  # all-to-all outputs (selective)
+CP_KEPT_BYTES = {"none": (0, 2), "selective": (0, 0), "full": (0, 0)}  # single-stream, none: attention output twice
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
 RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
-RECOMPUTED_CP = {"none": 1.0, "selective": 1.0, "full": 1.5}
+RECOMPUTED_CP = {"none": 1.0, "selective": 1.5, "full": 1.5}
 AC_MODES = tuple(ACT_BYTES_PER_TOKEN_WIDTH)
 # H100 SXM: 989 TFLOP/s dense bf16 at an assumed 50% MFU; NVLink 450 GB/s per GPU per direction
 # inside a node of 8; InfiniBand 400 Gb/s = 50 GB/s per GPU between nodes.

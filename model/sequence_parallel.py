@@ -61,8 +61,8 @@ def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.T
     along ``cat_dim`` in rank order."""
     n = dist.get_world_size(group)
     send = x.unflatten(split_dim, (n, -1)).movedim(split_dim, 0).contiguous()  # (n, ...) chunk j for rank j
-    # the functional op (not dist.all_to_all_single): one dispatcher op whose output selective
-    # checkpointing can keep (engine/parallel.py), so the recompute does not send it again
+    # the functional op (not dist.all_to_all_single): one dispatcher op, which checkpointing
+    # policies (engine/parallel.py) and tests/count_collectives.py see
     recv = funcol_ops.all_to_all_single(send, [1] * n, [1] * n, group.group_name)
     recv = funcol_ops.wait_tensor(recv)
     return recv.movedim(0, cat_dim).flatten(cat_dim, cat_dim + 1)
