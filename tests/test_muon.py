@@ -53,7 +53,7 @@ def test_bad_arguments_are_named():
 
 
 def test_sharded_weights_get_one_process_update_bit_for_bit(tmp_path):
-    torchrun(4, [str(Path(__file__).with_name("muon_layouts.py")), str(tmp_path)], timeout=300)
+    torchrun(4, [str(Path(__file__).with_name("muon_layouts.py")), str(tmp_path)], timeout=300, out=tmp_path)
     assert sorted(p.name for p in tmp_path.glob("ok_rank*.txt")) == [f"ok_rank{r}.txt" for r in range(4)]
 
 

@@ -62,7 +62,7 @@ def _config(steps: int, sets: list[str]):
 
 
 def _torchrun(nproc: int, out: Path, args: list[str], entry: tuple[str, ...] = ("-m", "kiln.engine.train")) -> None:
-    torchrun(nproc, [*entry, *args])
+    torchrun(nproc, [*entry, *args], out=out)
 
 
 def _losses(run: Path) -> dict[int, float]:
