@@ -566,9 +566,9 @@ def shutdown(d: Dist) -> None:
     """Tear the process groups down once every rank is done with them.
 
     The barrier first: a rank can finish its last collective (it has all it needs) while a peer
-    still drains that collective's sends; tearing gloo's pairs down then is a race. CI saw one
-    rank of test_muon's 4-rank entry (on 2 cores) abort at its end with "terminate called
-    without an active exception".
+    still drains that collective's sends, and tearing gloo's pairs down then would race. Added
+    after a rank of test_muon's 4-rank entry aborted near its end in CI; a later CI run saw a
+    rank abort mid-run too, so that abort is not explained by this (tests/multiproc.py).
     """
     global _CPU_GROUP
     if d.enabled and dist.is_initialized():

@@ -1,11 +1,11 @@
 """torchrun jobs of the multi-process tests (test_parallel, test_muon): CPU ranks under gloo,
 one OpenMP thread each (4 ranks share CI's 2 cores), and a failure report one can read.
 
-A rank killed by a signal (SIGABRT, SIGSEGV) with no Python error gets its job rerun once from
-the same starting files, with a warning that carries the first attempt's report: on Dec 7 two
-CI runs each lost one job of ~40 that way (test_muon's 4 ranks after their last all-gather;
-tp=2 on buckets in its eval's all-gather; "terminate called without an active exception"),
-neither reproduced here in 30 reruns. A job that fails twice, or fails with a Python error, fails
+A job whose first-failing rank (torchrun's "Root Cause") was killed by a signal (SIGABRT,
+SIGSEGV), not by a Python error of its own, is rerun once from the same starting files, with a
+warning that carries the first attempt's report: on Dec 7 two CI runs each lost one job of ~40
+that way (test_muon's 4 ranks after their last all-gather; tp=2 on buckets in its eval's
+all-gather), not reproduced here in 30 reruns. A job that fails twice, or fails with a Python error, fails
 the test. Every rank runs with faulthandler on, so an abort prints each thread's Python stack.
 """
 
