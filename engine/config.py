@@ -255,10 +255,14 @@ class ParallelConfig:
 
     dp_replicate: int = 1  # HSDP replicas (each holds a full shard set; gradients all-reduced)
     dp_shard: int = -1  # FSDP2 shards; -1 fills whatever the other axes leave of the world
-    # context parallel (Ulysses): each sample's text and image tokens split over cp ranks; around
-    # attention an all-to-all trades the token split for a head split. Weights stay whole (FSDP
-    # shards them over dp_shard x cp); activation memory per GPU / cp
+    # context parallel: each sample's text and image tokens split over cp ranks. Weights stay
+    # whole (FSDP shards them over dp_shard x cp); activation memory per GPU / cp
     cp: int = 1
+    # how attention sees every token under cp: ulysses = an all-to-all trades the token split for
+    # a head split (cp must divide the heads tp leaves; model/sequence_parallel.py); ring = each
+    # rank keeps its tokens and heads, keys and values travel around the cp group (any cp;
+    # cp-1 times their bytes each way, block math in plain PyTorch: model/ring_attention.py)
+    cp_attention: str = "ulysses"
     tp: int = 1  # tensor + sequence parallel degree (heads, MLP hidden, modulation sharded)
     pp: int = 1  # pipeline stages (blocks split by FLOPs)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
@@ -295,6 +299,7 @@ class ParallelConfig:
             if getattr(self, a) != -1:
                 _positive(f"parallel.{a}", getattr(self, a))
         _choice("parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved-1f1b"))
+        _choice("parallel.cp_attention", self.cp_attention, ("ulysses", "ring"))
         _positive("parallel.microbatches", self.microbatches, strict=False)
         _choice("parallel.accumulate_sync", self.accumulate_sync, ("every", "last"))
         _choice("parallel.reshard", self.reshard, RESHARDS)

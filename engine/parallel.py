@@ -9,7 +9,8 @@ starts from the weights a single process would), then:
    output projections row-parallel, activations sequence-parallel between them
    (model/sequence_parallel.py); the QK-norm attention op runs on the local heads;
 3. context parallel: each rank of a ``cp`` group keeps 1/cp of every sample's tokens; attention
-   trades them for 1/cp of the heads with an all-to-all (Ulysses; model/sequence_parallel.py);
+   trades them for 1/cp of the heads with an all-to-all (Ulysses; model/sequence_parallel.py)
+   or passes keys and values around the group (``cp_attention=ring``; model/ring_attention.py);
 4. activation checkpointing, then ``torch.compile`` per block, then
 5. FSDP2 per block and per stage root (HSDP over ``dp_replicate`` x ``dp_shard``·``cp``), parameters
    gathered in the autocast dtype (bf16 / fp16) over fp32 master shards, gradients reduced in fp32.
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch._dynamo  # noqa: F401  before any process group exists: see release_process_groups
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -152,9 +155,10 @@ def _check_context_parallel(cfg: RunConfig, sizes: dict[str, int]) -> None:
     cp, tp, m = sizes.get("cp", 1), sizes["tp"], cfg.model
     if cp == 1:
         return
-    if (m.heads // tp) % cp:
+    if cfg.parallel.cp_attention == "ulysses" and (m.heads // tp) % cp:
         raise ConfigError(f"parallel.cp={cp} must divide the heads each tensor-parallel rank holds "
-                          f"(model.heads / parallel.tp = {m.heads // tp})")
+                          f"(model.heads / parallel.tp = {m.heads // tp}) under parallel.cp_attention=ulysses; "
+                          "parallel.cp_attention=ring has no such limit")
     if cfg.text.max_length % (cp * tp):
         raise ConfigError(f"parallel.cp x parallel.tp = {cp * tp} must divide text.max_length = {cfg.text.max_length}")
 
@@ -244,13 +248,17 @@ def apply_tp(model: MMDiT, tp: DeviceMesh) -> None:
 
 
 # -- context parallel ------------------------------------------------------------------------
-def apply_cp(model: MMDiT, cp: DeviceMesh) -> None:
-    """Ulysses: the model keeps this rank's 1/cp of the tokens, every block all-to-alls around
-    attention (model/sequence_parallel.py). Nothing to shard: FSDP spans dp_shard·cp."""
-    model.cp = cp
+def apply_cp(model: MMDiT, cp: DeviceMesh, attention: str = "ulysses") -> None:
+    """The model keeps this rank's 1/cp of the tokens. Ulysses: every block all-to-alls around
+    attention (model/sequence_parallel.py); ring: keys and values go around the cp group
+    (model/ring_attention.py). Nothing to shard: FSDP spans dp_shard·cp."""
+    model.cp, model.ring = cp, attention == "ring"
     for kind in ("double_blocks", "single_blocks"):
         for block in getattr(model, kind).values():
-            block.cp = cp
+            if model.ring:
+                block.ring = cp
+            else:
+                block.cp = cp
 
 
 # -- activation checkpointing and compile ----------------------------------------------------
@@ -273,9 +281,10 @@ def _save_matmuls_policy():
            # without checkpointing (cp=2: 30.4 / 30.3 bytes per token and unit of width, double /
            # single-stream, against 30.5 / 24.3 none and 22.4 / 22.3 now; tests/block_memory.py)
            torch.ops._c10d_functional.reduce_scatter_tensor.default}
-    kiln_attn = getattr(torch.ops.kiln, "qk_norm_attention_fwd", None)
-    if kiln_attn is not None:
-        ops.add(kiln_attn.default)
+    for name in ("qk_norm_attention_fwd", "ring_attention_fwd"):  # kiln's attentions: one op each
+        kiln_attn = getattr(torch.ops.kiln, name, None)
+        if kiln_attn is not None:
+            ops.add(kiln_attn.default)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
@@ -359,7 +368,7 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
         if d.sub("tp") is not None:
             apply_tp(part, d.sub("tp"))
         if d.sub("cp") is not None:
-            apply_cp(part, d.sub("cp"))
+            apply_cp(part, d.sub("cp"), cfg.parallel.cp_attention)
         apply_ac(part, cfg.parallel.activation_checkpoint)
         if cfg.parallel.compile:
             apply_compile(part)
@@ -562,16 +571,46 @@ def full_weights(named: dict[str, torch.Tensor], d: Dist) -> dict[str, torch.Ten
     return full if d.rank == 0 else None
 
 
-def shutdown(d: Dist) -> None:
-    """Tear the process groups down once every rank is done with them.
+def shutdown(d: Dist | None = None) -> None:
+    """Tear the process groups down once every rank is done with them (``d`` None: whatever
+    ``torch.distributed`` has, for entries that joined it themselves).
 
     The barrier first: a rank can finish its last collective (it has all it needs) while a peer
-    still drains that collective's sends, and tearing gloo's pairs down then would race. Added
-    after a rank of test_muon's 4-rank entry aborted near its end in CI; a later CI run saw a
-    rank abort mid-run too, so that abort is not explained by this (tests/multiproc.py).
+    still drains that collective's sends, and tearing gloo's pairs down then would race. Then
+    :func:`release_process_groups`, so that no group outlives the interpreter.
     """
     global _CPU_GROUP
-    if d.enabled and dist.is_initialized():
+    if (d is None or d.enabled) and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         _CPU_GROUP = None
+        release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Free the process groups ``destroy_process_group`` only unregistered.
+
+    A group some object still holds lives until the interpreter exits, its gloo threads with it
+    (2 ``pt_gloo_runloop`` and a ``gloo_tcp_loop`` per group); a C++ thread that then needs the
+    GIL is ended by the finalizing interpreter, and the rank dies by SIGABRT ("terminate called
+    without an active exception", no Python frame) after its work is done: one torchrun job of
+    ~40 in 2 CI runs of Dec 7 (test_muon, tp=2), and 2 of ~100 runs of the ring attention entry
+    here. Holders found by counting those threads after destroy_process_group (torch 2.14):
+    DeviceMesh (``_pg_registry``; meshes stay alive in DTensor's sharding caches), FSDP's mesh
+    info (``shard_process_group``) and torch._dynamo if first imported while a group exists (it
+    keeps the default group; the first call of any custom op imports it), hence the import at
+    the top of this module. torch's objects that hold a group drop it here; they are dead
+    anyway once their groups are destroyed (tests/teardown_ranks.py: no gloo thread left).
+    """
+    group_type = dist.ProcessGroup
+    for obj in gc.get_objects():
+        module = getattr(type(obj), "__module__", None)
+        attrs = getattr(obj, "__dict__", None) if isinstance(module, str) and module.startswith("torch.") else None
+        if not isinstance(attrs, dict):
+            continue
+        for name, value in list(attrs.items()):
+            if isinstance(value, group_type):
+                attrs[name] = None
+            elif isinstance(value, dict) and value and all(isinstance(v, group_type) for v in value.values()):
+                value.clear()  # DeviceMesh._pg_registry
+    gc.collect()

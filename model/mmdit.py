@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
 from kiln.model.layers import MLP, GeluLinear, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
+from kiln.model.ring_attention import ring_attention
 from kiln.model.sequence_parallel import (
     gather_seq,
     gathered_input,
@@ -87,9 +88,18 @@ def _sdpa(q, k, v, key_mask):
     return out.transpose(1, 2)
 
 
-def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig):
-    """Joint attention on (B, S, H, D) views; QK-norm through kiln's ops when enabled."""
+def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig, ring=None):
+    """Joint attention on (B, S, H, D) views; QK-norm through kiln's ops when enabled. Under
+    ring attention (``ring``: the cp mesh) q, k, v, rope and token_group are this rank's S/cp
+    tokens, key_mask the whole sequence's."""
     cos, sin = rope
+    if ring is not None:
+        if cfg.qk_norm:
+            q, k = qk_norm_rope(q, k, local_replicated(qw), local_replicated(kw), cos=cos, sin=sin,
+                                token_group=token_group)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return ring_attention(q, k, v, key_mask, ring)
     if not cfg.qk_norm:
         return _sdpa(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask)
     qw, kw = local_replicated(qw), local_replicated(kw)
@@ -114,7 +124,8 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
-        self.tp = self.cp = None  # tensor- / context-parallel DeviceMesh, set by kiln.engine.parallel
+        # tensor- / context-parallel (Ulysses) / ring-attention DeviceMesh, set by kiln.engine.parallel
+        self.tp = self.cp = self.ring = None
         self.img_mod, self.txt_mod = nn.Linear(w, 6 * w), nn.Linear(w, 6 * w)
         self.img_qkv, self.txt_qkv = nn.Linear(w, 3 * w), nn.Linear(w, 3 * w)
         self.img_proj, self.txt_proj = nn.Linear(w, w), nn.Linear(w, w)
@@ -132,9 +143,9 @@ class DoubleStreamBlock(nn.Module):
         tm = local_replicated(self.txt_mod(F.silu(c))).chunk(6, dim=-1)
         qkv = torch.cat([self.txt_qkv(gathered_input(adaln_modulate(txt, tm[0], tm[1]), self.tp)),
                          self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
-        q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D) of the joint sequence
-        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
-                            self.cp)  # (B, S/cp, H/tp, D): this rank's tokens, its TP heads
+        q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D) of the joint sequence (ring: S/cp, H/tp)
+        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
+                                    self.ring), self.cp)  # (B, S/cp, H/tp, D): this rank's tokens, its TP heads
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
         img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
         img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
@@ -153,7 +164,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         w, self.cfg = cfg.width, cfg
-        self.tp = self.cp = None
+        self.tp = self.cp = self.ring = None
         self.mod = nn.Linear(w, 3 * w)
         self.qkv = nn.Linear(w, 3 * w)
         self.mlp_in = nn.Linear(w, cfg.mlp_hidden)
@@ -166,9 +177,9 @@ class SingleStreamBlock(nn.Module):
         # x (B, S', W), S' = S/(cp·tp) tokens of this rank
         shift, scale, gate = local_replicated(self.mod(F.silu(c))).chunk(3, dim=-1)  # 3 x (B, W)
         h = gathered_input(adaln_modulate(x, shift, scale), self.tp)
-        q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp)
-        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg),
-                            self.cp)  # (B, S/cp, H/tp, D)
+        q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp); ring: S/cp, H/tp
+        attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
+                                    self.ring), self.cp)  # (B, S/cp, H/tp, D)
         out = self.proj(attn.flatten(2)) + self.mlp_out(self.mlp_in(h))  # mlp_out(gelu(.))
         return x + gate[:, None] * out  # (B, S', W)
 
@@ -200,6 +211,7 @@ class MMDiT(nn.Module):
         self.final = nn.Linear(w, cfg.in_channels * p * p)
         self.grid = (0, 0)  # (h, w) patches of the current batch; set by embed() or the trainer
         self.tp = self.cp = None  # tensor- / context-parallel DeviceMesh, set by kiln.engine.parallel
+        self.ring = False  # context parallel by ring attention (blocks' .ring), not Ulysses
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -301,6 +313,9 @@ class MMDiT(nn.Module):
             if not received:  # (B, (L+Np)/cp, W)
                 xs = torch.cat([local_tokens(xs[:, :L], self.cp), local_tokens(xs[:, L:], self.cp)], dim=1)
             L //= self.cp.size()
+            if self.ring:  # ring attention rotates and normalizes this rank's tokens only
+                cos, sin, token_group = (t.chunk(self.cp.size())[self.cp.get_local_rank()]
+                                         for t in (cos, sin, token_group))
         rope = (cos.to(xs.dtype), sin.to(xs.dtype))
         if len(self.double_blocks):
             # each stream is split along its own tokens under TP; joined again for single blocks

@@ -3,10 +3,13 @@ one OpenMP thread each (4 ranks share CI's 2 cores), and a failure report one ca
 
 A job whose first-failing rank (torchrun's "Root Cause") was killed by a signal (SIGABRT,
 SIGSEGV), not by a Python error of its own, is rerun once from the same starting files, with a
-warning that carries the first attempt's report: on Dec 7 two CI runs each lost one job of ~40
-that way (test_muon's 4 ranks after their last all-gather; tp=2 on buckets in its eval's
-all-gather), not reproduced here in 30 reruns. A job that fails twice, or fails with a Python error, fails
-the test. Every rank runs with faulthandler on, so an abort prints each thread's Python stack.
+warning that carries the first attempt's report. On Dec 7 two CI runs each lost one job of ~40
+that way (test_muon's 4 ranks; tp=2 on buckets), and 2 of ~100 runs of the ring attention entry
+here did too, each rank's work done: process groups that outlived destroy_process_group took
+their gloo threads into the interpreter's end; kiln.engine.parallel.shutdown now frees them
+(test_no_process_group_outlives_shutdown). A warning from the rerun would be a new cause. A job
+that fails twice, or fails with a Python error, fails the test. Every rank runs with
+faulthandler on, so an abort prints each thread's Python stack.
 """
 
 from __future__ import annotations

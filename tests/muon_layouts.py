@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from kiln.engine import parallel  # imports torch._dynamo before any process group exists
 from kiln.engine.muon import ShardedMuon
 
 # (out, in) of each linear: groups of 3, 2, 2 and 1 matrices (fewer and more than 4 ranks), tall
@@ -64,8 +65,7 @@ def main(out: Path) -> None:
         bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if not torch.equal(a, b)]
         assert not bad, f"{name}: parameters {bad} differ from one process's"
     (out / f"ok_rank{dist.get_rank()}.txt").write_text("ok\n")
-    dist.barrier()  # as parallel.shutdown: no rank tears gloo down while a peer still drains a collective
-    dist.destroy_process_group()
+    parallel.shutdown()  # barrier, destroy, and free the groups the meshes hold
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective"]),
     "dp_shard2_cp2": (4, ["parallel.dp_shard=2", "parallel.cp=2", "parallel.microbatches=2"]),
     "tp2_cp2": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=full"]),
+    # ring attention instead of the all-to-alls: its op's output kept by selective checkpointing;
+    # under TP's head split, where 2 heads a rank would let Ulysses' cp be at most 2
+    "cp2_ring": (2, ["parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1",
+                     "parallel.activation_checkpoint=selective"]),
+    "tp2_cp2_ring": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1"]),
     # torch.compile (inductor) of checkpointed blocks whose all-to-alls selective checkpointing reruns
     "cp2_compiled": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective",
                          "parallel.compile=true"]),
@@ -248,6 +253,16 @@ def test_odd_buckets_are_padded_and_train_like_one_process(name, nproc, sets, bu
         for rank in range(nproc):  # schedule built, one per batch shape seen)
             held = dict(x.split("=") for x in (run / f"pipeline_rank{rank}.txt").read_text().split())
             assert int(held["schedules"]) >= 3 and int(held["during"]) > 0 and int(held["between"]) == 0, held
+
+
+def test_no_process_group_outlives_shutdown(tmp_path):
+    """A group left alive keeps its gloo threads past the interpreter's end, where a rank can die
+    by SIGABRT after its work is done (parallel.release_process_groups)."""
+    torchrun(2, [str(Path(__file__).with_name("teardown_ranks.py")), str(tmp_path)], timeout=300, out=tmp_path)
+    for r in range(2):
+        threads = json.loads((tmp_path / f"threads_rank{r}.json").read_text())
+        assert "pt_gloo_runloop" in threads["running"], threads  # the names this check looks for
+        assert not [t for t in threads["after"] if "gloo" in t], f"rank {r}: {threads['after']}"
 
 
 def test_pipeline_stages_reduce_and_reshard_like_gradient_accumulation(reference, tmp_path):
@@ -466,6 +481,8 @@ def test_layout_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"parallel.cp=4 must divide the heads each tensor-parallel rank holds "
                                           r"\(model.heads / parallel.tp = 2\)"):
         check_layout(cfg, {**one, "tp": 2, "cp": 4})
+    cfg.parallel.cp_attention = "ring"  # keeps every head a rank has: any cp
+    check_layout(cfg, {**one, "tp": 2, "cp": 4})
     cfg.text.max_length = 6
     with pytest.raises(ConfigError, match="parallel.cp x parallel.tp = 4 must divide text.max_length = 6"):
         check_layout(cfg, {**one, "cp": 4})
