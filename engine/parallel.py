@@ -599,18 +599,18 @@ def release_process_groups() -> None:
     DeviceMesh (``_pg_registry``; meshes stay alive in DTensor's sharding caches), FSDP's mesh
     info (``shard_process_group``) and torch._dynamo if first imported while a group exists (it
     keeps the default group; the first call of any custom op imports it), hence the import at
-    the top of this module. torch's objects that hold a group drop it here; they are dead
-    anyway once their groups are destroyed (tests/teardown_ranks.py: no gloo thread left).
+    the top of this module. Meshes and mesh infos drop their groups here; they are dead anyway
+    once the groups are destroyed (tests/teardown_ranks.py: no gloo thread left). Only these
+    types: a scan of every torch object's attributes met dead weakref proxies under compile.
     """
-    group_type = dist.ProcessGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DataParallelMeshInfo
+
     for obj in gc.get_objects():
-        module = getattr(type(obj), "__module__", None)
-        attrs = getattr(obj, "__dict__", None) if isinstance(module, str) and module.startswith("torch.") else None
-        if not isinstance(attrs, dict):
-            continue
-        for name, value in list(attrs.items()):
-            if isinstance(value, group_type):
-                attrs[name] = None
-            elif isinstance(value, dict) and value and all(isinstance(v, group_type) for v in value.values()):
-                value.clear()  # DeviceMesh._pg_registry
+        kind = type(obj)  # not isinstance: a dead weakref proxy raises on any look inside it
+        if issubclass(kind, DeviceMesh):
+            getattr(obj, "_pg_registry", {}).clear()
+        elif issubclass(kind, DataParallelMeshInfo):
+            for name in ("shard_process_group", "replicate_process_group", "reduce_scatter_process_group"):
+                if name in vars(obj):
+                    setattr(obj, name, None)
     gc.collect()
