@@ -234,6 +234,13 @@ def _triton_backend(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_gr
 
 def _triton_reasons(q, k, v, q_weight, k_weight, *, cos=None, sin=None, token_group=None, key_padding_mask=None,
                     eps=1e-6, scale=None, causal=False) -> list[str]:
+    return flash_reasons(q, k, v)
+
+
+def flash_reasons(q, k, v) -> list[str]:
+    """Why the Triton flash-attention kernels (qk_norm_attention_triton.attention_fwd / _bwd)
+    will not take q, k, v (B, S, H, D); empty when they will. Also ring attention's test for its
+    blocks (kiln.model.ring_attention)."""
     reasons = [r for r in [triton_device_reason(q), _gpu_reason(q)] if r]
     if q.dtype not in _FLOATS or not (q.dtype == k.dtype == v.dtype):
         reasons.append(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one of fp32/fp16/bf16 for all three")

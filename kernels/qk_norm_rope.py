@@ -78,6 +78,28 @@ def norm_rope(x, weight, token_group, cos, sin, eps, cdt):
     return y
 
 
+def norm_rope_bwd(dy, x, weight, token_group, cos, sin, eps, cdt):
+    """The gradients of :func:`norm_rope` written out, for code that runs its own backward (a
+    custom op's, where autograd does not record): -> dx (like x), dweight (like weight).
+    y = rope(x̂ · w), x̂ = x · rstd, rstd = (mean(x²) + eps)^-½; rotate_half is antisymmetric, so
+    rope's transpose is dy·cos - rotate_half(dy·sin); then dx = rstd · (g - x̂ · mean(g · x̂)),
+    g = dŷ · w, and dw sums dŷ · x̂ over the tokens of each weight row."""
+    xc, dyc = x.to(cdt), dy.to(cdt)
+    if cos is not None:
+        c, s = cos.to(x.device, cdt)[:, None, :], sin.to(x.device, cdt)[:, None, :]
+        dyc = dyc * c - rotate_half(dyc * s)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)  # (B, S, H, 1)
+    xhat = xc * rstd
+    w = weight.to(cdt)
+    rows = token_group if token_group is not None else torch.zeros(x.shape[1], dtype=torch.long, device=x.device)
+    w_tok = w[rows][:, None, :] if w.dim() == 2 else w  # (S, 1, D) or (D,)
+    g = dyc * w_tok
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dw_tok = (dyc * xhat).sum((0, 2))  # (S, D)
+    dw = dw_tok.sum(0) if w.dim() == 1 else w.new_zeros(w.shape).index_add_(0, rows.to(x.device), dw_tok)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
 def qk_norm_rope_ref(q, k, q_weight, k_weight, *, cos=None, sin=None, token_group=None, eps=1e-6,
                      upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch definition of :func:`qk_norm_rope`; ``upcast=False`` computes in the input dtype."""

@@ -94,12 +94,10 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig, ring
     tokens, key_mask the whole sequence's."""
     cos, sin = rope
     if ring is not None:
-        if cfg.qk_norm:
-            q, k = qk_norm_rope(q, k, local_replicated(qw), local_replicated(kw), cos=cos, sin=sin,
-                                token_group=token_group)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return ring_attention(q, k, v, key_mask, ring)
+        if cfg.qk_norm:  # the norm and RoPE inside the ring op, as in qk_norm_attention
+            return ring_attention(q, k, v, key_mask, ring, q_weight=local_replicated(qw),
+                                  k_weight=local_replicated(kw), cos=cos, sin=sin, token_group=token_group)
+        return ring_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask, ring)
     if not cfg.qk_norm:
         return _sdpa(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask)
     qw, kw = local_replicated(qw), local_replicated(kw)

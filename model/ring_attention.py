@@ -5,7 +5,8 @@ so cp must divide the heads tensor parallelism leaves (xl: 24 heads, tp=8 leaves
 impossible). Here a rank keeps its tokens and every head; its keys and values travel around
 the cp group instead (Liu et al. 2023, "Ring Attention with Blockwise Transformers").
 
-Forward, rank r of n, local q, k, v (B, S/n, H, D) already normed and rotated, at step t = 0..n-1
+Forward, rank r of n, local q, k, v (B, S/n, H, D) normed and rotated (by the op itself when it is
+given the QK-norm weights: the backward renorms rather than keep the normed copies), at step t = 0..n-1
 it holds the keys and values of rank j = r - t (mod n) and merges that block's attention:
     s_j = q @ k_j^T * scale (keys masked by key_ok[:, tokens of j]), lse_j = logsumexp(s_j),
     o_j = softmax(s_j) @ v_j,  lse = logaddexp(lse, lse_j),
@@ -18,18 +19,32 @@ dk_j and dv_j ride around the ring with k_j and v_j, each rank adding its share;
 rotation brings them home. Traffic per rank and block: forward (n-1) x K, V; backward (n-1) x
 K, V, dK, dV (fp32) + 1 x dK, dV, against Ulysses' 4 all-to-alls of (n-1)/n of q, k, v, out.
 
-Dtype policy: scores, softmax statistics and the accumulators in fp32 (block by block, heads in
-chunks of at most ``SCORE_BYTES`` of scores), output in the input dtype. A query that sees no
-valid key anywhere returns zeros (lse = -inf), as kiln.kernels.qk_norm_attention does. The
-block math is plain PyTorch on every device: correct everywhere, not flash-fast on a GPU.
+Blocks run one of two ways, chosen once per call (``ring_attention``) and kept for its backward:
+- flash: kiln's Triton kernels (kiln.kernels.qk_norm_attention_triton.attention_fwd / _bwd,
+  those of qk_norm_attention after its norm pass) on each block: no score matrix in memory,
+  a block's output and gradients in the input dtype, merged and summed in fp32 (as
+  FlashAttention-based rings do; n roundings where one kernel rounds once: with fp32 outputs
+  7 of the kernels' 16-bit launch candidates spill registers or pass Hopper's 227 KB of shared
+  memory, by the sm_90a compile check of 2026-12-07). Taken wherever those kernels take q, k, v (flash_reasons: a
+  CUDA GPU of compute capability >= 8.0, fp32 / fp16 / bf16, head dim a multiple of 16 up to
+  256; the CPU only under TRITON_INTERPRET=1 with use_backend("triton"), how the tests run it);
+- eager: plain PyTorch, scores, softmax statistics and accumulators in fp32 (fp64 for fp64
+  inputs), heads in chunks of at most ``SCORE_BYTES`` of scores; correct everywhere, the CPU's
+  path.
+Output in the input dtype. A query that sees no valid key anywhere returns zeros (lse = -inf),
+as kiln.kernels.qk_norm_attention does.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
+
+from kiln.kernels.dispatch import MAX_GRID_Y, compute_dtype, on_device_of
+from kiln.kernels.qk_norm_rope import check_args, norm_rope, norm_rope_bwd
 
 funcol_ops = torch.ops._c10d_functional
 
@@ -99,6 +114,47 @@ def block_bwd(do, delta, q, k, v, ok, lse, scale):
     return torch.cat(dqs, dim=2), torch.cat(dks, dim=2), torch.cat(dvs, dim=2)
 
 
+def flash_block_fwd(q, k, v, ok, scale):
+    """block_fwd on the Triton flash kernel, for q, k, v of one shape (the kernels take as many
+    keys as queries; every rank holds S/n tokens): -> o (B, Sq, H, D) fp32 (the kernel's, in the input
+    dtype, widened for the merge), lse (B, H, Sq) fp32 natural log, -inf for rows with no valid key."""
+    from kiln.kernels import qk_norm_attention_triton as T
+
+    with on_device_of(q):
+        o, lse2 = T.attention_fwd(q, k, v, ok, scale, False)  # lse2: base 2, +1e30 for rows without a key
+    lse2 = lse2[..., :q.shape[1]]
+    return o.float(), torch.where(lse2 < 1e29, lse2 * math.log(2.0), float("-inf"))
+
+
+def flash_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The merged lse (B, H, S) in the flash backward's layout: base 2, rows padded to
+    side_cols(S), +1e30 where no key was valid (so that every p recomputes to 0)."""
+    from kiln.kernels.qk_norm_attention_triton import side_cols
+
+    B, H, S = lse.shape
+    out = lse.new_full((B, H, side_cols(S)), 1e30)
+    out[..., :S] = torch.where(torch.isfinite(lse), lse * (1.0 / math.log(2.0)), 1e30)
+    return out
+
+
+def flash_block_bwd(do, q, k, v, ok, out, lse2, scale):
+    """block_bwd on the Triton flash kernels, given the global output and flash_lse(lse):
+    -> dq, dk, dv in the input dtype (the kernel recomputes delta = rowsum(do * out) per block:
+    one pass over two (B, S/n, H, D) tensors, beside the block's 5-7 matmuls)."""
+    from kiln.kernels import qk_norm_attention_triton as T
+
+    with on_device_of(q):
+        return T.attention_bwd(do, q, k, v, out, lse2, ok, scale, False)
+
+
+def use_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this call's blocks run on the flash kernels (see the module docstring); one
+    launch covers all B·H rows of a block, so past MAX_GRID_Y of them the eager path runs."""
+    from kiln.kernels.qk_norm_attention import flash_reasons
+
+    return not flash_reasons(q, k, v) and q.shape[0] * q.shape[2] <= MAX_GRID_Y
+
+
 def _rotate(x: torch.Tensor, group_name: str, rank: int, n: int) -> torch.Tensor:
     """Send ``x`` to rank r+1 of the group, receive rank r-1's (same shape); returns a tensor to
     ``wait_tensor`` on. One functional all-to-all with a single non-empty split: a dispatcher op
@@ -109,83 +165,149 @@ def _rotate(x: torch.Tensor, group_name: str, rank: int, n: int) -> torch.Tensor
     return funcol_ops.all_to_all_single(x.reshape(1, -1).contiguous(), recv, send, group_name)
 
 
-@torch.library.custom_op("kiln::ring_attention_fwd", mutates_args=())
-def _ring_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor, scale: float,
-                 group_name: str, r: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    oks = key_ok.chunk(n, dim=1)
+def _ring_forward(q, k, v, oks, scale, group_name, r, n, flash):
+    """The forward ring on normed, rotated q, k: -> out (input dtype), lse (B, H, S/n) fp32."""
     kv = torch.stack([k, v])  # (2, B, S/n, H, D): one message per step
+    block = flash_block_fwd if flash else block_fwd
     o = lse = None
     for t in range(n):
         nxt = _rotate(kv, group_name, r, n) if t < n - 1 else None  # in flight during this block's math
-        o_j, lse_j = block_fwd(q, kv[0], kv[1], oks[(r - t) % n], scale)
+        o_j, lse_j = block(q, kv[0], kv[1], oks[(r - t) % n], scale)
         o, lse = (o_j, lse_j) if o is None else merge(o, lse, o_j, lse_j)
         if nxt is not None:
             kv = funcol_ops.wait_tensor(nxt).view_as(kv)
     return o.to(q.dtype), lse
 
 
-@_ring_fwd_op.register_fake
-def _(q, k, v, key_ok, scale, group_name, r, n):
-    B, S, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.promote_types(q.dtype, torch.float32))
-
-
-@torch.library.custom_op("kiln::ring_attention_bwd", mutates_args=())
-def _ring_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, scale: float, group_name: str, r: int,
-                 n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    oks = key_ok.chunk(n, dim=1)
-    delta = (_acc(do) * _acc(out)).sum(-1).transpose(1, 2)  # (B, H, S/n)
+def _ring_backward(do, q, k, v, oks, out, lse, scale, group_name, r, n, flash):
+    """The backward ring: -> dq, dk, dv of the normed, rotated q, k and of v, fp32."""
+    if flash:
+        block = functools.partial(flash_block_bwd, do, q, out=out, lse2=flash_lse(lse), scale=scale)
+    else:
+        delta = (_acc(do) * _acc(out)).sum(-1).transpose(1, 2)  # (B, H, S/n)
+        block = functools.partial(block_bwd, do, delta, q, lse=lse, scale=scale)
     kv = torch.stack([k, v])
     dq = torch.zeros_like(_acc(q))
     dkv = sent = None  # block j's dk, dv summed over the ranks it passed (fp32), on its way
     for t in range(n):
         nxt = _rotate(kv, group_name, r, n) if t < n - 1 else None
-        dq_j, dk_j, dv_j = block_bwd(do, delta, q, kv[0], kv[1], oks[(r - t) % n], lse, scale)
+        dq_j, dk_j, dv_j = block(kv[0], kv[1], oks[(r - t) % n])
         dq += dq_j
-        mine = torch.stack([dk_j, dv_j])
+        mine = torch.stack([dk_j, dv_j]).to(dq.dtype)
         dkv = mine if sent is None else funcol_ops.wait_tensor(sent).view_as(mine) + mine
         # block j's gradients follow its keys to rank r+1; after the last block they go home
         sent = _rotate(dkv, group_name, r, n)
         if nxt is not None:
             kv = funcol_ops.wait_tensor(nxt).view_as(kv)
     dkv = funcol_ops.wait_tensor(sent).view_as(dkv)
-    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)  # no aliased outputs
+    return dq, dkv[0], dkv[1]
+
+
+def _prepass(x, w, cos, sin, token_group, eps, flash):
+    """QK-norm + RoPE of this rank's q or k in its dtype, as qk_norm_attention's pre-pass:
+    -> (y, rstd (B, S/n, H) fp32 on the flash path / None)."""
+    if flash:
+        from kiln.kernels.qk_norm_attention_triton import norm_rope_fwd
+
+        return norm_rope_fwd(x, w, token_group, cos, sin, eps)
+    return norm_rope(x, w, token_group, cos, sin, eps, compute_dtype(x.dtype)).to(x.dtype), None
+
+
+def _prepass_bwd(dy, x, w, cos, sin, token_group, eps, rstd, flash):
+    """-> dx (like x), dw (like w) of :func:`_prepass`."""
+    if flash:
+        from kiln.kernels.qk_norm_attention_triton import norm_rope_bwd as triton_bwd
+
+        return triton_bwd(dy.to(x.dtype), x, w, token_group, cos, sin, rstd)
+    return norm_rope_bwd(dy, x, w, token_group, cos, sin, eps, compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("kiln::ring_attention_fwd", mutates_args=())
+def _ring_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor,
+                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, token_group: torch.Tensor | None, eps: float, scale: float,
+                 group_name: str, r: int, n: int, flash: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device_of(q):
+        if q_weight is not None:  # the normed q, k live during this op only (the backward renorms)
+            q, _ = _prepass(q, q_weight, cos, sin, token_group, eps, flash)
+            k, _ = _prepass(k, k_weight, cos, sin, token_group, eps, flash)
+        return _ring_forward(q, k, v, key_ok.chunk(n, dim=1), scale, group_name, r, n, flash)
+
+
+@_ring_fwd_op.register_fake
+def _(q, k, v, key_ok, q_weight, k_weight, cos, sin, token_group, eps, scale, group_name, r, n, flash):
+    B, S, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+@torch.library.custom_op("kiln::ring_attention_bwd", mutates_args=())
+def _ring_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                 token_group: torch.Tensor | None, eps: float, scale: float, group_name: str, r: int, n: int,
+                 flash: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv in the inputs' dtypes and dq_weight, dk_weight (empty without the norm)."""
+    with on_device_of(q):
+        qn, kn, rstd_q, rstd_k = q, k, None, None
+        if q_weight is not None:
+            qn, rstd_q = _prepass(q, q_weight, cos, sin, token_group, eps, flash)
+            kn, rstd_k = _prepass(k, k_weight, cos, sin, token_group, eps, flash)
+        dq, dk, dv = _ring_backward(do, qn, kn, v, key_ok.chunk(n, dim=1), out, lse, scale, group_name, r, n, flash)
+        dqw, dkw = q.new_empty(0), q.new_empty(0)
+        if q_weight is not None:
+            dq, dqw = _prepass_bwd(dq, q, q_weight, cos, sin, token_group, eps, rstd_q, flash)
+            dk, dkw = _prepass_bwd(dk, k, k_weight, cos, sin, token_group, eps, rstd_k, flash)
+    # new tensors, none an alias of another output (custom ops may not return views of one buffer)
+    return dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True), dqw, dkw
 
 
 @_ring_bwd_op.register_fake
-def _(do, q, k, v, key_ok, out, lse, scale, group_name, r, n):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, key_ok, out, lse, q_weight, k_weight, cos, sin, token_group, eps, scale, group_name, r, n,
+      flash):
+    dqw, dkw = ((torch.empty_like(w) if w is not None else q.new_empty(0)) for w in (q_weight, k_weight))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dqw, dkw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_ok, scale, group_name, r, n = inputs
+    q, k, v, key_ok, q_weight, k_weight, cos, sin, token_group, eps, scale, group_name, r, n, flash = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_ok, out, lse)
-    ctx.ring = (scale, group_name, r, n)
+    ctx.save_for_backward(q, k, v, key_ok, out, lse, q_weight, k_weight, cos, sin, token_group)
+    ctx.ring = (eps, scale, group_name, r, n, flash)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, key_ok, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ring_bwd_op(dout.contiguous(), q, k, v, key_ok, out, lse, *ctx.ring)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, key_ok, out, lse, q_weight, k_weight, cos, sin, token_group = ctx.saved_tensors
+    dq, dk, dv, dqw, dkw = _ring_bwd_op(dout.contiguous(), q, k, v, key_ok, out, lse, q_weight, k_weight, cos,
+                                        sin, token_group, *ctx.ring)
+    if q_weight is None:
+        dqw = dkw = None
+    return dq, dk, dv, None, dqw, dkw, None, None, None, None, None, None, None, None, None
 
 
 _ring_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor, group,
-                   scale: float | None = None) -> torch.Tensor:
-    """Attention of this rank's queries over every rank's keys.
+                   scale: float | None = None, *, q_weight: torch.Tensor | None = None,
+                   k_weight: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                   sin: torch.Tensor | None = None, token_group: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """Attention of this rank's queries over every rank's keys, with QK-norm and RoPE of this
+    rank's tokens fused in when the weights are given (as kiln.kernels.qk_norm_attention).
 
     Args:
-        q, k, v: (B, S/n, H, D) this rank's tokens (QK-norm and RoPE already applied), fp32 /
-            fp16 / bf16; rank i of the group holds tokens i·S/n .. (i+1)·S/n of the sequence.
+        q, k, v: (B, S/n, H, D) this rank's tokens, fp32 / fp16 / bf16; rank i of the group holds
+            tokens i·S/n .. (i+1)·S/n of the sequence. Without weights q and k are used as they
+            are (already normed and rotated, if at all).
         key_ok: (B, S) bool, True = valid key, for the whole sequence (every rank holds it).
         group: the context-parallel process group (n ranks), or a 1-D DeviceMesh of it.
         scale: softmax scale, default 1/sqrt(D).
+        q_weight, k_weight: (D,) or (G, D) RMSNorm weights of q and k; cos, sin: (S/n, D) RoPE
+            tables of this rank's tokens or None; token_group: (S/n,) their weight rows; eps.
+            The op keeps q, k as given and renorms them in its backward: no normed copies kept.
     Returns:
-        (B, S/n, H, D) in the input dtype; zeros for a query with no valid key.
+        (B, S/n, H, D) in the input dtype; zeros for a query with no valid key. Blocks on the
+        flash kernels where use_flash(q, k, v), else eager (module docstring).
     """
     if hasattr(group, "get_group"):
         group = group.get_group()
@@ -197,6 +319,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: to
     if tuple(key_ok.shape) != (B, S * n):
         raise ValueError(f"ring_attention: key_ok must be (B, S/n x n) = ({B}, {S * n}) for {n} ranks, "
                          f"got {tuple(key_ok.shape)}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("ring_attention: q_weight and k_weight come together (the fused QK-norm), or neither")
+    if q_weight is not None:
+        check_args("ring_attention", q, k, q_weight, k_weight, cos, sin, token_group)
+    elif cos is not None or token_group is not None:
+        raise ValueError("ring_attention: cos / sin / token_group come with q_weight and k_weight (the fused "
+                         "QK-norm); without the norm apply RoPE to q and k before the call")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out, _ = _ring_fwd_op(q, k, v, key_ok.bool(), scale, group.group_name, dist.get_rank(group), n)
+    out, _ = _ring_fwd_op(q, k, v, key_ok.bool(), q_weight, k_weight, cos, sin, token_group, eps, scale,
+                          group.group_name, dist.get_rank(group), n, use_flash(q, k, v))
     return out

@@ -2,8 +2,11 @@
 runs kiln.model.ring_attention; its output and its share of dq, dk, dv must match attention over
 the whole sequence in fp64 (FlashAttention's rule: within 2x the error of PyTorch's attention
 in the same dtype). Odd lengths (7 tokens a rank), 3 heads, keys masked on some ranks, a whole
-rank's keys masked in one sample and a sample with no valid key (zeros). Writes
-OUT/ok_rankR.txt with the worst errors."""
+rank's keys masked in one sample and a sample with no valid key (zeros); q, k as given, and with
+QK-norm ((G, D) weights, token groups) and RoPE fused in (then also both weights' gradients,
+summed over the ranks, against qk_norm_attention_ref's). Blocks on the eager
+path, or with BACKEND "triton" on the flash kernels (TRITON_INTERPRET=1 on the CPU). Usage:
+ring_attention_ranks.py OUT [BACKEND]; writes OUT/ok_rankR.txt with the worst errors."""
 
 import json
 import sys
@@ -12,14 +15,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from kernel_rule import FLOOR
 
 from kiln.engine import parallel  # imports torch._dynamo before any process group exists
-from kiln.model.ring_attention import _ring_fwd_op, ring_attention
+from kiln.kernels import qk_norm_attention_ref, use_backend
+from kiln.model.ring_attention import _ring_fwd_op, ring_attention, use_flash
 
-B, PER_RANK, H, D = 3, 7, 3, 16
+B, PER_RANK, H, D, G = 3, 7, 3, 16, 2
 
 
-def _reference(q, k, v, ok):
+def whole_attention(q, k, v, ok):
     """Attention over the whole sequence in the inputs' dtype; rows with no valid key -> 0."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=ok[:, None, None, :]).transpose(1, 2)
@@ -27,48 +32,83 @@ def _reference(q, k, v, ok):
 
 
 def _inputs(n: int):
+    """q, k, v, dout (B, S, H, D), (G, D) QK-norm weights, the key mask and the norm's tables."""
     g = torch.Generator().manual_seed(0)
     S = n * PER_RANK
     q, k, v, do = (torch.randn(B, S, H, D, generator=g) for _ in range(4))
+    qw, kw = (1 + 0.2 * torch.randn(G, D, generator=g) for _ in range(2))
     ok = torch.rand(B, S, generator=g) > 0.3
     ok[1, :PER_RANK] = False  # sample 1: rank 0's keys all masked
     ok[2] = False  # sample 2: no valid key anywhere
-    return q, k, v, do, ok
+    angle = torch.randn(S, D // 2, generator=g, dtype=torch.float64)
+    tables = {"cos": torch.cat([angle.cos()] * 2, -1), "sin": torch.cat([angle.sin()] * 2, -1),
+              "token_group": torch.randint(0, G, (S,), generator=g)}
+    return [q, k, v, qw, kw], do, ok, tables
 
 
-def _grads(fn, q, k, v, do):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
+def _grads(fn, tensors, do):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
     out.backward(do)
-    return [out.detach(), q.grad, k.grad, v.grad]
+    return [out.detach()] + [t.grad for t in leaves]
 
 
-def main(out_dir: Path) -> None:
+def _check(name, dtype, got, low, want, r, report):
+    """kernel_rule's bound: 2x PyTorch's error in the dtype + its floor (CONVENTIONS.md)."""
+    err = (got.double() - want).abs().max().item()
+    bound = 2 * (low.double() - want).abs().max().item() + FLOOR[dtype] * (1 + want.abs().max().item())
+    report[f"{name} {dtype}"] = [err, bound]
+    assert err <= bound, f"rank {r}: {name} in {dtype} is off by {err:.3e} > {bound:.3e}"
+
+
+def main(out_dir: Path, backend: str | None) -> None:
     dist.init_process_group("gloo")
     r, n = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    q, k, v, do, ok = _inputs(n)
+    (q, k, v, qw, kw), do, ok, tables = _inputs(n)
     mine = slice(r * PER_RANK, (r + 1) * PER_RANK)
-    exact = _grads(lambda a, b, c: _reference(a, b, c, ok), *(t.double() for t in (q, k, v, do)))
-    exact = [exact[0][:, mine], exact[1][:, mine], exact[2][:, mine], exact[3][:, mine]]
+    local = {name: t[mine] for name, t in tables.items()}  # this rank's rows of the norm's tables
     report = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        low = _grads(lambda a, b, c: _reference(a, b, c, ok), *(t.to(dtype) for t in (q, k, v, do)))
-        ring = _grads(lambda a, b, c: ring_attention(a, b, c, ok, dist.group.WORLD),
-                      *(t[:, mine].to(dtype) for t in (q, k, v, do)))
-        for name, got, torch_low, want in zip(("out", "dq", "dk", "dv"), ring, low, exact, strict=True):
-            err = (got.double() - want).abs().max().item()
-            bound = 2 * (torch_low[:, mine].double() - want).abs().max().item() + 1e-6
-            report[f"{name} {dtype}"] = [err, bound]
-            assert err <= bound, f"rank {r}: {name} in {dtype} is off by {err:.3e} > {bound:.3e}"
-        assert ring[0][2].abs().max() == 0 and ring[1][2].abs().max() == 0, "sample without keys must give zeros"
+    # plain: q, k used as given; fused: QK-norm + RoPE of each rank's tokens inside the op
+    for fused in (False, True):
+        def whole(a, b, c, qw_=None, kw_=None, upcast=True, fused=fused):
+            if not fused:
+                return whole_attention(a, b, c, ok)
+            return qk_norm_attention_ref(a, b, c, qw_, kw_, key_padding_mask=ok, upcast=upcast,
+                                         **{name: t.to(a.dtype) if t.is_floating_point() else t
+                                            for name, t in tables.items()})
+
+        def ring(a, b, c, qw_=None, kw_=None, fused=fused):
+            norm = ({"q_weight": qw_, "k_weight": kw_, **{name: t.to(a.dtype) if t.is_floating_point() else t
+                                                          for name, t in local.items()}} if fused else {})
+            return ring_attention(a, b, c, ok, dist.group.WORLD, **norm)
+
+        inputs = [q, k, v, qw, kw] if fused else [q, k, v]
+        names = ["out", "dq", "dk", "dv", "dq_weight", "dk_weight"][:len(inputs) + 1]
+        exact = _grads(whole, [t.double() for t in inputs], do.double())
+        for dtype in (torch.float32, torch.bfloat16):
+            low = _grads(lambda *a: whole(*a, upcast=False), [t.to(dtype) for t in inputs], do.to(dtype))
+            with use_backend(backend):
+                assert use_flash(*(t.to(dtype) for t in (q, k, v))) == (backend == "triton"), "blocks on wrong path"
+                got = _grads(ring, [t[:, mine].to(dtype) for t in inputs[:3]] + [t.to(dtype) for t in inputs[3:]],
+                             do[:, mine].to(dtype))
+            for i, (name, a, b, c) in enumerate(zip(names, got, low, exact, strict=True)):
+                if i >= 4:  # the weights' gradients: each rank holds its tokens' share
+                    dist.all_reduce(a)
+                else:
+                    b, c = b[:, mine], c[:, mine]
+                _check(f"{name}{' fused' if fused else ''}", dtype, a, b, c, r, report)
+            assert got[0][2].abs().max() == 0 and got[1][2].abs().max() == 0, "sample without keys must give zeros"
     # the custom ops' registrations (fake tensors, autograd, schema), run on every rank alike
-    args = (q[:, mine], k[:, mine], v[:, mine], ok, D ** -0.5, dist.group.WORLD.group_name, r, n)
-    torch.library.opcheck(_ring_fwd_op, tuple(t.requires_grad_() if t.is_floating_point() else t
-                                              for t in args[:3]) + args[3:])
+    for norm in ((None,) * 5, (qw, kw, local["cos"].float(), local["sin"].float(), local["token_group"])):
+        args = (q[:, mine], k[:, mine], v[:, mine], ok, *norm, 1e-6, D ** -0.5, dist.group.WORLD.group_name, r, n,
+                backend == "triton")
+        with use_backend(backend):
+            torch.library.opcheck(_ring_fwd_op, tuple(t.detach().requires_grad_() if i in (0, 1, 2, 4, 5)
+                                                      and t is not None else t for i, t in enumerate(args)))
     (out_dir / f"ok_rank{r}.txt").write_text(json.dumps(report))
     parallel.shutdown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

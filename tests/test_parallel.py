@@ -50,6 +50,11 @@ LAYOUTS = {  # the issue's five layouts; AC modes, async checkpoints, HSDP, the 
     "cp2_ring": (2, ["parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1",
                      "parallel.activation_checkpoint=selective"]),
     "tp2_cp2_ring": (4, ["parallel.tp=2", "parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1"]),
+    # ... between pipeline stages (each stage's ring over its own cp group), and compiled
+    "pp2_cp2_ring": (4, ["parallel.pp=2", "parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1",
+                         "parallel.pp_schedule=1f1b", "parallel.microbatches=2"]),
+    "cp2_ring_compiled": (2, ["parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1",
+                              "parallel.activation_checkpoint=selective", "parallel.compile=true"]),
     # torch.compile (inductor) of checkpointed blocks whose all-to-alls selective checkpointing reruns
     "cp2_compiled": (2, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.activation_checkpoint=selective",
                          "parallel.compile=true"]),

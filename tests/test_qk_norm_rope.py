@@ -157,3 +157,22 @@ def test_triton_kernels_give_a_token_outside_the_weights_nan_rows_not_a_read_pas
     dq, _, dqw, _ = torch.autograd.grad((qo[:, good].sum() + ko[:, good].sum()), leaves)
     assert dq[:, ~good].isnan().all() and dq[:, good].isfinite().all() and dqw.isfinite().all()
     torch.testing.assert_close(dqw, torch.autograd.grad(ref[0].sum() + ref[1].sum(), sub[2])[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,S,H,D,G,rope", [(2, 19, 3, 16, 2, True), (1, 9, 2, 8, 0, False), (2, 5, 1, 32, 3, True)])
+def test_written_out_backward_is_autograd_of_the_reference(B, S, H, D, G, rope):
+    """norm_rope_bwd (the gradients ring attention's eager path computes inside its custom op)
+    against autograd through norm_rope, in fp64; (G, D) weights with a token's row picked by
+    token_group, a (D,) weight, a (G, D) weight without token_group (every token on row 0)."""
+    from kiln.kernels.qk_norm_rope import norm_rope, norm_rope_bwd
+
+    (x, _, _, w, _), kw = make_case(B, S, H, D, G, rope, False, False, torch.float64, seed=S)
+    cos, sin, group = kw.get("cos"), kw.get("sin"), kw.get("token_group")
+    if G == 3:
+        group = None
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    want = torch.autograd.grad(norm_rope(x, w, group, cos, sin, 1e-6, torch.float64), (x, w), dy)
+    got = norm_rope_bwd(dy, x.detach(), w.detach(), group, cos, sin, 1e-6, torch.float64)
+    for name, a, b in zip(("dx", "dweight"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")

@@ -1,6 +1,6 @@
 """Ring attention (model/ring_attention.py): the block math in one process against attention
-over the whole sequence, the op on 3 ranks (ring_attention_ranks.py under torchrun), and the
-config field. Training like one process: test_parallel's cp2_ring and tp2_cp2_ring layouts."""
+over the whole sequence, the op on 3 ranks with either block path (ring_attention_ranks.py under
+torchrun), and the config field. Training like one process: test_parallel's *_ring layouts."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from multiproc import torchrun
+from ring_attention_ranks import whole_attention
 
 from kiln.engine.config import apply_override
 from kiln.engine.errors import ConfigError
 from kiln.engine.recipes import recipe
 from kiln.model.ring_attention import block_bwd, block_fwd, merge
-
-
-def _whole(q, k, v, ok):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=ok[:, None, None, :]).transpose(1, 2)
-    return torch.where(ok.any(-1)[:, None, None, None], out, torch.zeros((), dtype=out.dtype))
 
 
 @pytest.mark.parametrize("splits", [(5, 4, 6), (15,), (1, 13, 1)])
@@ -36,7 +30,7 @@ def test_blocks_merged_and_their_gradients_are_whole_attention(splits, monkeypat
     ok = torch.rand(B, S, generator=g) > 0.3
     ok[1, :splits[0]], ok[2] = False, False
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    want = _whole(q, k, v, ok)
+    want = whole_attention(q, k, v, ok)
     want.backward(do)
     scale = D ** -0.5
     blocks = list(zip(k.detach().split(splits, 1), v.detach().split(splits, 1), ok.split(splits, 1), strict=True))
@@ -53,9 +47,13 @@ def test_blocks_merged_and_their_gradients_are_whole_attention(splits, monkeypat
     assert o[2].abs().max() == 0 and torch.isinf(lse[2]).all(), "no valid key: zeros, lse = -inf"
 
 
-def test_three_ranks_match_whole_attention_in_fp32_and_bf16(tmp_path):
-    """Output and every gradient within 2x PyTorch's own error in the dtype, opcheck of the op."""
-    torchrun(3, [str(Path(__file__).with_name("ring_attention_ranks.py")), str(tmp_path)], timeout=300, out=tmp_path)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_three_ranks_match_whole_attention_in_fp32_and_bf16(backend, tmp_path):
+    """Output and every gradient within 2x PyTorch's own error in the dtype, opcheck of the op;
+    blocks on the eager path, or on the flash kernels (under the interpreter: TRITON_INTERPRET=1
+    from conftest reaches the ranks through the environment)."""
+    entry = [str(Path(__file__).with_name("ring_attention_ranks.py")), str(tmp_path)]
+    torchrun(3, entry + (["triton"] if backend == "triton" else []), timeout=300, out=tmp_path)
     assert sorted(p.name for p in tmp_path.glob("ok_rank*.txt")) == [f"ok_rank{r}.txt" for r in range(3)]
 
 
