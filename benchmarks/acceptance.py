@@ -26,7 +26,8 @@ that needs more than is left is skipped and says so, and the verdicts mark what 
                 reference with the 2x rule (xdist workers, so the JIT compiles run in parallel)
   tests-csrc    the csrc CUDA tests
   tests-engine  tests/test_gpu.py: the engine on CUDA (bf16 and fp16 training with its loss scale,
-                exact resume); no kernel point, so no verdict: its row and output only
+                exact resume, ring attention's flash blocks on 2 ranks sharing the GPU); no
+                kernel point, so no verdict: its row and output only
   extra         the attention benchmark's other shapes, if time is left
 
 Files in --out (a device call returns at most 8): ``log.txt`` (every stage's output),
@@ -81,7 +82,7 @@ def stages(rows: Path, copy_gbps: float | None, workers: int) -> list[Stage]:
                                "csrc,triton,eager", *copy, *out), 60, 20, csrc="after"),
         Stage("tests-triton", (*PYTEST, *xdist, "-k", "not csrc"), 240, 60),
         Stage("tests-csrc", (*PYTEST, *xdist, "-k", "csrc"), 120, 30, csrc="needs"),
-        Stage("tests-engine", ENGINE_TESTS, 150, 40, csrc="after"),
+        Stage("tests-engine", ENGINE_TESTS, 210, 40, csrc="after"),
         Stage("extra", (*BENCH, "attention", "--shapes", "rest", *out, "--providers",
                         "triton,triton-core,eager,sdpa-cudnn,compile"), 600, 60),
     ]

@@ -5,8 +5,10 @@ in the same dtype). Odd lengths (7 tokens a rank), 3 heads, keys masked on some 
 rank's keys masked in one sample and a sample with no valid key (zeros); q, k as given, and with
 QK-norm ((G, D) weights, token groups) and RoPE fused in (then also both weights' gradients,
 summed over the ranks, against qk_norm_attention_ref's). Blocks on the eager
-path, or with BACKEND "triton" on the flash kernels (TRITON_INTERPRET=1 on the CPU). Usage:
-ring_attention_ranks.py OUT [BACKEND]; writes OUT/ok_rankR.txt with the worst errors."""
+path (the CPU's automatic choice), or with BACKEND "triton" on the flash kernels
+(TRITON_INTERPRET=1 on the CPU); DEVICE "cuda": every rank on the same GPU, where the flash
+kernels are the automatic choice. Usage: ring_attention_ranks.py OUT [BACKEND [DEVICE]]
+(BACKEND auto | triton; DEVICE cpu | cuda); writes OUT/ok_rankR.txt with the worst errors."""
 
 import json
 import sys
@@ -61,13 +63,14 @@ def _check(name, dtype, got, low, want, r, report):
     assert err <= bound, f"rank {r}: {name} in {dtype} is off by {err:.3e} > {bound:.3e}"
 
 
-def main(out_dir: Path, backend: str | None) -> None:
-    dist.init_process_group("gloo")
+def main(out_dir: Path, backend: str | None, device: str) -> None:
+    dist.init_process_group("gloo")  # (its all-to-alls also move CUDA tensors: every rank may share one GPU)
     r, n = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    (q, k, v, qw, kw), do, ok, tables = _inputs(n)
+    (q, k, v, qw, kw), do, ok, tables = _inputs(n)  # the references run on the CPU, the ring on device
     mine = slice(r * PER_RANK, (r + 1) * PER_RANK)
-    local = {name: t[mine] for name, t in tables.items()}  # this rank's rows of the norm's tables
+    local = {name: t[mine].to(device) for name, t in tables.items()}  # this rank's rows of the norm's tables
+    flash = backend == "triton" or device == "cuda"  # the blocks' path this rank must take
     report = {}
     # plain: q, k used as given; fused: QK-norm + RoPE of each rank's tokens inside the op
     for fused in (False, True):
@@ -81,7 +84,7 @@ def main(out_dir: Path, backend: str | None) -> None:
         def ring(a, b, c, qw_=None, kw_=None, fused=fused):
             norm = ({"q_weight": qw_, "k_weight": kw_, **{name: t.to(a.dtype) if t.is_floating_point() else t
                                                           for name, t in local.items()}} if fused else {})
-            return ring_attention(a, b, c, ok, dist.group.WORLD, **norm)
+            return ring_attention(a, b, c, ok.to(device), dist.group.WORLD, **norm)
 
         inputs = [q, k, v, qw, kw] if fused else [q, k, v]
         names = ["out", "dq", "dk", "dv", "dq_weight", "dk_weight"][:len(inputs) + 1]
@@ -89,9 +92,10 @@ def main(out_dir: Path, backend: str | None) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             low = _grads(lambda *a: whole(*a, upcast=False), [t.to(dtype) for t in inputs], do.to(dtype))
             with use_backend(backend):
-                assert use_flash(*(t.to(dtype) for t in (q, k, v))) == (backend == "triton"), "blocks on wrong path"
-                got = _grads(ring, [t[:, mine].to(dtype) for t in inputs[:3]] + [t.to(dtype) for t in inputs[3:]],
-                             do[:, mine].to(dtype))
+                assert use_flash(*(t.to(device, dtype) for t in (q, k, v))) == flash, "blocks on the wrong path"
+                got = _grads(ring, [t[:, mine].to(device, dtype) for t in inputs[:3]]
+                             + [t.to(device, dtype) for t in inputs[3:]], do[:, mine].to(device, dtype))
+                got = [t.cpu() for t in got]
             for i, (name, a, b, c) in enumerate(zip(names, got, low, exact, strict=True)):
                 if i >= 4:  # the weights' gradients: each rank holds its tokens' share
                     dist.all_reduce(a)
@@ -101,8 +105,8 @@ def main(out_dir: Path, backend: str | None) -> None:
             assert got[0][2].abs().max() == 0 and got[1][2].abs().max() == 0, "sample without keys must give zeros"
     # the custom ops' registrations (fake tensors, autograd, schema), run on every rank alike
     for norm in ((None,) * 5, (qw, kw, local["cos"].float(), local["sin"].float(), local["token_group"])):
-        args = (q[:, mine], k[:, mine], v[:, mine], ok, *norm, 1e-6, D ** -0.5, dist.group.WORLD.group_name, r, n,
-                backend == "triton")
+        tensors = [t.to(device) if t is not None else None for t in (q[:, mine], k[:, mine], v[:, mine], ok, *norm)]
+        args = (*tensors, 1e-6, D ** -0.5, dist.group.WORLD.group_name, r, n, flash)
         with use_backend(backend):
             torch.library.opcheck(_ring_fwd_op, tuple(t.detach().requires_grad_() if i in (0, 1, 2, 4, 5)
                                                       and t is not None else t for i, t in enumerate(args)))
@@ -111,4 +115,6 @@ def main(out_dir: Path, backend: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
+    given = sys.argv[1:]
+    out, backend, device = given + ["auto", "cpu"][len(given) - 1:]
+    main(Path(out), None if backend == "auto" else backend, device)

@@ -2,8 +2,11 @@
 none: the device run in benchmarks/results/ records them passing on an H100). The kernels' CUDA
 checks are in test_gpu_kernels.py."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from multiproc import torchrun
 
 from kiln.engine.metrics import read_metrics
 from kiln.engine.train import train
@@ -85,3 +88,14 @@ def test_cuda_profile_window_records_kernels_and_a_memory_snapshot(tmp_path, run
     assert [e.get("name") for e in events].count("kiln/backward") == 2
     snapshot = pickle.loads((tmp_path / "run" / "profile" / "steps2-3_rank0_memory.pickle").read_bytes())
     assert snapshot["segments"] and snapshot["device_traces"]
+
+
+def test_ring_attention_on_cuda_runs_its_blocks_on_the_flash_kernels(tmp_path, monkeypatch):
+    """Ring attention's flash path compiled for this GPU (the CPU tests run it under the
+    interpreter, whose bf16 casts truncate): 2 ranks sharing the GPU through gloo's CUDA
+    all-to-alls, output and every gradient (with the fused QK-norm, the weights' too) within
+    kernel_rule's 2x bound against fp64 attention over the whole sequence, fp32 and bf16."""
+    monkeypatch.setenv("KILN_AUTOTUNE", "0")  # each kernel's default launch config: one compile each, no timing
+    entry = str(Path(__file__).with_name("ring_attention_ranks.py"))
+    torchrun(2, [entry, str(tmp_path), "auto", "cuda"], timeout=300, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("ok_rank*.txt")) == ["ok_rank0.txt", "ok_rank1.txt"]
