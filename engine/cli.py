@@ -5,6 +5,7 @@
     kiln ablate STUDY [--steps N] [--out DIR] [--jobs N] | kiln ablate --list
     kiln model info PRESET [--resolution PX] [--text-tokens L]
     kiln model scaling PRESET [--gpus 8,64,512] [--batch-per-gpu N] [--resolution PX] [--ac MODE] [--optim adamw|muon]
+                              [--cp-attention auto|ulysses|ring]
     kiln backends
     kiln data prepare SRC OUT [--shard-size N] [--workers N] | kiln data preview DATASET [--out grid.png]
     kiln data score DATASET --weights CLIP.pt --aesthetic HEAD.pt [--model ViT-L-14] | kiln data bench DATASET
@@ -163,7 +164,8 @@ def _model_scaling(args) -> None:
     from kiln.model.presets import preset
 
     gpus = tuple(int(g) for g in args.gpus.split(","))
-    print(table(args.preset, preset(args.preset), gpus, args.batch_per_gpu, args.resolution, args.ac, args.optim))
+    print(table(args.preset, preset(args.preset), gpus, args.batch_per_gpu, args.resolution, args.ac, args.optim,
+                args.cp_attention))
 
 
 def _backends(_args) -> None:
@@ -294,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation checkpointing (auto: the fastest mode that fits, per layout)")
     sc.add_argument("--optim", default="adamw", choices=("adamw", "muon"),
                     help="muon: one momentum for the block matrices, and Newton-Schulz with its all-to-alls per step")
+    sc.add_argument("--cp-attention", default="auto", choices=("auto", "ulysses", "ring"),
+                    help="context parallel's attention (auto: the faster that fits, per layout with cp)")
     sc.set_defaults(fn=_model_scaling)
     data = sub.add_parser("data", help="prepare and inspect image-text datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

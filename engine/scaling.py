@@ -18,9 +18,10 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
     the two row-parallel ones (selective, 4·W). Selective also keeps the two reduce-scatters'
     outputs (+4·W/tp), not the all-to-alls' (the QKV matmul's output again, +8·W/tp); without
-    checkpointing, a single-stream block under cp also keeps the copy of the attention output
-    its projection reads (+2·W: it comes back from its all-to-all in another layout). Each
-    term measured under tp=2 and cp=2 (tests/block_memory.py); for the micro-batch and the
+    checkpointing, a single-stream block under Ulysses cp also keeps the copy of the attention
+    output its projection reads (+2·W: it comes back from its all-to-all in another layout; ring
+    attention's output stays in place). Each term measured under tp=2 and cp=2, either cp
+    attention (tests/block_memory.py); for the micro-batch and the
     blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over 1/pp of
     the blocks; without a pipeline, gradient accumulation over K micro-batches keeps one,
     dp_batch / K images)
@@ -43,15 +44,19 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   TP    per block and image: 4 sequence all-gathers / reduce-scatters of S·W bf16 values forward,
         4 backward: 16·S·W·(t-1)/t
   CP    per block of the stage and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
-        W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp
+        W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp;
+        ring attention (cp_attention="ring", :func:`ring_bytes`) sends K, V (bf16) to the next
+        rank cp-1 times forward and again backward, and the fp32 dK, dV cp times:
+        (8·(cp-1) + 8·cp)·S·W/(tp·cp)
   Muon  per step, each matrix's bf16 momentum shards to its owner rank and the result's shards
         back, two all-to-alls over the f·tp ranks that shard it: 2·2·P_m/(f·tp·pp)·(N-1)/N,
         N = f·tp; under FSDP x TP (2-D shards) DTensor's all-gathers, 2·2·P_m/pp·(N-1)/N
   PP    per image and stage boundary: the carrier S·W/cp bf16 forward and its gradient back (each
         cp rank sends its own tokens to its peer in the next stage).
   Activation checkpointing runs forward collectives again in the backward's recompute: full
-  all of TP's and CP's (x1.5 their traffic), selective TP's all-gathers (x1.25 TP; it keeps
-  the reduce-scatters' outputs) and CP's all-to-alls (x1.5 CP). Counted on CPU, what was sent
+  all of TP's and CP's (x1.5 their traffic; ring: its forward's again), selective TP's
+  all-gathers (x1.25 TP; it keeps the reduce-scatters' outputs) and CP's all-to-alls (x1.5 CP;
+  not the ring's: selective keeps its op's output). Counted on CPU, what was sent
   (tests/count_collectives.py, tiny recipe, 4 blocks, 3 steps, tp=2 x cp=2, per rank):
   all-to-alls 48 none / 72 selective / 72 full; DTensor all-gathers 102 / 150 / 150,
   reduce-scatters 84 / 84 / 120.
@@ -61,7 +66,10 @@ Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step
 4 with full checkpointing (each block's forward again); selective recomputes only elementwise
 ops (norms, modulation, GELU; ~1% of an xl step at HBM speed, uncounted like all elementwise
 work in MFU). ``ac="auto"`` tries all three per layout. FSDP/HSDP traffic overlaps compute
-(prefetch), TP, CP and PP traffic do not; 1F1B with 2 micro-batches per stage idles (pp-1) of
+(prefetch), TP, Ulysses CP and PP traffic do not; ring attention's overlaps its own blocks'
+attention math (each transfer is issued before the block it waits for: 4·S²·W/(tp·cp) FLOPs a
+block and image forward, at the same MFU, times the forwards a step runs) and only the rest is
+exposed — a model: the ring has not been timed on GPUs; 1F1B with 2 micro-batches per stage idles (pp-1) of
 (3pp-1) slots. Muon's step follows the backward: its Newton-Schulz FLOPs (5 iterations of
 4·a²·b + 2·a³ per a x b matrix, a <= b), 1/N of them per rank, and its all-to-alls add to it.
 """
@@ -82,7 +90,10 @@ GIB = 2**30
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": (30, 22), "selective": (22, 22), "full": (2, 2)}
 TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
-CP_KEPT_BYTES = {"none": (0, 2), "selective": (0, 0), "full": (0, 0)}  # single-stream, none: attention output twice
+CP_KEPT_BYTES = {"none": (0, 2), "selective": (0, 0), "full": (0, 0)}  # Ulysses, single-stream, none: attention
+# output twice (ring attention keeps no more than without cp)
+CP_ATTENTIONS = ("ulysses", "ring")  # parallel.cp_attention
+RING_FORWARDS = {"none": 1, "selective": 1, "full": 2}  # ring forwards a step sends (full: recomputed)
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
 RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
 RECOMPUTED_CP = {"none": 1.0, "selective": 1.5, "full": 1.5}
@@ -105,6 +116,7 @@ class Estimate:
     reshard: str = "after-forward"  # parallel.reshard
     ac: str = "selective"  # parallel.activation_checkpoint
     optim: str = "adamw"  # optim.name
+    cp_attention: str = "ulysses"  # parallel.cp_attention
 
     def row(self, gpus: int) -> str:
         lay = " ".join(f"{k}={v}" for k, v in self.layout.items() if v > 1) or "single GPU"
@@ -117,6 +129,7 @@ class Estimate:
             lay += " reshard=after-forward" if self.reshard == "after-forward" else ""
         lay += f" activation_checkpoint={self.ac}"
         lay += " optim=muon" if self.optim == "muon" else ""
+        lay += " cp_attention=ring" if self.layout.get("cp", 1) > 1 and self.cp_attention == "ring" else ""
         return (f"| {gpus} | {lay} | {self.memory_gib:.1f} | {self.intra_gib:.2f} | {self.inter_gib:.2f} | "
                 f"{self.seconds:.2f} | {self.images / self.seconds / gpus:.2f} |")
 
@@ -132,12 +145,20 @@ def _crosses_nodes(stride: int, size: int) -> bool:
     return size > 1 and stride * size > NODE
 
 
-def act_bytes(ac: str, t: int, cp: int, single: bool = False) -> float:
+def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> float:
     """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
-    block (``single``: per single-stream block)."""
+    block (``single``: per single-stream block; ``ring``: cp by ring attention)."""
     whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
-    kept = TP_KEPT_BYTES[ac] * (t > 1) + CP_KEPT_BYTES[ac][single] * (cp > 1)
+    kept = TP_KEPT_BYTES[ac] * (t > 1) + CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
+
+
+def ring_bytes(elems: float, cp: int, ac: str = "none", act: int = 2) -> float:
+    """Bytes one rank sends for one ring attention (kiln.model.ring_attention), forward and
+    backward, ``elems`` the elements of its K (B·S/cp·H/tp·D) in ``act`` bytes: K and V to the next
+    rank cp-1 times each way, the fp32 dK and dV cp times (the last brings them home)."""
+    kv, dkv = 2 * elems * act, 2 * elems * 4
+    return RING_FORWARDS[ac] * (cp - 1) * kv + (cp - 1) * kv + cp * dkv
 
 
 def muon_shapes(cfg: MMDiTConfig) -> list[tuple[int, int]]:
@@ -163,13 +184,14 @@ def muon_step(shapes: list[tuple[int, int]], t: int, f: int, pp: int) -> tuple[f
 def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution: int = 1024,
              text_tokens: int = 77, ac: str = "selective", params: int | None = None,
              accumulate: int = 1, sync: str = "every", reshard: str = "auto",
-             optim: str = "adamw", shapes: list[tuple[int, int]] | None = None) -> Estimate:
+             optim: str = "adamw", shapes: list[tuple[int, int]] | None = None,
+             cp_attention: str = "ulysses") -> Estimate:
     """One layout; ``dp_batch`` images per data-parallel rank (shared by its cp·tp·pp GPUs),
     run as ``accumulate`` gradient-accumulation micro-batches when there is no pipeline (a
     pipeline runs 2 per stage), reducing gradients after each or (``sync="last"``) after the
     last, gathering parameters for each forward and backward or (``reshard="after-step"``;
     ``"auto"``: with a pipeline) once per step; ``optim`` adamw or muon
-    (``shapes``: :func:`muon_shapes`, computed when not given)."""
+    (``shapes``: :func:`muon_shapes`, computed when not given); ``cp_attention`` ulysses or ring."""
     P = params or count_params(cfg)
     blocks = cfg.depth + cfg.single_depth
     p_block = P / max(1, blocks)  # embedders and output layer are <1% of the larger presets
@@ -190,7 +212,9 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathered = 2 * P / (t * pp) if keep else 2 * 2 * p_block / t
     micro = dp_batch / k
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
-    per_block = (cfg.depth * act_bytes(ac, t, cp) + cfg.single_depth * act_bytes(ac, t, cp, single=True)) / blocks
+    ring = cp_attention == "ring" and cp > 1
+    per_block = (cfg.depth * act_bytes(ac, t, cp, ring=ring)
+                 + cfg.single_depth * act_bytes(ac, t, cp, single=True, ring=ring)) / blocks
     acts = micro * in_flight * S * (blocks / pp) * W / cp * per_block
     # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
     held = sync == "last" and k > 1  # no reduction before the last micro-batch
@@ -201,7 +225,10 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = RECOMPUTED_TP[ac] * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
-    cp_bytes = RECOMPUTED_CP[ac] * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
+    if ring:
+        cp_bytes = dp_batch * (blocks / pp) * ring_bytes(S / cp * W / t, cp, ac)
+    else:
+        cp_bytes = RECOMPUTED_CP[ac] * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
     pp_bytes = (2 * dp_batch * S * W * 2 / cp) if pp > 1 else 0  # a cp rank sends its S/cp tokens
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
             (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp)),
@@ -214,20 +241,33 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     # idles (pp - 1) of (micro-batches + pp - 1) slots
     dp_time = fsdp / (IB if _crosses_nodes(t, f) else NVLINK) + hsdp / (IB if _crosses_nodes(t * f, r) else NVLINK)
     bubble = (pp - 1) / (2 * pp + pp - 1) if pp > 1 else 0.0
-    seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK \
-        + cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK) + pp_bytes / IB \
+    cp_time = cp_bytes / (IB if _crosses_nodes(t, cp) else NVLINK)
+    if ring:  # behind the blocks' attention math, all but what outlasts it
+        attention = FORWARDS_PER_STEP[ac] * dp_batch * (blocks / pp) * 4 * S * S * W / (t * cp)
+        cp_time = max(0.0, cp_time - attention / (GPU_FLOPS * MFU))
+    seconds = max(compute, dp_time) / (1 - bubble) + tp_bytes / NVLINK + cp_time + pp_bytes / IB \
         + muon_flops / (GPU_FLOPS * MFU) + muon_sent / (IB if _crosses_nodes(1, t * f) else NVLINK)
     images = dp_batch * d * r
     memory = (master + gathered + acts + unsharded_grads + recv) / GIB
     return Estimate(layout, memory, intra / GIB, inter / GIB, seconds, images, accumulate, sync,
-                    "after-step" if keep else "after-forward", ac, optim)
+                    "after-step" if keep else "after-forward", ac, optim, cp_attention if ring else "ulysses")
 
 
-def layouts(gpus: int, heads: int = 0):
-    """Every layout of ``gpus`` with tp·cp inside a node, cp dividing the heads tp leaves (of
-    ``heads``; 0 = no cp), and powers of two elsewhere."""
+def cp_attentions(layout: dict[str, int], heads: int, allowed=CP_ATTENTIONS) -> list[str]:
+    """The cp attentions of ``allowed`` a layout can run: Ulysses where cp divides the heads tp
+    leaves, ring wherever tp divides them; ["ulysses"] (no choice to make) without cp."""
+    t, cp = layout["tp"], layout.get("cp", 1)
+    if cp == 1:
+        return ["ulysses"]
+    return [a for a in allowed if heads and heads % (t * (cp if a == "ulysses" else 1)) == 0]
+
+
+def layouts(gpus: int, heads: int = 0, allowed=("ulysses",)):
+    """Every layout of ``gpus`` with tp·cp inside a node, cp possible by one of the ``allowed``
+    cp attentions (:func:`cp_attentions`; heads 0 = no cp), and powers of two elsewhere."""
     for t, cp, pp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8)):
-        if gpus % (t * cp * pp) or t * cp > NODE or (cp > 1 and (not heads or heads % (t * cp))):
+        lay = {"tp": t, "cp": cp}
+        if gpus % (t * cp * pp) or t * cp > NODE or not cp_attentions(lay, heads, allowed):
             continue
         dp = gpus // (t * cp * pp)
         for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
@@ -236,27 +276,32 @@ def layouts(gpus: int, heads: int = 0):
 
 
 def recommend(cfg: MMDiTConfig, gpus: int, global_batch: int, gpu_gib: float = 80.0, resolution: int = 1024,
-              ac: str = "selective", optim: str = "adamw") -> tuple[Estimate | None, list[Estimate]]:
+              ac: str = "selective", optim: str = "adamw",
+              cp_attention: str = "auto") -> tuple[Estimate | None, list[Estimate]]:
     """The layout to use: fits in ``gpu_gib`` with 10% headroom, then the shortest modelled step.
     Each layout also tries keeping parameters gathered through the step (reshard=after-step)
     and reducing gradients after each micro-batch or once (accumulate_sync=last); without a
     pipeline, gradient accumulation over 2, 4, ... micro-batches (each costs another all-gather
-    unless the parameters are kept); with ``ac="auto"``, each activation-checkpointing mode. Of
-    those that fit, the fastest, then the fewest micro-batches, then the least memory."""
+    unless the parameters are kept); with ``ac="auto"``, each activation-checkpointing mode;
+    with ``cp_attention="auto"``, Ulysses and ring where the layout has cp. Of those that fit,
+    the fastest, then the fewest micro-batches, then the least memory (then Ulysses)."""
     fits, params = [], count_params(cfg)  # builds the model on meta: once, not per layout
     shapes = muon_shapes(cfg) if optim == "muon" else None
-    for lay in layouts(gpus, cfg.heads):
+    allowed = CP_ATTENTIONS if cp_attention == "auto" else (cp_attention,)
+    for lay in layouts(gpus, cfg.heads, allowed):
         dp = lay["dp_replicate"] * lay["dp_shard"]
         if global_batch % dp or (lay["pp"] > 1 and (global_batch // dp) % (2 * lay["pp"])):
             continue
         dp_batch = global_batch // dp
         options = [estimate(cfg, lay, dp_batch, resolution, ac=mode, params=params, accumulate=k, sync=sync,
-                            reshard=reshard, optim=optim, shapes=shapes)
+                            reshard=reshard, optim=optim, shapes=shapes, cp_attention=attention)
                    for k, sync, reshard in (_accumulations(dp_batch) if lay["pp"] == 1 else _pipeline_options())
-                   for mode in (AC_MODES if ac == "auto" else (ac,))]
+                   for mode in (AC_MODES if ac == "auto" else (ac,))
+                   for attention in cp_attentions(lay, cfg.heads, allowed)]
         options = [e for e in options if e.memory_gib <= 0.9 * gpu_gib]
         if options:
-            fits.append(min(options, key=lambda e: (round(e.seconds, 3), e.accumulate, e.memory_gib)))
+            fits.append(min(options, key=lambda e: (round(e.seconds, 3), e.accumulate, e.memory_gib,
+                                                    e.cp_attention == "ring")))
     fits.sort(key=lambda e: (round(e.seconds, 3), e.layout["tp"] * e.layout["pp"] * e.layout["cp"], e.inter_gib))
     return (fits[0] if fits else None), fits
 
@@ -274,13 +319,14 @@ def _pipeline_options() -> list[tuple[int, str, str]]:
 
 
 def table(name: str, cfg: MMDiTConfig, gpu_counts=(8, 64, 512), batch_per_gpu: int = 4,
-          resolution: int = 1024, ac: str = "auto", optim: str = "adamw") -> str:
+          resolution: int = 1024, ac: str = "auto", optim: str = "adamw", cp_attention: str = "auto") -> str:
     which = "chosen per layout" if ac == "auto" else ac
     lines = [f"{name}: {count_params(cfg) / 1e9:.2f} B parameters, {resolution} px, global batch "
              f"{batch_per_gpu} x GPUs, activation checkpointing {which}" + (", Muon" if optim == "muon" else ""), "",
              "| GPUs | layout | memory GiB/GPU | NVLink GiB/GPU/step | inter-node GiB/GPU/step | "
              "modelled step s | images/s/GPU |", "|---|---|---|---|---|---|---|"]
     for g in gpu_counts:
-        best, _ = recommend(cfg, g, g * batch_per_gpu, resolution=resolution, ac=ac, optim=optim)
+        best, _ = recommend(cfg, g, g * batch_per_gpu, resolution=resolution, ac=ac, optim=optim,
+                            cp_attention=cp_attention)
         lines.append(best.row(g) if best else f"| {g} | nothing fits in 80 GiB | | | | | |")
     return "\n".join(lines)

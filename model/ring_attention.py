@@ -196,10 +196,10 @@ def _ring_backward(do, q, k, v, oks, out, lse, scale, group_name, r, n, flash):
         mine = torch.stack([dk_j, dv_j]).to(dq.dtype)
         dkv = mine if sent is None else funcol_ops.wait_tensor(sent).view_as(mine) + mine
         # block j's gradients follow its keys to rank r+1; after the last block they go home
-        sent = _rotate(dkv, group_name, r, n)
+        sent = _rotate(dkv, group_name, r, n) if n > 1 else None  # (one rank: home already)
         if nxt is not None:
             kv = funcol_ops.wait_tensor(nxt).view_as(kv)
-    dkv = funcol_ops.wait_tensor(sent).view_as(dkv)
+    dkv = funcol_ops.wait_tensor(sent).view_as(dkv) if sent is not None else dkv
     return dq, dkv[0], dkv[1]
 
 

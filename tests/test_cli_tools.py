@@ -22,6 +22,18 @@ def test_model_info_reports_params_and_flops():
     assert info["train_flops_per_image"] == 3 * forward_flops(cfg, 128, 128, 77)
 
 
+def test_model_scaling_prints_the_layout_per_gpu_count_and_cp_attention():
+    """xl at 4096 px: the rows the README shows, the ring by default, Ulysses when asked."""
+    rows = {}
+    for attention in ("auto", "ulysses"):
+        proc = _run("-m", "kiln.engine.cli", "model", "scaling", "xl", "--resolution", "4096", "--batch-per-gpu", "1",
+                    "--gpus", "8", "--cp-attention", attention)
+        assert proc.returncode == 0, proc.stderr
+        rows[attention] = [line for line in proc.stdout.splitlines() if line.startswith("| 8 |")]
+    assert len(rows["auto"]) == 1 and "cp=4" in rows["auto"][0] and "cp_attention=ring" in rows["auto"][0]
+    assert "cp=4" in rows["ulysses"][0] and "cp_attention" not in rows["ulysses"][0]
+
+
 def test_backends_lists_ops_and_reasons():
     proc = _run("-m", "kiln.engine.cli", "backends")
     out = json.loads(proc.stdout)

@@ -624,25 +624,62 @@ def test_scaling_model_charges_what_checkpointing_recomputes():
     assert auto.seconds <= fixed.seconds and f"activation_checkpoint={auto.ac}" in auto.row(8)
 
 
-@pytest.mark.parametrize("t, cp", [(1, 1), (2, 1), (1, 2)])
-def test_activation_bytes_are_what_a_block_keeps(t, cp, tmp_path):
+@pytest.mark.parametrize("t, cp, attention", [(1, 1, "ulysses"), (2, 1, "ulysses"), (1, 2, "ulysses"),
+                                              (2, 2, "ring")])
+def test_activation_bytes_are_what_a_block_keeps(t, cp, attention, tmp_path):
     """The scaling model's activation bytes per token and unit of width (per mode and block
     kind; under tp, what every rank holds whole and the reduce-scatter outputs selective keeps;
-    under cp, the attention output a single-stream block keeps in both layouts without
-    checkpointing) against what one double- and one single-stream block's
+    under Ulysses cp, the attention output a single-stream block keeps in both layouts without
+    checkpointing; under ring cp nothing more) against what one double- and one single-stream block's
     forward leaves for its backward on each rank (tests/block_memory.py). Without checkpointing
     they were 50 and 36 until the adaLN modulation stopped keeping fp32 copies (38, 30) and the
     MLP's output layer its GELU's output (30, 22)."""
     from kiln.engine.scaling import act_bytes
 
-    sets = [f"parallel.tp={t}", f"parallel.cp={cp}", "parallel.dp_shard=1", "parallel.timeout_s=300"]
+    sets = [f"parallel.tp={t}", f"parallel.cp={cp}", f"parallel.cp_attention={attention}", "parallel.dp_shard=1",
+            "parallel.timeout_s=300"]
     _torchrun(t * cp, tmp_path, [str(tmp_path), *sets], entry=(str(Path(__file__).with_name("block_memory.py")),))
     for rank in range(t * cp):
         measured = json.loads((tmp_path / f"block_memory_rank{rank}.json").read_text())
         for key, value in measured.items():
             ac, kind = key.split()
             # fp32 statistics per token and head add up to ~0.55 at this width (~0 at xl's)
-            assert value == pytest.approx(act_bytes(ac, t, cp, single=kind == "single"), abs=0.75), (key, measured)
+            want = act_bytes(ac, t, cp, single=kind == "single", ring=attention == "ring")
+            assert value == pytest.approx(want, abs=0.75), (key, measured)
+
+
+def test_scaling_model_weighs_ring_attention_against_ulysses():
+    """Ring attention in the scaling model: possible wherever tp divides the heads, its traffic
+    ring_bytes (checked against what the op sends in ring_attention_ranks.py) hidden behind its
+    blocks' attention math where that takes longer (4096 px), exposed where not (1024 px)."""
+    from kiln.engine.scaling import GIB, GPU_FLOPS, MFU, NVLINK, cp_attentions, estimate, recommend, ring_bytes, tokens
+    from kiln.model.presets import preset
+
+    assert cp_attentions({"tp": 2, "cp": 2}, 12) == ["ulysses", "ring"]
+    assert cp_attentions({"tp": 4, "cp": 2}, 12) == ["ring"]  # base: 12 heads, 3 a TP rank
+    assert cp_attentions({"tp": 4, "cp": 2}, 12, ("ulysses",)) == []
+    cfg = preset("xl")
+    blocks, W = cfg.depth + cfg.single_depth, cfg.width
+    lay = {"dp_replicate": 1, "dp_shard": 2, "cp": 4, "tp": 1, "pp": 1}
+    for px, hidden in ((4096, True), (1024, False)):
+        S, _ = tokens(cfg, px, 77)
+        uly, ring = (estimate(cfg, lay, 4, px, ac="selective", accumulate=4, cp_attention=a)
+                     for a in ("ulysses", "ring"))
+        sent = 4 * blocks * ring_bytes(S / 4 * W, 4, "selective")
+        assert ring.intra_gib - uly.intra_gib == pytest.approx((sent - 1.5 * 4 * blocks * 16 * S * W / 4 * 3 / 4) / GIB)
+        assert ring.memory_gib == pytest.approx(uly.memory_gib)  # selective keeps the same either way
+        bare = uly.seconds - 1.5 * 4 * blocks * 16 * S * W / 4 * 3 / 4 / NVLINK  # without any cp traffic
+        attention = 3 * 4 * blocks * 4 * S * S * W / 4 / (GPU_FLOPS * MFU)
+        exposed = ring.seconds - bare
+        assert exposed == pytest.approx(0 if hidden else sent / NVLINK - attention, abs=1e-9)
+        assert "cp_attention=ring" in ring.row(8) and "cp_attention" not in uly.row(8)
+    # without checkpointing a single-stream block keeps no second copy of its attention output
+    uly, ring = (estimate(cfg, lay, 4, 4096, ac="none", accumulate=4, cp_attention=a) for a in ("ulysses", "ring"))
+    S, _ = tokens(cfg, 4096, 77)
+    assert uly.memory_gib - ring.memory_gib == pytest.approx(cfg.single_depth * S / 4 * W * 2 / GIB)
+    best, _ = recommend(cfg, 8, 8, resolution=4096, ac="auto")
+    assert best.cp_attention == "ring" and best.seconds < recommend(cfg, 8, 8, resolution=4096, ac="auto",
+                                                                     cp_attention="ulysses")[0].seconds
 
 
 def test_scaling_model_charges_muon_its_iterations_and_all_to_alls():
