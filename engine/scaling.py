@@ -156,9 +156,10 @@ def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False
 def ring_bytes(elems: float, cp: int, ac: str = "none", act: int = 2) -> float:
     """Bytes one rank sends for one ring attention (kiln.model.ring_attention), forward and
     backward, ``elems`` the elements of its K (B·S/cp·H/tp·D) in ``act`` bytes: K and V to the next
-    rank cp-1 times each way, the fp32 dK and dV cp times (the last brings them home)."""
+    rank cp-1 times each way, the fp32 dK and dV cp times (the last brings them home; one rank
+    sends nothing)."""
     kv, dkv = 2 * elems * act, 2 * elems * 4
-    return RING_FORWARDS[ac] * (cp - 1) * kv + (cp - 1) * kv + cp * dkv
+    return RING_FORWARDS[ac] * (cp - 1) * kv + (cp - 1) * kv + (cp * dkv if cp > 1 else 0)
 
 
 def muon_shapes(cfg: MMDiTConfig) -> list[tuple[int, int]]:
