@@ -25,9 +25,10 @@ Blocks run one of two ways, chosen once per call (``ring_attention``) and kept f
   a block's output and gradients in the input dtype, merged and summed in fp32 (as
   FlashAttention-based rings do; n roundings where one kernel rounds once: with fp32 outputs
   7 of the kernels' 16-bit launch candidates spill registers or pass Hopper's 227 KB of shared
-  memory, by the sm_90a compile check of 2026-12-07). Taken wherever those kernels take q, k, v (flash_reasons: a
-  CUDA GPU of compute capability >= 8.0, fp32 / fp16 / bf16, head dim a multiple of 16 up to
-  256; the CPU only under TRITON_INTERPRET=1 with use_backend("triton"), how the tests run it);
+  memory, by the sm_90a compile check of 2026-12-07). Taken wherever those kernels take q, k,
+  v (flash_reasons: a CUDA GPU of compute capability >= 8.0, fp32 / fp16 / bf16, head dim a
+  multiple of 16 up to 256; the CPU only under TRITON_INTERPRET=1 with use_backend("triton"),
+  how the tests run it);
 - eager: plain PyTorch, scores, softmax statistics and accumulators in fp32 (fp64 for fp64
   inputs), heads in chunks of at most ``SCORE_BYTES`` of scores; correct everywhere, the CPU's
   path.
@@ -116,8 +117,9 @@ def block_bwd(do, delta, q, k, v, ok, lse, scale):
 
 def flash_block_fwd(q, k, v, ok, scale):
     """block_fwd on the Triton flash kernel, for q, k, v of one shape (the kernels take as many
-    keys as queries; every rank holds S/n tokens): -> o (B, Sq, H, D) fp32 (the kernel's, in the input
-    dtype, widened for the merge), lse (B, H, Sq) fp32 natural log, -inf for rows with no valid key."""
+    keys as queries; every rank holds S/n tokens): -> o (B, Sq, H, D) fp32 (the kernel's, in the
+    input dtype, widened for the merge), lse (B, H, Sq) fp32 natural log, -inf for rows with no
+    valid key."""
     from kiln.kernels import qk_norm_attention_triton as T
 
     with on_device_of(q):
