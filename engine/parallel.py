@@ -295,18 +295,27 @@ def _save_matmuls_policy():
 def apply_ac(model: MMDiT, mode: str) -> None:
     """full: keep only each block's inputs, recompute the block in backward. selective: keep
     matmul, attention and TP / CP collective outputs, recompute norms, modulation and
-    activations (cheap, and most of the activation bytes at large width)."""
-    if mode == "none":
-        return
+    activations (cheap, and most of the activation bytes at large width), on the kinds of block
+    where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: double-stream
+    blocks; single-stream ones only under Ulysses cp at tp=1)."""
+    from kiln.engine.scaling import checkpointed
+
+    t, cp = (mesh.size() if mesh is not None else 1 for mesh in (model.tp, model.cp))
+    for kind in ("double_blocks", "single_blocks"):
+        if checkpointed(mode, t, cp, single=kind == "single_blocks", ring=model.ring):
+            for block in getattr(model, kind).values():
+                checkpoint_block(block, mode)
+
+
+def checkpoint_block(block: nn.Module, mode: str) -> None:
+    """Run ``block`` under activation checkpointing, ``mode`` selective or full."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     kwargs = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
-    for kind in ("double_blocks", "single_blocks"):
-        for block in getattr(model, kind).values():
-            # forward is replaced on the instance, not wrapped in a module: parameter names stay
-            block.forward = _Checkpointed(block.forward, checkpoint, kwargs)
+    # forward is replaced on the instance, not wrapped in a module: parameter names stay
+    block.forward = _Checkpointed(block.forward, checkpoint, kwargs)
 
 
 class _Checkpointed:

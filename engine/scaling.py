@@ -12,7 +12,8 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 30·W bytes
     in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
     output, the MLP hidden once: GELU is recomputed, gated branches), 22·W in a single-stream one;
-    22·W selective (matmul and attention outputs kept, block input), 2·W full (block input); / cp
+    22·W selective (matmul and attention outputs kept, block input; applied only to the kinds of
+    block where it keeps less than none, :func:`checkpointed`), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
     what every TP rank holds whole: the all-gathered inputs of the column-parallel matmuls
     (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
@@ -56,10 +57,11 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   Activation checkpointing runs forward collectives again in the backward's recompute: full
   all of TP's and CP's (x1.5 their traffic; ring: its forward's again), selective TP's
   all-gathers (x1.25 TP; it keeps the reduce-scatters' outputs) and CP's all-to-alls (x1.5 CP;
-  not the ring's: selective keeps its op's output). Counted on CPU, what was sent
-  (tests/count_collectives.py, tiny recipe, 4 blocks, 3 steps, tp=2 x cp=2, per rank):
-  all-to-alls 48 none / 72 selective / 72 full; DTensor all-gathers 102 / 150 / 150,
-  reduce-scatters 84 / 84 / 120.
+  not the ring's: selective keeps its op's output), in the blocks it checkpoints. Counted on
+  CPU, what was sent (tests/count_collectives.py, tiny recipe, 2 double- and 2 single-stream
+  blocks, 3 steps, tp=2 x cp=2, per rank; selective checkpoints the double-stream ones):
+  all-to-alls 48 none / 60 selective / 72 full; DTensor all-gathers 102 / 138 / 150,
+  reduce-scatters 84 / 84 / 120 (selective on all 4 blocks, until Dec 7: 72 and 150).
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
 dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
 Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step (backward = 2),
@@ -145,12 +147,42 @@ def _crosses_nodes(stride: int, size: int) -> bool:
     return size > 1 and stride * size > NODE
 
 
-def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> float:
-    """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
-    block (``single``: per single-stream block; ``ring``: cp by ring attention)."""
+def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
+    """Bytes per token and unit of width a block keeps with mode ``ac`` applied to it (the policy
+    forced, for selective: see checkpointed and act_bytes)."""
     whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
     kept = TP_KEPT_BYTES[ac] * (t > 1) + CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
+
+
+def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> bool:
+    """Does ``parallel.activation_checkpoint=ac`` checkpoint this kind of block in this layout?
+    full: always; none: never; selective: where its policy keeps fewer bytes than no
+    checkpointing. Double-stream blocks: always (22 against 30 bytes per token and unit of
+    width; tp=2: 15 against 17). Single-stream blocks keep the same 22 either way without tp,
+    and more under tp (tp=2: 15 against 12; the row-parallel matmuls' partial sums are kept,
+    whole on every rank), so they run without: the same memory or less and nothing recomputed
+    (no norms, no all-gathers again). Only under Ulysses cp at tp=1 does selective keep less
+    (22 against 24: the attention output's second layout); measured in tests/block_memory.py."""
+    if ac != "selective":
+        return ac == "full"
+    return kept_bytes("selective", t, cp, single, ring) < kept_bytes("none", t, cp, single, ring)
+
+
+def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> float:
+    """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
+    block (``single``: per single-stream block; ``ring``: cp by ring attention), of the mode
+    ``ac`` applies to that block (:func:`checkpointed`)."""
+    mode = ac if ac == "none" or checkpointed(ac, t, cp, single, ring) else "none"
+    return kept_bytes(mode, t, cp, single, ring)
+
+
+def recomputed(table: dict[str, float], ac: str, cfg: MMDiTConfig, t: int, cp: int, ring: bool) -> float:
+    """A collective's traffic factor under ``ac`` (``table``: RECOMPUTED_TP or _CP), averaged
+    over the blocks: those ``ac`` does not checkpoint send once."""
+    kinds = ((cfg.depth, False), (cfg.single_depth, True))
+    sent = sum(n * (table[ac] if checkpointed(ac, t, cp, single, ring) else 1.0) for n, single in kinds)
+    return sent / max(1, cfg.depth + cfg.single_depth)
 
 
 def ring_bytes(elems: float, cp: int, ac: str = "none", act: int = 2) -> float:
@@ -225,11 +257,12 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     gathers = 1 if keep else 2 * k
     fsdp = ((2 * gathers + 4 * reductions) * P / (t * pp)) * (f - 1) / f
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
-    tp_bytes = RECOMPUTED_TP[ac] * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
+    tp_bytes = recomputed(RECOMPUTED_TP, ac, cfg, t, cp, ring) * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
     if ring:
         cp_bytes = dp_batch * (blocks / pp) * ring_bytes(S / cp * W / t, cp, ac)
     else:
-        cp_bytes = RECOMPUTED_CP[ac] * dp_batch * (blocks / pp) * 16 * S * W / (t * cp) * (cp - 1) / cp
+        cp_bytes = (recomputed(RECOMPUTED_CP, ac, cfg, t, cp, ring) * dp_batch * (blocks / pp)
+                    * 16 * S * W / (t * cp) * (cp - 1) / cp)
     pp_bytes = (2 * dp_batch * S * W * 2 / cp) if pp > 1 else 0  # a cp rank sends its S/cp tokens
     comm = [(fsdp, _crosses_nodes(t, f)), (hsdp, _crosses_nodes(t * f, r)), (tp_bytes, False),
             (cp_bytes, _crosses_nodes(t, cp)), (pp_bytes, _crosses_nodes(t * f * r, pp)),

@@ -1,6 +1,7 @@
 """torchrun entry for test_parallel: what one double-stream and one single-stream block keep
 for their backward on this rank, under the layout ``--set`` gives (tp, cp), for each activation
-checkpointing mode; in bytes per token of this rank's S/cp and unit of width W, written to
+checkpointing mode and for "policy" (selective's policy forced on both kinds of block); in
+bytes per token of this rank's S/cp and unit of width W, written to
 OUT/block_memory_rankR.json. bf16 weights under autocast and the Triton attention, as on a GPU."""
 
 import json
@@ -33,11 +34,14 @@ inputs = (torch.randn(B, m.in_channels, *HW), torch.rand(B), torch.randn(B, L, m
 S = L + (HW[0] // m.patch_size) * (HW[1] // m.patch_size)
 local = S // d.sizes["cp"]
 result = {}
-for ac in ("none", "selective", "full"):
-    cfg.parallel.activation_checkpoint = ac
+# "policy": selective's policy on both kinds of block, whether or not selective applies it there
+for ac in ("none", "selective", "full", "policy"):
+    cfg.parallel.activation_checkpoint = "none" if ac == "policy" else ac
     [model] = parallel.build_parts(cfg, d, cpu, None)
     model.to(bf16)  # as FSDP gathers them: no autocast copies of fp32 weights
     blocks = {"double": (model.double_blocks["0"], 2), "single": (model.single_blocks["0"], 1)}
+    for block, _ in blocks.values() if ac == "policy" else ():
+        parallel.checkpoint_block(block, "selective")
     args = {}
     hooks = [block.register_forward_pre_hook(lambda mod, a, kind=kind, seen=args: seen.update({kind: a}))
              for kind, (block, _) in blocks.items()]
