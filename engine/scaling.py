@@ -95,7 +95,8 @@ TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' o
 CP_KEPT_BYTES = {"none": (0, 2), "selective": (0, 0), "full": (0, 0)}  # Ulysses, single-stream, none: attention
 # output twice (ring attention keeps no more than without cp)
 CP_ATTENTIONS = ("ulysses", "ring")  # parallel.cp_attention
-RING_FORWARDS = {"none": 1, "selective": 1, "full": 2}  # ring forwards a step sends (full: recomputed)
+# ring forwards a step sends (full: recomputed); test_ring_sends_again_only_under_full_checkpointing
+RING_FORWARDS = {"none": 1, "selective": 1, "full": 2}
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
 RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
 RECOMPUTED_CP = {"none": 1.0, "selective": 1.5, "full": 1.5}

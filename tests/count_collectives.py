@@ -1,6 +1,7 @@
 """torchrun entry for test_parallel: ``kiln train ARGS`` that counts this rank's collectives and
 writes them to OUT/collectives_rankR.txt (a file each: the ranks' stdout lines interleave).
-Importing it patches torch.distributed's collectives (tests/pipeline_memory.py counts too).
+Importing it patches torch.distributed's collectives and ring attention's transfers
+(tests/pipeline_memory.py and tests/ring_attention_ranks.py count with it too).
 
 - FSDP2's (parameter all-gathers, gradient reduce-scatters within the shard group, all-reduces
   across HSDP replicas): its calls into torch.distributed.
@@ -9,6 +10,8 @@ Importing it patches torch.distributed's collectives (tests/pipeline_memory.py c
   every other one, so an output that selective checkpointing kept and hands back in the
   recompute is not counted: the count is what was sent. (DTensor's collectives inside its own
   op dispatch, e.g. the partial sums of replicated weights' gradients, are not seen.)
+- Ring attention's transfers, in bytes (``ring bytes``): they run inside its custom op, which
+  the dispatch mode sees only as a whole, so kiln.model.ring_attention._rotate is wrapped.
 """
 
 import os
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kiln.engine.cli import main
+from kiln.model import ring_attention
 
 calls: Counter = Counter()
 
@@ -38,6 +42,16 @@ dist.all_gather_single = _counting("all-gathers", dist.all_gather_single)
 dist.reduce_scatter_single = _counting("reduce-scatters", dist.reduce_scatter_single)
 dist.all_reduce = _counting("all-reduces", dist.all_reduce)
 
+def _counting_bytes(name: str, rotate):
+    def wrapper(x, *args):
+        calls[name] += x.numel() * x.element_size()  # all of x goes to the next rank
+        return rotate(x, *args)
+
+    return wrapper
+
+
+ring_attention._rotate = _counting_bytes("ring bytes", ring_attention._rotate)
+
 FUNCTIONAL = {"all_to_all_single": "all-to-alls", "all_gather_into_tensor": "dtensor all-gathers",
               "reduce_scatter_tensor": "dtensor reduce-scatters", "all_reduce": "dtensor all-reduces"}
 
@@ -49,7 +63,7 @@ class _Sent(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-NAMES = ("all-gathers", "reduce-scatters", "all-reduces", *FUNCTIONAL.values())
+NAMES = ("all-gathers", "reduce-scatters", "all-reduces", *FUNCTIONAL.values(), "ring bytes")
 
 
 def train_counting(args: list[str]) -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from count_collectives import calls  # counts the bytes ring attention sends
 from kernel_rule import FLOOR
 
 from kiln.engine import parallel  # imports torch._dynamo before any process group exists
 from kiln.engine.scaling import ring_bytes
 from kiln.kernels import qk_norm_attention_ref, use_backend
-from kiln.model import ring_attention as ring_module
 from kiln.model.ring_attention import _ring_fwd_op, ring_attention, use_flash
 
 B, PER_RANK, H, D, G = 3, 7, 3, 16, 2
@@ -68,17 +68,6 @@ def _check(name, dtype, got, low, want, r, report):
     assert err <= bound, f"rank {r}: {name} in {dtype} is off by {err:.3e} > {bound:.3e}"
 
 
-def _count_sent(sent: list) -> None:
-    """Add the bytes of every ring transfer (ring_attention._rotate: all of x to the next rank) to sent[0]."""
-    rotate = ring_module._rotate
-
-    def counting(x, *args):
-        sent[0] += x.numel() * x.element_size()
-        return rotate(x, *args)
-
-    ring_module._rotate = counting
-
-
 def main(out_dir: Path, backend: str | None, device: str) -> None:
     dist.init_process_group("gloo")  # (its all-to-alls also move CUDA tensors: every rank may share one GPU)
     r, n = dist.get_rank(), dist.get_world_size()
@@ -87,8 +76,7 @@ def main(out_dir: Path, backend: str | None, device: str) -> None:
     mine = slice(r * PER_RANK, (r + 1) * PER_RANK)
     local = {name: t[mine].to(device) for name, t in tables.items()}  # this rank's rows of the norm's tables
     flash = backend == "triton" or device == "cuda"  # the blocks' path this rank must take
-    report, sent = {}, [0]
-    _count_sent(sent)
+    report = {}
     # plain: q, k used as given; fused: QK-norm + RoPE of each rank's tokens inside the op
     for fused in (False, True):
         def whole(a, b, c, qw_=None, kw_=None, upcast=True, fused=fused):
@@ -110,12 +98,13 @@ def main(out_dir: Path, backend: str | None, device: str) -> None:
             low = _grads(lambda *a: whole(*a, upcast=False), [t.to(dtype) for t in inputs], do.to(dtype))
             with use_backend(backend):
                 assert use_flash(*(t.to(device, dtype) for t in (q, k, v))) == flash, "blocks on the wrong path"
-                sent[0] = 0
+                calls["ring bytes"] = 0
                 got = _grads(ring, [t[:, mine].to(device, dtype) for t in inputs[:3]]
                              + [t.to(device, dtype) for t in inputs[3:]], do[:, mine].to(device, dtype))
                 got = [t.cpu() for t in got]
             # what the scaling model charges a ring attention (forward and backward, one rank)
-            assert sent[0] == ring_bytes(B * PER_RANK * H * D, n, act=dtype.itemsize), (sent[0], dtype)
+            sent = calls["ring bytes"]
+            assert sent == ring_bytes(B * PER_RANK * H * D, n, act=dtype.itemsize), (sent, dtype)
             for i, (name, a, b, c) in enumerate(zip(names, got, low, exact, strict=True)):
                 if i >= 4:  # the weights' gradients: each rank holds its tokens' share
                     dist.all_reduce(a)

@@ -194,7 +194,7 @@ def test_gradient_accumulation_reduces_gradients_as_asked(sync, reshard, shard, 
     all_to_alls = steps * k * blocks * 4 if shard == "cp" else 0
     assert counts == [f"rank {r} all-gathers {gathers} reduce-scatters {scatters} all-reduces {all_reduces} "
                       f"all-to-alls {all_to_alls} dtensor all-gathers 0 dtensor reduce-scatters 0 "
-                      "dtensor all-reduces 0" for r in range(4)]
+                      "dtensor all-reduces 0 ring bytes 0" for r in range(4)]
     _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
     _assert_same_weights(_weights(run, 3), _weights(reference, 3))
 
@@ -328,6 +328,27 @@ def test_checkpointing_sends_only_what_it_did_not_keep(reference, tmp_path):
             assert extra > 0 and extra % (steps * n) == 0 and extra / none[kind] <= 0.5, (kind, none, c)
     for kind in ("dtensor all-reduces", "all-gathers", "reduce-scatters"):
         assert none[kind] == sel[kind] == full[kind], (kind, none, sel, full)
+
+
+def test_ring_sends_again_only_under_full_checkpointing(reference, tmp_path):
+    """cp=2 by ring attention, counting the bytes its transfers carry (count_collectives wraps
+    ring_attention._rotate). Selective keeps the ring op's output, so its recompute sends
+    nothing (the scaling model's RING_FORWARDS: 1); full reruns each block's forward ring (2):
+    in the ratio ring_bytes gives a step of each (fp32 on the CPU: K, V and dK, dV all 4 bytes).
+    All three train like one process."""
+    from kiln.engine.scaling import ring_bytes
+
+    sent = {}
+    for ac in ("none", "selective", "full"):
+        run = tmp_path / ac
+        sets = [*COMMON, "parallel.cp=2", "parallel.cp_attention=ring", "parallel.dp_shard=1",
+                f"parallel.activation_checkpoint={ac}"]
+        _torchrun(2, run, ["--out", str(run), "--steps", "3", *[a for s in sets for a in ("--set", s)]],
+                  entry=(str(Path(__file__).with_name("count_collectives.py")),))
+        sent[ac] = _counts(run)["ring bytes"]
+        _assert_same_losses(_losses(run), _losses(reference), (1, 2, 3))
+    assert sent["none"] > 0 and sent["selective"] == sent["none"]
+    assert sent["full"] * ring_bytes(1, 2, "none", act=4) == sent["none"] * ring_bytes(1, 2, "full", act=4), sent
 
 
 def test_tp_checkpoint_resumes_at_dp_shard(reference, layout_runs, tmp_path):
