@@ -47,8 +47,8 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   CP    per block of the stage and image: all-to-alls of q, k, v and the output, this rank's S/cp tokens of
         W/tp bf16 features each, forward and backward: 16·S·W/(tp·cp)·(cp-1)/cp;
         ring attention (cp_attention="ring", :func:`ring_bytes`) sends K, V (bf16) to the next
-        rank cp-1 times forward and again backward, and the fp32 dK, dV cp times:
-        (8·(cp-1) + 8·cp)·S·W/(tp·cp)
+        rank cp-1 times forward, q and dO (and two fp32 numbers a row and head) cp-1 times
+        backward, and the fp32 dQ cp times: ((8 + 8/D)·(cp-1) + 4·cp)·S·W/(tp·cp)
   Muon  per step, each matrix's bf16 momentum shards to its owner rank and the result's shards
         back, two all-to-alls over the f·tp ranks that shard it: 2·2·P_m/(f·tp·pp)·(N-1)/N,
         N = f·tp; under FSDP x TP (2-D shards) DTensor's all-gathers, 2·2·P_m/pp·(N-1)/N
@@ -186,13 +186,15 @@ def recomputed(table: dict[str, float], ac: str, cfg: MMDiTConfig, t: int, cp: i
     return sent / max(1, cfg.depth + cfg.single_depth)
 
 
-def ring_bytes(elems: float, cp: int, ac: str = "none", act: int = 2) -> float:
+def ring_bytes(elems: float, cp: int, ac: str = "none", act: int = 2, head_dim: int = 128) -> float:
     """Bytes one rank sends for one ring attention (kiln.model.ring_attention), forward and
     backward, ``elems`` the elements of its K (B·S/cp·H/tp·D) in ``act`` bytes: K and V to the next
-    rank cp-1 times each way, the fp32 dK and dV cp times (the last brings them home; one rank
-    sends nothing)."""
-    kv, dkv = 2 * elems * act, 2 * elems * 4
-    return RING_FORWARDS[ac] * (cp - 1) * kv + (cp - 1) * kv + (cp * dkv if cp > 1 else 0)
+    rank cp-1 times in the forward (RING_FORWARDS of them a step); in the backward q and dO with
+    lse and delta (fp32, one each a row of ``head_dim``) cp-1 times, the fp32 dQ cp times (the last
+    brings it home; one rank sends nothing)."""
+    kv = 2 * elems * act
+    queries = 2 * elems * act + 2 * 4 * elems / head_dim
+    return RING_FORWARDS[ac] * (cp - 1) * kv + (cp - 1) * queries + (cp * 4 * elems if cp > 1 else 0)
 
 
 def muon_shapes(cfg: MMDiTConfig) -> list[tuple[int, int]]:
@@ -260,7 +262,7 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     hsdp = 2 * 4 * P / (f * t * pp) * (r - 1) / r  # after the last micro-batch (set_requires_all_reduce)
     tp_bytes = recomputed(RECOMPUTED_TP, ac, cfg, t, cp, ring) * dp_batch * (blocks / pp) * 16 * S * W * (t - 1) / t
     if ring:
-        cp_bytes = dp_batch * (blocks / pp) * ring_bytes(S / cp * W / t, cp, ac)
+        cp_bytes = dp_batch * (blocks / pp) * ring_bytes(S / cp * W / t, cp, ac, head_dim=cfg.head_dim)
     else:
         cp_bytes = (recomputed(RECOMPUTED_CP, ac, cfg, t, cp, ring) * dp_batch * (blocks / pp)
                     * 16 * S * W / (t * cp) * (cp - 1) / cp)

@@ -1027,18 +1027,24 @@ def attention_fwd(q, k, v, key_padding_mask, scale, causal):
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: str | None = None):
+def attention_bwd(do, q, k, v, out, lse, key_padding_mask, scale, causal, mode: str | None = None,
+                  delta: torch.Tensor | None = None):
     """dq, dk, dv (B, S, H, D) of :func:`attention_fwd`; ``mode`` as ``KILN_ATTN_BWD`` (_bwd_mode),
-    which it overrides."""
+    which it overrides. ``delta``: rowsum(do * out) fp32 (B, H, side_cols(S)) where the caller
+    has it (ring attention: once per rank's queries, not once per block); ``out`` is then unused."""
     _check_last_dim(q, k, v)
     B, S, H, D = q.shape
     do = do if do.stride(-1) == 1 else do.contiguous()
-    out = out if out.stride(-1) == 1 else out.contiguous()
     SR = side_cols(S)
-    delta = torch.empty((B, H, SR), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(S, DELTA_BLOCK), B * H)](
-        out, do, delta, S, SR, H, *out.stride()[:3], *do.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_M=DELTA_BLOCK)
+    if delta is None:
+        out = out if out.stride(-1) == 1 else out.contiguous()
+        delta = torch.empty((B, H, SR), dtype=torch.float32, device=q.device)
+        _bwd_delta_kernel[(triton.cdiv(S, DELTA_BLOCK), B * H)](
+            out, do, delta, S, SR, H, *out.stride()[:3], *do.stride()[:3], D=D, BLOCK_D=triton.next_power_of_2(D),
+            BLOCK_M=DELTA_BLOCK)
+    elif tuple(delta.shape) != (B, H, SR) or delta.dtype != torch.float32 or not delta.is_contiguous():
+        raise ValueError(f"attention_bwd: delta must be contiguous fp32 ({B}, {H}, {SR}), got "
+                         f"{delta.dtype} {tuple(delta.shape)}")
     pad, has_pad = _pad_arg(key_padding_mask, q)
     dq = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)

@@ -12,12 +12,18 @@ it holds the keys and values of rank j = r - t (mod n) and merges that block's a
     o_j = softmax(s_j) @ v_j,  lse = logaddexp(lse, lse_j),
     o = o * exp(lse_old - lse) + o_j * exp(lse_j - lse)
 while the next block is already on its way (the rotation is issued before the block's math).
-Backward with the global o and lse (p_j = exp(s_j - lse) is block j's share of the softmax):
-    delta = rowsum(do * o),  dv_j = p_j^T @ do,  ds_j = p_j * (do @ v_j^T - delta),
-    dq += ds_j @ k_j * scale,  dk_j = ds_j^T @ q * scale
-dk_j and dv_j ride around the ring with k_j and v_j, each rank adding its share; one last
-rotation brings them home. Traffic per rank and block: forward (n-1) x K, V; backward (n-1) x
-K, V, dK, dV (fp32) + 1 x dK, dV, against Ulysses' 4 all-to-alls of (n-1)/n of q, k, v, out.
+Backward with the global o and lse (p = exp(s - lse) is a block's share of the softmax): the
+keys stay and the queries travel. Rank r computes delta = rowsum(do * o) of its queries once and
+sends q, do, lse, delta (one message) around the ring; at step t it holds those of rank j = r - t
+(mod n) and runs the block of q_j against its own k, v:
+    dv += p^T @ do_j,  ds = p * (do_j @ v^T - delta_j),  dk += ds^T @ q_j * scale,
+    dq_j += ds @ k * scale
+dk and dv add up where their keys live; dq_j rides with q_j (fp32), each rank adding its share,
+and one last rotation brings it home. Traffic per rank and block: forward (n-1) x K, V;
+backward (n-1) x q, dO (+ lse, delta: 8 bytes a row and head) and n x dQ (fp32), against
+Ulysses' 4 all-to-alls of (n-1)/n of q, k, v, out. (Keys travelling instead, with dK, dV in fp32
+behind them, as kiln did until Dec 7, sends n x dK, dV: at cp=4 in bf16, 44 against 28 bytes per
+element of K in the backward, 56 against 40 a step with the forward.)
 
 Blocks run one of two ways, chosen once per call (``ring_attention``) and kept for its backward:
 - flash: kiln's Triton kernels (kiln.kernels.qk_norm_attention_triton.attention_fwd / _bwd,
@@ -38,7 +44,6 @@ as kiln.kernels.qk_norm_attention does.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -128,25 +133,29 @@ def flash_block_fwd(q, k, v, ok, scale):
     return o.float(), torch.where(lse2 < 1e29, lse2 * math.log(2.0), float("-inf"))
 
 
-def flash_lse(lse: torch.Tensor) -> torch.Tensor:
-    """The merged lse (B, H, S) in the flash backward's layout: base 2, rows padded to
-    side_cols(S), +1e30 where no key was valid (so that every p recomputes to 0)."""
+def _side(rows: torch.Tensor, fill: float) -> torch.Tensor:
+    """(B, H, S) fp32 rows in the flash backward's layout: padded to side_cols(S) with ``fill``."""
     from kiln.kernels.qk_norm_attention_triton import side_cols
 
-    B, H, S = lse.shape
-    out = lse.new_full((B, H, side_cols(S)), 1e30)
-    out[..., :S] = torch.where(torch.isfinite(lse), lse * (1.0 / math.log(2.0)), 1e30)
+    B, H, S = rows.shape
+    out = rows.new_full((B, H, side_cols(S)), fill)
+    out[..., :S] = rows
     return out
 
 
-def flash_block_bwd(do, q, k, v, ok, out, lse2, scale):
-    """block_bwd on the Triton flash kernels, given the global output and flash_lse(lse):
-    -> dq, dk, dv in the input dtype (the kernel recomputes delta = rowsum(do * out) per block:
-    one pass over two (B, S/n, H, D) tensors, beside the block's 5-7 matmuls)."""
+def flash_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The merged lse (B, H, S) in the flash backward's layout: base 2, rows padded to
+    side_cols(S), +1e30 where no key was valid (so that every p recomputes to 0)."""
+    return _side(torch.where(torch.isfinite(lse), lse * (1.0 / math.log(2.0)), 1e30), 1e30)
+
+
+def flash_block_bwd(do, delta, q, k, v, ok, lse, scale):
+    """block_bwd on the Triton flash kernels, same arguments (the global lse and delta of q's
+    rows): -> dq, dk, dv in the input dtype."""
     from kiln.kernels import qk_norm_attention_triton as T
 
     with on_device_of(q):
-        return T.attention_bwd(do, q, k, v, out, lse2, ok, scale, False)
+        return T.attention_bwd(do, q, k, v, None, flash_lse(lse), ok, scale, False, delta=_side(delta, 0.0))
 
 
 def use_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -181,28 +190,45 @@ def _ring_forward(q, k, v, oks, scale, group_name, r, n, flash):
     return o.to(q.dtype), lse
 
 
+def _pack(q, do, lse, delta) -> torch.Tensor:
+    """A rank's queries for the backward ring in one message: q, do (B, S/n, H, D) in their dtype,
+    then lse, delta (B, H, S/n) in the statistics' (fp32; fp64 for fp64), as bytes."""
+    return torch.cat([torch.stack([q, do]).flatten().view(torch.uint8),
+                      torch.stack([lse, delta.to(lse.dtype)]).flatten().view(torch.uint8)])
+
+
+def _unpack(message, q, stats):
+    """-> q, do, lse, delta of a :func:`_pack` message (views into it)."""
+    B, S, H, D = q.shape
+    message = message.reshape(-1)
+    split = 2 * q.numel() * q.element_size()
+    q_do = message[:split].view(q.dtype).view(2, B, S, H, D)
+    rows = message[split:].view(stats).view(2, B, H, S)
+    return q_do[0], q_do[1], rows[0], rows[1]
+
+
 def _ring_backward(do, q, k, v, oks, out, lse, scale, group_name, r, n, flash):
-    """The backward ring: -> dq, dk, dv of the normed, rotated q, k and of v, fp32."""
-    if flash:
-        block = functools.partial(flash_block_bwd, do, q, out=out, lse2=flash_lse(lse), scale=scale)
-    else:
-        delta = (_acc(do) * _acc(out)).sum(-1).transpose(1, 2)  # (B, H, S/n)
-        block = functools.partial(block_bwd, do, delta, q, lse=lse, scale=scale)
-    kv = torch.stack([k, v])
-    dq = torch.zeros_like(_acc(q))
-    dkv = sent = None  # block j's dk, dv summed over the ranks it passed (fp32), on its way
+    """The backward ring: -> dq, dk, dv of the normed, rotated q, k and of v, fp32. Keys stay;
+    queries travel (module docstring)."""
+    delta = torch.einsum("bshd,bshd->bhs", _acc(do), _acc(out))  # (B, H, S/n): once, not once a block
+    block = flash_block_bwd if flash else block_bwd
+    queries = _pack(q, do, lse, delta)
+    dk, dv = torch.zeros_like(_acc(k)), torch.zeros_like(_acc(v))
+    dq = sent = None  # the queries in hand's dq summed over the ranks they passed (fp32), on its way
     for t in range(n):
-        nxt = _rotate(kv, group_name, r, n) if t < n - 1 else None
-        dq_j, dk_j, dv_j = block(kv[0], kv[1], oks[(r - t) % n])
-        dq += dq_j
-        mine = torch.stack([dk_j, dv_j]).to(dq.dtype)
-        dkv = mine if sent is None else funcol_ops.wait_tensor(sent).view_as(mine) + mine
-        # block j's gradients follow its keys to rank r+1; after the last block they go home
-        sent = _rotate(dkv, group_name, r, n) if n > 1 else None  # (one rank: home already)
+        nxt = _rotate(queries, group_name, r, n) if t < n - 1 else None  # in flight during this block
+        q_j, do_j, lse_j, delta_j = _unpack(queries, q, lse.dtype)
+        dq_j, dk_j, dv_j = block(do_j, delta_j, q_j, k, v, oks[r], lse_j, scale)
+        dk += dk_j
+        dv += dv_j
+        mine = dq_j.to(dk.dtype)
+        dq = mine if sent is None else funcol_ops.wait_tensor(sent).view_as(mine) + mine
+        # rank j's dq follows its queries to rank r+1; after the last block it goes home
+        sent = _rotate(dq, group_name, r, n) if n > 1 else None  # (one rank: home already)
         if nxt is not None:
-            kv = funcol_ops.wait_tensor(nxt).view_as(kv)
-    dkv = funcol_ops.wait_tensor(sent).view_as(dkv) if sent is not None else dkv
-    return dq, dkv[0], dkv[1]
+            queries = funcol_ops.wait_tensor(nxt)
+    dq = funcol_ops.wait_tensor(sent).view_as(dq) if sent is not None else dq
+    return dq, dk, dv
 
 
 def _prepass(x, w, cos, sin, token_group, eps, flash):

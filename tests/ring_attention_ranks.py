@@ -104,7 +104,7 @@ def main(out_dir: Path, backend: str | None, device: str) -> None:
                 got = [t.cpu() for t in got]
             # what the scaling model charges a ring attention (forward and backward, one rank)
             sent = calls["ring bytes"]
-            assert sent == ring_bytes(B * PER_RANK * H * D, n, act=dtype.itemsize), (sent, dtype)
+            assert sent == ring_bytes(B * PER_RANK * H * D, n, act=dtype.itemsize, head_dim=D), (sent, dtype)
             for i, (name, a, b, c) in enumerate(zip(names, got, low, exact, strict=True)):
                 if i >= 4:  # the weights' gradients: each rank holds its tokens' share
                     dist.all_reduce(a)
