@@ -427,6 +427,26 @@ def test_backward_mode_switch(monkeypatch):
         mode_of(128, "fast")
 
 
+def test_backward_takes_a_delta_the_caller_computed():
+    """attention_bwd(delta=rowsum(do * out)) (ring attention: once per rank's queries) gives the
+    gradients the kernel's own delta gives; a delta of the wrong layout is refused by name."""
+    from kiln.kernels.qk_norm_attention_triton import attention_bwd, attention_fwd, side_cols
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, D = 2, 21, 2, 16
+    q, k, v, do = (torch.randn(B, S, H, D, generator=g) for _ in range(4))
+    ok = torch.rand(B, S, generator=g) > 0.2
+    out, lse = attention_fwd(q, k, v, ok, D ** -0.5, False)
+    delta = torch.zeros(B, H, side_cols(S))
+    delta[..., :S] = torch.einsum("bshd,bshd->bhs", do, out)
+    own = attention_bwd(do, q, k, v, out, lse, ok, D ** -0.5, False)
+    given = attention_bwd(do, q, k, v, None, lse, ok, D ** -0.5, False, delta=delta)
+    for a, b in zip(own, given, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=rf"delta must be contiguous fp32 \({B}, {H}, {side_cols(S)}\)"):
+        attention_bwd(do, q, k, v, None, lse, ok, D ** -0.5, False, delta=delta[..., :S])
+
+
 def test_tma_is_used_only_where_descriptors_fit():
     from kiln.kernels.qk_norm_attention_triton import _tma_ok
 
