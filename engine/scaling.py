@@ -9,7 +9,7 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
     they are kept through the step (after-step; auto: with a pipeline)
   + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
-    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 30·W bytes
+    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 28·W bytes
     in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
     output, the MLP hidden once: GELU is recomputed, gated branches), 22·W in a single-stream one;
     22·W selective (matmul and attention outputs kept, block input; applied only to the kinds of
@@ -19,9 +19,9 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
     the two row-parallel ones (selective, 4·W). Selective also keeps the two reduce-scatters'
     outputs (+4·W/tp), not the all-to-alls' (the QKV matmul's output again, +8·W/tp); without
-    checkpointing, a single-stream block under Ulysses cp also keeps the copy of the attention
-    output its projection reads (+2·W: it comes back from its all-to-all in another layout; ring
-    attention's output stays in place). Each term measured under tp=2 and cp=2, either cp
+    checkpointing, a block under Ulysses cp also keeps the attention output its projections read
+    (+2·W: it comes back from its all-to-all in another layout than the one attention keeps;
+    ring attention's output stays in place). Each term measured under tp=2 and cp=2, either cp
     attention (tests/block_memory.py); for the micro-batch and the
     blocks of the stage (1F1B keeps pp micro-batches in flight on stage 0, each over 1/pp of
     the blocks; without a pipeline, gradient accumulation over K micro-batches keeps one,
@@ -89,11 +89,11 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
-ACT_BYTES_PER_TOKEN_WIDTH = {"none": (30, 22), "selective": (22, 22), "full": (2, 2)}
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": (28, 22), "selective": (22, 22), "full": (2, 2)}
 TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
-CP_KEPT_BYTES = {"none": (0, 2), "selective": (0, 0), "full": (0, 0)}  # Ulysses, single-stream, none: attention
-# output twice (ring attention keeps no more than without cp)
+CP_KEPT_BYTES = {"none": (2, 2), "selective": (0, 0), "full": (0, 0)}  # Ulysses, none: the attention output
+# twice, its all-to-all's output too (ring attention keeps no more than without cp)
 CP_ATTENTIONS = ("ulysses", "ring")  # parallel.cp_attention
 # ring forwards a step sends (full: recomputed); test_ring_sends_again_only_under_full_checkpointing
 RING_FORWARDS = {"none": 1, "selective": 1, "full": 2}
@@ -159,8 +159,8 @@ def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
 def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> bool:
     """Does ``parallel.activation_checkpoint=ac`` checkpoint this kind of block in this layout?
     full: always; none: never; selective: where its policy keeps fewer bytes than no
-    checkpointing. Double-stream blocks: always (22 against 30 bytes per token and unit of
-    width; tp=2: 15 against 17). Single-stream blocks keep the same 22 either way without tp,
+    checkpointing. Double-stream blocks: always (22 against 28 bytes per token and unit of
+    width; tp=2: 15 against 16). Single-stream blocks keep the same 22 either way without tp,
     and more under tp (tp=2: 15 against 12; the row-parallel matmuls' partial sums are kept,
     whole on every rank), so they run without: the same memory or less and nothing recomputed
     (no norms, no all-gathers again). Only under Ulysses cp at tp=1 does selective keep less

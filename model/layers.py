@@ -23,29 +23,40 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
-class _GeluLinear(torch.autograd.Function):
-    """linear(gelu(h)) keeping only h: the backward recomputes gelu(h) (one elementwise pass
-    over the hidden). Autograd through the two would keep h and gelu(h), 2 x 4W values per
-    token: a double-stream block kept 38 bytes per token and unit of width without
-    checkpointing, 30 with this; a single-stream one 30, 22 (tests/block_memory.py)."""
+class _LeanLinear(torch.autograd.Function):
+    """linear(h) or linear(gelu(h)) keeping only h, as it came, for the backward.
+
+    gelu: the backward recomputes gelu(h) (one elementwise pass over the hidden). Autograd
+    through the two would keep h and gelu(h), 2 x 4W values per token: a double-stream block
+    kept 38 bytes per token and unit of width without checkpointing, 30 with this; a
+    single-stream one 30, 22 (tests/block_memory.py).
+    Without gelu, for a token slice of a (B, S, W) tensor (the double-stream block's text and
+    image parts of its attention output): F.linear keeps the contiguous copy it makes of a
+    slice that is not contiguous (B > 1); this keeps the slice, a view of what attention keeps
+    anyway, and copies again in the backward (30 -> 28 bytes per token and unit of width).
+    """
 
     @staticmethod
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        ctx.matmul_dtype, ctx.has_bias = _autocast_dtype(h), bias is not None
-        return F.linear(F.gelu(h, approximate="tanh"), weight, bias)  # autocast casts as usual
+    def forward(ctx, h, weight, bias, gelu: bool):
+        dt = _autocast_dtype(h)  # the forward matmul's dtype: its gradients are computed in it, as autograd's are
+        # what autograd would keep of a plain linear's input: the autocast copy where there is one
+        kept = h if gelu or h.dtype == dt else h.to(dt)
+        ctx.save_for_backward(kept, weight)
+        ctx.matmul_dtype, ctx.in_dtype, ctx.has_bias, ctx.gelu = dt, h.dtype, bias is not None, gelu
+        return F.linear(F.gelu(h, approximate="tanh") if gelu else h, weight, bias)  # autocast casts as usual
 
     @staticmethod
     def backward(ctx, dy):
         h, weight = ctx.saved_tensors
-        dt = ctx.matmul_dtype  # the forward matmul's dtype: its gradients are computed in it, as autograd's are
-        g = F.gelu(h, approximate="tanh").to(dt)
+        dt = ctx.matmul_dtype
+        g = (F.gelu(h, approximate="tanh") if ctx.gelu else h).to(dt)
         dy = dy.to(dt)
-        dg = dy @ weight.to(dt)  # (..., hidden)
-        dw = dy.flatten(0, -2).mT @ g.flatten(0, -2)  # (out, hidden)
-        dh = torch.ops.aten.gelu_backward(dg.to(h.dtype), h, approximate="tanh")
+        dg = dy @ weight.to(dt)  # (..., in)
+        dw = dy.flatten(0, -2).mT @ g.flatten(0, -2)  # (out, in); a slice's copy lives only here
+        dg = dg.to(ctx.in_dtype)
+        dh = torch.ops.aten.gelu_backward(dg, h, approximate="tanh") if ctx.gelu else dg
         db = dy.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dh, dw.to(weight.dtype), db
+        return dh, dw.to(weight.dtype), db, None
 
 
 class GeluLinear(nn.Linear):
@@ -53,7 +64,15 @@ class GeluLinear(nn.Linear):
     for its backward. Still a Linear: tensor parallel shards it, FSDP wraps it, names stay."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _GeluLinear.apply(h, self.weight, self.bias)
+        return _LeanLinear.apply(h, self.weight, self.bias, True)
+
+
+class SliceLinear(nn.Linear):
+    """An ``nn.Linear`` for a slice of a larger activation that something else keeps (a view):
+    it keeps the view for its backward, not a contiguous copy of it. Still a Linear."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _LeanLinear.apply(h, self.weight, self.bias, False)
 
 
 class MLP(nn.Module):

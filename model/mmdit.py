@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
-from kiln.model.layers import MLP, GeluLinear, ScalarEmbedder, patchify, rope_2d, sincos_2d, unpatchify
+from kiln.model.layers import MLP, GeluLinear, ScalarEmbedder, SliceLinear, patchify, rope_2d, sincos_2d, unpatchify
 from kiln.model.ring_attention import ring_attention
 from kiln.model.sequence_parallel import (
     gather_seq,
@@ -126,7 +126,7 @@ class DoubleStreamBlock(nn.Module):
         self.tp = self.cp = self.ring = None
         self.img_mod, self.txt_mod = nn.Linear(w, 6 * w), nn.Linear(w, 6 * w)
         self.img_qkv, self.txt_qkv = nn.Linear(w, 3 * w), nn.Linear(w, 3 * w)
-        self.img_proj, self.txt_proj = nn.Linear(w, w), nn.Linear(w, w)
+        self.img_proj, self.txt_proj = SliceLinear(w, w), SliceLinear(w, w)  # read slices of the attention output
         self.img_mlp = MLP(w, cfg.mlp_hidden, w)
         self.txt_mlp = MLP(w, cfg.mlp_hidden, w)
         # rows: TEXT_GROUP, IMAGE_GROUP (separate text and image QK-norm weights, SD3)
