@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from kiln.engine.config import RunConfig
 from kiln.engine.errors import ConfigError
 from kiln.model.mmdit import MMDiT
+from kiln.model.sequence_parallel import Regather
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -292,19 +293,25 @@ def _save_matmuls_policy():
     return policy
 
 
-def apply_ac(model: MMDiT, mode: str) -> None:
+def apply_ac(model: MMDiT, mode: str, compiled: bool = False) -> None:
     """full: keep only each block's inputs, recompute the block in backward. selective: keep
     matmul, attention and TP / CP collective outputs, recompute norms, modulation and
     activations (cheap, and most of the activation bytes at large width), on the kinds of block
     where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: double-stream
-    blocks; single-stream ones only under Ulysses cp at tp=1)."""
+    blocks without tp; single-stream ones only under Ulysses cp at tp=1). Under tensor
+    parallelism the blocks left unchecked keep their all-gathered inputs as this rank's rows
+    (sequence_parallel.Regather); compiled, the compiler decides what they keep."""
     from kiln.engine.scaling import checkpointed
 
     t, cp = (mesh.size() if mesh is not None else 1 for mesh in (model.tp, model.cp))
     for kind in ("double_blocks", "single_blocks"):
+        blocks = getattr(model, kind).values()
         if checkpointed(mode, t, cp, single=kind == "single_blocks", ring=model.ring):
-            for block in getattr(model, kind).values():
+            for block in blocks:
                 checkpoint_block(block, mode)
+        elif t > 1 and not compiled:
+            for block in blocks:
+                block.forward = Regather(block.forward)  # on the instance: parameter names stay
 
 
 def checkpoint_block(block: nn.Module, mode: str) -> None:
@@ -312,6 +319,8 @@ def checkpoint_block(block: nn.Module, mode: str) -> None:
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     kwargs = {"use_reentrant": False}
+    if isinstance(block.forward, Regather):  # its saved-tensor hooks would hide the saves from checkpoint's
+        block.forward = block.forward.forward
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls_policy())
     # forward is replaced on the instance, not wrapped in a module: parameter names stay
@@ -378,7 +387,7 @@ def build_parts(cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtyp
             apply_tp(part, d.sub("tp"))
         if d.sub("cp") is not None:
             apply_cp(part, d.sub("cp"), cfg.parallel.cp_attention)
-        apply_ac(part, cfg.parallel.activation_checkpoint)
+        apply_ac(part, cfg.parallel.activation_checkpoint, compiled=cfg.parallel.compile)
         if cfg.parallel.compile:
             apply_compile(part)
         if d.dp_mesh() is not None:

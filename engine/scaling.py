@@ -15,9 +15,11 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     22·W selective (matmul and attention outputs kept, block input; applied only to the kinds of
     block where it keeps less than none, :func:`checkpointed`), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
-    what every TP rank holds whole: the all-gathered inputs of the column-parallel matmuls
-    (none: 4·W, a single-stream block's QKV and MLP share one, 2·W) or the partial sums out of
-    the two row-parallel ones (selective, 4·W). Selective also keeps the two reduce-scatters'
+    what every TP rank holds whole under selective: the partial sums out of the two
+    row-parallel matmuls (4·W). Without checkpointing the all-gathered inputs of the
+    column-parallel matmuls are kept as this rank's rows and gathered again in the backward
+    (sequence_parallel.Regather, as Megatron-LM; whole they were 4·W, a single-stream block's
+    QKV and MLP share one, 2·W). Selective also keeps the two reduce-scatters'
     outputs (+4·W/tp), not the all-to-alls' (the QKV matmul's output again, +8·W/tp); without
     checkpointing, a block under Ulysses cp also keeps the attention output its projections read
     (+2·W: it comes back from its all-to-all in another layout than the one attention keeps;
@@ -57,11 +59,12 @@ Traffic (bytes sent per GPU per step; ring collectives move (n-1)/n of the data)
   Activation checkpointing runs forward collectives again in the backward's recompute: full
   all of TP's and CP's (x1.5 their traffic; ring: its forward's again), selective TP's
   all-gathers (x1.25 TP; it keeps the reduce-scatters' outputs) and CP's all-to-alls (x1.5 CP;
-  not the ring's: selective keeps its op's output), in the blocks it checkpoints. Counted on
+  not the ring's: selective keeps its op's output), in the blocks it checkpoints; the blocks
+  left unchecked under tp gather their column-parallel inputs again (x1.25 TP). Counted on
   CPU, what was sent (tests/count_collectives.py, tiny recipe, 2 double- and 2 single-stream
-  blocks, 3 steps, tp=2 x cp=2, per rank; selective checkpoints the double-stream ones):
-  all-to-alls 48 none / 60 selective / 72 full; DTensor all-gathers 102 / 138 / 150,
-  reduce-scatters 84 / 84 / 120 (selective on all 4 blocks, until Dec 7: 72 and 150).
+  blocks, 3 steps, tp=2 x cp=2, per rank; selective checkpoints no block under tp):
+  all-to-alls 48 none / 48 selective / 72 full; DTensor all-gathers 132 / 132 / 150 (none 102
+  until Dec 8, before Regather), reduce-scatters 84 / 84 / 120.
 A mesh dimension whose ranks span more than one node of 8 (mesh order pp, dp_replicate,
 dp_shard, cp, tp; tp innermost) sends over InfiniBand, otherwise over NVLink.
 Step time: compute at 50% of 989 TFLOP/s (H100 bf16), 3 forwards' FLOPs per step (backward = 2),
@@ -90,7 +93,8 @@ from kiln.model.presets import count_params, forward_flops
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
 ACT_BYTES_PER_TOKEN_WIDTH = {"none": (28, 22), "selective": (22, 22), "full": (2, 2)}
-TP_WHOLE_BYTES = {"none": (4, 2), "selective": (4, 4), "full": (0, 0)}  # of those, held whole by every TP rank
+# of those, held whole by every TP rank; none: sequence_parallel.Regather keeps the gathered inputs' rows
+TP_WHOLE_BYTES = {"none": (0, 0), "selective": (4, 4), "full": (0, 0)}
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
 CP_KEPT_BYTES = {"none": (2, 2), "selective": (0, 0), "full": (0, 0)}  # Ulysses, none: the attention output
 # twice, its all-to-all's output too (ring attention keeps no more than without cp)
@@ -98,7 +102,7 @@ CP_ATTENTIONS = ("ulysses", "ring")  # parallel.cp_attention
 # ring forwards a step sends (full: recomputed); test_ring_sends_again_only_under_full_checkpointing
 RING_FORWARDS = {"none": 1, "selective": 1, "full": 2}
 FORWARDS_PER_STEP = {"none": 3, "selective": 3, "full": 4}  # in matmul FLOPs
-RECOMPUTED_TP = {"none": 1.0, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers only / all
+RECOMPUTED_TP = {"none": 1.25, "selective": 1.25, "full": 1.5}  # traffic factor: all-gathers again / all
 RECOMPUTED_CP = {"none": 1.0, "selective": 1.5, "full": 1.5}
 AC_MODES = tuple(ACT_BYTES_PER_TOKEN_WIDTH)
 # H100 SXM: 989 TFLOP/s dense bf16 at an assumed 50% MFU; NVLink 450 GB/s per GPU per direction
@@ -159,12 +163,14 @@ def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
 def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> bool:
     """Does ``parallel.activation_checkpoint=ac`` checkpoint this kind of block in this layout?
     full: always; none: never; selective: where its policy keeps fewer bytes than no
-    checkpointing. Double-stream blocks: always (22 against 28 bytes per token and unit of
-    width; tp=2: 15 against 16). Single-stream blocks keep the same 22 either way without tp,
-    and more under tp (tp=2: 15 against 12; the row-parallel matmuls' partial sums are kept,
-    whole on every rank), so they run without: the same memory or less and nothing recomputed
-    (no norms, no all-gathers again). Only under Ulysses cp at tp=1 does selective keep less
-    (22 against 24: the attention output's second layout); measured in tests/block_memory.py."""
+    checkpointing. Double-stream blocks: without tp (22 against 28 bytes per token and unit of
+    width). Single-stream blocks keep the same 22 either way without tp, so they run without:
+    the same memory and nothing recomputed (no norms, no all-to-alls again). Under tp neither
+    kind: the policy keeps the row-parallel matmuls' partial sums, whole on every rank, while
+    without checkpointing a rank keeps only its rows of everything (tp=2: 15 against 14 and 11;
+    until Dec 8, when the gathered inputs were kept whole, 15 against 16 and 12). Only under
+    Ulysses cp at tp=1 does selective keep less in both (22 against 24 and 30: the attention
+    output's second layout); measured in tests/block_memory.py."""
     if ac != "selective":
         return ac == "full"
     return kept_bytes("selective", t, cp, single, ring) < kept_bytes("none", t, cp, single, ring)
@@ -180,9 +186,10 @@ def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False
 
 def recomputed(table: dict[str, float], ac: str, cfg: MMDiTConfig, t: int, cp: int, ring: bool) -> float:
     """A collective's traffic factor under ``ac`` (``table``: RECOMPUTED_TP or _CP), averaged
-    over the blocks: those ``ac`` does not checkpoint send once."""
+    over the blocks: those ``ac`` does not checkpoint send what they send without checkpointing
+    (under tp, the all-gathers again: sequence_parallel.Regather)."""
     kinds = ((cfg.depth, False), (cfg.single_depth, True))
-    sent = sum(n * (table[ac] if checkpointed(ac, t, cp, single, ring) else 1.0) for n, single in kinds)
+    sent = sum(n * table[ac if checkpointed(ac, t, cp, single, ring) else "none"] for n, single in kinds)
     return sent / max(1, cfg.depth + cfg.single_depth)
 
 
