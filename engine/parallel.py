@@ -298,7 +298,7 @@ def apply_ac(model: MMDiT, mode: str, compiled: bool = False) -> None:
     matmul, attention and TP / CP collective outputs, recompute norms, modulation and
     activations (cheap, and most of the activation bytes at large width), on the kinds of block
     where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: double-stream
-    blocks without tp; single-stream ones only under Ulysses cp at tp=1). Under tensor
+    blocks without tp; single-stream ones never, since layers.gated_residual). Under tensor
     parallelism the blocks left unchecked keep their all-gathered inputs as this rank's rows
     (sequence_parallel.Regather); compiled, the compiler decides what they keep."""
     from kiln.engine.scaling import checkpointed

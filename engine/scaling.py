@@ -9,9 +9,10 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
     they are kept through the step (after-step; auto: with a pipeline)
   + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
-    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 28·W bytes
+    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 24·W bytes
     in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
-    output, the MLP hidden once: GELU is recomputed, gated branches), 22·W in a single-stream one;
+    output, the MLP hidden once: GELU is recomputed; not the gated branches, model/layers.py's
+    gated_residual, except under tp: +4·W/tp), 20·W in a single-stream one (+2·W/tp under tp);
     22·W selective (matmul and attention outputs kept, block input; applied only to the kinds of
     block where it keeps less than none, :func:`checkpointed`), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
@@ -92,7 +93,10 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
-ACT_BYTES_PER_TOKEN_WIDTH = {"none": (28, 22), "selective": (22, 22), "full": (2, 2)}
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": (24, 20), "selective": (22, 22), "full": (2, 2)}
+# the gated branches, kept without checkpointing only under tp (layers.gated_residual: its
+# reduce-scattered rows go through autograd's multiply, which keeps them for the gate's gradient)
+TP_GATED_BYTES = {"none": (4, 2), "selective": (0, 0), "full": (0, 0)}
 # of those, held whole by every TP rank; none: sequence_parallel.Regather keeps the gathered inputs' rows
 TP_WHOLE_BYTES = {"none": (0, 0), "selective": (4, 4), "full": (0, 0)}
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
@@ -156,21 +160,23 @@ def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
     """Bytes per token and unit of width a block keeps with mode ``ac`` applied to it (the policy
     forced, for selective: see checkpointed and act_bytes)."""
     whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
-    kept = TP_KEPT_BYTES[ac] * (t > 1) + CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
+    kept = (TP_KEPT_BYTES[ac] + TP_GATED_BYTES[ac][single]) * (t > 1)
+    kept += CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
 
 
 def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> bool:
     """Does ``parallel.activation_checkpoint=ac`` checkpoint this kind of block in this layout?
     full: always; none: never; selective: where its policy keeps fewer bytes than no
-    checkpointing. Double-stream blocks: without tp (22 against 28 bytes per token and unit of
-    width). Single-stream blocks keep the same 22 either way without tp, so they run without:
-    the same memory and nothing recomputed (no norms, no all-to-alls again). Under tp neither
-    kind: the policy keeps the row-parallel matmuls' partial sums, whole on every rank, while
-    without checkpointing a rank keeps only its rows of everything (tp=2: 15 against 14 and 11;
-    until Dec 8, when the gathered inputs were kept whole, 15 against 16 and 12). Only under
-    Ulysses cp at tp=1 does selective keep less in both (22 against 24 and 30: the attention
-    output's second layout); measured in tests/block_memory.py."""
+    checkpointing. Double-stream blocks: without tp (22 against 24 bytes per token and unit of
+    width, 26 under Ulysses cp: the attention output's second layout). Single-stream blocks
+    never: without tp they keep 20 without checkpointing against the policy's 22 (22 against
+    22 under Ulysses cp), and nothing is recomputed (no norms, no all-to-alls again); until
+    layers.gated_residual stopped keeping the gated branches (Dec 8), 22 against 22 and, under
+    Ulysses, 22 against 24. Under tp neither kind: the policy keeps the row-parallel matmuls'
+    partial sums, whole on every rank, while without checkpointing a rank keeps only its rows of
+    everything (tp=2: 15 against 14 and 11; before Regather, the gathered inputs kept whole, 15
+    against 16 and 12); measured in tests/block_memory.py."""
     if ac != "selective":
         return ac == "full"
     return kept_bytes("selective", t, cp, single, ring) < kept_bytes("none", t, cp, single, ring)

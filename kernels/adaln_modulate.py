@@ -10,7 +10,7 @@ reference keeps an fp32 copy of a bf16 x and the fp32 normalised x instead: 8 mo
 element, 6 of the 10 each modulation kept per token and unit of width (measured with
 tests/block_memory.py: this alone took a double-stream block from 50 to 38 bytes per token and
 unit of width without checkpointing, a single-stream one from 36 to 30; model/layers.py's
-GeluLinear then to 30 and 22, SliceLinear the double-stream one to 28).
+GeluLinear then to 30 and 22, SliceLinear the double-stream one to 28, gated_residual to 24 and 20).
 """
 
 from __future__ import annotations

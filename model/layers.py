@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -73,6 +74,98 @@ class SliceLinear(nn.Linear):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return _LeanLinear.apply(h, self.weight, self.bias, False)
+
+
+# fp32 bytes of one chunk of per-sample weight gradients in _GatedLinears' backward: 256 MiB,
+# 1 sample a chunk for xl's MLP output layer (3072 x 12288), 7 for its attention projection
+_PER_SAMPLE_BYTES = 2**28
+
+
+_BMM_TO_FP32 = hasattr(torch.ops.aten.bmm, "dtype")  # bmm(..., out_dtype=): CUDA, bf16 / fp16 in, fp32 out
+
+
+def _per_sample_mm(dy: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(b, S, N) x (b, S, K) -> (b, N, K) fp32: each sample's weight gradient, products of
+    low-precision inputs accumulated and returned in fp32 (as one dW matmul accumulates)."""
+    if not dy.is_cuda or dy.dtype == torch.float32:  # CPU has no bf16 -> fp32 bmm: exact products in fp32
+        return torch.bmm(dy.mT.float(), a.float())
+    if _BMM_TO_FP32:
+        return torch.bmm(dy.mT, a, out_dtype=torch.float32)
+    return torch.bmm(dy.mT, a).float()  # an older torch: rounded to bf16 / fp16 as dW's matmul rounds
+
+
+class _GatedLinears(torch.autograd.Function):
+    """out = x + gate[:, None] * sum_i linear_i(h_i) (gelu(h_i) where asked): an adaLN-Zero gated
+    residual branch that does not keep the branch.
+
+    Autograd keeps the branch for gate's gradient, dgate[b, n] = sum_s dout[b, s, n] * y[b, s, n],
+    B·S·W values: 4 of a double-stream block's 28 bytes per token and unit of width without
+    checkpointing (two gated branches a stream), 2 of a single-stream block's 22. With
+    y = a W^T + bias, that sum is sum_k W[n, k] M_b[n, k] + bias[n] sum_s dout[b, s, n], where
+    M_b = dout_b^T a_b is sample b's share of the weight gradient, which dW needs anyway:
+    dW = sum_b gate_b[:, None] * M_b. So the backward runs dW's matmul per sample (the same FLOPs,
+    in chunks of _PER_SAMPLE_BYTES) and gets dgate from it; it keeps h_i as they came (their
+    producers keep them too) and recomputes gelu as _LeanLinear does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, gelus, *hwb):
+        terms = [hwb[i:i + 3] for i in range(0, len(hwb), 3)]
+        dt = _autocast_dtype(terms[0][0])
+        y = None
+        for (h, w, b), gelu in zip(terms, gelus, strict=True):
+            t = F.linear(F.gelu(h, approximate="tanh") if gelu else h, w, b)  # autocast casts as usual
+            y = t if y is None else y + t
+        out = x + gate[:, None] * y
+        kept = [h if gelu or h.dtype == dt else h.to(dt) for (h, _, _), gelu in zip(terms, gelus, strict=True)]
+        ctx.save_for_backward(gate, *kept, *(w for _, w, _ in terms), *(b for _, _, b in terms))
+        ctx.dt, ctx.gelus, ctx.prod_dtype = dt, gelus, torch.promote_types(gate.dtype, y.dtype)
+        ctx.dtypes = (x.dtype, [h.dtype for h, _, _ in terms])
+        return out  # (B, S, N)
+
+    @staticmethod
+    def backward(ctx, dout):
+        n = len(ctx.gelus)
+        saved = ctx.saved_tensors  # once: under checkpointing each read unpacks (recomputes) them
+        gate, hs, ws, bs = saved[0], *(saved[1 + i * n:1 + (i + 1) * n] for i in range(3))
+        dt, (x_dtype, h_dtypes) = ctx.dt, ctx.dtypes
+        dz = dout.to(ctx.prod_dtype)  # the gradient of gate * y, as autograd's add hands it on
+        dy = (dz * gate[:, None]).to(dt)  # (B, S, N)
+        g32, dz_dt = gate.float(), dz.to(dt)
+        dgate = torch.zeros_like(g32)  # (B, N)
+        grads = []
+        for h, w, b, gelu, h_dtype in zip(hs, ws, bs, ctx.gelus, h_dtypes, strict=True):
+            wd = w.to(dt)
+            a = (F.gelu(h, approximate="tanh") if gelu else h).to(dt)  # (B, S, K)
+            da = (dy @ wd).to(h_dtype)
+            dh = torch.ops.aten.gelu_backward(da, h, approximate="tanh") if gelu else da
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (N, K)
+            step = max(1, _PER_SAMPLE_BYTES // (4 * w.numel()))
+            for i in range(0, a.shape[0], step):
+                m = _per_sample_mm(dz_dt[i:i + step], a[i:i + step])  # (b, N, K)
+                dw += torch.einsum("bn,bnk->nk", g32[i:i + step], m)
+                dgate[i:i + step] += torch.einsum("nk,bnk->bn", wd.float(), m)
+            db = None
+            if b is not None:
+                col = dz.float().sum(1)  # (B, N)
+                dgate += col * b.to(dt).float()
+                db = (g32 * col).sum(0).to(b.dtype)
+            grads += [dh, dw.to(w.dtype), db]
+        return dout.to(x_dtype), dgate.to(gate.dtype), None, *grads
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: list[tuple[nn.Linear, torch.Tensor]]) -> torch.Tensor:
+    """x + gate[:, None] * sum(linear(h) for linear, h in branch), x (B, S, N), gate (B, N); a
+    GeluLinear applies gelu to its h. Keeps only the h's (_GatedLinears), except under tensor
+    parallelism (DTensor weights), where the branch is this rank's rows of a reduce-scatter and
+    autograd keeps them (2 bytes per token and unit of width of a gated branch, / tp)."""
+    if any(isinstance(lin.weight, DTensor) for lin, _ in branch):
+        y = None
+        for lin, h in branch:
+            y = lin(h) if y is None else y + lin(h)
+        return x + gate[:, None] * y
+    hwb = [t for lin, h in branch for t in (h, lin.weight, lin.bias)]
+    return _GatedLinears.apply(x, gate, tuple(isinstance(lin, GeluLinear) for lin, _ in branch), *hwb)
 
 
 class MLP(nn.Module):

@@ -19,7 +19,17 @@ import torch.nn.functional as F
 
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
-from kiln.model.layers import MLP, GeluLinear, ScalarEmbedder, SliceLinear, patchify, rope_2d, sincos_2d, unpatchify
+from kiln.model.layers import (
+    MLP,
+    GeluLinear,
+    ScalarEmbedder,
+    SliceLinear,
+    gated_residual,
+    patchify,
+    rope_2d,
+    sincos_2d,
+    unpatchify,
+)
 from kiln.model.ring_attention import ring_attention
 from kiln.model.sequence_parallel import (
     gather_seq,
@@ -145,10 +155,12 @@ class DoubleStreamBlock(nn.Module):
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
                                     self.ring), self.cp)  # (B, S/cp, H/tp, D): this rank's tokens, its TP heads
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
-        img = img + im[2][:, None] * self.img_proj(img_a)  # (B, N', W)
-        img = img + im[5][:, None] * self.img_mlp(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))
-        txt = txt + tm[2][:, None] * self.txt_proj(txt_a)  # (B, L', W)
-        txt = txt + tm[5][:, None] * self.txt_mlp(gathered_input(adaln_modulate(txt, tm[3], tm[4]), self.tp))
+        img = gated_residual(img, im[2], [(self.img_proj, img_a)])  # (B, N', W)
+        hidden = self.img_mlp.fc1(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))  # (B, N, 4W/tp)
+        img = gated_residual(img, im[5], [(self.img_mlp.fc2, hidden)])  # img + gate * fc2(gelu(hidden))
+        txt = gated_residual(txt, tm[2], [(self.txt_proj, txt_a)])  # (B, L', W)
+        hidden = self.txt_mlp.fc1(gathered_input(adaln_modulate(txt, tm[3], tm[4]), self.tp))
+        txt = gated_residual(txt, tm[5], [(self.txt_mlp.fc2, hidden)])
         return img, txt
 
 
@@ -178,8 +190,8 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp); ring: S/cp, H/tp
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
                                     self.ring), self.cp)  # (B, S/cp, H/tp, D)
-        out = self.proj(attn.flatten(2)) + self.mlp_out(self.mlp_in(h))  # mlp_out(gelu(.))
-        return x + gate[:, None] * out  # (B, S', W)
+        # x + gate * (proj(attn) + mlp_out(gelu(mlp_in(h)))): (B, S', W)
+        return gated_residual(x, gate, [(self.proj, attn.flatten(2)), (self.mlp_out, self.mlp_in(h))])
 
 
 class MMDiT(nn.Module):

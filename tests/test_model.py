@@ -1,5 +1,8 @@
+from functools import partial
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -96,6 +99,78 @@ def test_presets_have_their_advertised_sizes():
     assert 0.9e9 < sizes["base"] < 1.2e9
     assert 2.2e9 < sizes["large"] < 2.8e9
     assert 7.5e9 < sizes["xl"] < 9e9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("branch", ["attention", "mlp", "single", "chunked"])
+def test_gated_residual_within_twice_torch_keeping_no_branch(branch, dtype, monkeypatch):
+    """x + gate * (sum of linears), the adaLN-Zero gated residual of every block (attention: a
+    double-stream projection of a token slice; mlp: its MLP output layer, gelu inside; single:
+    a single-stream block's projection plus its MLP output layer; chunked: per-sample weight
+    gradients one sample a chunk): output and the gradients of x, gate and every linear's input,
+    weight and bias against fp64 within 2x autograd's error at the same precision (bf16: under
+    autocast over fp32 weights, as training runs). Autograd keeps the branch for gate's
+    gradient (B·S·N values) and more; this keeps nothing its inputs' producers do not."""
+    from kernel_rule import assert_within_twice_torch
+    from saved_bytes import held_for_backward
+
+    import kiln.model.layers as layers
+
+    B, L, S, N, K, hidden = 3, 77, 77 + 128, 40, 48, 96
+    if branch == "chunked":  # one sample's (N, hidden) fp32 gradient a chunk
+        monkeypatch.setattr(layers, "_PER_SAMPLE_BYTES", 4 * N * hidden)
+    lins = {"attention": [layers.SliceLinear(K, N)], "mlp": [layers.GeluLinear(hidden, N)],
+            "single": [nn.Linear(K, N), layers.GeluLinear(hidden, N, bias=False)]}
+    lins = lins["mlp" if branch == "chunked" else branch]
+    part = slice(L, None) if branch == "attention" else slice(None)  # the image tokens of (text | image)
+    T = S - L if branch == "attention" else S
+    inputs0 = [torch.randn(B, S, lin.in_features, dtype=torch.float64) * 2 for lin in lins]
+    x0, gate0 = torch.randn(B, T, N, dtype=torch.float64), torch.randn(B, N, dtype=torch.float64)
+    dout = torch.randn(B, T, N, dtype=torch.float64)
+    autocast = dtype != torch.float32
+    weights = torch.float32 if autocast else dtype
+
+    def run(fn, dt, weights_dt):
+        x, gate, *hs = (t.to(dt).clone().requires_grad_() for t in (x0, gate0, *inputs0))
+        params = [[p.detach().to(weights_dt).clone().requires_grad_() for p in lin.parameters()] for lin in lins]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and dt != torch.float64):
+            out = fn(x, gate, [h[:, part] for h in hs], params)
+        out.backward(dout.to(out.dtype))
+        return [out, x.grad, gate.grad, *(h.grad for h in hs), *(p.grad for ps in params for p in ps)]
+
+    class Branch(nn.Module):  # the linears, called as a block calls them
+        def __init__(self):
+            super().__init__()
+            self.lins = nn.ModuleList(lins)
+
+        def forward(self, x, gate, hs):
+            return layers.gated_residual(x, gate, list(zip(self.lins, hs, strict=True)))
+
+    module = Branch()
+
+    def ours(x, gate, hs, params):
+        named = dict(zip((n for n, _ in module.named_parameters()), (p for ps in params for p in ps), strict=True))
+        return torch.func.functional_call(module, named, (x, gate, hs))
+
+    def plain(x, gate, hs, params):
+        y = sum(F.linear(F.gelu(h, approximate="tanh") if isinstance(lin, layers.GeluLinear) else h, *ps)
+                for lin, h, ps in zip(lins, hs, params, strict=True))
+        return x + gate[:, None] * y
+
+    names = ["out", "dx", "dgate", *(f"dh{i}" for i in range(len(lins))),
+             *(f"d{n}{i}" for i, lin in enumerate(lins) for n, _ in lin.named_parameters())]
+    assert_within_twice_torch(names, run(ours, dtype, weights), run(plain, torch.float64, torch.float64),
+                              run(plain, dtype, weights), dtype)
+    module.to(weights)
+    params = [list(lin.parameters()) for lin in lins]
+
+    def forward(x, gate, *hs, f):  # autocast exits inside: its cache of bf16 weight copies is not what the graph keeps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return f(x, gate, [h[:, part] for h in hs], params), x, gate, hs  # inputs kept by their producers
+
+    leaves = [t.to(dtype).requires_grad_() for t in (x0, gate0, *inputs0)]
+    kept = [held_for_backward(partial(forward, f=f), lambda: [t * 1 for t in leaves]) for f in (ours, plain)]
+    assert kept[0] == 0 and kept[1] >= B * T * N * dtype.itemsize, kept
 
 
 def test_invalid_model_config_names_the_field():

@@ -642,13 +642,18 @@ def test_scaling_model_charges_what_checkpointing_recomputes():
     cp2 = {**shard8, "dp_shard": 1, "cp": 2}
     none, sel, full = (estimate(cfg, cp2, 4, ac=ac) for ac in ("none", "selective", "full"))
     S, _ = tokens(cfg, 1024, 77)
-    blocks, W = cfg.depth + cfg.single_depth, cfg.width
-    all_to_alls = 4 * blocks * 16 * S * W / 2 * (1 / 2) / GIB
-    assert sel.intra_gib == full.intra_gib and full.intra_gib - none.intra_gib == pytest.approx(0.5 * all_to_alls)
+    double, single, W = cfg.depth, cfg.single_depth, cfg.width
+    all_to_alls = 4 * 16 * S * W / 2 * (1 / 2) / GIB  # a block's, 4 images
+    assert full.intra_gib - none.intra_gib == pytest.approx(0.5 * (double + single) * all_to_alls)
+    # selective checkpoints only the double-stream blocks (22 against 26 bytes per token and unit
+    # of width; single-stream: 22 either way, layers.gated_residual)
+    assert sel.intra_gib - none.intra_gib == pytest.approx(0.5 * double * all_to_alls)
     # for that, selective keeps per token (of S/cp) and block what it keeps without cp; against
-    # FSDP over the same 2 ranks, each of which holds all S tokens of its 4 images
+    # FSDP over the same 2 ranks, each of which holds all S tokens of its 4 images (single-stream
+    # blocks there: 20 without checkpointing, and Ulysses' second layout of the attention output)
     plain = estimate(cfg, {**cp2, "cp": 1, "dp_shard": 2}, 4)
-    assert sel.memory_gib - plain.memory_gib == pytest.approx(4 * blocks * W * ((S / 2) * 22 - S * 22) / GIB)
+    per_image = double * ((S / 2) * 22 - S * 22) + single * ((S / 2) * 22 - S * 20)
+    assert sel.memory_gib - plain.memory_gib == pytest.approx(4 * W * per_image / GIB)
     assert none.memory_gib > sel.memory_gib
     # auto: each layout's fastest mode that fits; at 4096 px the all-to-alls' recompute makes
     # checkpointing slower where cp already splits the activations enough
@@ -667,7 +672,8 @@ def test_activation_bytes_are_what_a_block_keeps(t, cp, attention, tmp_path):
     leaves for its backward on each rank (tests/block_memory.py, 2 images a micro-batch). Without
     checkpointing they were 50 and 36 until the adaLN modulation stopped keeping fp32 copies
     (38, 30), the MLP's output layer its GELU's output (30, 22) and the double-stream block's
-    projections copies of their attention output's slices (28, 22; at tp=2 17.3 -> 16.3).
+    projections copies of their attention output's slices (28, 22; at tp=2 17.3 -> 16.3) and
+    the gated residuals their branches (24, 20: layers.gated_residual, not under tp).
     Selective checkpoints a kind of block only where its policy (measured forced on both kinds)
     keeps less than no checkpointing, and so never keeps more: until Dec 7 single-stream blocks
     under tp=2 kept 15.1 with it against 12.2 without."""
@@ -729,14 +735,19 @@ def test_scaling_model_weighs_ring_attention_against_ulysses():
     cfg = preset("xl")
     blocks, W = cfg.depth + cfg.single_depth, cfg.width
     lay = {"dp_replicate": 1, "dp_shard": 2, "cp": 4, "tp": 1, "pp": 1}
+    rerun = 1.5 * cfg.depth + cfg.single_depth  # selective checkpoints the double-stream blocks only
     for px, hidden in ((4096, True), (1024, True), (512, False)):  # 1024: 0.29 ms sent a block, 0.32 of math
         S, _ = tokens(cfg, px, 77)
         uly, ring = (estimate(cfg, lay, 4, px, ac="selective", accumulate=4, cp_attention=a)
                      for a in ("ulysses", "ring"))
         sent = 4 * blocks * ring_bytes(S / 4 * W, 4, "selective", head_dim=cfg.head_dim)
-        assert ring.intra_gib - uly.intra_gib == pytest.approx((sent - 1.5 * 4 * blocks * 16 * S * W / 4 * 3 / 4) / GIB)
-        assert ring.memory_gib == pytest.approx(uly.memory_gib)  # selective keeps the same either way
-        bare = uly.seconds - 1.5 * 4 * blocks * 16 * S * W / 4 * 3 / 4 / NVLINK  # without any cp traffic
+        assert ring.intra_gib - uly.intra_gib == pytest.approx((sent - rerun * 4 * 16 * S * W / 4 * 3 / 4) / GIB)
+        # the same in the double-stream blocks (checkpointed); the unchecked single-stream ones
+        # keep under Ulysses the attention output's second layout, 2 bytes per token and unit of
+        # width (one image a micro-batch)
+        second = cfg.single_depth * 2 * S / 4 * W / GIB
+        assert uly.memory_gib - ring.memory_gib == pytest.approx(second)
+        bare = uly.seconds - rerun * 4 * 16 * S * W / 4 * 3 / 4 / NVLINK  # without any cp traffic
         attention = 3 * 4 * blocks * 4 * S * S * W / 4 / (GPU_FLOPS * MFU)
         exposed = ring.seconds - bare
         assert exposed == pytest.approx(0 if hidden else sent / NVLINK - attention, abs=1e-9)
