@@ -297,8 +297,9 @@ def apply_ac(model: MMDiT, mode: str, compiled: bool = False) -> None:
     """full: keep only each block's inputs, recompute the block in backward. selective: keep
     matmul, attention and TP / CP collective outputs, recompute norms, modulation and
     activations (cheap, and most of the activation bytes at large width), on the kinds of block
-    where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: double-stream
-    blocks without tp; single-stream ones never, since layers.gated_residual). Under tensor
+    where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: since Dec 8
+    none, the blocks keeping neither their gated branches nor their modulated inputs without it,
+    layers.gated_residual and RemadeInputLinear). Under tensor
     parallelism the blocks left unchecked keep their all-gathered inputs as this rank's rows
     (sequence_parallel.Regather); compiled, the compiler decides what they keep."""
     from kiln.engine.scaling import checkpointed

@@ -9,12 +9,13 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     freed after each forward (parallel.reshard=after-forward); the whole stage's, 2P/(tp·pp), when
     they are kept through the step (after-step; auto: with a pipeline)
   + activations per token per block, measured (tests/saved_bytes.py: what one block's forward
-    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 24·W bytes
-    in a double-stream block (block and residual inputs, modulated inputs, QKV, attention
-    output, the MLP hidden once: GELU is recomputed; not the gated branches, model/layers.py's
-    gated_residual, except under tp: +4·W/tp), 20·W in a single-stream one (+2·W/tp under tp);
-    22·W selective (matmul and attention outputs kept, block input; applied only to the kinds of
-    block where it keeps less than none, :func:`checkpointed`), 2·W full (block input); / cp
+    leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 20·W bytes
+    in a double-stream block (block and residual inputs, QKV, attention output, the MLP hidden
+    once: GELU is recomputed; not the gated branches, model/layers.py's gated_residual, nor the
+    modulated inputs, made again from the block and residual inputs, RemadeInputLinear; both
+    except under tp: +8·W/tp), 18·W in a single-stream one (+4·W/tp under tp); 22·W selective
+    (matmul and attention outputs kept, block input; applied only to the kinds of block where
+    it keeps less than none, :func:`checkpointed`: since Dec 8 none), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
     what every TP rank holds whole under selective: the partial sums out of the two
     row-parallel matmuls (4·W). Without checkpointing the all-gathered inputs of the
@@ -93,10 +94,12 @@ from kiln.model.presets import count_params, forward_flops
 
 GIB = 2**30
 # (double-stream block, single-stream block); test_activation_bytes_are_what_a_block_keeps
-ACT_BYTES_PER_TOKEN_WIDTH = {"none": (24, 20), "selective": (22, 22), "full": (2, 2)}
-# the gated branches, kept without checkpointing only under tp (layers.gated_residual: its
-# reduce-scattered rows go through autograd's multiply, which keeps them for the gate's gradient)
-TP_GATED_BYTES = {"none": (4, 2), "selective": (0, 0), "full": (0, 0)}
+ACT_BYTES_PER_TOKEN_WIDTH = {"none": (20, 18), "selective": (22, 22), "full": (2, 2)}
+# kept without checkpointing only under tp, where the linears' weights are DTensors: the gated
+# branches (layers.gated_residual: the reduce-scattered rows go through autograd's multiply,
+# which keeps them for the gate's gradient; 4, 2) and the modulated inputs' rows
+# (sequence_parallel.Regather, not layers.RemadeInputLinear; 4, 2)
+TP_UNFUSED_BYTES = {"none": (8, 4), "selective": (0, 0), "full": (0, 0)}
 # of those, held whole by every TP rank; none: sequence_parallel.Regather keeps the gathered inputs' rows
 TP_WHOLE_BYTES = {"none": (0, 0), "selective": (4, 4), "full": (0, 0)}
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
@@ -160,7 +163,7 @@ def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
     """Bytes per token and unit of width a block keeps with mode ``ac`` applied to it (the policy
     forced, for selective: see checkpointed and act_bytes)."""
     whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
-    kept = (TP_KEPT_BYTES[ac] + TP_GATED_BYTES[ac][single]) * (t > 1)
+    kept = (TP_KEPT_BYTES[ac] + TP_UNFUSED_BYTES[ac][single]) * (t > 1)
     kept += CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
 
@@ -168,15 +171,14 @@ def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
 def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> bool:
     """Does ``parallel.activation_checkpoint=ac`` checkpoint this kind of block in this layout?
     full: always; none: never; selective: where its policy keeps fewer bytes than no
-    checkpointing. Double-stream blocks: without tp (22 against 24 bytes per token and unit of
-    width, 26 under Ulysses cp: the attention output's second layout). Single-stream blocks
-    never: without tp they keep 20 without checkpointing against the policy's 22 (22 against
-    22 under Ulysses cp), and nothing is recomputed (no norms, no all-to-alls again); until
-    layers.gated_residual stopped keeping the gated branches (Dec 8), 22 against 22 and, under
-    Ulysses, 22 against 24. Under tp neither kind: the policy keeps the row-parallel matmuls'
-    partial sums, whole on every rank, while without checkpointing a rank keeps only its rows of
-    everything (tp=2: 15 against 14 and 11; before Regather, the gathered inputs kept whole, 15
-    against 16 and 12); measured in tests/block_memory.py."""
+    checkpointing. Since Dec 8 no layout: without tp a block keeps 20 / 18 bytes per token and
+    unit of width without checkpointing (double / single-stream; 22 / 20 under Ulysses cp, the
+    attention output's second layout) against the policy's 22 / 22, and recomputes nothing;
+    under tp the policy keeps the row-parallel matmuls' partial sums whole on every rank, while
+    without checkpointing a rank keeps only its rows of everything (tp=2: 15 against 14 and 11).
+    Until then the double-stream blocks without tp kept 28, then 24, and selective (22) took
+    them; the single-stream ones 22, and selective took them under Ulysses (22 against 24);
+    measured in tests/block_memory.py."""
     if ac != "selective":
         return ac == "full"
     return kept_bytes("selective", t, cp, single, ring) < kept_bytes("none", t, cp, single, ring)

@@ -233,10 +233,15 @@ def select(op: str, *args, **kwargs) -> str:
     raise BackendError(f"no backend can run {op}: " + " | ".join(collected))
 
 
+def implementation(op: str, *args, **kwargs) -> Callable:
+    """The function that runs ``op`` on these arguments (the selected backend's): to run it
+    again later, outside a use_backend block, on the same backend (model/layers.RemadeInputLinear)."""
+    return _REGISTRY[op][select(op, *args, **kwargs)].fn
+
+
 def dispatch(op: str, *args, **kwargs):
     """Run ``op`` on the selected backend."""
-    backend = select(op, *args, **kwargs)
-    return _REGISTRY[op][backend].fn(*args, **kwargs)
+    return implementation(op, *args, **kwargs)(*args, **kwargs)
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:

@@ -49,15 +49,47 @@ class _LeanLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h, weight = ctx.saved_tensors
-        dt = ctx.matmul_dtype
-        g = (F.gelu(h, approximate="tanh") if ctx.gelu else h).to(dt)
-        dy = dy.to(dt)
-        dg = dy @ weight.to(dt)  # (..., in)
-        dw = dy.flatten(0, -2).mT @ g.flatten(0, -2)  # (out, in); a slice's copy lives only here
-        dg = dg.to(ctx.in_dtype)
+        g = F.gelu(h, approximate="tanh") if ctx.gelu else h
+        dg, dw, db = _linear_grads(ctx, dy, g, weight)  # a slice's copy lives only in here
         dh = torch.ops.aten.gelu_backward(dg, h, approximate="tanh") if ctx.gelu else dg
-        db = dy.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dh, dw.to(weight.dtype), db, None
+        return dh, dw, db, None
+
+
+def _linear_grads(ctx, dy: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+    """Gradients of linear(g) in ctx.matmul_dtype (as autograd computes them under autocast):
+    of g (in ctx.in_dtype), the weight and, where ctx.has_bias, the bias."""
+    dt = ctx.matmul_dtype
+    g, dy = g.to(dt), dy.to(dt)
+    dg = (dy @ weight.to(dt)).to(ctx.in_dtype)  # (..., in)
+    dw = dy.flatten(0, -2).mT @ g.flatten(0, -2)  # (out, in)
+    db = dy.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
+    return dg, dw.to(weight.dtype), db
+
+
+class RemadeInputLinear(torch.autograd.Function):
+    """linear(h) for an h that ``remake(*args)`` makes again from tensors kept anyway: keeps those,
+    not h, and makes h again in the backward for the weight gradient.
+
+    The blocks' QKV and MLP-in read the adaLN modulation of the block (or residual) input,
+    which the modulation keeps with two fp32 statistics a token (kernels/adaln_modulate.py);
+    keeping the modulated copy too is 2 bytes per token and unit of width a modulation, 4 of a
+    double-stream block's 24 without checkpointing, 2 of a single-stream block's 20 (measured,
+    tests/block_memory.py). ``remake`` is the modulation's implementation on the backend the
+    forward used (kernels.dispatch.implementation): one modulation forward more in the backward,
+    bit for bit the same h. Apply: ``RemadeInputLinear.apply(h, weight, bias, remake, *args)``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, remake, *args):
+        ctx.save_for_backward(weight, *args)
+        ctx.remake, ctx.matmul_dtype, ctx.in_dtype, ctx.has_bias = remake, _autocast_dtype(h), h.dtype, bias is not None
+        return F.linear(h, weight, bias)  # autocast casts as usual
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, *args = ctx.saved_tensors
+        dh, dw, db = _linear_grads(ctx, dy, ctx.remake(*args), weight)
+        return dh, dw, db, None, *(None for _ in args)
 
 
 class GeluLinear(nn.Linear):

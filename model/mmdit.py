@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from kiln.engine.errors import ConfigError
 from kiln.kernels import adaln_modulate, apply_rope, qk_norm_attention, qk_norm_rope
+from kiln.kernels.dispatch import implementation
 from kiln.model.layers import (
     MLP,
     GeluLinear,
+    RemadeInputLinear,
     ScalarEmbedder,
     SliceLinear,
     gated_residual,
@@ -117,6 +119,19 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig, ring
     return qk_norm_attention(q, k, v, qw, kw, cos=cos, sin=sin, token_group=token_group, key_padding_mask=key_mask)
 
 
+def _modulated(linears: list[nn.Linear], x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tp=None):
+    """[linear(adaln_modulate(x, shift, scale)) for each linear]: the column-parallel matmuls that
+    read a modulation. They keep x (kept by the modulation anyway), not the modulated copy
+    (layers.RemadeInputLinear); under tensor parallelism they read its all-gather, whose rows
+    sequence_parallel.Regather keeps instead."""
+    h = adaln_modulate(x, shift, scale)  # (B, S', W)
+    if tp is not None:
+        h = gathered_input(h, tp)  # (B, S, W)
+        return [lin(h) for lin in linears]
+    remake = implementation("adaln_modulate", x, shift, scale)
+    return [RemadeInputLinear.apply(h, lin.weight, lin.bias, remake, x, shift, scale) for lin in linears]
+
+
 def _heads(qkv: torch.Tensor, head_dim: int, cp=None):
     """(B, S, heads*3*D) -> q, k, v (B, S, heads, D); under context parallel (B, S/cp, ...) ->
     (B, S, heads/cp, D), one all-to-all for the three.
@@ -149,17 +164,18 @@ class DoubleStreamBlock(nn.Module):
         L = txt.shape[1] * (self.tp.size() if self.tp is not None else 1)
         im = local_replicated(self.img_mod(F.silu(c))).chunk(6, dim=-1)  # 6 x (B, W)
         tm = local_replicated(self.txt_mod(F.silu(c))).chunk(6, dim=-1)
-        qkv = torch.cat([self.txt_qkv(gathered_input(adaln_modulate(txt, tm[0], tm[1]), self.tp)),
-                         self.img_qkv(gathered_input(adaln_modulate(img, im[0], im[1]), self.tp))], dim=1)
+        (txt_qkv,) = _modulated([self.txt_qkv], txt, tm[0], tm[1], self.tp)  # (B, L, 3W/tp)
+        (img_qkv,) = _modulated([self.img_qkv], img, im[0], im[1], self.tp)  # (B, N, 3W/tp)
+        qkv = torch.cat([txt_qkv, img_qkv], dim=1)
         q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D) of the joint sequence (ring: S/cp, H/tp)
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
                                     self.ring), self.cp)  # (B, S/cp, H/tp, D): this rank's tokens, its TP heads
         txt_a, img_a = attn.flatten(2).split([L, attn.shape[1] - L], dim=1)
         img = gated_residual(img, im[2], [(self.img_proj, img_a)])  # (B, N', W)
-        hidden = self.img_mlp.fc1(gathered_input(adaln_modulate(img, im[3], im[4]), self.tp))  # (B, N, 4W/tp)
+        (hidden,) = _modulated([self.img_mlp.fc1], img, im[3], im[4], self.tp)  # (B, N, 4W/tp)
         img = gated_residual(img, im[5], [(self.img_mlp.fc2, hidden)])  # img + gate * fc2(gelu(hidden))
         txt = gated_residual(txt, tm[2], [(self.txt_proj, txt_a)])  # (B, L', W)
-        hidden = self.txt_mlp.fc1(gathered_input(adaln_modulate(txt, tm[3], tm[4]), self.tp))
+        (hidden,) = _modulated([self.txt_mlp.fc1], txt, tm[3], tm[4], self.tp)
         txt = gated_residual(txt, tm[5], [(self.txt_mlp.fc2, hidden)])
         return img, txt
 
@@ -186,12 +202,12 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, c, rope, token_group, key_mask):
         # x (B, S', W), S' = S/(cp·tp) tokens of this rank
         shift, scale, gate = local_replicated(self.mod(F.silu(c))).chunk(3, dim=-1)  # 3 x (B, W)
-        h = gathered_input(adaln_modulate(x, shift, scale), self.tp)
-        q, k, v = _heads(self.qkv(h), self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp); ring: S/cp, H/tp
+        qkv, hidden = _modulated([self.qkv, self.mlp_in], x, shift, scale, self.tp)  # (B, S, 3W/tp), (B, S, 4W/tp)
+        q, k, v = _heads(qkv, self.cfg.head_dim, self.cp)  # (B, S, H', D), H' = H/(tp·cp); ring: S/cp, H/tp
         attn = heads_to_seq(_attend(q, k, v, self.q_norm, self.k_norm, rope, token_group, key_mask, self.cfg,
                                     self.ring), self.cp)  # (B, S/cp, H/tp, D)
         # x + gate * (proj(attn) + mlp_out(gelu(mlp_in(h)))): (B, S', W)
-        return gated_residual(x, gate, [(self.proj, attn.flatten(2)), (self.mlp_out, self.mlp_in(h))])
+        return gated_residual(x, gate, [(self.proj, attn.flatten(2)), (self.mlp_out, hidden)])
 
 
 class MMDiT(nn.Module):

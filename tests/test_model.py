@@ -173,6 +173,62 @@ def test_gated_residual_within_twice_torch_keeping_no_branch(branch, dtype, monk
     assert kept[0] == 0 and kept[1] >= B * T * N * dtype.itemsize, kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_remade_input_linear_within_twice_torch_keeping_only_the_modulation_input(dtype):
+    """A block's QKV / MLP-in reading adaLN modulation (RemadeInputLinear, the modulation made
+    again in the backward): output and the gradients of x, shift, scale, weight and bias against
+    fp64 within 2x autograd's error at the same precision (bf16: under autocast over fp32 weights,
+    as training runs). It keeps what the modulation keeps (x and two fp32 statistics a token),
+    autograd's linear the modulated copy too; made again on the forward's backend, h is bit for
+    bit the same."""
+    from kernel_rule import assert_within_twice_torch
+    from saved_bytes import held_for_backward
+
+    from kiln.kernels import adaln_modulate
+    from kiln.kernels.dispatch import implementation
+    from kiln.model.layers import RemadeInputLinear
+
+    B, S, W, out = 2, 77 + 128, 40, 96
+    lin = nn.Linear(W, out)
+    x0, shift0, scale0 = (torch.randn(*shape, dtype=torch.float64) for shape in ((B, S, W), (B, W), (B, W)))
+    dy = torch.randn(B, S, out, dtype=torch.float64)
+    autocast = dtype != torch.float32
+    weights = torch.float32 if autocast else dtype
+
+    def ours(x, shift, scale, w, b):
+        remake = implementation("adaln_modulate", x, shift, scale)
+        h = adaln_modulate(x, shift, scale)
+        assert torch.equal(remake(x, shift, scale), h)  # what the backward will multiply by
+        return RemadeInputLinear.apply(h, w, b, remake, x, shift, scale)
+
+    def plain(x, shift, scale, w, b):
+        return F.linear(adaln_modulate(x, shift, scale), w, b)
+
+    def run(fn, dt, weights_dt):
+        x, shift, scale = (t.to(dt).clone().requires_grad_() for t in (x0, shift0, scale0))
+        w, b = (p.detach().to(weights_dt).clone().requires_grad_() for p in (lin.weight, lin.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and dt != torch.float64):
+            y = fn(x, shift, scale, w, b)
+        y.backward(dy.to(y.dtype))
+        return y, x.grad, shift.grad, scale.grad, w.grad, b.grad
+
+    assert_within_twice_torch(["out", "dx", "dshift", "dscale", "dweight", "dbias"], run(ours, dtype, weights),
+                              run(plain, torch.float64, torch.float64), run(plain, dtype, weights), dtype)
+    lin.to(weights)
+    x_leaf, mod_leaf = (t.to(dtype).requires_grad_() for t in (x0, torch.cat([shift0, scale0], -1)))
+
+    def inputs():  # shift and scale are views of one modulation vector, as in the blocks
+        return [x_leaf * 1, *(mod_leaf * 1).chunk(2, dim=-1)]
+
+    def forward(x, shift, scale, f):  # autocast exits inside: its bf16 weight copies are not what the graph keeps
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return f(x, shift, scale, lin.weight, lin.bias)
+
+    kept = [held_for_backward(partial(forward, f=f), inputs)
+            for f in (ours, plain, lambda x, shift, scale, w, b: adaln_modulate(x, shift, scale))]
+    assert kept[0] == kept[2] and kept[1] >= kept[2] + B * S * W * dtype.itemsize, kept
+
+
 def test_invalid_model_config_names_the_field():
     from kiln.engine.errors import ConfigError
 
