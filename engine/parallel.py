@@ -299,7 +299,7 @@ def apply_ac(model: MMDiT, mode: str, compiled: bool = False) -> None:
     activations (cheap, and most of the activation bytes at large width), on the kinds of block
     where that keeps less than no checkpointing (kiln.engine.scaling.checkpointed: since Dec 8
     none, the blocks keeping neither their gated branches nor their modulated inputs without it,
-    layers.gated_residual and RemadeInputLinear). Under tensor
+    layers.gated_residual and RemadeInputLinears). Under tensor
     parallelism the blocks left unchecked keep their all-gathered inputs as this rank's rows
     (sequence_parallel.Regather); compiled, the compiler decides what they keep."""
     from kiln.engine.scaling import checkpointed

@@ -12,8 +12,9 @@ Memory (bytes per GPU), with P parameters sharded over f·tp·pp, f = dp_shard·
     leaves for its backward, bf16, Triton attention, MLP 4·W): without checkpointing 20·W bytes
     in a double-stream block (block and residual inputs, QKV, attention output, the MLP hidden
     once: GELU is recomputed; not the gated branches, model/layers.py's gated_residual, nor the
-    modulated inputs, made again from the block and residual inputs, RemadeInputLinear; both
-    except under tp: +8·W/tp), 18·W in a single-stream one (+4·W/tp under tp); 22·W selective
+    modulated inputs, made again from the block and residual inputs, RemadeInputLinears; both
+    except under tp: +8·W/tp; the gated branches kept too with fewer than LEAN_GATE_TOKENS
+    tokens a sample on a rank: +4·W), 18·W in a single-stream one (+4·W/tp, +2·W); 22·W selective
     (matmul and attention outputs kept, block input; applied only to the kinds of block where
     it keeps less than none, :func:`checkpointed`: since Dec 8 none), 2·W full (block input); / cp
     (context parallel keeps 1/cp of the tokens) and / tp (sequence- or head-sharded), except
@@ -89,6 +90,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.muon import NS_STEPS
+from kiln.model.layers import LEAN_GATE_TOKENS
 from kiln.model.mmdit import MMDiTConfig
 from kiln.model.presets import count_params, forward_flops
 
@@ -98,8 +100,11 @@ ACT_BYTES_PER_TOKEN_WIDTH = {"none": (20, 18), "selective": (22, 22), "full": (2
 # kept without checkpointing only under tp, where the linears' weights are DTensors: the gated
 # branches (layers.gated_residual: the reduce-scattered rows go through autograd's multiply,
 # which keeps them for the gate's gradient; 4, 2) and the modulated inputs' rows
-# (sequence_parallel.Regather, not layers.RemadeInputLinear; 4, 2)
+# (sequence_parallel.Regather, not layers.RemadeInputLinears; 4, 2)
 TP_UNFUSED_BYTES = {"none": (8, 4), "selective": (0, 0), "full": (0, 0)}
+# the gated branches again, at tp=1 with fewer than layers.LEAN_GATE_TOKENS tokens a sample on a
+# rank (2048: 512 px and below for the latent presets), where keeping them is the faster way
+SHORT_GATED_BYTES = {"none": (4, 2), "selective": (0, 0), "full": (0, 0)}
 # of those, held whole by every TP rank; none: sequence_parallel.Regather keeps the gathered inputs' rows
 TP_WHOLE_BYTES = {"none": (0, 0), "selective": (4, 4), "full": (0, 0)}
 TP_KEPT_BYTES = {"none": 0, "selective": 4, "full": 0}  # the reduce-scatters' outputs selective keeps
@@ -159,11 +164,13 @@ def _crosses_nodes(stride: int, size: int) -> bool:
     return size > 1 and stride * size > NODE
 
 
-def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool) -> float:
+def kept_bytes(ac: str, t: int, cp: int, single: bool, ring: bool, short: bool = False) -> float:
     """Bytes per token and unit of width a block keeps with mode ``ac`` applied to it (the policy
-    forced, for selective: see checkpointed and act_bytes)."""
+    forced, for selective: see checkpointed and act_bytes); ``short``: fewer than
+    layers.LEAN_GATE_TOKENS tokens a sample on a rank, where the gated residuals keep their branches."""
     whole = TP_WHOLE_BYTES[ac][single] if t > 1 else 0
     kept = (TP_KEPT_BYTES[ac] + TP_UNFUSED_BYTES[ac][single]) * (t > 1)
+    kept += SHORT_GATED_BYTES[ac][single] * (short and t == 1)
     kept += CP_KEPT_BYTES[ac][single] * (cp > 1 and not ring)
     return (ACT_BYTES_PER_TOKEN_WIDTH[ac][single] - whole + kept) / t + whole
 
@@ -178,18 +185,21 @@ def checkpointed(ac: str, t: int, cp: int, single: bool = False, ring: bool = Fa
     without checkpointing a rank keeps only its rows of everything (tp=2: 15 against 14 and 11).
     Until then the double-stream blocks without tp kept 28, then 24, and selective (22) took
     them; the single-stream ones 22, and selective took them under Ulysses (22 against 24);
-    measured in tests/block_memory.py."""
+    measured in tests/block_memory.py. Decided once for every bucket, on long sequences: with
+    fewer than layers.LEAN_GATE_TOKENS tokens a sample (a rank's) none keeps 24 / 20, 2 more
+    than the policy in a double-stream block, where activations are small anyway."""
     if ac != "selective":
         return ac == "full"
     return kept_bytes("selective", t, cp, single, ring) < kept_bytes("none", t, cp, single, ring)
 
 
-def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False) -> float:
+def act_bytes(ac: str, t: int, cp: int, single: bool = False, ring: bool = False, short: bool = False) -> float:
     """Activation bytes per token (of this rank's S/cp) and unit of width, per double-stream
-    block (``single``: per single-stream block; ``ring``: cp by ring attention), of the mode
+    block (``single``: per single-stream block; ``ring``: cp by ring attention; ``short``: fewer
+    than layers.LEAN_GATE_TOKENS tokens a sample on a rank), of the mode
     ``ac`` applies to that block (:func:`checkpointed`)."""
     mode = ac if ac == "none" or checkpointed(ac, t, cp, single, ring) else "none"
-    return kept_bytes(mode, t, cp, single, ring)
+    return kept_bytes(mode, t, cp, single, ring, short)
 
 
 def recomputed(table: dict[str, float], ac: str, cfg: MMDiTConfig, t: int, cp: int, ring: bool) -> float:
@@ -264,8 +274,9 @@ def estimate(cfg: MMDiTConfig, layout: dict[str, int], dp_batch: int, resolution
     micro = dp_batch / k
     in_flight = 1 if pp == 1 else pp  # 1F1B: stage 0 holds pp micro-batches
     ring = cp_attention == "ring" and cp > 1
-    per_block = (cfg.depth * act_bytes(ac, t, cp, ring=ring)
-                 + cfg.single_depth * act_bytes(ac, t, cp, single=True, ring=ring)) / blocks
+    short = S // cp < LEAN_GATE_TOKENS  # the gated residuals keep their branches
+    per_block = (cfg.depth * act_bytes(ac, t, cp, ring=ring, short=short)
+                 + cfg.single_depth * act_bytes(ac, t, cp, single=True, ring=ring, short=short)) / blocks
     acts = micro * in_flight * S * (blocks / pp) * W / cp * per_block
     # mesh (pp, dp_replicate, dp_shard, cp, tp): strides t·f·r, t·f, t·cp, t, 1
     held = sync == "last" and k > 1  # no reduction before the last micro-batch

@@ -235,7 +235,7 @@ def select(op: str, *args, **kwargs) -> str:
 
 def implementation(op: str, *args, **kwargs) -> Callable:
     """The function that runs ``op`` on these arguments (the selected backend's): to run it
-    again later, outside a use_backend block, on the same backend (model/layers.RemadeInputLinear)."""
+    again later, outside a use_backend block, on the same backend (model/layers.RemadeInputLinears)."""
     return _REGISTRY[op][select(op, *args, **kwargs)].fn
 
 

@@ -66,9 +66,10 @@ def _linear_grads(ctx, dy: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
     return dg, dw.to(weight.dtype), db
 
 
-class RemadeInputLinear(torch.autograd.Function):
-    """linear(h) for an h that ``remake(*args)`` makes again from tensors kept anyway: keeps those,
-    not h, and makes h again in the backward for the weight gradient.
+class RemadeInputLinears(torch.autograd.Function):
+    """linear_i(h) for linears that read one h, which ``remake(*args)`` makes again from tensors
+    kept anyway: keeps those, not h, and makes h again (once) in the backward for the weight
+    gradients.
 
     The blocks' QKV and MLP-in read the adaLN modulation of the block (or residual) input,
     which the modulation keeps with two fp32 statistics a token (kernels/adaln_modulate.py);
@@ -76,20 +77,30 @@ class RemadeInputLinear(torch.autograd.Function):
     double-stream block's 24 without checkpointing, 2 of a single-stream block's 20 (measured,
     tests/block_memory.py). ``remake`` is the modulation's implementation on the backend the
     forward used (kernels.dispatch.implementation): one modulation forward more in the backward,
-    bit for bit the same h. Apply: ``RemadeInputLinear.apply(h, weight, bias, remake, *args)``.
+    bit for bit the same h. Apply: ``RemadeInputLinears.apply(h, remake, len(args), *args,
+    weight_1, bias_1, weight_2, ...)`` -> (linear_1(h), linear_2(h), ...).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, remake, *args):
-        ctx.save_for_backward(weight, *args)
-        ctx.remake, ctx.matmul_dtype, ctx.in_dtype, ctx.has_bias = remake, _autocast_dtype(h), h.dtype, bias is not None
-        return F.linear(h, weight, bias)  # autocast casts as usual
+    def forward(ctx, h, remake, n_args: int, *rest):
+        args, wb = rest[:n_args], rest[n_args:]
+        weights, biases = wb[0::2], wb[1::2]
+        ctx.save_for_backward(*args, *weights)
+        ctx.remake, ctx.n_args, ctx.matmul_dtype, ctx.in_dtype = remake, n_args, _autocast_dtype(h), h.dtype
+        ctx.has_biases = [b is not None for b in biases]
+        return tuple(F.linear(h, w, b) for w, b in zip(weights, biases, strict=True))  # autocast casts as usual
 
     @staticmethod
-    def backward(ctx, dy):
-        weight, *args = ctx.saved_tensors
-        dh, dw, db = _linear_grads(ctx, dy, ctx.remake(*args), weight)
-        return dh, dw, db, None, *(None for _ in args)
+    def backward(ctx, *dys):
+        saved = ctx.saved_tensors
+        args, weights = saved[:ctx.n_args], saved[ctx.n_args:]
+        h, dh, grads = ctx.remake(*args), None, []
+        for dy, w, has_bias in zip(dys, weights, ctx.has_biases, strict=True):
+            ctx.has_bias = has_bias
+            dg, dw, db = _linear_grads(ctx, dy, h, w)
+            dh = dg if dh is None else dh + dg
+            grads += [dw, db]
+        return dh, None, None, *(None for _ in args), *grads
 
 
 class GeluLinear(nn.Linear):
@@ -111,8 +122,12 @@ class SliceLinear(nn.Linear):
 # fp32 bytes of one chunk of per-sample weight gradients in _GatedLinears' backward: 256 MiB,
 # 1 sample a chunk for xl's MLP output layer (3072 x 12288), 7 for its attention projection
 _PER_SAMPLE_BYTES = 2**28
-
-
+# tokens a sample (on this rank) from which gated_residual keeps no branch. The per-sample weight
+# gradients are written in fp32 and read twice (12 bytes an element) for 2·S FLOPs an element:
+# on an H100 (~990 TFLOP/s bf16, 3.35 TB/s, ~300 FLOPs a byte) compute-bound from S ~ 1800; below,
+# the backward of a gated linear would slow down by up to several times at 256 px (333 tokens),
+# where the branch's 2 bytes per token and unit of width matter least
+LEAN_GATE_TOKENS = 2048
 _BMM_TO_FP32 = hasattr(torch.ops.aten.bmm, "dtype")  # bmm(..., out_dtype=): CUDA, bf16 / fp16 in, fp32 out
 
 
@@ -188,10 +203,11 @@ class _GatedLinears(torch.autograd.Function):
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: list[tuple[nn.Linear, torch.Tensor]]) -> torch.Tensor:
     """x + gate[:, None] * sum(linear(h) for linear, h in branch), x (B, S, N), gate (B, N); a
-    GeluLinear applies gelu to its h. Keeps only the h's (_GatedLinears), except under tensor
-    parallelism (DTensor weights), where the branch is this rank's rows of a reduce-scatter and
-    autograd keeps them (2 bytes per token and unit of width of a gated branch, / tp)."""
-    if any(isinstance(lin.weight, DTensor) for lin, _ in branch):
+    GeluLinear applies gelu to its h. Keeps only the h's (_GatedLinears) from LEAN_GATE_TOKENS
+    tokens a sample; with fewer, and under tensor parallelism (DTensor weights: the branch is this
+    rank's rows of a reduce-scatter), autograd keeps the branch (2 bytes per token and unit of
+    width a gated branch, / tp)."""
+    if x.shape[1] < LEAN_GATE_TOKENS or any(isinstance(lin.weight, DTensor) for lin, _ in branch):
         y = None
         for lin, h in branch:
             y = lin(h) if y is None else y + lin(h)

@@ -23,7 +23,7 @@ from kiln.kernels.dispatch import implementation
 from kiln.model.layers import (
     MLP,
     GeluLinear,
-    RemadeInputLinear,
+    RemadeInputLinears,
     ScalarEmbedder,
     SliceLinear,
     gated_residual,
@@ -122,14 +122,15 @@ def _attend(q, k, v, qw, kw, rope, token_group, key_mask, cfg: MMDiTConfig, ring
 def _modulated(linears: list[nn.Linear], x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tp=None):
     """[linear(adaln_modulate(x, shift, scale)) for each linear]: the column-parallel matmuls that
     read a modulation. They keep x (kept by the modulation anyway), not the modulated copy
-    (layers.RemadeInputLinear); under tensor parallelism they read its all-gather, whose rows
+    (layers.RemadeInputLinears); under tensor parallelism they read its all-gather, whose rows
     sequence_parallel.Regather keeps instead."""
     h = adaln_modulate(x, shift, scale)  # (B, S', W)
     if tp is not None:
         h = gathered_input(h, tp)  # (B, S, W)
         return [lin(h) for lin in linears]
     remake = implementation("adaln_modulate", x, shift, scale)
-    return [RemadeInputLinear.apply(h, lin.weight, lin.bias, remake, x, shift, scale) for lin in linears]
+    return list(RemadeInputLinears.apply(h, remake, 3, x, shift, scale,
+                                         *(p for lin in linears for p in (lin.weight, lin.bias))))
 
 
 def _heads(qkv: torch.Tensor, head_dim: int, cp=None):

@@ -18,6 +18,9 @@ from kiln.engine import parallel  # noqa: E402
 from kiln.engine.config import apply_override  # noqa: E402
 from kiln.engine.recipes import recipe  # noqa: E402
 from kiln.kernels import use_backend  # noqa: E402
+from kiln.model import layers  # noqa: E402
+
+layers.LEAN_GATE_TOKENS = 0  # 192 tokens here: the gated residuals as they run at 1024 px and up
 
 B, L, HW = 2, 64, (64, 32)  # 64 text + 16 x 8 image tokens (patch 4): every split even
 out, sets = Path(sys.argv[1]), sys.argv[2:]

@@ -117,6 +117,7 @@ def test_gated_residual_within_twice_torch_keeping_no_branch(branch, dtype, monk
     import kiln.model.layers as layers
 
     B, L, S, N, K, hidden = 3, 77, 77 + 128, 40, 48, 96
+    monkeypatch.setattr(layers, "LEAN_GATE_TOKENS", S - L)  # the image tokens of the attention branch
     if branch == "chunked":  # one sample's (N, hidden) fp32 gradient a chunk
         monkeypatch.setattr(layers, "_PER_SAMPLE_BYTES", 4 * N * hidden)
     lins = {"attention": [layers.SliceLinear(K, N)], "mlp": [layers.GeluLinear(hidden, N)],
@@ -171,50 +172,55 @@ def test_gated_residual_within_twice_torch_keeping_no_branch(branch, dtype, monk
     leaves = [t.to(dtype).requires_grad_() for t in (x0, gate0, *inputs0)]
     kept = [held_for_backward(partial(forward, f=f), lambda: [t * 1 for t in leaves]) for f in (ours, plain)]
     assert kept[0] == 0 and kept[1] >= B * T * N * dtype.itemsize, kept
+    monkeypatch.setattr(layers, "LEAN_GATE_TOKENS", T + 1)  # fewer tokens a sample: autograd's way, the branch kept
+    assert held_for_backward(partial(forward, f=ours), lambda: [t * 1 for t in leaves]) >= B * T * N * dtype.itemsize
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_remade_input_linear_within_twice_torch_keeping_only_the_modulation_input(dtype):
-    """A block's QKV / MLP-in reading adaLN modulation (RemadeInputLinear, the modulation made
-    again in the backward): output and the gradients of x, shift, scale, weight and bias against
-    fp64 within 2x autograd's error at the same precision (bf16: under autocast over fp32 weights,
-    as training runs). It keeps what the modulation keeps (x and two fp32 statistics a token),
-    autograd's linear the modulated copy too; made again on the forward's backend, h is bit for
-    bit the same."""
+def test_remade_input_linears_within_twice_torch_keeping_only_the_modulation_input(dtype):
+    """A single-stream block's QKV and MLP-in reading one adaLN modulation (RemadeInputLinears,
+    the modulation made again, once, in the backward; here one linear without bias): outputs and
+    the gradients of x, shift, scale, the weights and the bias against fp64 within 2x autograd's
+    error at the same precision (bf16: under autocast over fp32 weights, as training runs). It
+    keeps what the modulation keeps (x and two fp32 statistics a token), autograd's linears the
+    modulated copy too; made again on the forward's backend, h is bit for bit the same."""
     from kernel_rule import assert_within_twice_torch
     from saved_bytes import held_for_backward
 
     from kiln.kernels import adaln_modulate
     from kiln.kernels.dispatch import implementation
-    from kiln.model.layers import RemadeInputLinear
+    from kiln.model.layers import RemadeInputLinears
 
-    B, S, W, out = 2, 77 + 128, 40, 96
-    lin = nn.Linear(W, out)
+    B, S, W = 2, 77 + 128, 40
+    lins = [nn.Linear(W, 96), nn.Linear(W, 56, bias=False)]
     x0, shift0, scale0 = (torch.randn(*shape, dtype=torch.float64) for shape in ((B, S, W), (B, W), (B, W)))
-    dy = torch.randn(B, S, out, dtype=torch.float64)
+    dys = [torch.randn(B, S, lin.out_features, dtype=torch.float64) for lin in lins]
     autocast = dtype != torch.float32
     weights = torch.float32 if autocast else dtype
 
-    def ours(x, shift, scale, w, b):
+    def ours(x, shift, scale, params):
         remake = implementation("adaln_modulate", x, shift, scale)
         h = adaln_modulate(x, shift, scale)
         assert torch.equal(remake(x, shift, scale), h)  # what the backward will multiply by
-        return RemadeInputLinear.apply(h, w, b, remake, x, shift, scale)
+        wb = [t for ps in params for t in (ps[0], ps[1] if len(ps) > 1 else None)]
+        return RemadeInputLinears.apply(h, remake, 3, x, shift, scale, *wb)
 
-    def plain(x, shift, scale, w, b):
-        return F.linear(adaln_modulate(x, shift, scale), w, b)
+    def plain(x, shift, scale, params):
+        h = adaln_modulate(x, shift, scale)
+        return [F.linear(h, *ps) for ps in params]
 
     def run(fn, dt, weights_dt):
         x, shift, scale = (t.to(dt).clone().requires_grad_() for t in (x0, shift0, scale0))
-        w, b = (p.detach().to(weights_dt).clone().requires_grad_() for p in (lin.weight, lin.bias))
+        params = [[p.detach().to(weights_dt).clone().requires_grad_() for p in lin.parameters()] for lin in lins]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and dt != torch.float64):
-            y = fn(x, shift, scale, w, b)
-        y.backward(dy.to(y.dtype))
-        return y, x.grad, shift.grad, scale.grad, w.grad, b.grad
+            ys = fn(x, shift, scale, params)
+        torch.autograd.backward(ys, [dy.to(y.dtype) for y, dy in zip(ys, dys, strict=True)])
+        return [*ys, x.grad, shift.grad, scale.grad, *(p.grad for ps in params for p in ps)]
 
-    assert_within_twice_torch(["out", "dx", "dshift", "dscale", "dweight", "dbias"], run(ours, dtype, weights),
-                              run(plain, torch.float64, torch.float64), run(plain, dtype, weights), dtype)
-    lin.to(weights)
+    names = ["out0", "out1", "dx", "dshift", "dscale", "dweight0", "dbias0", "dweight1"]
+    assert_within_twice_torch(names, run(ours, dtype, weights), run(plain, torch.float64, torch.float64),
+                              run(plain, dtype, weights), dtype)
+    params = [list(lin.to(weights).parameters()) for lin in lins]
     x_leaf, mod_leaf = (t.to(dtype).requires_grad_() for t in (x0, torch.cat([shift0, scale0], -1)))
 
     def inputs():  # shift and scale are views of one modulation vector, as in the blocks
@@ -222,10 +228,10 @@ def test_remade_input_linear_within_twice_torch_keeping_only_the_modulation_inpu
 
     def forward(x, shift, scale, f):  # autocast exits inside: its bf16 weight copies are not what the graph keeps
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return f(x, shift, scale, lin.weight, lin.bias)
+            return f(x, shift, scale, params)
 
     kept = [held_for_backward(partial(forward, f=f), inputs)
-            for f in (ours, plain, lambda x, shift, scale, w, b: adaln_modulate(x, shift, scale))]
+            for f in (ours, plain, lambda x, shift, scale, params: adaln_modulate(x, shift, scale))]
     assert kept[0] == kept[2] and kept[1] >= kept[2] + B * S * W * dtype.itemsize, kept
 
 

@@ -674,7 +674,7 @@ def test_activation_bytes_are_what_a_block_keeps(t, cp, attention, tmp_path):
     (38, 30), the MLP's output layer its GELU's output (30, 22) and the double-stream block's
     projections copies of their attention output's slices (28, 22; at tp=2 17.3 -> 16.3) and
     the gated residuals their branches (24, 20: layers.gated_residual) and the column-parallel
-    matmuls the modulated inputs (20, 18: RemadeInputLinear), both not under tp.
+    matmuls the modulated inputs (20, 18: RemadeInputLinears), both not under tp.
     Selective checkpoints a kind of block only where its policy (measured forced on both kinds)
     keeps less than no checkpointing, and so never keeps more: until Dec 7 single-stream blocks
     under tp=2 kept 15.1 with it against 12.2 without."""
@@ -703,15 +703,20 @@ def test_selective_checkpointing_never_keeps_more_than_none_in_the_scaling_model
     """In every 8-GPU layout, either cp attention: selective checkpoints no block, and so keeps,
     sends and takes what none does. Its policy keeps 22 bytes per token and unit of width a
     block; without checkpointing a block keeps 20 / 18 without tp (the gated residuals keep no
-    branch, the modulated inputs are made again: layers.gated_residual, RemadeInputLinear), 22 /
+    branch, the modulated inputs are made again: layers.gated_residual, RemadeInputLinears), 22 /
     20 under Ulysses cp, and under tp only its rows of everything (sequence_parallel.Regather),
     while the policy keeps the row-parallel partial sums whole. Until Dec 8 selective took the
     double-stream blocks without tp (22 against 28, then 24). xl, tp=2 x cp=4 ring at 4096 px:
     40.7 GiB either way (until Dec 8 none kept 43.8, gathered inputs whole and copies of the
     attention output, and selective 42.3; until Dec 7 selective 45.2)."""
-    from kiln.engine.scaling import CP_ATTENTIONS, checkpointed, estimate, layouts
+    from kiln.engine.scaling import CP_ATTENTIONS, act_bytes, checkpointed, estimate, layouts
     from kiln.model.presets import preset
 
+    # decided once, on long sequences: below layers.LEAN_GATE_TOKENS tokens a sample the gated
+    # residuals keep their branches (24 / 20) and selective still takes no block
+    for ac in ("none", "selective"):
+        assert [act_bytes(ac, 1, 1, single, short=True) for single in (False, True)] == [24, 20]
+        assert [act_bytes(ac, 1, 1, single) for single in (False, True)] == [20, 18]
     cfg = preset("xl")
     for lay in layouts(8, cfg.heads, CP_ATTENTIONS):
         for attention in CP_ATTENTIONS:
