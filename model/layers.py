@@ -50,19 +50,19 @@ class _LeanLinear(torch.autograd.Function):
     def backward(ctx, dy):
         h, weight = ctx.saved_tensors
         g = F.gelu(h, approximate="tanh") if ctx.gelu else h
-        dg, dw, db = _linear_grads(ctx, dy, g, weight)  # a slice's copy lives only in here
+        dg, dw, db = _linear_grads(ctx, dy, g, weight, ctx.has_bias)  # a slice's copy lives only in here
         dh = torch.ops.aten.gelu_backward(dg, h, approximate="tanh") if ctx.gelu else dg
         return dh, dw, db, None
 
 
-def _linear_grads(ctx, dy: torch.Tensor, g: torch.Tensor, weight: torch.Tensor):
+def _linear_grads(ctx, dy: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, has_bias: bool):
     """Gradients of linear(g) in ctx.matmul_dtype (as autograd computes them under autocast):
-    of g (in ctx.in_dtype), the weight and, where ctx.has_bias, the bias."""
+    of g (in ctx.in_dtype), the weight and, with ``has_bias``, the bias."""
     dt = ctx.matmul_dtype
     g, dy = g.to(dt), dy.to(dt)
     dg = (dy @ weight.to(dt)).to(ctx.in_dtype)  # (..., in)
     dw = dy.flatten(0, -2).mT @ g.flatten(0, -2)  # (out, in)
-    db = dy.flatten(0, -2).sum(0).to(weight.dtype) if ctx.has_bias else None
+    db = dy.flatten(0, -2).sum(0).to(weight.dtype) if has_bias else None
     return dg, dw.to(weight.dtype), db
 
 
@@ -96,8 +96,7 @@ class RemadeInputLinears(torch.autograd.Function):
         args, weights = saved[:ctx.n_args], saved[ctx.n_args:]
         h, dh, grads = ctx.remake(*args), None, []
         for dy, w, has_bias in zip(dys, weights, ctx.has_biases, strict=True):
-            ctx.has_bias = has_bias
-            dg, dw, db = _linear_grads(ctx, dy, h, w)
+            dg, dw, db = _linear_grads(ctx, dy, h, w, has_bias)
             dh = dg if dh is None else dh + dg
             grads += [dw, db]
         return dh, None, None, *(None for _ in args), *grads
