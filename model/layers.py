@@ -185,12 +185,12 @@ class _GatedLinears(torch.autograd.Function):
             a = (F.gelu(h, approximate="tanh") if gelu else h).to(dt)  # (B, S, K)
             da = (dy @ wd).to(h_dtype)
             dh = torch.ops.aten.gelu_backward(da, h, approximate="tanh") if gelu else da
-            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (N, K)
+            dw, w32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device), wd.float()  # (N, K)
             step = max(1, _PER_SAMPLE_BYTES // (4 * w.numel()))
             for i in range(0, a.shape[0], step):
                 m = _per_sample_mm(dz_dt[i:i + step], a[i:i + step])  # (b, N, K)
                 dw += torch.einsum("bn,bnk->nk", g32[i:i + step], m)
-                dgate[i:i + step] += torch.einsum("nk,bnk->bn", wd.float(), m)
+                dgate[i:i + step] += torch.einsum("nk,bnk->bn", w32, m)
             db = None
             if b is not None:
                 col = dz.float().sum(1)  # (B, N)
